@@ -1,0 +1,4 @@
+"""`python -m kanimg` is the `kanimg` command."""
+from .cli import main
+
+raise SystemExit(main())

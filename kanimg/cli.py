@@ -1,0 +1,204 @@
+"""Command line: one subcommand per verb; each only parses and calls the library.
+
+Errors the user can fix are one line on stderr and exit status 2; Ctrl-C exits 130 after
+saving what a run has so far.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from . import __version__
+from .errors import KanimgError
+
+
+def int_list(flag: str) -> Callable[[str], list[int]]:
+    """argparse type for comma-separated integers, e.g. --widths 2,64,64,1."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip() != ""]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, e.g. 2,64,64,1; got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{flag} is empty")
+        return values
+
+    return parse
+
+
+def grid_schedule(text: str) -> list:
+    """--grid-schedule '1000:20,10;3000:50,10' → [[1000, [20, 10]], [3000, [50, 10]]]."""
+    entries = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        step, _, grids = part.partition(":")
+        try:
+            entries.append([int(step), [int(g) for g in grids.split(",")]])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--grid-schedule takes STEP:G1,G2,…;STEP:… e.g. 1000:20,10; got {text!r}") from None
+    return entries
+
+
+def size(text: str) -> tuple[int, int]:
+    """'1024x768' → (width, height)."""
+    w, sep, h = text.lower().partition("x")
+    try:
+        width, height = int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size takes WIDTHxHEIGHT, e.g. 1024x1024; got {text!r}") from None
+    if not sep or width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"--size takes positive WIDTHxHEIGHT; got {text!r}")
+    return width, height
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as KanimgError-style single lines (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"kanimg: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import model_names
+
+    parser = _Parser(prog="kanimg", description="Fit images with deep Kolmogorov–Arnold Networks and compare them with SIREN, RFF and MLP.")
+    parser.add_argument("--version", action="version", version=f"kanimg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    fit = sub.add_parser("fit", help="fit one image and export reconstruction, metrics, checkpoint, plots")
+    fit.add_argument("image", nargs="?", help="image file (default: the bundled photograph)")
+    m = fit.add_argument_group("model")
+    m.add_argument("--model", default="kan", choices=model_names(), help="model family (default: kan)")
+    m.add_argument("--widths", type=int_list("--widths"), help="layer widths from 2 (x, y) to the channel count, e.g. 2,64,64,3")
+    m.add_argument("--grids", type=int_list("--grids"), help="KAN: grid intervals per layer, e.g. 64,10,10")
+    m.add_argument("--grid-kind", choices=["uniform", "percentile"], help="KAN: knot placement (default: uniform)")
+    m.add_argument("--omega0", type=float, help="SIREN: frequency factor ω0 (default 30)")
+    m.add_argument("--scale", type=float, help="RFF: standard deviation of the Fourier frequencies (default 10)")
+    m.add_argument("--features", dest="num_features", type=int, help="RFF: number of Fourier frequencies (default 256)")
+    t = fit.add_argument_group("training (defaults depend on the model family)")
+    t.add_argument("--steps", type=int, help="optimisation steps (default 2000)")
+    t.add_argument("--lr", type=float, help="initial learning rate")
+    t.add_argument("--batch-size", type=int, help="pixels per step; 0 = whole image")
+    t.add_argument("--schedule", choices=["cosine", "constant", "staged"], help="LR schedule; staged = the paper's 3 stages lr, lr/10, lr/100")
+    t.add_argument("--grid-update-every", type=int, help="KAN: refit grids every N steps …")
+    t.add_argument("--grid-update-until", type=int, help="… during the first M steps of each stage")
+    t.add_argument("--grid-schedule", type=grid_schedule, help="KAN: extend grids at steps, e.g. '1000:20,10,10;3000:50,10,10'")
+    t.add_argument("--eval-every", type=int, help="full-image evaluation period in steps (best weights are kept)")
+    t.add_argument("--seed", type=int, help="random seed (default 0)")
+    o = fit.add_argument_group("data and output")
+    o.add_argument("--grey", action="store_true", help="fit the luminance only")
+    o.add_argument("--coords", default="centers", choices=["centers", "linspace"], help="pixel coordinates: pixel centres (default) or the paper's linspace(-1, 1, N)")
+    o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    o.add_argument("-o", "--out", type=Path, help="run folder (default: runs/<image>-<model>)")
+    o.add_argument("--force", action="store_true", help="replace an existing run folder")
+    o.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue an interrupted run (--steps may extend it)")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    fit.set_defaults(func=cmd_fit)
+
+    ren = sub.add_parser("render", help="evaluate a checkpoint at any resolution")
+    ren.add_argument("checkpoint", type=Path)
+    ren.add_argument("--size", type=size, help="WIDTHxHEIGHT (default: the fitted image's size)")
+    ren.add_argument("-o", "--out", type=Path, help="output PNG (default: render-WxH.png beside the checkpoint)")
+    ren.add_argument("--force", action="store_true", help="replace an existing output file")
+    ren.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ren.set_defaults(func=cmd_render)
+    return parser
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .fit import fit_image
+
+    spec = {"widths": args.widths, "grids": args.grids, "grid_kind": args.grid_kind, "omega0": args.omega0,
+            "scale": args.scale, "num_features": args.num_features}
+    train = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "schedule": args.schedule,
+             "grid_update_every": args.grid_update_every, "grid_update_until": args.grid_update_until,
+             "grid_schedule": args.grid_schedule, "eval_every": args.eval_every, "seed": args.seed}
+    result = fit_image(args.image, model=args.model, spec=spec, train=train, out=args.out, force=args.force,
+                       resume=args.resume, device=args.device, grey=args.grey, coords=args.coords, progress=not args.quiet)
+    m = result.metrics
+    lp = f"{m['metrics']['lpips']:.4f}" if m["metrics"]["lpips"] is not None else "n/a"
+    print(f"{result.out}: PSNR {m['metrics']['psnr']:.2f} dB (PNG {m['metrics']['psnr_png']:.2f}), SSIM {m['metrics']['ssim']:.4f}, "
+          f"LPIPS {lp}, {m['params']:,} params, {m['steps_done']} steps in {m['train_seconds']:.1f} s on {m['device']}")
+    if result.interrupted:
+        print(f"kanimg: interrupted at step {m['steps_done']}; results so far are in {result.out}. "
+              f"Resume with: kanimg fit --resume {result.out / 'checkpoint.pt'}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from .export import load_checkpoint
+    from .fit import best_model, resolve_device
+    from .io import save_png
+    from .render import render
+
+    payload = load_checkpoint(args.checkpoint)
+    image = payload["config"]["image"]
+    width, height = args.size or (image["width"], image["height"])
+    out = args.out or args.checkpoint.parent / f"render-{width}x{height}.png"
+    if out.exists() and not args.force:
+        raise KanimgError(f"{out} already exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise KanimgError(f"{out.parent}: no such folder")
+    device = resolve_device(args.device)
+    model = best_model(payload["trainer"], device)
+    pixels = render(model, height, width, payload["config"]["coords"], device)
+    save_png(out, pixels, image["bit_depth"])
+    print(f"{out}: {width}x{height}, {pixels.shape[2]} channel(s), {image['bit_depth']}-bit")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (already printed as one line), --help, --version
+        return int(exc.code or 0)
+    _setup_logging(quiet=getattr(args, "quiet", False))
+    previous = _on_sigterm(_raise_interrupt)  # `kill` saves like Ctrl-C
+    try:
+        return args.func(args)
+    except KanimgError as exc:
+        print(f"kanimg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kanimg: interrupted", file=sys.stderr)
+        return 130
+    except (MemoryError, torch.OutOfMemoryError):
+        print("kanimg: error: out of memory; try a smaller --batch-size or model", file=sys.stderr)
+        return 2
+    finally:
+        _on_sigterm(previous)
+
+
+def _setup_logging(quiet: bool) -> None:
+    """kanimg's own log lines (e.g. the one-time kernel build) on stderr, nothing from others."""
+    log = logging.getLogger("kanimg")
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not any(getattr(h, "kanimg_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("kanimg: %(message)s"))
+        handler.kanimg_cli = True
+        log.addHandler(handler)
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler where possible (main thread only); returns the previous one."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

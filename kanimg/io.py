@@ -1,0 +1,223 @@
+"""Image decoding and encoding: any common file in, float pixels in [0, 1] out.
+
+Decoding goes through Pillow (PNG, JPEG, TIFF, WebP, GIF, BMP …). Pillow keeps 16 bits per
+channel only for grey images, so 16-bit colour PNGs are decoded with pypng and 16-bit colour
+TIFFs with tifffile (through imageio). Every image ends up as one of four modes:
+
+- "L" grey, "RGB" colour: fitted as 1 or 3 channels;
+- "LA", "RGBA": the alpha channel is kept and fitted as one more channel, and the exported
+  reconstruction carries it too (output channels follow the image);
+- palette images become RGB (or RGBA when they have transparency), 1-bit images grey,
+  CMYK/YCbCr/LAB colour.
+
+EXIF orientation is applied, so pixels are fitted the way viewers show them.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import KanimgError
+from .files import atomic_path
+
+# Refuse images above Pillow's own decompression-bomb threshold (~89.5 megapixels) before
+# decoding them.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+CHANNELS = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class ImageData:
+    """A decoded image.
+
+    Attributes:
+        pixels: (H, W, C) float32 in [0, 1].
+        mode: "L", "LA", "RGB" or "RGBA".
+        bit_depth: 8 or 16 bits per channel in the source file.
+        name: file stem, used to name run folders.
+    """
+
+    pixels: np.ndarray
+    mode: str
+    bit_depth: int
+    name: str
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.pixels.shape[2]
+
+
+def load_image(path: str | os.PathLike, grey: bool = False, max_pixels: int = MAX_PIXELS) -> ImageData:
+    """Decode an image file into float pixels.
+
+    Args:
+        path: image file.
+        grey: convert to luminance (ITU-R 601-2, as Pillow's "L"), dropping colour and alpha.
+        max_pixels: refuse larger images (decompression bombs) before decoding them.
+    Raises:
+        KanimgError: missing file, directory, not an image, truncated, empty or too large.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise KanimgError(f"{path}: no such file")
+    if path.is_dir():
+        raise KanimgError(f"{path}: is a directory, not an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if width == 0 or height == 0:
+                    raise KanimgError(f"{path}: image has zero size ({width}x{height})")
+                if width * height > max_pixels:
+                    raise KanimgError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the "
+                                      f"limit of {max_pixels / 1e6:.0f} (possible decompression bomb)")
+                orientation = im.getexif().get(0x0112, 1)
+                array, mode, depth = _decode(path, im)
+    except KanimgError:
+        raise
+    except UnidentifiedImageError:
+        raise KanimgError(f"{path}: not an image file (or a format Pillow cannot read)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise KanimgError(f"{path}: image is too large (possible decompression bomb)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise KanimgError(f"{path}: cannot decode image ({exc})") from None
+    pixels = _orient(array, orientation).astype(np.float32) / float(2**depth - 1)
+    if grey and mode != "L":
+        pixels = _luminance(pixels[..., :3]) if mode in ("RGB", "RGBA") else pixels[..., :1]
+        mode = "L"
+    return ImageData(np.ascontiguousarray(pixels), mode, depth, path.stem)
+
+
+def _decode(path: Path, im: Image.Image) -> tuple[np.ndarray, str, int]:
+    """(H, W, C) integer array, mode, bit depth; forces a full decode so truncation shows."""
+    if im.format == "PNG" and _png_is_16bit_colour(path):
+        return _decode_png16(path)
+    if im.format == "TIFF" and im.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I") and _tiff_bits(im) > 8:
+        return _decode_tiff16(path)
+    im.load()
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(im).astype(np.int64)
+        if array.min() < 0 or array.max() > 65535:
+            raise KanimgError(f"{path}: 32-bit integer images are not supported")
+        return array[..., None].astype(np.uint16), "L", 16
+    if mode == "F":
+        raise KanimgError(f"{path}: floating-point images are not supported")
+    if mode == "P":
+        target = "RGBA" if "transparency" in im.info else "RGB"
+    elif mode == "PA":
+        target = "RGBA"
+    elif mode == "1":
+        target = "L"
+    elif mode in ("La",):
+        target = "LA"
+    elif mode in ("RGBa",):
+        target = "RGBA"
+    elif mode in CHANNELS:
+        target = mode
+    else:  # CMYK, YCbCr, LAB, HSV, RGBX …
+        target = "RGB"
+    if target != mode:
+        im = im.convert(target)
+    array = np.asarray(im, dtype=np.uint8)
+    return array.reshape(array.shape[0], array.shape[1], CHANNELS[target]), target, 8
+
+
+def _png_is_16bit_colour(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return len(head) == 26 and head[:8] == _PNG_SIGNATURE and head[24] == 16 and head[25] in (2, 4, 6)
+
+
+def _decode_png16(path: Path) -> tuple[np.ndarray, str, int]:
+    import png  # pypng
+
+    try:
+        width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+        array = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows])
+    except png.Error as exc:
+        raise KanimgError(f"{path}: cannot decode image ({exc})") from None
+    planes = info["planes"]
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[planes]
+    return array.reshape(height, width, planes), mode, 16
+
+
+def _tiff_bits(im: Image.Image) -> int:
+    bits = im.tag_v2.get(258, 8) if hasattr(im, "tag_v2") else 8
+    return max(bits) if isinstance(bits, tuple) else int(bits)
+
+
+def _decode_tiff16(path: Path) -> tuple[np.ndarray, str, int]:
+    import imageio.v3 as iio
+
+    array = iio.imread(path, plugin="tifffile", index=0)
+    if array.dtype != np.uint16:
+        raise KanimgError(f"{path}: unsupported TIFF sample type {array.dtype}")
+    if array.ndim == 2:
+        array = array[..., None]
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}.get(array.shape[2])
+    if mode is None:
+        raise KanimgError(f"{path}: unsupported TIFF with {array.shape[2]} channels")
+    return array, mode, 16
+
+
+def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1–8) to an (H, W, C) array, as Pillow's exif_transpose does."""
+    ops = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.transpose(1, 0, 2),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+        8: lambda a: np.rot90(a, 1),
+    }
+    return ops[orientation](array) if orientation in ops else array
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601-2 luma, the weights Pillow's convert("L") uses."""
+    return (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+
+
+def quantize(pixels: np.ndarray, bit_depth: int = 8) -> np.ndarray:
+    """Float pixels (any range) to unsigned integers of ``bit_depth`` bits, clipped and rounded."""
+    top = 2**bit_depth - 1
+    return np.round(np.clip(pixels, 0.0, 1.0) * top).astype(np.uint16 if bit_depth > 8 else np.uint8)
+
+
+def save_png(path: str | os.PathLike, pixels: np.ndarray, bit_depth: int = 8) -> None:
+    """Write (H, W, C) float pixels in [0, 1] as a PNG with 1–4 channels, atomically.
+
+    Args:
+        pixels: values outside [0, 1] are clipped.
+        bit_depth: 8 or 16.
+    """
+    path = Path(path)
+    ints = quantize(pixels, bit_depth)
+    channels = ints.shape[2]
+    with atomic_path(path) as tmp:
+        if bit_depth == 8:
+            Image.fromarray(ints[..., 0] if channels == 1 else ints).save(tmp, format="PNG")
+        else:
+            import png  # pypng: Pillow cannot write 16-bit colour
+
+            writer = png.Writer(ints.shape[1], ints.shape[0], greyscale=channels <= 2, alpha=channels in (2, 4), bitdepth=16)
+            with open(tmp, "wb") as f:
+                writer.write(f, ints.reshape(ints.shape[0], -1))
+

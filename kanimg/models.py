@@ -1,0 +1,156 @@
+"""One registry for every model family and named variant: ``build_model(name, **spec)``.
+
+A registered entry is a small function that checks its keyword spec and builds the network;
+the registry records the fully resolved spec on the model (``model.spec``) so a checkpoint
+can rebuild it. Each entry also carries its family's best-known training defaults (learning
+rate, batch size), used unless the user overrides them.
+
+    >>> model = build_model("kan", widths=[2, 128, 1], grids=[100, 10])
+    >>> model.spec
+    {'name': 'kan', 'widths': [2, 128, 1], 'grids': [100, 10], 'grid_range': [-1.0, 1.0], 'grid_kind': 'uniform'}
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from .errors import KanimgError
+from .nn import KAN, MLP, FourierFeatureMLP, Siren
+from .nn.kan import GRID_KINDS
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    build: Callable[..., nn.Module]
+    train_defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def default_spec(self) -> dict[str, Any]:
+        params = inspect.signature(self.build).parameters.values()
+        return {p.name: _plain(p.default) for p in params}
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(name: str, train_defaults: dict[str, Any] | None = None, description: str = ""):
+    """Decorator: register ``fn(**spec) -> nn.Module`` under ``name``."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelEntry(name, fn, dict(train_defaults or {}), description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return wrap
+
+
+def model_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_entry(name: str) -> ModelEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KanimgError(f"unknown model {name!r}; choose from: {', '.join(_REGISTRY)}") from None
+
+
+def build_model(name: str, **spec: Any) -> nn.Module:
+    """Build a registered model; options left as None take the entry's defaults.
+
+    Raises:
+        KanimgError: unknown name, unknown option or an invalid value.
+    """
+    entry = get_entry(name)
+    spec = {k: v for k, v in spec.items() if v is not None}
+    resolved = entry.default_spec()
+    unknown = sorted(set(spec) - set(resolved))
+    if unknown:
+        raise KanimgError(f"model {name!r} has no option {', '.join(unknown)}; it takes: {', '.join(resolved)}")
+    resolved.update({k: _plain(v) for k, v in spec.items()})
+    model = entry.build(**resolved)
+    for key, value in resolved.items():  # options the builder derived (None) are read back
+        if value is None and hasattr(model, key):
+            resolved[key] = _plain(getattr(model, key))
+    model.spec = {"name": name, **resolved}
+    return model
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, so specs are JSON- and weights_only-checkpoint-friendly."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _check_widths(widths: list[int], min_layers: int = 1) -> list[int]:
+    try:
+        widths = [int(w) for w in widths]
+    except (TypeError, ValueError):
+        raise KanimgError(f"widths must be integers, got {widths!r}") from None
+    if len(widths) < min_layers + 1:
+        raise KanimgError(f"widths {widths} need at least {min_layers + 1} entries (input, …, output)")
+    if any(w <= 0 for w in widths):
+        raise KanimgError(f"widths must be positive, got {widths}")
+    return widths
+
+
+def _positive(name: str, value: float) -> float:
+    if not value > 0:
+        raise KanimgError(f"{name} must be positive, got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------- families
+
+# Default KAN grids: the first layer sees the coordinates and needs fine grids for detail;
+# deeper layers compose, coarse grids suffice there (the paper's 100 / 10 pattern).
+FIRST_GRID, HIDDEN_GRID = 64, 10
+
+
+@register("kan", train_defaults={"lr": 1e-3, "batch_size": 4096}, description="deep KAN, cubic B-spline edges + SiLU base")
+def kan(
+    widths: tuple[int, ...] = (2, 64, 64, 64, 1),
+    grids: tuple[int, ...] | int | None = None,
+    grid_range: tuple[float, float] = (-1.0, 1.0),
+    grid_kind: str = "uniform",
+) -> nn.Module:
+    """Deep KAN with one grid size per layer (an int applies to every layer; None gives the
+    first layer FIRST_GRID intervals and the others HIDDEN_GRID)."""
+    widths = _check_widths(widths)
+    if grids is None:
+        grids = [FIRST_GRID] + [HIDDEN_GRID] * (len(widths) - 2)
+    grids = [grids] * (len(widths) - 1) if isinstance(grids, int) else list(grids)
+    if len(grids) != len(widths) - 1:
+        raise KanimgError(f"grids has {len(grids)} entries but widths {widths} has {len(widths) - 1} layers; give one grid size per layer")
+    if any(int(g) != g or g < 1 for g in grids):
+        raise KanimgError(f"grid sizes must be positive integers, got {grids}")
+    if len(grid_range) != 2 or not grid_range[0] < grid_range[1]:
+        raise KanimgError(f"grid_range must be [lo, hi] with lo < hi, got {grid_range}")
+    if grid_kind not in GRID_KINDS:
+        raise KanimgError(f"grid_kind must be one of {', '.join(GRID_KINDS)}, got {grid_kind!r}")
+    return KAN(widths, [int(g) for g in grids], grid_range, grid_kind)
+
+
+@register("siren", train_defaults={"lr": 1e-4, "batch_size": 0}, description="SIREN, sine activations, omega0=30")
+def siren(widths: tuple[int, ...] = (2, 256, 256, 256, 1), omega0: float = 30.0) -> nn.Module:
+    """SIREN (Sitzmann et al. 2020) with its published initialisation."""
+    return Siren(_check_widths(widths, 2), _positive("omega0", omega0))
+
+
+@register("mlp", train_defaults={"lr": 1e-3, "batch_size": 4096}, description="ReLU MLP on raw coordinates")
+def mlp(widths: tuple[int, ...] = (2, 256, 256, 256, 1)) -> nn.Module:
+    """Plain ReLU MLP."""
+    return MLP(_check_widths(widths))
+
+
+@register("rff", train_defaults={"lr": 1e-3, "batch_size": 4096}, description="ReLU MLP on Gaussian Fourier features")
+def rff(widths: tuple[int, ...] = (2, 256, 256, 256, 1), scale: float = 10.0, num_features: int = 256) -> nn.Module:
+    """ReLU MLP on random Fourier features (Tancik et al. 2020), B ~ N(0, scale²)."""
+    widths = _check_widths(widths)
+    if widths[0] != 2:
+        raise KanimgError(f"rff takes 2-D coordinates: widths must start with 2, got {widths}")
+    return FourierFeatureMLP(widths, _positive("scale", scale), int(_positive("num_features", num_features)))

@@ -1,0 +1,349 @@
+"""Kolmogorov–Arnold Network layers with per-layer cubic B-spline grids.
+
+    y_j = Σ_i  w_b[j,i] · silu(x_i)  +  w_s[j,i] · Σ_m c[j,i,m] · B_m(x_i)        (KAN paper, eq. 2.10)
+
+The fast path packs [w_b | w_s ⊙ c] into one (I·(G+3) + I, O) weight and evaluates the layer
+as ONE matmul with the feature rows [silu(x) | local basis] (see bspline.py). A custom autograd
+function saves only x for backward and recomputes the features there, so a layer keeps
+4 bytes per input feature per sample instead of the dense basis.
+
+Departures from pykan, on purpose:
+- the grid of each input feature is uniform by default, which keeps the closed-form basis;
+  pykan-style percentile (non-uniform) knots are available as ``grid_kind="percentile"``
+  through the slower Cox–de Boor path;
+- a grid update refits the range per input feature and re-solves the coefficients by a
+  regularised float64 least-squares projection of the old function onto the new spline space,
+  sampled evenly on every new knot interval, so no interval is ever empty.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .bspline import SPLINE_ORDER, cox_de_boor, spline_features, spline_features_input_grad, uniform_knots
+from .kernel import cpu_kernel
+
+GRID_KINDS = ("uniform", "percentile")
+# A uniform grid spans all of a feature's samples, except outliers more than RANGE_MARGIN of
+# the central range beyond its RANGE_QUANTILE quantiles (those fall on the 3 extension
+# intervals, or beyond, where only the SiLU base acts).
+RANGE_QUANTILE = 0.001
+RANGE_MARGIN = 0.25
+# pykan's grid_eps: percentile knots are mixed with this fraction of uniform knots, which
+# bounds the smallest interval.
+PERCENTILE_UNIFORM_MIX = 0.02
+# Least-squares refit: evaluation points per knot interval, and the second-difference
+# penalty relative to the mean diagonal of the normal matrix (keeps rank-deficient or
+# badly scaled systems finite without visibly changing well-posed fits).
+REFIT_POINTS_PER_INTERVAL = 4
+# A grid update moves a feature's knots only when some knot would move by more than this many
+# knot intervals: a refit onto non-nested knots loses a little detail each time, and on
+# batch-to-batch jitter of the sample range those losses were measured to add up.
+REFIT_TOLERANCE = 1.0
+REFIT_SMOOTHING = 1e-9
+
+
+# Layers with at most this many outputs use the kernel's narrow path (no materialised F).
+NARROW_OUTPUTS = 8
+# The kernel path handles a batch in row blocks whose feature matrix stays under this many
+# elements, so the transient F never exceeds ~32 MB whatever the batch (a whole 512×512
+# image is one batch) and its buffer can be reused instead of reallocated.
+BLOCK_ELEMENTS = 1 << 23
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch buffers for the kernel path, grown on demand and reused."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+        buf = self.buffers.get((name, dtype))
+        if buf is None or buf.numel() < rows * cols:
+            buf = self.buffers[(name, dtype)] = torch.empty(rows * cols, dtype=dtype)
+        return buf[: rows * cols].view(rows, cols)
+
+
+_workspace = _Workspace()
+
+
+class _PackedSpline(torch.autograd.Function):
+    """y = F(x) @ W, saving only x (and the parameter-sized W) for backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int) -> Tensor:
+        ctx.save_for_backward(x, weight, lo, inv_h)
+        ctx.grid_size = grid_size
+        kernel = _kernel_for(x, differentiable=False)
+        if kernel is None:
+            return spline_features(x, lo, inv_h, grid_size) @ weight
+        x, weight, lo, inv_h = x.contiguous(), weight.contiguous(), lo.contiguous(), inv_h.contiguous()
+        sig = torch.sigmoid(x)
+        if weight.shape[1] <= NARROW_OUTPUTS:
+            return kernel.narrow_forward(x, sig, weight, lo, inv_h, grid_size)
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        for rows in _row_blocks(x.shape[0], weight.shape[0]):
+            feats = _workspace.get("features", rows.stop - rows.start, weight.shape[0], x.dtype)  # (b, K)
+            kernel.features(x[rows], sig[rows], lo, inv_h, grid_size, feats)
+            torch.mm(feats, weight, out=out[rows])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight, lo, inv_h = ctx.saved_tensors
+        grid_size = ctx.grid_size
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # With create_graph=True grad mode is on here: then only differentiable PyTorch ops
+        # are used, so double backward (e.g. d²y/dx² for PINN losses) works.
+        kernel = _kernel_for(x, differentiable=torch.is_grad_enabled())
+        if kernel is None:
+            grad_x = grad_w = None
+            if need_w:  # features recomputed, never stored
+                grad_w = spline_features(x, lo, inv_h, grid_size).transpose(0, 1) @ grad_out  # (K, O)
+            if need_x:
+                grad_x = spline_features_input_grad(x, grad_out @ weight.transpose(0, 1), lo, inv_h, grid_size)
+            return grad_x, grad_w, None, None, None
+        x, weight, lo, inv_h = x.contiguous(), weight.contiguous(), lo.contiguous(), inv_h.contiguous()
+        grad_out = grad_out.contiguous()
+        sig = torch.sigmoid(x)
+        if weight.shape[1] <= NARROW_OUTPUTS:
+            grad_x, grad_w = kernel.narrow_backward(x, sig, grad_out, weight, lo, inv_h, grid_size, need_x, need_w)
+            return grad_x, grad_w, None, None, None
+        n_features = weight.shape[0]
+        grad_w = x.new_zeros(weight.shape) if need_w else None
+        grad_x = torch.empty_like(x) if need_x else None
+        for rows in _row_blocks(x.shape[0], n_features):
+            n = rows.stop - rows.start
+            if need_w:
+                feats = _workspace.get("features", n, n_features, x.dtype)  # (b, K) recomputed, never stored
+                kernel.features(x[rows], sig[rows], lo, inv_h, grid_size, feats)
+                grad_w.addmm_(feats.transpose(0, 1), grad_out[rows])  # (K, O)
+            if need_x:
+                grad_feats = torch.mm(grad_out[rows], weight.transpose(0, 1), out=_workspace.get("grad_features", n, n_features, x.dtype))
+                kernel.input_grad(x[rows], sig[rows], grad_feats, lo, inv_h, grid_size, grad_x[rows])
+        return grad_x, grad_w, None, None, None
+
+
+def _row_blocks(batch: int, n_features: int) -> list[slice]:
+    rows = max(256, BLOCK_ELEMENTS // n_features)
+    return [slice(s, min(s + rows, batch)) for s in range(0, batch, rows)]
+
+
+def _kernel_for(x: Tensor, differentiable: bool):
+    """The fused CPU kernel where it applies (first-order, CPU, compiled), else None."""
+    if differentiable or x.device.type != "cpu":
+        return None
+    return cpu_kernel()
+
+
+class KANLayer(nn.Module):
+    """One KAN layer: I·O learnable edge functions silu-base + cubic spline on G intervals.
+
+    Args:
+        in_features, out_features: I and O.
+        grid_size: G, the number of spline intervals of every input feature's grid.
+        grid_range: initial interior range [lo, hi] of every grid.
+        grid_kind: "uniform" (fast closed form) or "percentile" (pykan-style knots at
+            sample quantiles, evaluated by Cox–de Boor).
+        noise_scale: amplitude of the initial spline coefficients, divided by G (as pykan).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        grid_size: int,
+        grid_range: Sequence[float] = (-1.0, 1.0),
+        grid_kind: str = "uniform",
+        noise_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if grid_kind not in GRID_KINDS:
+            raise ValueError(f"grid_kind must be one of {GRID_KINDS}, not {grid_kind!r}")
+        if grid_size < 1 or in_features < 1 or out_features < 1:
+            raise ValueError("in_features, out_features and grid_size must be positive")
+        self.in_features, self.out_features, self.grid_size = in_features, out_features, grid_size
+        self.grid_kind = grid_kind
+        self.noise_scale = noise_scale
+        lo = torch.full((in_features,), float(grid_range[0]))
+        hi = torch.full((in_features,), float(grid_range[1]))
+        self.register_buffer("knots", uniform_knots(lo, hi, grid_size))  # (I, G+7)
+        self.base_weight = nn.Parameter(torch.empty(out_features, in_features))  # w_b (O, I)
+        self.spline_scale = nn.Parameter(torch.empty(out_features, in_features))  # w_s (O, I)
+        self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + SPLINE_ORDER))  # c (O, I, G+3)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """pykan's initialisation: w_b ~ U(-1, 1)/√I, w_s = 1/√I, small random spline coefficients."""
+        bound = 1 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.base_weight.uniform_(-bound, bound)
+            self.spline_scale.fill_(bound)
+            self.spline_weight.uniform_(-0.5, 0.5).mul_(self.noise_scale / self.grid_size)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, G={self.grid_size}, {self.grid_kind} grid"
+
+    def _grid_lo_inv_h(self) -> tuple[Tensor, Tensor]:
+        lo, hi = self.knots[:, SPLINE_ORDER], self.knots[:, SPLINE_ORDER + self.grid_size]
+        return lo, self.grid_size / (hi - lo)
+
+    def packed_weight(self) -> Tensor:
+        """[w_b ; w_s ⊙ c] as one (I + I·(G+3), O) matrix matching the feature rows."""
+        spline = (self.spline_scale[..., None] * self.spline_weight).permute(1, 2, 0)  # (I, G+3, O)
+        return torch.cat([self.base_weight.t(), spline.reshape(-1, self.out_features)], dim=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, I) -> (B, O)."""
+        if self.grid_kind == "uniform":
+            lo, inv_h = self._grid_lo_inv_h()
+            return _PackedSpline.apply(x, self.packed_weight(), lo, inv_h, self.grid_size)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The same layer the straightforward way: Cox–de Boor dense basis and autograd.
+
+        Works for any knots; keeps the (B, I, G+3) basis and its recursion for backward. The
+        tests and benchmarks use it as the oracle for the fast path.
+        """
+        basis = cox_de_boor(x, self.knots)  # (B, I, G+3)
+        spline = torch.einsum("bim,oim->bo", basis, self.spline_scale[..., None] * self.spline_weight)
+        return nn.functional.silu(x) @ self.base_weight.t() + spline
+
+    def spline_values(self, x: Tensor) -> Tensor:
+        """Σ_m c[j,i,m] B_m(x_i) for every edge: x (B, I) -> (B, O, I), by Cox–de Boor."""
+        return torch.einsum("bim,oim->boi", cox_de_boor(x, self.knots), self.spline_weight)
+
+    @torch.no_grad()
+    def update_grid(self, x: Tensor) -> None:
+        """Move each input feature's grid to where its samples x (N, I) now lie, keeping the function."""
+        xs = torch.sort(x.detach().to(torch.float64), dim=0).values  # (N, I)
+        n = xs.shape[0]
+        if self.grid_kind == "uniform":
+            k = int(RANGE_QUANTILE * (n - 1))
+            span = xs[n - 1 - k] - xs[k]
+            lo = torch.maximum(xs[0], xs[k] - RANGE_MARGIN * span)  # all samples, unless far outliers
+            hi = torch.minimum(xs[-1], xs[n - 1 - k] + RANGE_MARGIN * span)
+            centre, half = (lo + hi) / 2, ((hi - lo) / 2).clamp_min(1e-3)
+            new = uniform_knots(centre - half, centre + half, self.grid_size)
+        else:
+            idx = torch.linspace(0, n - 1, self.grid_size + 1, device=x.device).round().long()
+            adaptive = xs[idx].t()  # (I, G+1)
+            lo, hi = adaptive[:, :1], adaptive[:, -1:]
+            span = (hi - lo).clamp_min(1e-3)
+            uniform = lo + span * torch.linspace(0, 1, self.grid_size + 1, dtype=xs.dtype, device=x.device)
+            interior = PERCENTILE_UNIFORM_MIX * uniform + (1 - PERCENTILE_UNIFORM_MIX) * adaptive
+            h = span / self.grid_size
+            pad = torch.arange(1, SPLINE_ORDER + 1, dtype=xs.dtype, device=x.device)
+            new = torch.cat([interior[:, :1] - h * pad.flip(0), interior, interior[:, -1:] + h * pad], dim=1)
+        new = new.to(self.knots.dtype)
+        # Keep the grids of features whose samples barely moved: every refit onto knots that
+        # are not a refinement loses a little detail, and those losses add up over many updates.
+        spacing = (self.knots[:, -SPLINE_ORDER - 1] - self.knots[:, SPLINE_ORDER]) / self.grid_size
+        moved = (new - self.knots).abs().amax(dim=1) > REFIT_TOLERANCE * spacing  # (I,)
+        if moved.any():
+            self._refit(torch.where(moved[:, None], new, self.knots), self.grid_size, moved)
+
+    @torch.no_grad()
+    def extend_grid(self, grid_size: int) -> None:
+        """Refine (or coarsen) to ``grid_size`` intervals over the same range, keeping the function."""
+        lo, hi = self.knots[:, SPLINE_ORDER], self.knots[:, -SPLINE_ORDER - 1]
+        if self.grid_kind == "uniform":
+            new = uniform_knots(lo, hi, grid_size)
+        else:  # interpolate the knot positions: keeps the percentile spacing pattern
+            old_pos = torch.linspace(0, 1, self.knots.shape[1], dtype=torch.float64, device=lo.device)
+            new_pos = torch.linspace(0, 1, grid_size + 2 * SPLINE_ORDER + 1, dtype=torch.float64, device=lo.device)
+            new = _interp_rows(new_pos, old_pos, self.knots.to(torch.float64)).to(self.knots.dtype)
+        self._refit(new, grid_size)
+
+    def _refit(self, new_knots: Tensor, grid_size: int, features: Tensor | None = None) -> None:
+        """Least-squares projection of every edge's spline onto the spline space of ``new_knots``.
+
+        Fitted on REFIT_POINTS_PER_INTERVAL points per interior interval of the new grid, so
+        every basis function is well sampled whatever the knot spacing (no empty intervals).
+        Only the interior: there the new basis spans all cubic splines on its knots, so a
+        refinement (G → 2G) is exact; weighting the extension zones too was measured to cost
+        interior accuracy for little gain in the tails. ``features`` (I,) bool limits the refit
+        to those input features; the others keep their coefficients bit for bit.
+        """
+        old_knots = self.knots.to(torch.float64)
+        knots = new_knots.to(torch.float64)
+        n_basis = grid_size + SPLINE_ORDER
+        frac = (torch.arange(REFIT_POINTS_PER_INTERVAL, dtype=torch.float64, device=knots.device) + 0.5) / REFIT_POINTS_PER_INTERVAL
+        inner = knots[:, SPLINE_ORDER : SPLINE_ORDER + grid_size + 1]  # (I, G'+1)
+        points = (inner[:, :-1, None] + (inner[:, 1:] - inner[:, :-1])[..., None] * frac).reshape(self.in_features, -1)  # (I, P)
+        old_values = torch.einsum("pim,oim->ipo", cox_de_boor(points.t(), old_knots), self.spline_weight.to(torch.float64))  # (I, P, O)
+        design = cox_de_boor(points.t(), knots).permute(1, 0, 2)  # (I, P, G'+3)
+        normal = design.transpose(1, 2) @ design  # (I, G'+3, G'+3)
+        diff2 = torch.diff(torch.eye(n_basis, dtype=torch.float64, device=knots.device), n=2, dim=0)
+        penalty = diff2.t() @ diff2
+        scale = normal.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)[:, None, None]
+        coef = torch.linalg.solve(normal + REFIT_SMOOTHING * scale * penalty, design.transpose(1, 2) @ old_values)  # (I, G'+3, O)
+        coef = coef.permute(2, 0, 1).to(self.spline_weight.dtype)  # (O, I, G'+3)
+        if features is not None:
+            coef = torch.where(features[None, :, None], coef, self.spline_weight)
+        if grid_size == self.grid_size:  # in place: optimisers keep tracking the parameter
+            self.spline_weight.copy_(coef)
+        else:  # a new shape needs a new parameter; the trainer rebuilds its optimiser
+            self.spline_weight = nn.Parameter(coef.contiguous())
+        self.grid_size = grid_size
+        self.knots = new_knots.contiguous()
+
+
+def _interp_rows(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """np.interp of each row of fp (R, n) from positions xp (n,) to x (m,)."""
+    idx = torch.searchsorted(xp, x).clamp(1, xp.numel() - 1)
+    w = (x - xp[idx - 1]) / (xp[idx] - xp[idx - 1])
+    return fp[:, idx - 1] + (fp[:, idx] - fp[:, idx - 1]) * w
+
+
+class KAN(nn.Module):
+    """A deep KAN: widths [n_0, …, n_L] with one grid size per layer.
+
+    Args:
+        widths: layer widths, e.g. [2, 128, 128, 128, 128, 1].
+        grids: L grid sizes (one per layer) or one int for all, e.g. [100, 10, 10, 10, 10].
+        grid_range: initial interior grid range of every layer.
+        grid_kind: "uniform" or "percentile" (see KANLayer).
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        grids: Sequence[int] | int,
+        grid_range: Sequence[float] = (-1.0, 1.0),
+        grid_kind: str = "uniform",
+    ) -> None:
+        super().__init__()
+        widths = [int(w) for w in widths]
+        grids = [int(grids)] * (len(widths) - 1) if isinstance(grids, int) else [int(g) for g in grids]
+        self.layers = nn.ModuleList(
+            KANLayer(a, b, g, grid_range, grid_kind) for a, b, g in zip(widths[:-1], widths[1:], grids)
+        )
+
+    @property
+    def grids(self) -> list[int]:
+        return [layer.grid_size for layer in self.layers]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    @torch.no_grad()
+    def update_grids(self, x: Tensor) -> None:
+        """Refit every layer's grid to the activations that samples x (N, n_0) produce."""
+        for layer in self.layers:
+            layer.update_grid(x)
+            x = layer(x)
+
+    @torch.no_grad()
+    def extend_grids(self, grids: Sequence[int]) -> None:
+        """Change each layer's grid size (e.g. 10 → 20), keeping the represented function."""
+        for layer, g in zip(self.layers, grids):
+            if g != layer.grid_size:
+                layer.extend_grid(int(g))

@@ -1,0 +1,56 @@
+"""Loads the fused C++ CPU kernel for the KAN layer, compiling it once per machine.
+
+torch.utils.cpp_extension caches the build (under ~/.cache/torch_extensions, or
+$TORCH_EXTENSIONS_DIR), so only the first use pays the ~1 minute compile. Without a working
+compiler, or with KANIMG_NO_KERNEL=1, the layer falls back to the pure-PyTorch functions in
+bspline.py, which compute the same thing more slowly.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name("csrc") / "kan_cpu.cpp"
+_NAME = "kanimg_kan_cpu"
+
+
+@functools.cache
+def cpu_kernel() -> ModuleType | None:
+    """The compiled kernel module, or None where it cannot be built."""
+    if os.environ.get("KANIMG_NO_KERNEL", "") not in ("", "0"):
+        return None
+    torch_log = logging.getLogger("torch.utils.cpp_extension")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)  # "No CUDA runtime is found" is irrelevant to a CPU build
+    try:
+        from torch.utils import cpp_extension
+
+        if not _is_built(cpp_extension):
+            log.info("building the fused KAN CPU kernel (once per machine, about a minute)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cpp_extension.load(
+                name=_NAME,
+                sources=[str(_SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+    except Exception as exc:  # any build failure means: use the PyTorch path
+        warnings.warn(f"kanimg: fused CPU kernel unavailable ({str(exc).splitlines()[0][:200]}); using the PyTorch path")
+        return None
+    finally:
+        torch_log.setLevel(level)
+
+
+def _is_built(cpp_extension) -> bool:
+    try:
+        folder = Path(cpp_extension._get_build_directory(_NAME, verbose=False))
+    except Exception:
+        return False
+    return (folder / f"{_NAME}.so").exists()

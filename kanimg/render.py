@@ -1,0 +1,36 @@
+"""Chunked full-grid inference: a fitted model evaluated at any resolution in flat memory."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .sampling import chunks, pixel_coords, to_pixels
+
+EVAL_CHUNK = 1 << 16  # pixels per forward pass
+
+
+@torch.no_grad()
+def predict(model: nn.Module, coords: Tensor, chunk: int = EVAL_CHUNK) -> Tensor:
+    """Model outputs (N, C) for coordinates (N, 2), evaluated ``chunk`` rows at a time."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(coords[rows]) for rows in chunks(coords.shape[0], chunk)])
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def render(model: nn.Module, height: int, width: int, convention: str = "centers",
+           device: torch.device | str = "cpu", chunk: int = EVAL_CHUNK) -> np.ndarray:
+    """(H, W, C) float pixels in [0, 1] (unclipped) of the model on an H×W pixel grid.
+
+    Coordinates are generated a band of rows at a time, so memory stays flat however large
+    the render; only the output image itself is held.
+    """
+    bands = [
+        predict(model, pixel_coords(height, width, convention, device, rows), chunk).cpu()
+        for rows in chunks(height, max(1, chunk // width))
+    ]
+    return to_pixels(torch.cat(bands), height, width)

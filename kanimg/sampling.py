@@ -1,0 +1,115 @@
+"""Pixel coordinates and the coordinate-sampling data loader.
+
+Coordinates are (x, y) in [-1, 1]², x along the width, y along the height. Two conventions:
+
+- "centers" (default): pixel j of N sits at its centre, (2j + 1)/N - 1. The image is the
+  square [-1, 1]² whatever its resolution, so a fit rendered at any other size samples the
+  same picture, aligned.
+- "linspace": pixel j sits at -1 + 2j/(N - 1), as in the KAN paper's script (corner pixels on
+  the border). Renders at other sizes also use linspace, which keeps corners aligned.
+
+All tensor work happens on the target's device; there is no Python loop over pixels.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+COORDINATES = ("centers", "linspace")
+
+
+def axis_coords(n: int, convention: str, device: torch.device | str | None = None) -> Tensor:
+    """n coordinates in [-1, 1] along one axis."""
+    if convention == "centers":
+        return (2 * torch.arange(n, device=device, dtype=torch.float32) + 1) / n - 1
+    if convention == "linspace":
+        return torch.linspace(-1, 1, n, device=device) if n > 1 else torch.zeros(1, device=device)
+    raise ValueError(f"unknown coordinate convention {convention!r}; choose from {COORDINATES}")
+
+
+def pixel_coords(height: int, width: int, convention: str = "centers", device: torch.device | str | None = None,
+                 rows: slice = slice(None)) -> Tensor:
+    """(H·W, 2) coordinates (x, y) of every pixel in row-major order (of image ``rows`` only)."""
+    ys = axis_coords(height, convention, device)[rows]
+    xs = axis_coords(width, convention, device)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
+    return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
+
+
+class CoordinateSampler:
+    """Random minibatches of (coordinates, colours) without replacement.
+
+    Each epoch is a fresh permutation of all pixels cut into batches of ``batch_size`` (the
+    last one smaller when it does not divide), so every pixel is visited exactly once per
+    epoch. A batch size of 0 or ≥ the pixel count gives the full image every step.
+
+    Args:
+        coords: (N, 2) coordinates on the training device.
+        values: (N, C) target values on the same device.
+        batch_size: pixels per step.
+        seed: seeds the sampler's own generator (not the global RNG).
+    """
+
+    def __init__(self, coords: Tensor, values: Tensor, batch_size: int, seed: int = 0) -> None:
+        self.coords, self.values = coords, values
+        self.n = coords.shape[0]
+        self.batch_size = self.n if batch_size <= 0 else min(batch_size, self.n)
+        self.generator = torch.Generator(device=coords.device)
+        self.generator.manual_seed(seed)
+        self.perm: Tensor | None = None
+        self.pos = 0
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        if self.batch_size == self.n:
+            return self.coords, self.values
+        if self.perm is None or self.pos >= self.n:
+            self.perm = torch.randperm(self.n, generator=self.generator, device=self.coords.device)
+            self.pos = 0
+        idx = self.perm[self.pos : self.pos + self.batch_size]
+        self.pos += idx.numel()
+        return self.coords[idx], self.values[idx]
+
+    def state_dict(self) -> dict:
+        """Where the sampler is, so that a resumed run draws the same batches."""
+        return {"generator": self.generator.get_state(), "perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm = None if state["perm"] is None else state["perm"].to(self.coords.device)
+        self.pos = int(state["pos"])
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``size`` covering range(n)."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+class ImageTarget:
+    """An image as training data: every pixel's coordinates and its colour on one device.
+
+    Colours are mapped from [0, 1] to [-1, 1] (value = 2·pixel - 1), the range the KAN paper
+    trains on (p/128 - 1) and SIREN's reference code uses; :func:`to_pixels` maps back.
+
+    Args:
+        pixels: (H, W, C) float in [0, 1].
+        convention: "centers" or "linspace" (see :func:`axis_coords`).
+    """
+
+    def __init__(self, pixels, convention: str = "centers", device: torch.device | str = "cpu") -> None:
+        self.height, self.width, self.channels = pixels.shape
+        self.convention = convention
+        self.coords = pixel_coords(self.height, self.width, convention, device)  # (N, 2)
+        values = torch.as_tensor(pixels, dtype=torch.float32, device=device).reshape(-1, self.channels)
+        self.values = values * 2 - 1  # (N, C) in [-1, 1]
+
+
+def to_pixels(values: Tensor, height: int, width: int):
+    """Model outputs (H·W, C) in [-1, 1] to (H, W, C) float numpy pixels in [0, 1] (unclipped)."""
+    return ((values.detach().float().cpu() + 1) / 2).reshape(height, width, -1).numpy()

@@ -1,0 +1,237 @@
+"""The training loop: Adam on random pixel batches, LR schedules, KAN grid updates, best-so-far.
+
+Reads top to bottom: TrainConfig → learning_rate() → Trainer.train(). One step is one batch;
+evaluation on the full image every ``eval_every`` steps keeps the best weights.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import KanimgError
+from .metrics import psnr_from_mse
+from .render import predict
+from .sampling import CoordinateSampler, ImageTarget
+
+SCHEDULES = ("cosine", "constant", "staged")
+STAGES = 3  # "staged": the KAN paper's three stages at lr, lr/10, lr/100 (fresh Adam each)
+COSINE_FLOOR = 0.01  # "cosine" decays to this fraction of the initial learning rate
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides how a model is trained (recorded in metrics.json and checkpoints).
+
+    Attributes:
+        steps: optimisation steps in total.
+        lr: initial learning rate.
+        batch_size: pixels per step; 0 = the whole image every step.
+        schedule: "cosine" (decay to 1 %), "constant", or "staged" (paper: 3 equal stages at
+            lr, lr/10, lr/100, each with a fresh optimiser).
+        grid_update_every, grid_update_until: KAN grid refits every N steps during the first M
+            steps of each stage (0 = never), as in the paper (every 10 in the first 1,000).
+        grid_schedule: KAN grid extensions as [[step, [g1, g2, …]], …], e.g. [[1000, [20, 10]]].
+        eval_every: full-image evaluation period (the best evaluated weights are kept).
+        seed: seeds model initialisation and pixel sampling.
+    """
+
+    steps: int = 2000
+    lr: float = 1e-3
+    batch_size: int = 4096
+    schedule: str = "cosine"
+    grid_update_every: int = 0
+    grid_update_until: int = 0
+    grid_schedule: list = field(default_factory=list)
+    eval_every: int = 250
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise KanimgError(f"steps must be at least 1, got {self.steps}")
+        if not self.lr > 0:
+            raise KanimgError(f"learning rate must be positive, got {self.lr}")
+        if self.batch_size < 0:
+            raise KanimgError(f"batch size must be 0 (whole image) or positive, got {self.batch_size}")
+        if self.schedule not in SCHEDULES:
+            raise KanimgError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.grid_update_every < 0 or self.grid_update_until < 0 or self.eval_every < 0:
+            raise KanimgError("grid update and eval periods must not be negative")
+        self.grid_schedule = sorted([int(s), [int(g) for g in grids]] for s, grids in self.grid_schedule)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def stage_starts(config: TrainConfig) -> list[int]:
+    """First step of each stage (one stage unless the schedule is "staged")."""
+    if config.schedule != "staged":
+        return [0]
+    return [round(i * config.steps / STAGES) for i in range(STAGES)]
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Learning rate at ``step`` (0-based)."""
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "staged":
+        stage = sum(step >= s for s in stage_starts(config)) - 1
+        return config.lr * 0.1**stage
+    progress = step / max(1, config.steps - 1)
+    return config.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def grid_update_due(step: int, config: TrainConfig) -> bool:
+    """Refit grids before ``step``? Every N steps within the first M of each stage."""
+    if config.grid_update_every <= 0:
+        return False
+    start = max(s for s in stage_starts(config) if s <= step)
+    since = step - start
+    return since < config.grid_update_until and since % config.grid_update_every == 0
+
+
+@dataclass
+class History:
+    """Training curves: batch loss every LOG_EVERY steps, full-image PSNR at each evaluation."""
+
+    step: list = field(default_factory=list)
+    loss: list = field(default_factory=list)
+    eval_step: list = field(default_factory=list)
+    eval_psnr: list = field(default_factory=list)
+    eval_seconds: list = field(default_factory=list)
+
+
+LOG_EVERY = 10
+
+
+class Trainer:
+    """Fits ``model`` to ``target`` with Adam and MSE in the [-1, 1] value space.
+
+    Args:
+        model: maps (N, 2) coordinates to (N, C) values; KANs (``update_grids``,
+            ``extend_grids``) get grid updates.
+        target: the image as coordinates and values.
+        config: how to train.
+        progress: show a tqdm bar with live loss and PSNR.
+    """
+
+    def __init__(self, model: nn.Module, target: ImageTarget, config: TrainConfig, progress: bool = True) -> None:
+        self.model, self.target, self.config, self.progress = model, target, config, progress
+        self.device = target.values.device
+        self.sampler = CoordinateSampler(target.coords, target.values, config.batch_size, seed=config.seed)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.history = History()
+        self.best_psnr, self.best_step = -math.inf, 0
+        self.best_state: dict | None = None
+        self.best_spec: dict | None = None
+        self.optimizer = self._new_optimizer()
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, on_eval: Callable[["Trainer"], None] | None = None) -> None:
+        """Run until ``config.steps``; continues from ``self.step`` after a resume.
+
+        Raises:
+            KanimgError: the loss became NaN or infinite.
+            KeyboardInterrupt: propagated after the current step; the state stays consistent.
+        """
+        cfg = self.config
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True, leave=False)
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                self._before_step()
+                coords, values = self.sampler.next_batch()
+                loss = nn.functional.mse_loss(self.model(coords), values)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.step += 1
+                if self.step % LOG_EVERY == 0 or self.step == cfg.steps:
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise KanimgError(f"loss became {value} at step {self.step}; try a lower learning rate (--lr)")
+                    self.history.step.append(self.step)
+                    self.history.loss.append(value)
+                    bar.set_postfix(loss=f"{value:.2e}", psnr=f"{psnr_from_mse(value, 2.0):.2f}",
+                                    best=f"{self.best_psnr:.2f}", refresh=False)
+                self.train_seconds += time.perf_counter() - t0
+                bar.update(1)
+                if self.step == cfg.steps or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                    self.evaluate()
+                    if on_eval is not None:
+                        on_eval(self)
+        finally:
+            bar.close()
+
+    def _before_step(self) -> None:
+        """Stage changes, scheduled grid extensions, grid refits and the LR for this step."""
+        cfg, step = self.config, self.step
+        if step in stage_starts(cfg)[1:]:
+            self.optimizer = self._new_optimizer()  # the paper restarts Adam each stage
+        for at, grids in cfg.grid_schedule:
+            if at == step and hasattr(self.model, "extend_grids"):
+                self.model.extend_grids(grids)
+                self.model.spec["grids"] = list(self.model.grids)
+                self.optimizer = self._new_optimizer()  # parameters changed shape
+        if grid_update_due(step, cfg) and hasattr(self.model, "update_grids"):
+            coords, _ = self.sampler.next_batch()
+            self.model.update_grids(coords)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        fused = self.device.type in ("cpu", "cuda")
+        return torch.optim.Adam(self.model.parameters(), lr=learning_rate(self.step, self.config), fused=fused)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Full-image PSNR (dB, [0, 1] scale, unclipped); keeps the best weights."""
+        prediction = predict(self.model, self.target.coords)
+        mse = nn.functional.mse_loss(prediction, self.target.values).item()
+        value = psnr_from_mse(mse, 2.0)  # values span [-1, 1]: peak-to-peak 2
+        if not math.isfinite(mse):
+            raise KanimgError(f"the model's output became {mse} at step {self.step}; try a lower learning rate (--lr)")
+        self.history.eval_step.append(self.step)
+        self.history.eval_psnr.append(value)
+        self.history.eval_seconds.append(self.train_seconds)
+        if value > self.best_psnr:
+            self.best_psnr, self.best_step = value, self.step
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            self.best_spec = copy.deepcopy(getattr(self.model, "spec", None))
+        return value
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly where training stopped (tensors and plain types)."""
+        return {
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "model": self.model.state_dict(),
+            "spec": copy.deepcopy(getattr(self.model, "spec", None)),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "history": asdict(self.history),
+            "best_psnr": self.best_psnr,
+            "best_step": self.best_step,
+            "best_model": self.best_state,
+            "best_spec": self.best_spec,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`; the model must already have the saved architecture."""
+        self.model.load_state_dict(state["model"])
+        self.step = int(state["step"])
+        self.train_seconds = float(state["train_seconds"])
+        self.optimizer = self._new_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.history = History(**state["history"])
+        self.best_psnr, self.best_step = float(state["best_psnr"]), int(state["best_step"])
+        self.best_state, self.best_spec = state["best_model"], state["best_spec"]

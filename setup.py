@@ -1,0 +1,37 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec(Path("kanimg/__init__.py").read_text(), version)  # __version__ without importing torch
+
+setup(
+    name="kanimg",
+    version=version["__version__"],
+    description="Implicit neural representations of images with deep Kolmogorov-Arnold Networks, "
+                "compared fairly with SIREN, Fourier-feature and ReLU MLPs",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kanimg", "kanimg.*"]),
+    package_data={"kanimg.nn": ["csrc/*.cpp"]},
+    data_files=[("share/kanimg/assets", ["assets/astronaut.png"])],
+    install_requires=[
+        "torch>=2.4,<=2.14.1",
+        "torchvision<=0.29.1",
+        "numpy",
+        "pillow",
+        "imageio",
+        "tifffile",
+        "pypng",
+        "lpips",
+        "tqdm",
+        "scikit-image",
+        "scipy",
+        "matplotlib",
+        "ninja",  # builds the fused CPU kernel (torch.utils.cpp_extension)
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["kanimg=kanimg.cli:main"]},
+)

@@ -1,0 +1,180 @@
+"""The fast KAN layer against its Cox–de Boor + autograd reference, and its grid operations."""
+from unittest import mock
+
+import pytest
+import torch
+
+from kanimg.nn import KAN, KANLayer
+from kanimg.nn.bspline import spline_features, spline_features_input_grad, uniform_knots
+from kanimg.nn.kernel import cpu_kernel
+
+
+def exact_layer(n_in, n_out, grid_size, lo=-1.0, hi=1.0, dtype=torch.float64) -> KANLayer:
+    """A layer with random weights whose knots are exactly uniform in ``dtype``."""
+    layer = KANLayer(n_in, n_out, grid_size).to(dtype)
+    layer.knots = uniform_knots(torch.full((n_in,), lo, dtype=dtype), torch.full((n_in,), hi, dtype=dtype), grid_size)
+    with torch.no_grad():
+        layer.spline_weight.normal_()
+        layer.base_weight.normal_()
+        layer.spline_scale.uniform_(0.5, 1.5)
+    return layer
+
+
+def inputs(n, n_in, dtype=torch.float64, span=3.0):
+    """Points inside the grid, in the extension zones and far outside."""
+    x = torch.rand(n, n_in, dtype=dtype) * 2 * span - span
+    x[:5] = torch.tensor([1e6, -1e6, 0.0, 1.0, -1.0], dtype=dtype)[:, None]
+    return x
+
+
+def grads(fn, layer, x, g):
+    x = x.clone().requires_grad_()
+    y = fn(x)
+    params = [x, layer.spline_weight, layer.base_weight, layer.spline_scale]
+    return (y, *torch.autograd.grad(y, params, g))
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def paths():
+    """The fused kernel (when built) and the pure-PyTorch path (CUDA's) are both tested."""
+    yield "torch", mock.patch("kanimg.nn.kan.cpu_kernel", lambda: None)
+    if cpu_kernel() is not None:
+        yield "kernel", mock.patch("kanimg.nn.kan.cpu_kernel", cpu_kernel)
+
+
+@pytest.mark.parametrize("path", ["torch", "kernel"])
+@pytest.mark.parametrize("grid_size,n_in,n_out", [(1, 3, 5), (3, 7, 1), (10, 5, 3), (10, 9, 17), (100, 2, 11), (200, 3, 2)])
+def test_forward_and_gradients_match_reference(path, grid_size, n_in, n_out):
+    patches = dict(paths())
+    if path not in patches:
+        pytest.skip("fused kernel not built here")
+    torch.manual_seed(grid_size * 31 + n_out)
+    layer = exact_layer(n_in, n_out, grid_size, lo=-0.8, hi=1.2)
+    x = inputs(300, n_in)
+    g = torch.randn(300, n_out, dtype=torch.float64)
+    with patches[path]:
+        fast = grads(layer, layer, x, g)
+    ref = grads(layer.reference_forward, layer, x, g)
+    for a, b in zip(fast, ref):
+        assert rel_err(a, b) < 1e-10
+    # float32: within 1e-5 of the float64 reference, relative to each tensor's scale
+    layer32 = exact_layer(n_in, n_out, grid_size, lo=-0.8, hi=1.2, dtype=torch.float32)
+    layer32.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    layer32.knots = layer.knots.float()
+    with patches[path]:
+        fast32 = grads(layer32, layer32, x.float(), g.float())
+    for a, b in zip(fast32, ref):
+        tol = 1e-5 * max(1.0, grid_size / 20)  # input rounding: |dB/dx| grows like G
+        assert rel_err(a.double(), b) < tol
+
+
+def test_kernel_and_torch_features_agree():
+    kernel = cpu_kernel()
+    if kernel is None:
+        pytest.skip("fused kernel not built here")
+    x = inputs(500, 6, torch.float32)
+    lo, inv_h = torch.full((6,), -1.0), torch.full((6,), 4.0)
+    feats = torch.empty(500, 6 + 6 * 11)
+    kernel.features(x, torch.sigmoid(x), lo, inv_h, 8, feats)
+    assert torch.allclose(feats, spline_features(x, lo, inv_h, 8), atol=1e-6)
+    grad_f = torch.randn_like(feats)
+    gx = torch.empty_like(x)
+    kernel.input_grad(x, torch.sigmoid(x), grad_f, lo, inv_h, 8, gx)
+    assert torch.allclose(gx, spline_features_input_grad(x, grad_f, lo, inv_h, 8), atol=1e-5)
+
+
+def test_double_backward_matches_reference():
+    torch.manual_seed(0)
+    layer = exact_layer(3, 4, 7)
+    x = inputs(40, 3, span=1.5).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda v: layer(v), (x,))
+
+    def second_derivative(fn):
+        v = x.clone().requires_grad_()
+        (d1,) = torch.autograd.grad(fn(v).sum(), v, create_graph=True)
+        (d2,) = torch.autograd.grad(d1.sum(), v)
+        return d2
+
+    assert rel_err(second_derivative(layer), second_derivative(layer.reference_forward)) < 1e-10
+    assert second_derivative(layer).abs().sum() > 0
+
+
+@pytest.mark.parametrize("grid_size", [1, 5, 64])
+def test_no_nan_at_knots_ends_and_far_outside(grid_size):
+    layer = KANLayer(4, 3, grid_size)
+    h = 2 / grid_size
+    special = torch.tensor([-1.0, 1.0, -1 - 3 * h, 1 + 3 * h, -1 + h, 1 - h, 1e30, -1e30, 0.0])
+    knots = layer.knots[0]
+    x = torch.cat([special, knots]).repeat(4, 1).t().contiguous()
+    for path, patch in paths():
+        with patch:
+            xr = x.clone().requires_grad_()
+            y = layer(xr)
+            y.sum().backward()
+        assert torch.isfinite(y).all(), path
+        assert torch.isfinite(xr.grad).all(), path
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters()), path
+        layer.zero_grad()
+
+
+def smooth_coefficients(layer: KANLayer) -> None:
+    """Spline coefficients sampled from smooth random curves (like trained edges, unlike noise)."""
+    t = layer.knots[0, 2:-2]  # Greville-like abscissae of the G+3 basis functions
+    freq = torch.rand(layer.out_features, layer.in_features, 1) * 4 + 1
+    phase = torch.rand(layer.out_features, layer.in_features, 1) * 6.28
+    with torch.no_grad():
+        layer.spline_weight.copy_(0.3 * torch.sin(freq * t + phase))
+
+
+def test_grid_update_preserves_function_where_data_was_covered():
+    torch.manual_seed(1)
+    layer = KANLayer(4, 6, 10)
+    smooth_coefficients(layer)
+    x = torch.randn(4096, 4) * 0.15 + 0.1  # activations now concentrate in part of the grid
+    before = layer(x).detach()
+    layer.update_grid(x)
+    after = layer(x).detach()
+    assert layer.knots[:, 3].min() > -1.0 and layer.knots[:, -4].max() < 1.0  # the range moved in
+    assert rel_err(after, before) < 2e-3
+
+
+def test_grid_update_does_not_blow_up_over_many_refits():
+    """A trap seen before: repeated refits with empty intervals grew huge coefficients."""
+    torch.manual_seed(2)
+    layer = KANLayer(3, 3, 20)
+    with torch.no_grad():
+        layer.spline_weight.normal_(0, 0.1)
+    x0 = torch.randn(2048, 3) * 0.2
+    x0[:, 0] = torch.where(torch.rand(2048) < 0.5, -0.6, 0.6) + 0.01 * torch.randn(2048)  # a gap in the middle
+    reference = layer(x0).detach()
+    for _ in range(100):
+        layer.update_grid(x0 + 0.01 * torch.randn_like(x0))
+    assert torch.isfinite(layer.spline_weight).all()
+    assert layer.spline_weight.abs().max() < 10
+    assert rel_err(layer(x0).detach(), reference) < 0.05
+
+
+@pytest.mark.parametrize("grid_kind", ["uniform", "percentile"])
+def test_grid_extension_preserves_function(grid_kind):
+    torch.manual_seed(3)
+    net = KAN([2, 5, 3], [10, 5], grid_kind=grid_kind)
+    x = torch.rand(2000, 2) * 2 - 1
+    net.update_grids(x)
+    before = net(x).detach()
+    net.extend_grids([20, 10])
+    assert net.grids == [20, 10]
+    assert rel_err(net(x).detach(), before) < (1e-5 if grid_kind == "uniform" else 1e-2)
+    net.extend_grids([50, 10])
+    assert rel_err(net(x).detach(), before) < (1e-5 if grid_kind == "uniform" else 1e-2)
+
+
+def test_percentile_grid_places_knots_at_sample_quantiles():
+    layer = KANLayer(1, 1, 4, grid_kind="percentile")
+    x = torch.cat([torch.rand(900) * 0.1, torch.rand(100) * 0.9 + 0.1])[:, None]  # 90 % of samples below 0.1
+    layer.update_grid(x)
+    interior = layer.knots[0, 3:-3]
+    assert interior[2] < 0.1  # the median knot follows the data, not the range
+    assert torch.all(interior[1:] > interior[:-1])

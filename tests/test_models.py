@@ -1,0 +1,54 @@
+"""The registry and every registered model."""
+import math
+
+import pytest
+import torch
+
+from kanimg.errors import KanimgError
+from kanimg.models import build_model, model_names
+from kanimg.nn.siren import Siren
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_every_model_runs_forward_and_backward(name):
+    model = build_model(name, widths=[2, 16, 16, 3])
+    x = torch.rand(64, 2) * 2 - 1
+    y = model(x)
+    assert y.shape == (64, 3)
+    y.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    rebuilt = build_model(**model.spec)
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.allclose(rebuilt(x), y)
+
+
+def test_registry_resolves_and_rejects():
+    assert build_model("kan", widths=[2, 128, 1], grids=[100, 10]).spec["grids"] == [100, 10]
+    assert build_model("kan", widths=[2, 8, 8, 1], grids=None).spec["grids"] == [64, 10, 10]
+    with pytest.raises(KanimgError, match="unknown model 'resnet'.*kan"):
+        build_model("resnet")
+    with pytest.raises(KanimgError, match="no option omega0"):
+        build_model("kan", omega0=30)
+    for bad in ({"widths": [2, 8, 1], "grids": [5]}, {"widths": [2, 0, 1]}, {"widths": [2, -3, 1]},
+                {"widths": [2, 8, 1], "grids": [5, 0]}, {"widths": [2]}):
+        with pytest.raises(KanimgError):
+            build_model("kan", **bad)
+
+
+def test_siren_initial_weights_follow_the_paper():
+    torch.manual_seed(0)
+    omega0 = 30.0
+    model = Siren([2, 256, 256, 256, 1], omega0)
+    first, *hidden = [layer.linear.weight for layer in model.hidden]
+    assert first.abs().max() <= 1 / 2 and first.abs().max() > 0.95 / 2  # U(-1/n, 1/n), n = 2
+    for w in hidden + [model.out.weight]:
+        bound = math.sqrt(6 / w.shape[1]) / omega0
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+        assert abs(w.std().item() - bound / math.sqrt(3)) < 0.05 * bound  # uniform, not just bounded
+
+
+def test_rff_frequencies_have_the_requested_scale():
+    torch.manual_seed(0)
+    model = build_model("rff", widths=[2, 32, 1], scale=3.0, num_features=4096)
+    assert abs(model.frequencies.std().item() - 3.0) < 0.1
+    assert model.net[0].in_features == 2 * 4096

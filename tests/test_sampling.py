@@ -1,0 +1,75 @@
+"""Coordinates, the minibatch sampler and renders at other resolutions."""
+import numpy as np
+import pytest
+import torch
+
+from kanimg.render import render
+from kanimg.sampling import CoordinateSampler, ImageTarget, axis_coords, pixel_coords
+
+
+def test_one_epoch_visits_every_pixel_exactly_once():
+    coords = pixel_coords(13, 17)
+    values = torch.arange(13 * 17, dtype=torch.float32)[:, None]
+    sampler = CoordinateSampler(coords, values, batch_size=10, seed=3)
+    seen = torch.cat([sampler.next_batch()[1] for _ in range(-(-221 // 10))])  # ceil(221 / 10) batches
+    assert seen.shape[0] == 221
+    assert torch.equal(torch.sort(seen[:, 0]).values, values[:, 0])
+    # batches pair each coordinate with its own value
+    c, v = sampler.next_batch()
+    assert torch.equal(coords[v[:, 0].long()], c)
+
+
+def test_sampler_state_round_trip_draws_the_same_batches():
+    coords, values = pixel_coords(8, 8), torch.rand(64, 3)
+    a = CoordinateSampler(coords, values, 7, seed=1)
+    for _ in range(5):
+        a.next_batch()
+    b = CoordinateSampler(coords, values, 7, seed=99)
+    b.load_state_dict(a.state_dict())
+    for _ in range(12):
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+
+
+def test_full_batch_when_batch_size_is_zero_or_large():
+    coords, values = pixel_coords(4, 4), torch.rand(16, 1)
+    for bs in (0, 16, 1000):
+        c, v = CoordinateSampler(coords, values, bs).next_batch()
+        assert c.shape[0] == 16
+
+
+def test_coordinate_conventions():
+    assert torch.allclose(axis_coords(4, "centers"), torch.tensor([-0.75, -0.25, 0.25, 0.75]))
+    assert torch.allclose(axis_coords(3, "linspace"), torch.tensor([-1.0, 0.0, 1.0]))
+    xy = pixel_coords(2, 3)  # row-major, (x, y)
+    assert torch.allclose(xy[1], torch.tensor([0.0, -0.5]))
+    assert torch.allclose(xy[3], torch.tensor([-2 / 3, 0.5]))
+    with pytest.raises(ValueError):
+        axis_coords(3, "corners")
+
+
+class _XY(torch.nn.Module):
+    """A 'model' that returns its coordinates: renders show where pixels sample the image."""
+
+    def forward(self, xy):
+        return xy
+
+
+@pytest.mark.parametrize("convention", ["centers", "linspace"])
+def test_render_at_other_sizes_stays_aligned(convention):
+    small = render(_XY(), 4, 4, convention)  # (H, W, 2): (x + 1)/2, (y + 1)/2
+    big = render(_XY(), 8, 8, convention)
+    # same image extent: first/last sample positions are consistent across resolutions
+    if convention == "centers":
+        assert np.allclose(small.mean(axis=(0, 1)), big.mean(axis=(0, 1)))  # both centred on the image
+        assert np.allclose(big[::2, ::2] + big[1::2, 1::2], 2 * small, atol=1e-6)  # 2×2 blocks average to the coarse pixel
+    else:
+        assert np.allclose(small[0, 0], big[0, 0]) and np.allclose(small[-1, -1], big[-1, -1])
+
+
+def test_render_in_bands_equals_one_pass():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    whole = render(model, 37, 23, chunk=10_000)
+    banded = render(model, 37, 23, chunk=50)  # 2 rows per band
+    assert np.allclose(whole, banded, atol=1e-6)
+    target = ImageTarget(np.zeros((37, 23, 3), np.float32))
+    assert target.coords.shape == (37 * 23, 2) and torch.all(target.values == -1)
