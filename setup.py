@@ -31,6 +31,7 @@ setup(
         "scipy",
         "matplotlib",
         "ninja",  # builds the fused CPU kernel (torch.utils.cpp_extension)
+        "constriction>=0.5,<0.6",  # range coder of .kimg files; its probability quantisation is part of the format
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["kanimg=kanimg.cli:main"]},

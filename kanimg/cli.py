@@ -65,6 +65,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compare import PRESETS
     from .models import model_names
 
     parser = _Parser(prog="kanimg", description="Fit images with deep Kolmogorov–Arnold Networks and compare them with SIREN, RFF and MLP.")
@@ -74,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit one image and export reconstruction, metrics, checkpoint, plots")
     fit.add_argument("image", nargs="?", help="image file (default: the bundled photograph)")
     m = fit.add_argument_group("model")
-    m.add_argument("--model", default="kan", choices=model_names(), help="model family (default: kan)")
+    m.add_argument("--model", default="kan", choices=model_names(), metavar="NAME",
+                   help=f"model family {', '.join(model_names(False))} (default: kan), or one of the KAN paper's "
+                        f"presets {', '.join(n for n in model_names() if n not in model_names(False))}")
     m.add_argument("--widths", type=int_list("--widths"), help="layer widths from 2 (x, y) to the channel count, e.g. 2,64,64,3")
     m.add_argument("--grids", type=int_list("--grids"), help="KAN: grid intervals per layer, e.g. 64,10,10")
     m.add_argument("--grid-kind", choices=["uniform", "percentile"], help="KAN: knot placement (default: uniform)")
@@ -108,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     ren.add_argument("--force", action="store_true", help="replace an existing output file")
     ren.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ren.set_defaults(func=cmd_render)
+    from .compress.cli import add_commands
+    add_commands(sub)
+
+    cmp = sub.add_parser("compare", help="fit several models on the same image(s) and build a gallery")
+    cmp.add_argument("path", type=Path, help="an image, or a folder of images (per-image and mean results)")
+    cmp.add_argument("--models", type=lambda t: [m.strip() for m in t.split(",") if m.strip()],
+                     help="comma-separated model names, e.g. kan2,siren1,siren2,mlp1,mlp2,rff1-s3,rff2-s30 (default: kan,siren,rff,mlp)")
+    protocol = cmp.add_mutually_exclusive_group()
+    protocol.add_argument("--preset", choices=sorted(PRESETS), help="a fixed table: paper = the KAN paper's models and exact recipe")
+    protocol.add_argument("--budget-seconds", type=float, help="equal wall-clock: this many seconds of training per model")
+    protocol.add_argument("--match-params", type=int, help="equal parameter count: hidden widths solved per family")
+    cmp.add_argument("--steps", type=int, help="training steps per model (default 2000; with --preset, overrides its length)")
+    cmp.add_argument("--crop", type=int_list("--crop"), metavar="X,Y,W,H", help="add a zoomed crop of this region to the gallery")
+    cmp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cmp.add_argument("-o", "--out", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare); finished runs in it are reused")
+    cmp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    cmp.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -151,6 +171,23 @@ def cmd_render(args: argparse.Namespace) -> int:
     pixels = render(model, height, width, payload["config"]["coords"], device)
     save_png(out, pixels, image["bit_depth"])
     print(f"{out}: {width}x{height}, {pixels.shape[2]} channel(s), {image['bit_depth']}-bit")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+    from .gallery import markdown_table
+
+    if args.crop is not None and (len(args.crop) != 4 or min(args.crop) < 0 or min(args.crop[2:]) < 1):
+        raise KanimgError("--crop takes X,Y,WIDTH,HEIGHT with a positive size, e.g. 96,64,48,48")
+    result = compare(args.path, args.models, args.out, steps=args.steps, budget_seconds=args.budget_seconds,
+                     match_params=args.match_params, preset=args.preset, device=args.device,
+                     crop=tuple(args.crop) if args.crop else None, progress=not args.quiet)
+    if result.interrupted:
+        print("kanimg: interrupted; run the same command again to continue (finished models are skipped)", file=sys.stderr)
+        return 130
+    print(markdown_table(result.records))
+    print(f"\n{args.out / 'index.html'}, {args.out / 'results.json'}, gallery-*.png in {args.out}")
     return 0
 
 

@@ -19,7 +19,7 @@ from .export import (error_map, load_checkpoint, plot_curves, save_checkpoint, s
 from .files import RunFolder
 from .io import ImageData, load_image, quantize, save_png
 from .metrics import lpips_distance, psnr, ssim
-from .models import build_model, get_entry
+from .models import build_model, get_entry, kan_grids_for
 from .render import render
 from .sampling import COORDINATES, ImageTarget
 from .train import Trainer, TrainConfig
@@ -49,11 +49,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def model_spec_for(name: str, spec: dict[str, Any], channels: int) -> dict[str, Any]:
-    """The model options for an image with ``channels`` channels.
+def model_spec_for(name: str, spec: dict[str, Any], channels: int, size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The model options for an image with ``channels`` channels (and ``size`` = (H, W)).
 
     Widths run from 2 (x, y) to the channel count. Default widths end in it; user widths
     ending in 1 (written for a grey image) get one output per channel, with a log line.
+    A KAN without grids gets grids sized to the image (see models.kan_grids_for).
     """
     spec = {k: v for k, v in spec.items() if v is not None}
     entry = get_entry(name)
@@ -69,6 +70,8 @@ def model_spec_for(name: str, spec: dict[str, Any], channels: int) -> dict[str, 
     if widths[-1] != channels:
         kind = {1: "grey", 2: "grey+alpha", 3: "RGB", 4: "RGBA"}[channels]
         raise KanimgError(f"widths end in {widths[-1]} but the image has {channels} channel(s) ({kind}): end them in {channels}")
+    if entry.family == "kan" and "grids" not in spec and entry.defaults["grids"] is None and size is not None:
+        spec["grids"] = kan_grids_for(widths, *size)
     return spec
 
 
@@ -134,7 +137,7 @@ def fit_image(
     data = load_image(image_path, grey=grey)
 
     if state is None:
-        spec = model_spec_for(model, spec or {}, data.channels)
+        spec = model_spec_for(model, spec or {}, data.channels, (data.height, data.width))
         cfg = train_config_for(model, train or {})
     else:
         saved = state["config"]

@@ -40,6 +40,8 @@ class TrainConfig:
         grid_schedule: KAN grid extensions as [[step, [g1, g2, …]], …], e.g. [[1000, [20, 10]]].
         eval_every: full-image evaluation period (the best evaluated weights are kept).
         seed: seeds model initialisation and pixel sampling.
+        budget_seconds: if > 0, train for this much training time instead of ``steps``
+            (equal wall-clock comparisons); schedules then run on the fraction of time used.
     """
 
     steps: int = 2000
@@ -51,6 +53,7 @@ class TrainConfig:
     grid_schedule: list = field(default_factory=list)
     eval_every: int = 250
     seed: int = 0
+    budget_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -61,6 +64,8 @@ class TrainConfig:
             raise KanimgError(f"batch size must be 0 (whole image) or positive, got {self.batch_size}")
         if self.schedule not in SCHEDULES:
             raise KanimgError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.budget_seconds < 0:
+            raise KanimgError(f"the time budget must not be negative, got {self.budget_seconds}")
         if self.grid_update_every < 0 or self.grid_update_until < 0 or self.eval_every < 0:
             raise KanimgError("grid update and eval periods must not be negative")
         self.grid_schedule = sorted([int(s), [int(g) for g in grids]] for s, grids in self.grid_schedule)
@@ -69,31 +74,25 @@ class TrainConfig:
         return asdict(self)
 
 
-def stage_starts(config: TrainConfig) -> list[int]:
-    """First step of each stage (one stage unless the schedule is "staged")."""
-    if config.schedule != "staged":
-        return [0]
-    return [round(i * config.steps / STAGES) for i in range(STAGES)]
+def stage_of(progress: float, config: TrainConfig) -> int:
+    """Index of the stage at ``progress`` ∈ [0, 1] (always 0 unless the schedule is "staged")."""
+    return min(STAGES - 1, int(progress * STAGES + 1e-9)) if config.schedule == "staged" else 0
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
-    """Learning rate at ``step`` (0-based)."""
+def learning_rate(progress: float, config: TrainConfig) -> float:
+    """Learning rate at ``progress`` ∈ [0, 1]: the fraction of steps (or of the time budget) done."""
     if config.schedule == "constant":
         return config.lr
     if config.schedule == "staged":
-        stage = sum(step >= s for s in stage_starts(config)) - 1
-        return config.lr * 0.1**stage
-    progress = step / max(1, config.steps - 1)
-    return config.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return config.lr * 0.1 ** stage_of(progress, config)
+    return config.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def grid_update_due(step: int, config: TrainConfig) -> bool:
-    """Refit grids before ``step``? Every N steps within the first M of each stage."""
+def grid_update_due(steps_into_stage: int, config: TrainConfig) -> bool:
+    """Refit grids now? Every N steps within the first M steps of each stage."""
     if config.grid_update_every <= 0:
         return False
-    start = max(s for s in stage_starts(config) if s <= step)
-    since = step - start
-    return since < config.grid_update_until and since % config.grid_update_every == 0
+    return steps_into_stage < config.grid_update_until and steps_into_stage % config.grid_update_every == 0
 
 
 @dataclass
@@ -126,6 +125,7 @@ class Trainer:
         self.device = target.values.device
         self.sampler = CoordinateSampler(target.coords, target.values, config.batch_size, seed=config.seed)
         self.step = 0
+        self.stage, self.stage_start = 0, 0  # current stage and the step it began at
         self.train_seconds = 0.0
         self.history = History()
         self.best_psnr, self.best_step = -math.inf, 0
@@ -133,18 +133,24 @@ class Trainer:
         self.best_spec: dict | None = None
         self.optimizer = self._new_optimizer()
 
+    def fraction_done(self) -> float:
+        """Progress in [0, 1]: of the steps, or of the time budget when there is one."""
+        cfg = self.config
+        return self.train_seconds / cfg.budget_seconds if cfg.budget_seconds > 0 else self.step / cfg.steps
+
     # ------------------------------------------------------------------ the loop
     def train(self, on_eval: Callable[["Trainer"], None] | None = None) -> None:
-        """Run until ``config.steps``; continues from ``self.step`` after a resume.
+        """Run until ``config.steps`` (or the time budget); continues from ``self.step`` after a resume.
 
         Raises:
             KanimgError: the loss became NaN or infinite.
             KeyboardInterrupt: propagated after the current step; the state stays consistent.
         """
         cfg = self.config
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True, leave=False)
+        total = None if cfg.budget_seconds > 0 else cfg.steps
+        bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True, leave=False)
         try:
-            while self.step < cfg.steps:
+            while self.fraction_done() < 1:
                 t0 = time.perf_counter()
                 self._before_step()
                 coords, values = self.sampler.next_batch()
@@ -153,7 +159,9 @@ class Trainer:
                 loss.backward()
                 self.optimizer.step()
                 self.step += 1
-                if self.step % LOG_EVERY == 0 or self.step == cfg.steps:
+                self.train_seconds += time.perf_counter() - t0
+                last = self.fraction_done() >= 1
+                if self.step % LOG_EVERY == 0 or last:
                     value = loss.item()
                     if not math.isfinite(value):
                         raise KanimgError(f"loss became {value} at step {self.step}; try a lower learning rate (--lr)")
@@ -161,9 +169,8 @@ class Trainer:
                     self.history.loss.append(value)
                     bar.set_postfix(loss=f"{value:.2e}", psnr=f"{psnr_from_mse(value, 2.0):.2f}",
                                     best=f"{self.best_psnr:.2f}", refresh=False)
-                self.train_seconds += time.perf_counter() - t0
                 bar.update(1)
-                if self.step == cfg.steps or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
                     self.evaluate()
                     if on_eval is not None:
                         on_eval(self)
@@ -173,22 +180,25 @@ class Trainer:
     def _before_step(self) -> None:
         """Stage changes, scheduled grid extensions, grid refits and the LR for this step."""
         cfg, step = self.config, self.step
-        if step in stage_starts(cfg)[1:]:
+        progress = self.fraction_done()
+        stage = stage_of(progress, cfg)
+        if stage != self.stage:
+            self.stage, self.stage_start = stage, step
             self.optimizer = self._new_optimizer()  # the paper restarts Adam each stage
         for at, grids in cfg.grid_schedule:
             if at == step and hasattr(self.model, "extend_grids"):
                 self.model.extend_grids(grids)
                 self.model.spec["grids"] = list(self.model.grids)
                 self.optimizer = self._new_optimizer()  # parameters changed shape
-        if grid_update_due(step, cfg) and hasattr(self.model, "update_grids"):
+        if grid_update_due(step - self.stage_start, cfg) and hasattr(self.model, "update_grids"):
             coords, _ = self.sampler.next_batch()
             self.model.update_grids(coords)
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
+            group["lr"] = learning_rate(progress, cfg)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         fused = self.device.type in ("cpu", "cuda")
-        return torch.optim.Adam(self.model.parameters(), lr=learning_rate(self.step, self.config), fused=fused)
+        return torch.optim.Adam(self.model.parameters(), lr=learning_rate(self.fraction_done(), self.config), fused=fused)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -212,6 +222,8 @@ class Trainer:
         """Everything needed to continue exactly where training stopped (tensors and plain types)."""
         return {
             "step": self.step,
+            "stage": self.stage,
+            "stage_start": self.stage_start,
             "train_seconds": self.train_seconds,
             "model": self.model.state_dict(),
             "spec": copy.deepcopy(getattr(self.model, "spec", None)),
@@ -228,6 +240,7 @@ class Trainer:
         """Restore a :meth:`state_dict`; the model must already have the saved architecture."""
         self.model.load_state_dict(state["model"])
         self.step = int(state["step"])
+        self.stage, self.stage_start = int(state["stage"]), int(state["stage_start"])
         self.train_seconds = float(state["train_seconds"])
         self.optimizer = self._new_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])

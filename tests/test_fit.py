@@ -149,3 +149,26 @@ def test_widths_written_for_grey_get_one_output_per_channel(photo32, tmp_path):
     result = fit_image(photo32, model="kan", spec={"widths": [2, 8, 1], "grids": [8, 4]}, train={"steps": 5},
                        out=tmp_path / "run", progress=False)
     assert result.metrics["model"]["widths"] == [2, 8, 3]
+
+
+def test_ctrl_c_in_a_real_process_saves_a_resumable_run(photo32, tmp_path):
+    """SIGINT (Ctrl-C) to the real command: exit 130, outputs and checkpoint written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "kanimg", "fit", str(photo32), "--model", "mlp", "--widths", "2,32,3",
+                             "--steps", "1000000", "-o", str(out), "-q"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".run.partial-*")) and time.time() < deadline:  # training has started
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["interrupted"] and 0 < metrics["steps_done"] < 1000000
+    assert "--resume" in err and (out / "checkpoint.pt").exists() and (out / "reconstruction.png").exists()
+    assert not list(tmp_path.glob(".run.*"))

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from kanimg.errors import KanimgError
-from kanimg.models import build_model, model_names
+from kanimg.models import build_model, get_entry, model_names
 from kanimg.nn.siren import Siren
 
 
 @pytest.mark.parametrize("name", model_names())
 def test_every_model_runs_forward_and_backward(name):
-    model = build_model(name, widths=[2, 16, 16, 3])
+    extra = {"grids": [8, 4, 4]} if get_entry(name).family == "kan" else {}
+    model = build_model(name, widths=[2, 16, 16, 3], **extra)
     x = torch.rand(64, 2) * 2 - 1
     y = model(x)
     assert y.shape == (64, 3)
@@ -24,7 +25,7 @@ def test_every_model_runs_forward_and_backward(name):
 
 def test_registry_resolves_and_rejects():
     assert build_model("kan", widths=[2, 128, 1], grids=[100, 10]).spec["grids"] == [100, 10]
-    assert build_model("kan", widths=[2, 8, 8, 1], grids=None).spec["grids"] == [64, 10, 10]
+    assert build_model("kan", widths=[2, 8, 8, 1], grids=None).spec["grids"] == [128, 20, 20]
     with pytest.raises(KanimgError, match="unknown model 'resnet'.*kan"):
         build_model("resnet")
     with pytest.raises(KanimgError, match="no option omega0"):
@@ -52,3 +53,14 @@ def test_rff_frequencies_have_the_requested_scale():
     model = build_model("rff", widths=[2, 32, 1], scale=3.0, num_features=4096)
     assert abs(model.frequencies.std().item() - 3.0) < 0.1
     assert model.net[0].in_features == 2 * 4096
+
+
+def test_default_kan_grids_follow_the_image_size():
+    from kanimg.fit import model_spec_for
+
+    assert model_spec_for("kan", {}, 3, (256, 256))["grids"] == [128, 20, 20, 20]
+    assert model_spec_for("kan", {"widths": [2, 8, 1]}, 1, (400, 600))["grids"] == [300, 20]
+    assert model_spec_for("kan", {}, 1, (8, 8))["grids"][0] == 16  # never below 16 …
+    assert model_spec_for("kan", {}, 1, (4000, 3000))["grids"][0] == 512  # … nor above 512
+    assert "grids" not in model_spec_for("kan2", {}, 1, (600, 600))  # a preset keeps its own grids
+    assert model_spec_for("kan", {"grids": [7, 3, 3, 3]}, 1, (600, 600))["grids"] == [7, 3, 3, 3]

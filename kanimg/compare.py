@@ -1,0 +1,253 @@
+"""Compare models on the same images under one fair protocol, then build the gallery.
+
+Protocols (each record says which one it ran under):
+- equal steps (default): every model trains the same number of steps, each family with its
+  own best-known settings (learning rate, batch size);
+- equal wall-clock (``budget_seconds``): every model gets the same training time;
+- equal parameter count (``match_params``): hidden widths solved per family so that every
+  model has (as nearly as integer widths allow) the same number of parameters;
+- a preset: the KAN paper's table, every model trained with the paper's one recipe.
+
+Each image × model is an ordinary ``kanimg fit`` run folder under ``OUT/runs/``; a run that
+finished with the same request is skipped, an interrupted one is resumed from its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import KanimgError
+from .export import atomic_write_bytes, error_map
+from .files import atomic_path
+from .fit import fit_image, model_spec_for
+from .gallery import (describe_protocol, file_data_uri, gallery_png, html_page, mean_records, png_data_uri, psnr_time_svg,
+                      write_tables)
+from .io import load_image
+from .models import build_model, get_entry
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A fixed table: models, one training recipe for all, and how the image is prepared."""
+
+    models: tuple[str, ...]
+    train: dict[str, Any]
+    grey: bool = True
+    coords: str = "linspace"
+    size: int | None = None  # resize the image to size×size first (None: as it is)
+    description: str = ""
+
+
+PAPER_MODELS = ("kan2", "siren1", "siren2", "mlp1", "mlp2", "rff1-s3", "rff1-s30", "rff2-s3", "rff2-s30")
+# arXiv 2410.01803's released script: 3 × 5,000 Adam steps of 4,096 random pixels, lr 1e-3,
+# 1e-4, 1e-5 (fresh optimiser each stage), grid updates every 10 steps in the first 1,000 of
+# each stage, grey image, coordinates linspace(-1, 1, N).
+PAPER_TRAIN = {"steps": 15000, "lr": 1e-3, "batch_size": 4096, "schedule": "staged",
+               "grid_update_every": 10, "grid_update_until": 1000, "eval_every": 500}
+PRESETS = {
+    "paper": Preset(PAPER_MODELS, PAPER_TRAIN, description="the KAN paper's image-fitting table, its exact recipe"),
+    "paper-quick": Preset(("kan2", "siren2", "rff2-s30", "mlp2"),
+                          {**PAPER_TRAIN, "steps": 300, "grid_update_until": 100, "eval_every": 100}, size=64,
+                          description="the paper's recipe shortened to 3×100 steps on a 64×64 grey image (CI smoke test)"),
+}
+
+
+@dataclass
+class CompareResult:
+    out: Path
+    records: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def list_images(path: Path) -> list[Path]:
+    """The image itself, or the image files of a folder (sorted, not recursive)."""
+    path = Path(path)
+    if not path.exists():
+        raise KanimgError(f"{path}: no such file or folder")
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not images:
+            raise KanimgError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+        return images
+    return [path]
+
+
+def param_count(name: str, spec: dict[str, Any]) -> int:
+    """Parameters of a registered model with ``spec``, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(name, **spec).parameters())
+
+
+def widths_for_params(name: str, channels: int, target: int, size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The model's default spec (for an image of ``size``) with its hidden width solved so the
+    parameter count is closest to ``target`` (depth, grids and other options unchanged)."""
+    spec = model_spec_for(name, {}, channels, size)
+    depth = len(spec["widths"]) - 2
+
+    def count(width: int) -> int:
+        return param_count(name, {**spec, "widths": [2] + [width] * depth + [channels]})
+
+    lo, hi = 1, 8192
+    if count(lo) > target:
+        raise KanimgError(f"{name} has more than {target:,} parameters even 1 unit wide ({count(lo):,})")
+    while hi - lo > 1:  # count() increases with width: bisect for the last width ≤ target
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) <= target else (lo, mid)
+    width = lo if abs(count(lo) - target) <= abs(count(hi) - target) else hi
+    return {**spec, "widths": [2] + [width] * depth + [channels]}
+
+
+def compare(
+    path: str | Path,
+    models: list[str] | None = None,
+    out: str | Path = "runs/compare",
+    *,
+    steps: int | None = None,
+    budget_seconds: float | None = None,
+    match_params: int | None = None,
+    preset: str | None = None,
+    device: str = "auto",
+    crop: tuple[int, int, int, int] | None = None,
+    progress: bool = True,
+) -> CompareResult:
+    """Fit every model on every image under one protocol and write the comparison outputs.
+
+    Args:
+        path: an image or a folder of images.
+        models: registered names (defaults: the preset's, else kan, siren, rff, mlp).
+        out: output folder (runs are kept under out/runs and reused).
+        steps: equal-steps protocol length (default 2000, or the preset's).
+        budget_seconds: equal wall-clock protocol: training seconds per model.
+        match_params: equal-parameter protocol: the parameter count to match.
+        preset: "paper" or "paper-quick": the paper's models and recipe.
+        crop: (x, y, w, h) region to show zoomed in the gallery.
+    """
+    images = list_images(Path(path))
+    chosen = PRESETS.get(preset) if preset else None
+    if preset and chosen is None:
+        raise KanimgError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if sum(v is not None for v in (budget_seconds, match_params)) > 1:
+        raise KanimgError("choose one protocol: --budget-seconds or --match-params")
+    models = list(models or (chosen.models if chosen else ("kan", "siren", "rff", "mlp")))
+    for name in models:
+        get_entry(name)  # unknown names fail before any work
+    if match_params is not None and match_params < 1:
+        raise KanimgError(f"--match-params must be positive, got {match_params}")
+    if budget_seconds is not None and not budget_seconds > 0:
+        raise KanimgError(f"--budget-seconds must be positive, got {budget_seconds}")
+    protocol = _protocol(preset, steps, budget_seconds, match_params)
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+
+    result = CompareResult(out)
+    sections = []
+    for image in images:
+        prepared = _prepare_image(image, chosen, out)
+        data = load_image(prepared, grey=chosen.grey if chosen else False)
+        records, recons = [], []
+        for name in models:
+            request = _request(name, data, protocol, chosen, steps, budget_seconds, match_params)
+            record, interrupted = _run(prepared, image.stem, name, request, out, device, progress)
+            if interrupted:
+                result.interrupted = True
+                return result
+            result.records.append(record)
+            records.append(record)
+            recons.append(load_image(out / record["run"] / "reconstruction.png").pixels)
+        sections.append(_image_outputs(out, image.stem, data.pixels, records, recons, crop, protocol))
+    means = mean_records(result.records) if len(images) > 1 else None
+    write_tables(out, result.records, means, protocol)
+    title = f"kanimg comparison: {', '.join(models)}"
+    with atomic_path(out / "index.html") as tmp:
+        Path(tmp).write_text(html_page(title, sections, means, protocol), encoding="utf-8")
+    return result
+
+
+def _protocol(preset, steps, budget_seconds, match_params) -> dict:
+    if preset:
+        return {"kind": "preset", "preset": preset}
+    if budget_seconds is not None:
+        return {"kind": "time", "budget_seconds": float(budget_seconds)}
+    if match_params is not None:
+        return {"kind": "params", "params": int(match_params), "steps": steps or 2000}
+    return {"kind": "steps", "steps": steps or 2000}
+
+
+def _request(name, data, protocol, preset, steps, budget_seconds, match_params) -> dict:
+    """Everything that decides one run: model options, training options, data options."""
+    if preset is not None:
+        train = {**preset.train, **({"steps": steps} if steps else {})}
+        return {"spec": {}, "train": train, "grey": preset.grey, "coords": preset.coords, "protocol": protocol}
+    spec = widths_for_params(name, data.channels, match_params, (data.height, data.width)) if match_params is not None else {}
+    if budget_seconds is not None:
+        train = {"budget_seconds": float(budget_seconds), "eval_every": 100}
+    else:
+        train = {"steps": protocol["steps"]}
+    return {"spec": spec, "train": train, "grey": False, "coords": "centers", "protocol": protocol}
+
+
+def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: str, progress: bool) -> tuple[dict, bool]:
+    """Fit one model (or reuse / resume its earlier run) and return its record."""
+    folder = out / "runs" / stem / name
+    marker = folder / "compare-request.json"
+    metrics_file = folder / "metrics.json"
+    done = metrics_file.exists() and marker.exists() and json.loads(marker.read_text()) == request
+    if done and not json.loads(metrics_file.read_text())["interrupted"]:
+        log.info("%s on %s: finished earlier, skipped", name, stem)
+    else:
+        resume = folder / "checkpoint.pt" if done else None
+        log.info("%s on %s: %s", name, stem, "resuming" if resume else "fitting")
+        fit = fit_image(image, model=name, spec=request["spec"], train=request["train"], out=folder, force=True,
+                        resume=resume, device=device, grey=request["grey"], coords=request["coords"], progress=progress)
+        atomic_write_bytes(marker, json.dumps(request, indent=2).encode())
+        if fit.interrupted:
+            return {}, True
+    metrics = json.loads(metrics_file.read_text())
+    m = metrics["metrics"]
+    record = {
+        "image": stem, "model": name, "family": get_entry(name).family, "psnr": m["psnr"], "psnr_png": m["psnr_png"],
+        "ssim": m["ssim"], "lpips": m["lpips"], "params": metrics["params"], "seconds": metrics["train_seconds"],
+        "steps": metrics["steps_done"], "steps_per_second": metrics["steps_per_second"], "device": metrics["device"],
+        "protocol": request["protocol"], "run": str(folder.relative_to(out)),
+        "history": {k: metrics["history"][k] for k in ("eval_step", "eval_psnr", "eval_seconds")},
+    }
+    return record, False
+
+
+def _prepare_image(image: Path, preset: Preset | None, out: Path) -> Path:
+    """The preset's resized copy of the image (kept under out/), or the image itself."""
+    if preset is None or preset.size is None:
+        return image
+    data = load_image(image, grey=preset.grey)
+    from PIL import Image
+
+    small = Image.fromarray(np.round(data.pixels[..., 0] * 255).astype(np.uint8)).resize((preset.size, preset.size), Image.LANCZOS)
+    path = out / "runs" / f"{image.stem}-{preset.size}.png"
+    with atomic_path(path) as tmp:
+        small.save(tmp, format="PNG")
+    return path
+
+
+def _image_outputs(out: Path, stem: str, original: np.ndarray, records: list[dict], recons: list[np.ndarray],
+                   crop, protocol: dict) -> dict:
+    """The gallery PNG of one image and its HTML section."""
+    gallery = out / f"gallery-{stem}.png"
+    gallery_png(gallery, original, records, recons, title=f"{stem} · {describe_protocol(protocol)}", crop=crop)
+    return {
+        "image": stem,
+        "original": png_data_uri(original),
+        "records": records,
+        "reconstructions": [png_data_uri(r) for r in recons],
+        "errors": [png_data_uri(error_map(original, r).astype(np.float32) / 255) for r in recons],
+        "gallery": file_data_uri(gallery),
+        "curves": psnr_time_svg({r["model"]: r["history"] for r in records}),
+    }

@@ -1,0 +1,252 @@
+"""A network to .kimg bytes and back: quantise each stored tensor, transform it, entropy-code.
+
+KAN spline coefficients are smooth along the grid axis: each such tensor is coded as
+differences of order 0, 1 or 2 along that axis — whichever takes the fewest bits, header
+included — with the first value (and first difference) of every row as separate streams.
+Decoding dequantises exactly and evaluates the network on the CPU so that rounding to
+integer pixels is the same on every run and every machine (``render_integers``).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import KanimgError
+from ..io import quantize as to_integers
+from ..models import build_model
+from ..render import predict
+from ..sampling import chunks
+from . import kimg
+from .entropy import cost_bits, decode_streams, encode_streams, fit_model
+from .kimg import MAX_TRANSFORM, ImageInfo, KimgFile, TensorHeader
+from .quantize import QuantConfig, QuantizedTensor, quantize_tensor, round_float16
+from .tensors import grid_ranges, load_arrays, slots, stored_arrays
+
+MODEL_BYTES = 3  # a stream's entropy model in the header (usually): centre varint + θ code
+
+
+def split_streams(ints: np.ndarray, transform: int) -> list[np.ndarray]:
+    """Differences of order ``transform`` along the last axis: the first value of each lower
+    order per row (``transform`` streams), then the highest-order differences."""
+    heads, current = [], ints
+    for _ in range(transform):
+        heads.append(current[..., 0])
+        current = np.diff(current, axis=-1)
+    return heads + [current]
+
+
+def join_streams(streams: list[np.ndarray]) -> np.ndarray:
+    """Inverse of :func:`split_streams` (streams already shaped (…, 1 value per row) and (…, M-t))."""
+    current = streams[-1]
+    for head in reversed(streams[:-1]):
+        current = np.concatenate([head[..., None], head[..., None] + np.cumsum(current, axis=-1)], axis=-1)
+    return current
+
+
+def stream_limits(levels: int, transform: int) -> list[int]:
+    """Largest magnitude of each stream: order-k differences of values within ±levels."""
+    return [levels * 2**k for k in range(transform + 1)]
+
+
+@dataclass
+class CodedTensor:
+    """One tensor ready for the file: its header, streams (with their limits) and ideal size."""
+
+    header: TensorHeader
+    streams: list[np.ndarray]
+    limits: list[int]
+    bits: float  # ideal coded size of the streams and their models, in bits
+
+
+def code_tensor(values: np.ndarray, quant: QuantConfig, smooth: bool, max_transform: int = MAX_TRANSFORM) -> CodedTensor:
+    """Quantise one tensor and choose its cheapest transform."""
+    quantized = quantize_tensor(values, quant)
+    best = None
+    for transform in range(max_transform + 1 if smooth else 1):
+        if transform and transform >= quantized.ints.shape[-1]:
+            break
+        streams = split_streams(quantized.ints, transform)
+        limits = stream_limits(quant.levels, transform)
+        models = [fit_model(s.ravel(), limit) for s, limit in zip(streams, limits)]
+        bits = sum(cost_bits(s.ravel(), m, limit) for s, m, limit in zip(streams, models, limits)) + 8 * MODEL_BYTES * len(models)
+        if best is None or bits < best.bits:
+            best = CodedTensor(TensorHeader(quant.bits, quantized.steps, transform, models), streams, limits, bits)
+    return best
+
+
+def encode_model(model: nn.Module, image: ImageInfo, quant: QuantConfig, bits: Sequence[int] | None = None,
+                 max_transform: int = MAX_TRANSFORM) -> bytes:
+    """The .kimg bytes of ``model`` (a "kan" or "siren" from the registry) fitted to ``image``.
+
+    ``bits`` gives each stored tensor its own bit depth (default: ``quant.bits`` for all);
+    ``max_transform`` limits the differencing of spline coefficients (0 = none; for ablations).
+    """
+    spec = {k: model.spec[k] for k in ("name", "widths", "grids", "omega0") if k in model.spec}
+    arrays = stored_arrays(model)
+    ranges = grid_ranges(model) if spec["name"] == "kan" else []
+    if quant.is_float16:
+        payload = b"".join(round_float16(a).astype("<f2").tobytes() for a in arrays)
+        return kimg.write(KimgFile(image, spec, quant, ranges, [], payload))
+    bits = list(bits) if bits is not None else [quant.bits] * len(arrays)
+    headers, streams, limits, models = [], [], [], []
+    for slot, array, n in zip(slots(spec), arrays, bits):
+        coded = code_tensor(array, QuantConfig(n, quant.granularity), slot.smooth, max_transform)
+        header, tensor_streams, tensor_limits = coded.header, coded.streams, coded.limits
+        headers.append(header)
+        streams += [s.ravel() for s in tensor_streams]
+        limits += tensor_limits
+        models += header.models
+    payload = encode_streams(streams, limits, models)
+    return kimg.write(KimgFile(image, spec, QuantConfig(max(bits), quant.granularity), ranges, headers, payload))
+
+
+def describe(quant: QuantConfig, bits: Sequence[int]) -> str:
+    """'float16', '7-bit per tensor' or '5–9-bit per tensor (mean 7.2 per number)'."""
+    if quant.is_float16 or not bits or min(bits) == max(bits):
+        return str(quant if quant.is_float16 or not bits else QuantConfig(bits[0], quant.granularity))
+    return f"{min(bits)}–{max(bits)}-bit per {quant.granularity}"
+
+
+@dataclass
+class DecodedModel:
+    model: nn.Module  # float64, CPU, eval mode
+    image: ImageInfo
+    quant: QuantConfig
+    bits: list[int] = field(default_factory=list)  # per stored tensor (integer modes)
+
+    def describe(self) -> str:
+        return describe(self.quant, self.bits)
+
+
+def decode_model(data: bytes) -> DecodedModel:
+    """Parse .kimg bytes and rebuild the network in float64 with its exact dequantised weights."""
+    parsed = kimg.read(data)
+    spec, quant = parsed.spec, parsed.quant
+    arrays: list[np.ndarray] = []
+    if quant.is_float16:
+        values = np.frombuffer(parsed.payload, dtype="<f2").astype(np.float64)
+        offset = 0
+        for slot in slots(spec):
+            arrays.append(values[offset : offset + slot.size].reshape(slot.shape))
+            offset += slot.size
+    else:
+        lengths, limits, models = [], [], []
+        for slot, header in zip(slots(spec), parsed.tensors):
+            rows = slot.size // slot.shape[-1]
+            lengths += [rows] * header.transform + [rows * (slot.shape[-1] - header.transform)]
+            limits += stream_limits(QuantConfig(header.bits).levels, header.transform)
+            models += header.models
+        flat = iter(decode_streams(parsed.payload, lengths, limits, models))
+        for slot, header in zip(slots(spec), parsed.tensors):
+            lead = slot.shape[:-1]
+            streams = [next(flat).reshape(lead) for _ in range(header.transform)]
+            streams.append(next(flat).reshape(lead + (slot.shape[-1] - header.transform,)))
+            ints = join_streams(streams)
+            if np.abs(ints).max(initial=0) > QuantConfig(header.bits).levels:
+                raise KanimgError("malformed .kimg payload: a value outside the quantisation range")
+            arrays.append(QuantizedTensor(ints, header.steps).dequantize())
+    options = {k: v for k, v in spec.items() if k != "name"}
+    model = build_model(spec["name"], **options).to(torch.float64)
+    load_arrays(model, arrays, [r if r is not None else np.array([[-1.0, 1.0]] * w, dtype=np.float32)
+                                for r, w in zip(parsed.grid_ranges, spec["widths"][:-1])])
+    return DecodedModel(model.eval(), parsed.image, quant, [t.bits for t in parsed.tensors])
+
+
+def axis64(n: int, convention: str) -> torch.Tensor:
+    """n float64 pixel coordinates along one axis (as :func:`kanimg.sampling.axis_coords`)."""
+    if convention == "centers":
+        return (2 * torch.arange(n, dtype=torch.float64) + 1) / n - 1
+    return torch.linspace(-1, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+
+
+def pixel_coords64(height: int, width: int, convention: str) -> torch.Tensor:
+    """(H·W, 2) float64 coordinates (x, y) in row-major order."""
+    grid_y, grid_x = torch.meshgrid(axis64(height, convention), axis64(width, convention), indexing="ij")
+    return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
+
+
+def _edges(layer: nn.Module, feature: int, values: torch.Tensor) -> torch.Tensor:
+    """Σ over one input feature's edges of a KAN layer: (N,) values → (N, O)."""
+    from ..nn.bspline import spline_features
+
+    lo, inv_h = layer._grid_lo_inv_h()
+    rows = spline_features(values[:, None], lo[feature : feature + 1], inv_h[feature : feature + 1], layer.grid_size)
+    spline = layer.spline_scale[:, feature, None] * layer.spline_weight[:, feature, :]  # (O, G+3)
+    return rows @ torch.cat([layer.base_weight[:, feature, None], spline], dim=1).t()
+
+
+@torch.no_grad()
+def render(model: nn.Module, image: ImageInfo, rows_per_chunk: int = 64) -> np.ndarray:
+    """(H, W, C) float64 pixels in [0, 1] (unclipped) of ``model``, computed in the model's dtype on the CPU.
+
+    A KAN's first layer is a sum of one function of x and one of y, so it is evaluated on
+    the W + H distinct coordinates and broadcast — free, however fine its grid; only the
+    deeper layers run per pixel.
+    """
+    dtype = next(model.parameters()).dtype
+    xs, ys = axis64(image.width, image.coords).to(dtype), axis64(image.height, image.coords).to(dtype)
+    bands = []
+    if hasattr(model, "layers"):
+        first = model.layers[0]
+        fx, fy = _edges(first, 0, xs), _edges(first, 1, ys)  # (W, O), (H, O)
+        for rows in chunks(image.height, rows_per_chunk):
+            hidden = (fy[rows, None, :] + fx[None, :, :]).reshape(-1, fx.shape[1])
+            for layer in model.layers[1:]:
+                hidden = layer(hidden)
+            bands.append(hidden)
+    else:
+        coords = pixel_coords64(image.height, image.width, image.coords).to(dtype)
+        chunk = rows_per_chunk * image.width
+        bands = [predict(model, coords[rows], chunk) for rows in chunks(coords.shape[0], chunk)]
+    return ((torch.cat(bands).to(torch.float64) + 1) / 2).reshape(image.height, image.width, -1).numpy()
+
+
+# A pixel is rounded from the float32 evaluation only when it lies at least this far (in
+# integer levels) from a rounding boundary: float32 errors and machine-to-machine differences
+# are ~1e-4 levels at 8 bits, so such pixels round the same everywhere; the rest (~4 %) are
+# recomputed in float64, whose differences (~1e-13 levels) only matter exactly at a boundary.
+ROUNDING_GUARD = 0.02
+
+
+@torch.no_grad()
+def render_integers(decoded: DecodedModel) -> np.ndarray:
+    """(H, W, C) integer pixels of a decoded model, the same on every run and machine.
+
+    8-bit images: float32 everywhere (2–3× faster), float64 for pixels near a rounding
+    boundary. 16-bit images: float64 everywhere.
+    """
+    img, model = decoded.image, decoded.model
+    if img.bit_depth > 8:
+        return to_integers(render(model, img), img.bit_depth)
+    top = float(2**img.bit_depth - 1)
+    values = render(copy.deepcopy(model).to(torch.float32), img).reshape(-1, img.channels)
+    scaled = np.clip(values, 0.0, 1.0) * top
+    near = (np.abs(scaled - np.floor(scaled) - 0.5) < ROUNDING_GUARD).any(axis=1)
+    if near.any():
+        coords = pixel_coords64(img.height, img.width, img.coords)[torch.from_numpy(np.flatnonzero(near))]
+        values[near] = ((predict(model, coords) + 1) / 2).numpy()
+    return to_integers(values.reshape(img.height, img.width, img.channels), img.bit_depth)
+
+
+@dataclass
+class DecodedImage:
+    integers: np.ndarray  # (H, W, C) uint8 / uint16: what the PNG holds
+    image: ImageInfo
+    quant: str  # e.g. "7-bit per tensor", "float16"
+    spec: dict
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The integers as float64 in [0, 1]."""
+        return self.integers.astype(np.float64) / float(2**self.image.bit_depth - 1)
+
+
+def decode_image(data: bytes) -> DecodedImage:
+    """The image a .kimg file holds, identical on every decode."""
+    decoded = decode_model(data)
+    return DecodedImage(render_integers(decoded), decoded.image, decoded.describe(), decoded.model.spec)

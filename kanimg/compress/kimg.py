@@ -1,0 +1,249 @@
+"""The .kimg container: a compressed image as bytes, parsed with ``struct`` only.
+
+Layout of format version 1 (docs/kimg-format.md has the full specification):
+
+    magic "KIMG" · version u8 · image (height, width, channels, bit depth, coordinates)
+    · model (family, widths, KAN grids and grid ranges | SIREN ω0) · quantisation (float16
+    or integers, granularity) · per stored tensor: bits, step sizes, transform, entropy
+    models · payload · CRC-32 of every byte before it
+
+Integers are little-endian; "varint" is unsigned LEB128. Reading checks, in this order: the
+magic, the version, the checksum, then every field against hard limits, so a truncated,
+corrupted, tampered or future file is refused with one clear message before anything is
+built from it. Nothing read is ever executed (no pickle, no eval).
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import KanimgError
+from ..io import MAX_PIXELS
+from .entropy import FAMILIES as ENTROPY_FAMILIES
+from .entropy import StreamModel
+from .quantize import FLOAT16, GRANULARITIES, MAX_BITS, MIN_BITS, QuantConfig
+from .tensors import Slot, parameter_count, slots
+
+MAGIC = b"KIMG"
+VERSION = 1
+CHECKSUM_BYTES = 4
+MODEL_IDS = {"kan": 1, "siren": 2}
+COORDS_IDS = {"centers": 0, "linspace": 1}
+MAX_TRANSFORM = 2  # differences of order 0, 1, 2 along a smooth tensor's last axis
+# A decoder allocates nothing bigger than these, whatever a (crafted) header claims.
+MAX_LAYERS, MAX_WIDTH, MAX_GRID, MAX_PARAMETERS = 64, 4096, 4096, 20_000_000
+
+
+@dataclass
+class ImageInfo:
+    """What the decoder must know about the image: size, channels, bit depth, coordinates."""
+
+    height: int
+    width: int
+    channels: int
+    bit_depth: int = 8
+    coords: str = "centers"
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+
+@dataclass
+class TensorHeader:
+    """How one stored tensor is coded: its bits, step sizes, differencing order, one model
+    per stream."""
+
+    bits: int
+    steps: np.ndarray  # float32, (1,) or (rows,)
+    transform: int = 0
+    models: list[StreamModel] = field(default_factory=list)
+
+
+@dataclass
+class KimgFile:
+    image: ImageInfo
+    spec: dict  # {"name", "widths", and "grids" (KAN) or "omega0" (SIREN)}
+    quant: QuantConfig  # float16, or integers (then ``quant.bits`` = the most bits of any tensor)
+    grid_ranges: list[np.ndarray | None] = field(default_factory=list)  # KAN: (I, 2) float32, None = [-1, 1]
+    tensors: list[TensorHeader] = field(default_factory=list)  # empty for float16
+    payload: bytes = b""
+
+
+def stream_count(slot: Slot, transform: int) -> int:
+    return transform + 1
+
+
+# ----------------------------------------------------------------------------- writing
+def _varint(value: int) -> bytes:
+    if value < 0:
+        raise ValueError("varints are unsigned")
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _zigzag(value: int) -> int:
+    return 2 * value if value >= 0 else -2 * value - 1
+
+
+def write(kimg: KimgFile) -> bytes:
+    """Serialise ``kimg`` (header, payload, checksum)."""
+    img, spec, quant = kimg.image, kimg.spec, kimg.quant
+    out = bytearray(MAGIC)
+    out += struct.pack("<B", VERSION)
+    out += _varint(img.height) + _varint(img.width)
+    out += struct.pack("<BBBB", img.channels, img.bit_depth, COORDS_IDS[img.coords], MODEL_IDS[spec["name"]])
+    widths = spec["widths"]
+    out += struct.pack("<B", len(widths) - 1) + b"".join(_varint(w) for w in widths)
+    if spec["name"] == "kan":
+        out += b"".join(_varint(g) for g in spec["grids"])
+        for limits in kimg.grid_ranges:
+            if limits is None or np.all(limits == np.array([-1.0, 1.0], dtype=np.float32)):
+                out += b"\x00"
+            else:
+                out += b"\x01" + np.asarray(limits, dtype="<f4").tobytes()
+    else:
+        out += struct.pack("<f", spec["omega0"])
+    out += struct.pack("<BB", FLOAT16 if quant.is_float16 else 0, GRANULARITIES.index(quant.granularity))
+    if not quant.is_float16:
+        for slot, tensor in zip(slots(spec), kimg.tensors):
+            out += struct.pack("<B", tensor.bits) + np.asarray(tensor.steps, dtype="<f4").tobytes()
+            if slot.smooth:
+                out += struct.pack("<B", tensor.transform)
+            for model in tensor.models:
+                out += _varint(2 * _zigzag(model.centre) + model.family) + struct.pack("<H", model.code)
+    out += kimg.payload
+    out += struct.pack("<I", zlib.crc32(out))
+    return bytes(out)
+
+
+# ----------------------------------------------------------------------------- reading
+class _Reader:
+    """Sequential reads from the header; running past its end means a malformed file."""
+
+    def __init__(self, data: bytes, end: int) -> None:
+        self.data, self.pos, self.end = data, 0, end
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > self.end:
+            raise KanimgError("malformed .kimg file: the header runs past the end of the file")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def unpack(self, fmt: str):
+        values = struct.unpack(fmt, self.take(struct.calcsize(fmt)))
+        return values[0] if len(values) == 1 else values
+
+    def varint(self, limit: int, what: str) -> int:
+        value, shift = 0, 0
+        while True:
+            byte = self.unpack("<B")
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+            if shift > 63:
+                raise KanimgError(f"malformed .kimg file: {what} is not a valid number")
+        if value > limit:
+            raise KanimgError(f"malformed .kimg file: {what} {value} exceeds the limit {limit}")
+        return value
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise KanimgError(f"malformed .kimg file: {message}")
+
+
+def check_envelope(data: bytes) -> None:
+    """Magic, version and checksum, in that order; each failure is one clear message."""
+    if data[: len(MAGIC)] != MAGIC[: len(data)] or len(data) == 0:
+        raise KanimgError("not a .kimg file (it does not start with the KIMG magic bytes)")
+    if len(data) < len(MAGIC) + 1 + CHECKSUM_BYTES:
+        raise KanimgError(f"truncated .kimg file: only {len(data)} bytes")
+    version = data[len(MAGIC)]
+    if version > VERSION:
+        raise KanimgError(f".kimg format version {version} is newer than this kanimg reads (version {VERSION}); upgrade kanimg")
+    if version < 1:
+        raise KanimgError(f"malformed .kimg file: format version {version}")
+    (stored,) = struct.unpack("<I", data[-CHECKSUM_BYTES:])
+    if zlib.crc32(data[:-CHECKSUM_BYTES]) != stored:
+        raise KanimgError("corrupted or truncated .kimg file: checksum mismatch")
+
+
+def read(data: bytes) -> KimgFile:
+    """Parse and validate a .kimg file.
+
+    Raises:
+        KanimgError: wrong magic, newer version, checksum mismatch (truncated or corrupted),
+            or any field outside what this format allows.
+    """
+    data = bytes(data)
+    check_envelope(data)
+    r = _Reader(data, len(data) - CHECKSUM_BYTES)
+    r.take(len(MAGIC) + 1)
+    height, width = r.varint(MAX_PIXELS, "height"), r.varint(MAX_PIXELS, "width")
+    _check(height >= 1 and width >= 1 and height * width <= MAX_PIXELS, f"image size {width}x{height}")
+    channels, bit_depth, coords_id, model_id = r.unpack("<BBBB")
+    _check(1 <= channels <= 4, f"{channels} channels")
+    _check(bit_depth in (8, 16), f"bit depth {bit_depth}")
+    coords = {v: k for k, v in COORDS_IDS.items()}.get(coords_id)
+    _check(coords is not None, f"coordinate convention {coords_id}")
+    name = {v: k for k, v in MODEL_IDS.items()}.get(model_id)
+    _check(name is not None, f"model family {model_id}")
+    layers = r.unpack("<B")
+    _check(1 <= layers <= MAX_LAYERS and (name != "siren" or layers >= 2), f"{layers} layers")
+    widths = [r.varint(MAX_WIDTH, "layer width") for _ in range(layers + 1)]
+    _check(min(widths) >= 1 and widths[0] == 2 and widths[-1] == channels, f"widths {widths} for {channels} channel(s)")
+    spec: dict = {"name": name, "widths": widths}
+    ranges: list[np.ndarray | None] = []
+    if name == "kan":
+        spec["grids"] = [r.varint(MAX_GRID, "grid size") for _ in range(layers)]
+        _check(min(spec["grids"]) >= 1, f"grid sizes {spec['grids']}")
+        for n_in in widths[:-1]:
+            flag = r.unpack("<B")
+            _check(flag in (0, 1), f"grid range flag {flag}")
+            if flag:
+                limits = np.frombuffer(r.take(8 * n_in), dtype="<f4").reshape(n_in, 2).astype(np.float32)
+                _check(bool(np.all(np.isfinite(limits)) and np.all(limits[:, 0] < limits[:, 1])), "grid ranges")
+                ranges.append(limits)
+            else:
+                ranges.append(None)
+    else:
+        spec["omega0"] = float(r.unpack("<f"))
+        _check(np.isfinite(spec["omega0"]) and spec["omega0"] > 0, f"omega0 {spec['omega0']}")
+    _check(parameter_count(spec) <= MAX_PARAMETERS, f"{parameter_count(spec)} parameters")
+    precision, granularity = r.unpack("<BB")
+    _check(precision in (0, FLOAT16), f"precision {precision}")
+    _check(granularity < len(GRANULARITIES), f"granularity {granularity}")
+    tensors = []
+    if precision == 0:
+        for slot in slots(spec):
+            bits = r.unpack("<B")
+            _check(MIN_BITS <= bits <= MAX_BITS, f"{bits}-bit quantisation")
+            rows = slot.shape[0] if GRANULARITIES[granularity] == "channel" and len(slot.shape) > 1 else 1
+            steps = np.frombuffer(r.take(4 * rows), dtype="<f4").astype(np.float32)
+            _check(bool(np.all(np.isfinite(steps)) and np.all(steps >= 0)), "step sizes")
+            transform = r.unpack("<B") if slot.smooth else 0
+            _check(transform <= MAX_TRANSFORM and (transform == 0 or transform < slot.shape[-1]), f"transform {transform}")
+            models = []
+            for _ in range(stream_count(slot, transform)):
+                packed = r.varint(1 << 20, "entropy model")
+                family, zig = packed & 1, packed >> 1
+                centre = zig // 2 if zig % 2 == 0 else -(zig + 1) // 2
+                _check(family in ENTROPY_FAMILIES, f"entropy model family {family}")
+                models.append(StreamModel(family, centre, r.unpack("<H")))
+            tensors.append(TensorHeader(bits, steps, transform, models))
+    quant = QuantConfig(max(t.bits for t in tensors) if tensors else FLOAT16, GRANULARITIES[granularity])
+    payload = r.take(r.end - r.pos)
+    if quant.is_float16:
+        _check(len(payload) == 2 * parameter_count(spec), f"float16 payload of {len(payload)} bytes for {parameter_count(spec)} parameters")
+    image = ImageInfo(height, width, channels, bit_depth, coords)
+    return KimgFile(image, spec, quant, ranges, tensors, payload)

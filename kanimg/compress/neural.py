@@ -1,0 +1,173 @@
+"""Compress one image with a network: size → fit → (rate control) → quantisation-aware
+fine-tuning → entropy coding → .kimg bytes, and the PSNR at every stage, measured.
+
+The reported PSNR is that of the image decoded from the bytes by the decoder itself
+(:func:`kanimg.compress.bitstream.decode_image`), never of the training-time model.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import KanimgError
+from ..fit import resolve_device
+from ..io import ImageData
+from ..metrics import psnr
+from ..models import build_model
+from ..sampling import ImageTarget
+from ..train import Trainer, TrainConfig
+from .allocate import allocate
+from .bitstream import DecodedModel, decode_image, encode_model, render_integers
+from .kimg import ImageInfo
+from .qat import QATConfig, finetune_quantized
+from .quantize import FLOAT16, QuantConfig
+from .sizing import DESIGN_BITS, size_model
+from .tensors import fold_spline_scales, stored_parameters
+
+log = logging.getLogger(__name__)
+
+# Training for compression, per family: Adam with a cosine decay on 4,096-pixel batches, at
+# the learning rate measured best for each (docs/compression.md). SIREN: 1e-3 (COIN's
+# whole-image 2e-4 reached less in ten times the time here; 3e-3 diverged on larger nets).
+TRAINING = {
+    "kan": {"lr": 2e-2, "batch_size": 4096},
+    "siren": {"lr": 1e-3, "batch_size": 4096},
+}
+DEFAULT_BITS = {"kan": None, "siren": FLOAT16}  # None: rate control picks n in 4 … 12
+
+
+@dataclass
+class CompressConfig:
+    """How a network codec compresses an image.
+
+    Attributes:
+        model: "kan" or "siren" (COIN-style).
+        steps: training steps.
+        qat_steps: quantisation-aware fine-tuning steps (integer quantisation only).
+        bits: 4 … 12 or 16 (float16); None = the family's default (KAN: the most bits that
+            fit the budget, SIREN: float16 as COIN).
+        granularity: "tensor" or "channel" step sizes.
+        lr, batch_size: None = the family's compression defaults (TRAINING).
+        seed: model initialisation and pixel sampling.
+        device: where to train ("auto", "cpu", "cuda"); decoding is always CPU float64.
+        progress: show progress bars.
+    """
+
+    model: str = "kan"
+    steps: int = 5000
+    qat_steps: int = 300
+    bits: int | None = None
+    granularity: str = "tensor"
+    lr: float | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model not in TRAINING:
+            raise KanimgError(f"unknown compression model {self.model!r}; choose from {', '.join(TRAINING)}")
+        if self.steps < 1 or self.qat_steps < 0:
+            raise KanimgError("steps must be at least 1 and qat_steps not negative")
+        if self.bits is not None:
+            QuantConfig(self.bits, self.granularity)  # validates
+
+
+@dataclass
+class CompressResult:
+    data: bytes
+    bpp: float
+    bpp_target: float
+    psnr: float  # decoded from ``data``: the number that counts
+    psnr_float: float  # the trained float model, rounded to integer pixels (before quantisation)
+    psnr_quantized_no_qat: float  # quantised straight after training, before fine-tuning
+    spec: dict
+    quant: str
+    params: int
+    train_seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("data")
+        return out
+
+
+def _float_model_psnr(model: torch.nn.Module, image: ImageData, info: ImageInfo) -> float:
+    """PSNR of the unquantised model, rendered like the decoder does (CPU, integer pixels)."""
+    model64 = copy.deepcopy(model).cpu().to(torch.float64).eval()
+    top = float(2**image.bit_depth - 1)
+    return psnr(image.pixels, render_integers(DecodedModel(model64, info, QuantConfig(FLOAT16))) / top)
+
+
+def compress_image(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
+    """Fit, quantise and code ``image`` into about ``bpp`` bits per pixel (see CompressResult)."""
+    info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
+    bits = config.bits or DEFAULT_BITS[config.model]
+    sizing = size_model(config.model, info, bpp, QuantConfig(bits or DESIGN_BITS, config.granularity))
+    log.info("%s at %.3g bpp: widths %s%s, %d numbers", config.model, bpp, sizing.spec["widths"],
+             f", grids {sizing.spec['grids']}" if "grids" in sizing.spec else "", sizing.params)
+    started = time.perf_counter()
+    model, target, train_config = _fit(image, sizing.spec, config)
+    psnr_float = _float_model_psnr(model, image, info)
+    data, per_tensor, psnr_no_qat = _quantise(model, image, info, target, sizing.budget_bytes, bits, config)
+    seconds = time.perf_counter() - started
+    decoded = decode_image(data)
+    result = CompressResult(
+        data=data, bpp=8 * len(data) / (image.height * image.width), bpp_target=bpp,
+        psnr=psnr(image.pixels, decoded.pixels), psnr_float=psnr_float, psnr_quantized_no_qat=psnr_no_qat,
+        spec=sizing.spec, quant=decoded.quant, params=sizing.params, train_seconds=round(seconds, 2),
+        extra={"training": train_config.to_dict(), "qat_steps": 0 if bits == FLOAT16 else config.qat_steps,
+               "bits_per_tensor": per_tensor, "estimated_bytes": round(sizing.estimated_bytes), "header_bytes": sizing.header_bytes},
+    )
+    if result.bpp > bpp:
+        log.warning("%s reached %.4f bpp, above the %.4g asked for (even at %s)", config.model, result.bpp, bpp, decoded.quant)
+    return result
+
+
+def _fit(image: ImageData, spec: dict, config: CompressConfig) -> tuple[torch.nn.Module, ImageTarget, TrainConfig]:
+    """Train the network of ``spec`` on ``image``; returns the best weights (scales folded)."""
+    device = resolve_device(config.device)
+    training = {**TRAINING[config.model], **{k: v for k, v in (("lr", config.lr), ("batch_size", config.batch_size)) if v is not None}}
+    train_config = TrainConfig(steps=config.steps, schedule="cosine", eval_every=max(1, min(250, config.steps)), seed=config.seed, **training)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        model = build_model(**spec).to(device)
+    target = ImageTarget(image.pixels, "centers", device)
+    trainer = Trainer(model, target, train_config, progress=config.progress)
+    trainer.train()
+    model.load_state_dict(trainer.best_state)
+    fold_spline_scales(model)
+    return model, target, train_config
+
+
+def _quantise(model: torch.nn.Module, image: ImageData, info: ImageInfo, target: ImageTarget, budget: float,
+              bits: int | None, config: CompressConfig) -> tuple[bytes, list[int], float]:
+    """Quantise, fine-tune and code ``model``: every tensor at ``bits``, or (None) bits per
+    tensor allocated to fit ``budget`` bytes. Returns (file, bits per tensor, PSNR before fine-tuning)."""
+    count = len(stored_parameters(model))
+    allocation = None
+    if bits is not None:
+        quant, per_tensor = QuantConfig(bits, config.granularity), [bits] * count
+    else:
+        allocation = allocate(model, info, target.coords, target.values, budget, config.granularity, config.seed)
+        quant, per_tensor = QuantConfig(max(allocation.bits), config.granularity), allocation.bits
+    if quant.is_float16:
+        data = encode_model(model, info, quant)
+        return data, [], psnr(image.pixels, decode_image(data).pixels)
+    psnr_no_qat = psnr(image.pixels, decode_image(encode_model(model, info, quant, per_tensor)).pixels)
+    quants = [QuantConfig(n, config.granularity) for n in per_tensor]
+    finetune_quantized(model, target, quants, QATConfig(steps=config.qat_steps, seed=config.seed), progress=config.progress)
+    data = encode_model(model, info, quant, per_tensor)
+    while allocation is not None and len(data) > budget:  # fine-tuning moved a step size: shave bits
+        fewer = allocation.cheaper(per_tensor)
+        if fewer is None:
+            break
+        per_tensor = fewer
+        data = encode_model(model, info, QuantConfig(max(per_tensor), config.granularity), per_tensor)
+    return data, per_tensor, psnr_no_qat

@@ -1,0 +1,261 @@
+"""Rate–distortion experiments: every codec on every image, per-image and mean curves,
+PSNR at the target bit rates, comparisons at equal bpp, and BD metrics against JPEG.
+
+    result = run_rd(Path("photo.png"), RDConfig(models=["kan", "siren"], bpps=[0.1, 0.3, 1.0]))
+    write_report(result, Path("rd-photo"))
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.interpolate import PchipInterpolator
+from tqdm.auto import tqdm
+
+from ..errors import KanimgError
+from ..io import ImageData, load_image
+from .bd import bd_psnr, bd_rate
+from .codecs import CLASSIC, NEURAL, Point, get_codec, measure, run_sweep
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif")
+REFERENCE = "jpeg"
+
+
+@dataclass
+class RDConfig:
+    """What an RD experiment runs.
+
+    Attributes:
+        models: network codecs (kan, siren), one fit per target bpp.
+        codecs: classic codecs (jpeg, webp, avif), a quality sweep each.
+        bpps: target bit rates.
+        neural: CompressConfig options for the network codecs (steps, qat_steps, bits, …).
+    """
+
+    models: list[str] = field(default_factory=lambda: ["kan", "siren"])
+    codecs: list[str] = field(default_factory=lambda: list(CLASSIC))
+    bpps: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 1.0])
+    neural: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in self.models:
+            if name not in NEURAL:
+                raise KanimgError(f"unknown model {name!r} for --models; choose from {', '.join(NEURAL)}")
+        for name in self.codecs:
+            if name not in CLASSIC:
+                raise KanimgError(f"unknown codec {name!r} for --codecs; choose from {', '.join(CLASSIC)}")
+        if not self.bpps or any(not (b > 0 and math.isfinite(b)) for b in self.bpps):
+            raise KanimgError(f"--bpp needs positive bit rates, got {self.bpps}")
+        if not self.models and not self.codecs:
+            raise KanimgError("nothing to compare: give --models and/or --codecs")
+        self.bpps = sorted(set(float(b) for b in self.bpps))
+
+    @property
+    def codec_names(self) -> list[str]:
+        return list(self.models) + [c for c in self.codecs if c not in self.models]
+
+
+@dataclass
+class ImageResult:
+    name: str
+    path: str
+    width: int
+    height: int
+    channels: int
+    points: dict[str, list[Point]]  # codec → measured points, in sweep order (quality or target bpp)
+    bitstreams: dict[str, list[bytes]] = field(default_factory=dict)  # network codec → .kimg bytes per point
+
+
+@dataclass
+class RDResult:
+    config: RDConfig
+    images: list[ImageResult]
+    descriptions: dict[str, str]
+
+
+def find_images(path: Path) -> list[Path]:
+    """``path`` itself, or the image files directly inside a folder (sorted).
+
+    Raises:
+        KanimgError: missing path, or a folder without images.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise KanimgError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise KanimgError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return files
+
+
+def run_rd(path: Path, config: RDConfig, progress: bool = True) -> RDResult:
+    """Measure every codec of ``config`` on the image (or the folder of images) at ``path``."""
+    files = find_images(path)
+    images: list[ImageData] = [load_image(f) for f in files]
+    codecs = {name: get_codec(name, {**config.neural, "progress": False} if name in NEURAL else None) for name in config.codec_names}
+    for image in images:  # refuse unsupported images before hours of fitting
+        for codec in codecs.values():
+            codec.check(image)
+    results = []
+    bar = tqdm(total=len(images) * len(codecs), disable=not progress, unit="curve", desc="rate–distortion", leave=False)
+    try:
+        for file, image in zip(files, images):
+            points: dict[str, list[Point]] = {}
+            streams: dict[str, list[bytes]] = {}
+            for name, codec in codecs.items():
+                bar.set_postfix_str(f"{image.name}: {name}")
+                if name in NEURAL:
+                    collected: list[bytes] = []
+                    points[name] = _run_neural(codec, image, config.bpps, collected)
+                    streams[name] = collected
+                else:
+                    points[name] = run_sweep(codec, image, config.bpps)
+                log.info("%s %s: %s", image.name, name, ", ".join(f"{p.bpp:.3f} bpp {p.psnr:.2f} dB" for p in points[name]))
+                bar.update(1)
+            results.append(ImageResult(image.name, str(file), image.width, image.height, image.channels, points, streams))
+    finally:
+        bar.close()
+    return RDResult(config, results, {name: codec.description for name, codec in codecs.items()})
+
+
+def _run_neural(codec, image: ImageData, bpps: Sequence[float], bitstreams: list[bytes]) -> list[Point]:
+    """A network codec's sweep (one point per target, ascending), keeping each point's .kimg bytes."""
+    points = []
+    sweep = codec.sweep(image, bpps)
+    for _ in bpps:
+        started = time.perf_counter()
+        encoded = next(sweep)
+        points.append(measure(codec, image, encoded, time.perf_counter() - started))
+        bitstreams.append(encoded.data)
+    return points
+
+
+# ----------------------------------------------------------------------------- analysis
+def psnr_at(points: Sequence[Point], bpp: float) -> float | None:
+    """PSNR interpolated at ``bpp`` (monotone cubic in log-rate); None outside the measured range."""
+    bpps = np.array([p.bpp for p in points], dtype=np.float64)
+    psnrs = np.array([p.psnr for p in points], dtype=np.float64)
+    keep = np.isfinite(psnrs) & (bpps > 0)
+    bpps, psnrs = bpps[keep], psnrs[keep]
+    if bpps.size == 0 or not bpps.min() <= bpp <= bpps.max():
+        return None
+    order = np.argsort(bpps)
+    x, y = np.log(bpps[order]), psnrs[order]
+    unique, first = np.unique(x, return_index=True)  # equal sizes (e.g. AVIF at its lowest qualities)
+    y = np.array([y[x == u].max() for u in unique])
+    if unique.size == 1:
+        return float(y[0])
+    return float(PchipInterpolator(unique, y)(math.log(bpp)))
+
+
+def mean_curve(per_image: Sequence[Sequence[Point]]) -> tuple[list[float], list[float]]:
+    """CompressAI's mean curve: bpp and PSNR averaged over images setting by setting (over the
+    settings every image reached)."""
+    count = min(len(points) for points in per_image)
+    by_setting = [list(points)[:count] for points in per_image]
+    bpp = [float(np.mean([pts[i].bpp for pts in by_setting])) for i in range(count)]
+    psnr = [float(np.mean([pts[i].psnr for pts in by_setting])) for i in range(count)]
+    return bpp, psnr
+
+
+def bd_against(ref_bpp: Sequence[float], ref_psnr: Sequence[float], bpp: Sequence[float], psnr: Sequence[float]) -> dict[str, float | None]:
+    return {"bd_rate_percent": bd_rate(ref_bpp, ref_psnr, bpp, psnr), "bd_psnr_db": bd_psnr(ref_bpp, ref_psnr, bpp, psnr)}
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def summarise(result: RDResult) -> dict[str, Any]:
+    """The results.json payload: per codec its mean curve and per-image curves (CompressAI
+    layout: name, description, results{bpp, psnr, …}), PSNR at the targets, BD vs JPEG, and
+    the network points compared with every other codec at the same bpp."""
+    from ..export import versions
+
+    config = result.config
+    codecs: dict[str, Any] = {}
+    for name in config.codec_names:
+        per_image = {img.name: _curve(img.points[name]) for img in result.images}
+        mean_bpp, mean_psnr = mean_curve([img.points[name] for img in result.images])
+        entry: dict[str, Any] = {
+            "name": name, "description": result.descriptions[name],
+            "results": {"bpp": mean_bpp, "psnr": mean_psnr},
+            "per_image": {k: {"results": v} for k, v in per_image.items()},
+            "at_target": {"bpp": config.bpps, "psnr": [_mean_or_none([psnr_at(img.points[name], b) for img in result.images]) for b in config.bpps]},
+        }
+        if name in NEURAL:
+            for key in ("psnr_float", "psnr_quantized_no_qat"):
+                entry["results"][key] = [float(np.mean(v)) for v in zip(*(c[key] for c in per_image.values()))]
+        codecs[name] = entry
+    if REFERENCE in codecs:
+        ref = codecs[REFERENCE]
+        for name, entry in codecs.items():
+            if name == REFERENCE:
+                continue
+            entry["bd_vs_jpeg"] = bd_against(ref["results"]["bpp"], ref["results"]["psnr"], entry["results"]["bpp"], entry["results"]["psnr"])
+            entry["bd_vs_jpeg"]["per_image"] = {
+                img: bd_against(ref["per_image"][img]["results"]["bpp"], ref["per_image"][img]["results"]["psnr"],
+                                entry["per_image"][img]["results"]["bpp"], entry["per_image"][img]["results"]["psnr"])
+                for img in entry["per_image"]}
+    return {
+        "name": "kanimg rate-distortion",
+        "images": [{"name": i.name, "path": i.path, "width": i.width, "height": i.height, "channels": i.channels} for i in result.images],
+        "bpp_targets": config.bpps,
+        "reference": REFERENCE,
+        "codecs": codecs,
+        "comparisons": comparisons(result),
+        "config": {"models": config.models, "codecs": config.codecs, "neural": config.neural},
+        "machine": machine(),
+        "versions": versions(),
+    }
+
+
+def _curve(points: Sequence[Point]) -> dict[str, list]:
+    out: dict[str, list] = {"bpp": [p.bpp for p in points], "psnr": [p.psnr for p in points], "bytes": [p.bytes for p in points],
+                            "setting": [p.setting for p in points], "encode_seconds": [p.encode_seconds for p in points],
+                            "decode_seconds": [p.decode_seconds for p in points]}
+    for key in ("psnr_float", "psnr_quantized_no_qat", "quant", "params", "spec"):
+        if points and key in points[0].info:
+            out[key] = [p.info[key] for p in points]
+    return out
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def comparisons(result: RDResult) -> list[dict[str, Any]]:
+    """Every network point against every other codec interpolated at that point's bpp."""
+    rows = []
+    for img in result.images:
+        for name in result.config.models:
+            for point in img.points[name]:
+                others = {other: psnr_at(img.points[other], point.bpp) for other in result.config.codec_names if other != name}
+                rows.append({"image": img.name, "codec": name, "setting": point.setting, "bpp": point.bpp, "psnr": point.psnr,
+                             "others": others,
+                             "delta": {k: (None if v is None else point.psnr - v) for k, v in others.items()}})
+    return rows

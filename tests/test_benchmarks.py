@@ -1,0 +1,36 @@
+"""The benchmark scripts run and report every variant (their figures are not asserted: timing
+targets are measured by the scripts, not by unit tests)."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_kan_reports_every_variant(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert load("bench_kan").main(["--widths", "2,8,8,1", "--grids", "6,4,4", "--mlp-width", "8", "--batch", "256",
+                                   "--rounds", "1", "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"fast", "fast-torch", "reference", "mlp", "floor"}
+    assert rows["fast"]["saved_bytes_per_sample"] == rows["fast-torch"]["saved_bytes_per_sample"]
+    # the fast layer saves only its inputs: 4 bytes per input feature per sample (+ MSE's 2 × 4)
+    assert rows["fast"]["saved_bytes_per_sample"] == 4 * (2 + 8 + 8) + 8
+    assert rows["reference"]["saved_bytes_per_sample"] > 5 * rows["fast"]["saved_bytes_per_sample"]
+    assert "x floor" in capsys.readouterr().out
+
+
+def test_paper_table_puts_measured_next_to_paper(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {"model": "kan2", "params": 766080, "psnr": 44.0, "seconds": 1000.0, "steps_per_second": 15.0, "device": "cpu"}
+    (run / "results.json").write_text(json.dumps({"protocol": {"kind": "preset"}, "records": [record]}))
+    assert load("paper_table").main([str(run), "--json", str(tmp_path / "t.json")]) == 0
+    assert "| kan2 | 766,080 | 45.76 | 44.00 | -1.76 |" in capsys.readouterr().out

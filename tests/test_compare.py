@@ -1,0 +1,152 @@
+"""Comparisons: protocols, resumable runs, and the gallery outputs (checked in headless Chromium)."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import photo_crop
+from kanimg.cli import main
+from kanimg.compare import compare, param_count, widths_for_params
+from kanimg.errors import KanimgError
+from kanimg.train import Trainer
+
+TINY = ["kan", "mlp"]
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(photo_crop(16)).save(folder / "face.png")
+    Image.fromarray(photo_crop(16, box=(150, 180))).save(folder / "suit.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_compare_folder_writes_every_output_and_skips_finished_runs(photos, tmp_path):
+    out = tmp_path / "cmp"
+    result = compare(photos, TINY, out, steps=15, progress=False)
+    assert not result.interrupted
+    assert [(r["image"], r["model"]) for r in result.records] == [("face", "kan"), ("face", "mlp"), ("suit", "kan"), ("suit", "mlp")]
+    for name in ("index.html", "results.json", "results.csv", "results.md", "gallery-face.png", "gallery-suit.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["records"]) == 4 and [m["model"] for m in saved["mean"]] == TINY
+    for record in saved["records"]:
+        for key in ("model", "psnr", "ssim", "lpips", "params", "seconds", "protocol"):
+            assert key in record
+        assert record["protocol"] == {"kind": "steps", "steps": 15} and record["steps"] == 15
+    assert "Mean over images" in (out / "results.md").read_text()
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 5
+    # a second run with the same request trains nothing
+    with mock.patch("kanimg.compare.fit_image", side_effect=AssertionError("should have been skipped")):
+        again = compare(photos, TINY, out, steps=15, progress=False)
+    assert [r["psnr"] for r in again.records] == [r["psnr"] for r in result.records]
+
+
+def test_interrupted_comparison_resumes_where_it_stopped(photos, tmp_path):
+    image = photos / "face.png"
+    out = tmp_path / "cmp"
+    original = Trainer._before_step
+    state = {"calls": 0}
+
+    def before(self):  # Ctrl-C in the middle of the second model
+        if self.model.spec["name"] == "mlp" and self.step == 10:
+            raise KeyboardInterrupt
+        original(self)
+
+    with mock.patch.object(Trainer, "_before_step", before):
+        first = compare(image, TINY, out, steps=20, progress=False)
+    assert first.interrupted and [r["model"] for r in first.records] == ["kan"]
+    from kanimg import compare as compare_module
+
+    real_fit = compare_module.fit_image
+
+    def spy(*args, **kwargs):
+        state["calls"] += 1
+        assert kwargs["model"] == "mlp" and kwargs["resume"] is not None  # kan skipped, mlp resumed
+        return real_fit(*args, **kwargs)
+
+    with mock.patch("kanimg.compare.fit_image", spy):
+        second = compare(image, TINY, out, steps=20, progress=False)
+    assert state["calls"] == 1 and not second.interrupted
+    assert [r["steps"] for r in second.records] == [20, 20]
+
+
+def test_equal_time_protocol_gives_each_model_the_budget(photos, tmp_path):
+    result = compare(photos / "face.png", TINY, tmp_path / "t", budget_seconds=0.4, progress=False)
+    for r in result.records:
+        assert r["protocol"] == {"kind": "time", "budget_seconds": 0.4}
+        assert 0.4 <= r["seconds"] < 1.5
+
+
+@pytest.mark.parametrize("name", ["kan", "siren", "mlp", "rff", "kan2", "siren2"])
+def test_match_params_solves_widths_close_to_the_target(name):
+    spec = widths_for_params(name, 3, 100_000)
+    count = param_count(name, spec)
+    width = spec["widths"][1]
+    one_wider = param_count(name, {**spec, "widths": [2] + [width + 1] * (len(spec["widths"]) - 2) + [3]})
+    assert abs(count - 100_000) <= (one_wider - count)  # as close as integer widths allow
+    assert spec["widths"][0] == 2 and spec["widths"][-1] == 3
+
+
+def test_compare_bad_input(photos, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KanimgError, match="no image files"):
+        compare(tmp_path / "empty", TINY, tmp_path / "o")
+    with pytest.raises(KanimgError, match="unknown model"):
+        compare(photos, ["kan", "vit"], tmp_path / "o")
+    with pytest.raises(KanimgError, match="unknown preset"):
+        compare(photos, None, tmp_path / "o", preset="paper-slow")
+    assert not (tmp_path / "o").exists()
+    assert main(["compare", str(tmp_path / "missing.png"), "-o", str(tmp_path / "o2")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+HARNESS = """<!DOCTYPE html><html><body><iframe id="page" src="index.html" width="1200" height="900"></iframe>
+<script>
+document.getElementById('page').onload = () => {  // fires after every image in the page loaded
+  const doc = document.getElementById('page').contentDocument;
+  const images = Array.from(doc.images);
+  const decoded = images.map(img => img.complete && img.naturalWidth > 0 ? 1 : 0);
+  const rows = Array.from(doc.querySelectorAll('table')).map(t => t.tBodies[0].rows.length);
+  doc.querySelector('table th:nth-child(2)').click();  // sort by PSNR: rows stay, order changes
+  const sorted = Array.from(doc.querySelectorAll('table')[0].tBodies[0].rows).map(r => r.cells[1].textContent);
+  document.body.setAttribute('data-result', JSON.stringify({images: images.length, decoded: decoded.reduce((a, b) => a + b, 0), rows, sorted}));
+};
+</script></body></html>"""
+
+
+def test_html_report_renders_in_headless_chromium(photos, tmp_path):
+    browser = chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian package 'chromium')")
+    out = tmp_path / "cmp"
+    compare(photos, TINY, out, steps=10, progress=False)
+    (out / "harness.html").write_text(HARNESS)
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom", (out / "harness.html").as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    assert "data-result=" in dom, (proc.returncode, proc.stderr[-2000:], dom[:500])
+    start = dom.index("data-result=") + len("data-result=") + 1
+    quote = dom[start - 1]
+    import html as html_module
+
+    result = json.loads(html_module.unescape(dom[start : dom.index(quote, start)]))
+    # per image: original + (reconstruction, error map) per model + the gallery PNG
+    assert result["images"] == 2 * (1 + 2 * len(TINY) + 1)
+    assert result["decoded"] == result["images"]
+    assert result["rows"] == [len(TINY), len(TINY), len(TINY)]  # mean table, then one per image
+    psnrs = [float(v) for v in result["sorted"]]
+    assert psnrs == sorted(psnrs, reverse=True)

@@ -1,0 +1,183 @@
+"""The .kimg format: bit-exact round trips, bpp = file size, and refusal of damaged files."""
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import photo_crop
+from kanimg.cli import main
+from kanimg.compress import kimg
+from kanimg.compress.bitstream import decode_image, decode_model, encode_model, join_streams, split_streams
+from kanimg.compress.kimg import ImageInfo
+from kanimg.compress.quantize import QuantConfig, error_bound, quantize_tensor
+from kanimg.compress.tensors import fold_spline_scales, stored_arrays
+from kanimg.errors import KanimgError
+from kanimg.io import load_image
+from kanimg.models import build_model
+
+
+def trained_like(name: str, seed: int = 0):
+    """A model with non-trivial weights (smooth random splines, as training leaves them)."""
+    torch.manual_seed(seed)
+    if name == "kan":
+        model = build_model("kan", widths=[2, 6, 5, 3], grids=[12, 4, 4])
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.spline_weight.copy_(torch.cumsum(torch.randn_like(layer.spline_weight) * 0.1, dim=-1))
+                layer.spline_scale.uniform_(0.5, 1.5)
+        return model
+    return build_model("siren", widths=[2, 12, 12, 3])
+
+
+@pytest.mark.parametrize("quant", [QuantConfig(8), QuantConfig(5, "channel"), QuantConfig(12), QuantConfig(16)])
+@pytest.mark.parametrize("name", ["kan", "siren"])
+def test_round_trip_restores_the_quantised_weights_exactly(name, quant):
+    model = trained_like(name)
+    data = encode_model(model, ImageInfo(12, 20, 3), quant)
+    decoded = decode_model(data)
+    assert decoded.image == ImageInfo(12, 20, 3) and decoded.quant == quant and decoded.model.spec["widths"] == model.spec["widths"]
+    assert all(p.dtype == torch.float64 for p in decoded.model.parameters())
+    for original, restored in zip(stored_arrays(model), stored_arrays(decoded.model)):
+        if quant.is_float16:
+            assert np.array_equal(restored, original.astype(np.float16).astype(np.float64))
+        else:
+            q = quantize_tensor(original, quant)
+            assert np.array_equal(restored, q.dequantize())  # exact, not approximately
+            assert np.all(np.abs(restored - original) <= np.broadcast_to(error_bound(q), original.shape) * (1 + 1e-12))
+
+
+def test_kan_grid_ranges_survive_the_round_trip():
+    model = trained_like("kan")
+    model.update_grids(torch.rand(500, 2) * 1.6 - 0.8)  # moves the grids off [-1, 1]
+    decoded = decode_model(encode_model(model, ImageInfo(8, 8, 3), QuantConfig(10)))
+    for a, b in zip(model.layers, decoded.model.layers):
+        assert torch.allclose(a.knots.double(), b.knots, atol=1e-6)
+
+
+def test_spline_differences_invert_and_are_chosen_where_they_pay():
+    ints = np.random.default_rng(0).integers(-50, 50, size=(3, 4, 9))
+    for transform in range(3):
+        assert np.array_equal(join_streams(split_streams(ints, transform)), ints)
+    model = trained_like("kan")
+    parsed = kimg.read(encode_model(model, ImageInfo(8, 8, 3), QuantConfig(10)))
+    spline_transforms = [t.transform for t in parsed.tensors[1::2]]
+    assert max(spline_transforms) >= 1  # random-walk coefficients: differences are cheaper
+
+
+def test_kan_file_is_smaller_than_naive_storage():
+    model = trained_like("kan")
+    fold_spline_scales(model)
+    data = encode_model(model, ImageInfo(8, 8, 3), QuantConfig(8))
+    numbers = sum(a.size for a in stored_arrays(model))
+    assert len(data) < numbers  # under 8 bits per stored 8-bit number, header included
+
+
+def good_file(name="kan"):
+    return encode_model(trained_like(name), ImageInfo(10, 14, 3), QuantConfig(8))
+
+
+def test_truncated_files_are_refused():
+    data = good_file()
+    for size in (0, 3, 5, 9, len(data) // 2, len(data) - 1):
+        with pytest.raises(KanimgError, match="truncated|not a .kimg") as info:
+            kimg.read(data[:size])
+        assert "\n" not in str(info.value)
+
+
+def test_every_single_bit_flip_is_refused():
+    data = good_file("siren")
+    for position in range(len(data)):
+        for bit in (0, 7):
+            damaged = bytearray(data)
+            damaged[position] ^= 1 << bit
+            with pytest.raises(KanimgError):
+                decode_image(bytes(damaged))
+
+
+def test_bit_flip_in_payload_reports_a_checksum_mismatch():
+    data = bytearray(good_file())
+    data[-10] ^= 0x10
+    with pytest.raises(KanimgError, match="checksum mismatch"):
+        kimg.read(bytes(data))
+
+
+def test_wrong_magic_and_future_version_are_refused_clearly():
+    data = good_file()
+    png = photo_crop(8)
+    with pytest.raises(KanimgError, match="not a .kimg file"):
+        kimg.read(b"\x89PNG\r\n\x1a\n" + bytes(png.tobytes()))
+    future = bytearray(data[:-4])
+    future[4] = kimg.VERSION + 1
+    future += struct.pack("<I", zlib.crc32(future))
+    with pytest.raises(KanimgError, match="newer than this kanimg reads"):
+        kimg.read(bytes(future))
+
+
+def test_crafted_header_with_a_valid_checksum_is_refused_before_allocation():
+    body = bytearray(kimg.MAGIC) + bytes([1]) + kimg._varint(60000) + kimg._varint(60000)  # 3.6 gigapixels
+    body += bytes([3, 8, 0, 1, 1]) + kimg._varint(2) + kimg._varint(3)
+    body += struct.pack("<I", zlib.crc32(body))
+    with pytest.raises(KanimgError, match="malformed .kimg file: image size"):
+        kimg.read(bytes(body))
+
+
+def test_cli_round_trip_is_bit_exact_and_bpp_is_the_file_size(tmp_path, capsys):
+    src = tmp_path / "crop.png"
+    Image.fromarray(photo_crop(24)).save(src)
+    out = tmp_path / "crop.kimg"
+    assert main(["compress", str(src), "-o", str(out), "--bpp", "4", "--steps", "40", "--qat-steps", "10", "-q"]) == 0
+    printed = capsys.readouterr().out
+    bpp = 8 * out.stat().st_size / (24 * 24)
+    assert f"{bpp:.4f} bpp" in printed and bpp <= 4
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["decode", str(out), "-o", str(first)]) == 0
+    assert main(["decode", str(out), "-o", str(second)]) == 0
+    assert first.read_bytes() == second.read_bytes()
+    decoded = load_image(first)
+    assert decoded.pixels.shape == (24, 24, 3)
+    psnr_printed = float(printed.split("PSNR ")[1].split(" dB")[0])
+    from kanimg.metrics import psnr
+    assert psnr(load_image(src).pixels, decoded.pixels) == pytest.approx(psnr_printed, abs=0.006)  # from the decode path
+    torch.set_num_threads(1)  # the decode does not depend on the thread count
+    assert main(["decode", str(out), "-o", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes() == first.read_bytes()
+
+
+def test_cli_refuses_damaged_files_with_one_line(tmp_path, capsys):
+    path = tmp_path / "x.kimg"
+    path.write_bytes(good_file()[:-7])
+    assert main(["decode", str(path), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kanimg: error: ") and err.count("\n") == 1 and "truncated" in err
+    assert not (tmp_path / "x.png").exists()
+    assert main(["decode", str(tmp_path / "missing.kimg")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_screened_decode_equals_rounding_the_float64_network():
+    from kanimg.compress.bitstream import render, render_integers
+    from kanimg.io import quantize
+
+    model = trained_like("kan", seed=3)
+    decoded = decode_model(encode_model(model, ImageInfo(40, 56, 3), QuantConfig(9)))
+    reference = quantize(render(decoded.model, decoded.image), 8)  # float64 everywhere
+    assert np.array_equal(render_integers(decoded), reference)
+    siren = decode_model(encode_model(trained_like("siren"), ImageInfo(40, 56, 3), QuantConfig(16)))
+    assert np.array_equal(render_integers(siren), quantize(render(siren.model, siren.image), 8))
+
+
+def test_grey_and_sixteen_bit_images_round_trip(tmp_path):
+    grey = tmp_path / "grey.png"
+    Image.fromarray(photo_crop(24, mode="L")).save(grey)
+    deep = tmp_path / "deep.png"
+    Image.fromarray(photo_crop(24, mode="L").astype(np.uint16) * 257).save(deep)  # 16-bit grey PNG
+    for src, depth in ((grey, 8), (deep, 16)):
+        out = tmp_path / f"{src.stem}.kimg"
+        assert main(["compress", str(src), "-o", str(out), "--bpp", "3", "--steps", "20", "--qat-steps", "0", "-q"]) == 0
+        png = tmp_path / f"{src.stem}-decoded.png"
+        assert main(["decode", str(out)]) == 0 and png.exists()
+        decoded = load_image(png)
+        assert decoded.pixels.shape == (24, 24, 1) and decoded.bit_depth == depth

@@ -1,0 +1,111 @@
+"""RD experiments: one measurement for every codec, interpolation, and every output written."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import photo_crop
+from kanimg.cli import main
+from kanimg.compress.codecs import Point, get_codec, measure, run_sweep
+from kanimg.compress.rd import RDConfig, mean_curve, psnr_at
+from kanimg.errors import KanimgError
+from kanimg.io import load_image
+from kanimg.metrics import psnr
+
+
+@pytest.fixture
+def crop(tmp_path):
+    path = tmp_path / "crop.png"
+    Image.fromarray(photo_crop(32)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["jpeg", "webp", "avif"])
+def test_pillow_codecs_are_measured_from_their_real_bytes(crop, name):
+    image = load_image(crop)
+    codec = get_codec(name)
+    points = run_sweep(codec, image, [3.0])
+    assert points[-1].bpp > 3.0 >= points[-2].bpp  # the sweep stops just past the largest target
+    encoded = next(codec.sweep(image, [3.0]))
+    point = measure(codec, image, encoded)
+    assert point.bpp == 8 * len(encoded.data) / (32 * 32) and point.bytes == len(encoded.data)
+    from io import BytesIO
+    decoded = np.asarray(Image.open(BytesIO(encoded.data)).convert("RGB")) / 255.0
+    assert point.psnr == pytest.approx(psnr(image.pixels, decoded), abs=1e-12)
+    assert encoded.data[:4] != b"KIMG"
+
+
+def test_interpolation_stays_inside_the_measured_range():
+    pts = [Point(b, p, 0, "", 0, 0) for b, p in [(0.2, 20.0), (0.4, 24.0), (0.8, 27.0)]]
+    assert psnr_at(pts, 0.4) == pytest.approx(24.0)
+    assert 20.0 < psnr_at(pts, 0.3) < 24.0
+    assert psnr_at(pts, 0.1) is None and psnr_at(pts, 1.0) is None
+    assert mean_curve([pts, [Point(b + 0.1, p + 1, 0, "", 0, 0) for b, p in [(0.2, 20.0), (0.4, 24.0)]]]) == \
+        pytest.approx(([0.25, 0.45], [20.5, 24.5]))
+
+
+def test_bad_rd_options_are_refused(crop, tmp_path, capsys):
+    with pytest.raises(KanimgError, match="--models"):
+        RDConfig(models=["mlp"])
+    with pytest.raises(KanimgError, match="--codecs"):
+        RDConfig(codecs=["png"])
+    assert main(["rd", str(tmp_path / "nothing"), "-o", str(tmp_path / "x")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    rgba = tmp_path / "alpha.png"
+    Image.fromarray(photo_crop(16, mode="RGBA")).save(rgba)
+    assert main(["rd", str(rgba), "--models", "kan", "--codecs", "jpeg", "-o", str(tmp_path / "y"), "-q"]) == 2
+    assert "jpeg cannot store a RGBA image" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
+def test_rd_on_a_small_crop_writes_every_output(crop, tmp_path, capsys):
+    out = tmp_path / "rd"
+    args = ["rd", str(crop), "--models", "kan,siren", "--codecs", "jpeg,webp,avif", "--bpp", "3,4,6,8",
+            "--steps", "25", "--qat-steps", "5", "-o", str(out), "-q"]
+    assert main(args) == 0
+    assert "results.json" in capsys.readouterr().out
+    for name in ("results.json", "results.md", "rd.png"):
+        assert (out / name).stat().st_size > 0, name
+    kimgs = sorted(p.name for p in (out / "kimg").iterdir())
+    assert kimgs == sorted(f"crop-{m}-{b}bpp.kimg" for m in ("kan", "siren") for b in ("3", "4", "6", "8"))
+    results = json.loads((out / "results.json").read_text())
+    assert results["bpp_targets"] == [3, 4, 6, 8] and results["reference"] == "jpeg"
+    for name in ("kan", "siren", "jpeg", "webp", "avif"):
+        entry = results["codecs"][name]
+        assert entry["name"] == name and entry["description"]
+        assert len(entry["results"]["bpp"]) == len(entry["results"]["psnr"]) >= 4
+        assert set(entry["per_image"]) == {"crop"}
+    kan = results["codecs"]["kan"]["per_image"]["crop"]["results"]
+    for k, target in enumerate((3, 4, 6, 8)):  # bpp of every point is its file's size
+        size = (out / "kimg" / f"crop-kan-{target}bpp.kimg").stat().st_size
+        assert kan["bpp"][k] == 8 * size / (32 * 32) and kan["bytes"][k] == size
+    assert {"psnr_float", "psnr_quantized_no_qat", "quant", "spec"} <= set(kan)
+    for name in ("kan", "siren", "webp", "avif"):
+        bd = results["codecs"][name]["bd_vs_jpeg"]
+        assert set(bd) == {"bd_rate_percent", "bd_psnr_db", "per_image"}
+    assert results["comparisons"] and {"jpeg", "webp", "avif", "siren"} == set(results["comparisons"][0]["others"])
+    md = (out / "results.md").read_text()
+    assert "| kan |" in md and "BD-rate vs JPEG" in md and "before and after quantisation" in md
+    assert main(args) == 2  # an existing folder is kept unless --force
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_rd_on_a_folder_gives_per_image_and_mean_curves(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(photo_crop(32)).save(folder / "a.png")
+    Image.fromarray(photo_crop(32, box=(150, 120))).save(folder / "b.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "rd"
+    assert main(["rd", str(folder), "--models", "kan", "--codecs", "jpeg,webp", "--bpp", "5", "--steps", "20",
+                 "--qat-steps", "0", "-o", str(out), "-q"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [i["name"] for i in results["images"]] == ["a", "b"]
+    for name in ("kan", "jpeg", "webp"):
+        per = results["codecs"][name]["per_image"]
+        mean = results["codecs"][name]["results"]
+        n = min(len(per["a"]["results"]["bpp"]), len(per["b"]["results"]["bpp"]))
+        assert mean["bpp"] == pytest.approx([(per["a"]["results"]["bpp"][k] + per["b"]["results"]["bpp"][k]) / 2 for k in range(n)])
+    assert (out / "rd-a.png").stat().st_size > 0 and (out / "rd-b.png").stat().st_size > 0
+    assert "per image" in (out / "results.md").read_text()

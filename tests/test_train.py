@@ -1,0 +1,73 @@
+"""Schedules, stages, grid updates and time budgets in the trainer."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import photo_crop
+from kanimg.errors import KanimgError
+from kanimg.models import build_model
+from kanimg.sampling import ImageTarget
+from kanimg.train import Trainer, TrainConfig, grid_update_due, learning_rate, stage_of
+
+
+def test_learning_rate_schedules():
+    staged = TrainConfig(steps=15000, lr=1e-3, schedule="staged")
+    assert [learning_rate(p, staged) for p in (0, 4999 / 15000, 5000 / 15000, 10000 / 15000, 14999 / 15000)] == \
+        pytest.approx([1e-3, 1e-3, 1e-4, 1e-5, 1e-5])
+    assert [stage_of(p, staged) for p in (0, 0.34, 0.67, 1.0)] == [0, 1, 2, 2]
+    cosine = TrainConfig(lr=1e-2, schedule="cosine")
+    assert learning_rate(0, cosine) == pytest.approx(1e-2)
+    assert learning_rate(0.5, cosine) == pytest.approx(1e-2 * (0.01 + 0.99 * 0.5))
+    assert learning_rate(1, cosine) == pytest.approx(1e-4)
+    assert learning_rate(0.7, TrainConfig(lr=3e-3, schedule="constant")) == 3e-3
+
+
+def test_grid_updates_every_n_steps_in_the_first_m_of_a_stage():
+    cfg = TrainConfig(grid_update_every=10, grid_update_until=1000)
+    due = [s for s in range(2000) if grid_update_due(s, cfg)]
+    assert due[:3] == [0, 10, 20] and due[-1] == 990 and len(due) == 100
+    assert not any(grid_update_due(s, TrainConfig()) for s in range(100))
+
+
+def test_invalid_configs_are_clear_errors():
+    for bad in ({"steps": 0}, {"lr": -1.0}, {"batch_size": -2}, {"schedule": "warmup"}, {"budget_seconds": -1}):
+        with pytest.raises(KanimgError):
+            TrainConfig(**bad)
+
+
+def small_trainer(**options) -> Trainer:
+    torch.manual_seed(0)
+    model = build_model("kan", widths=[2, 8, 3], grids=[8, 4])
+    pixels = photo_crop(16).astype(np.float32) / 255
+    return Trainer(model, ImageTarget(pixels), TrainConfig(**{"batch_size": 64, "eval_every": 0, **options}), progress=False)
+
+
+def test_staged_schedule_restarts_adam_at_each_stage_and_updates_grids_per_stage():
+    trainer = small_trainer(steps=60, schedule="staged", lr=1e-2, grid_update_every=5, grid_update_until=10)
+    optimizers, refits = [], []  # keep the objects alive: ids of freed ones get reused
+    original = trainer.model.update_grids
+    trainer.model.update_grids = lambda x: (refits.append(trainer.step), original(x))
+    while trainer.step < 60:
+        trainer.config.steps, target = 60, trainer.step + 1
+        trainer._before_step()
+        if not any(o is trainer.optimizer for o in optimizers):
+            optimizers.append(trainer.optimizer)
+        trainer.step = target
+    assert len(optimizers) == 3
+    assert refits == [0, 5, 20, 25, 40, 45]
+
+
+def test_grid_schedule_extends_grids_and_keeps_training():
+    trainer = small_trainer(steps=30, lr=1e-2, grid_schedule=[[10, [16, 8]], [20, [24, 8]]])
+    trainer.train()
+    assert trainer.model.grids == [24, 8] and trainer.model.spec["grids"] == [24, 8]
+    assert trainer.model.layers[0].spline_weight.shape[-1] == 27
+    assert np.isfinite(trainer.history.loss).all()
+
+
+def test_time_budget_stops_training_on_time():
+    trainer = small_trainer(steps=1, budget_seconds=0.5)  # steps is ignored with a budget
+    trainer.train()
+    assert trainer.step > 1
+    assert 0.5 <= trainer.train_seconds < 0.5 + 0.5
+    assert trainer.history.eval_step[-1] == trainer.step  # evaluated at the end
