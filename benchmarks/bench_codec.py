@@ -13,6 +13,7 @@
 
     python benchmarks/bench_codec.py                     # everything (hours on 2 CPU cores)
     python benchmarks/bench_codec.py --decode-only       # steps 3-5 on existing rd folders
+    python benchmarks/bench_codec.py --ablation runs/bench-codec/rd-astronaut   # step 4 only, one rd folder
     python benchmarks/bench_codec.py --steps 500 --bpp 0.3,1.0   # a quick look
 
 ``--shapes`` instead compares KAN shapes at one size (what kanimg.compress.sizing is based
@@ -37,7 +38,7 @@ from PIL import Image
 from kanimg.compress import kimg
 from kanimg.compress.bitstream import decode_image, decode_model, encode_model
 from kanimg.compress.entropy import general_purpose_sizes
-from kanimg.compress.quantize import quantize_tensor
+from kanimg.compress.quantize import QuantConfig, quantize_tensor
 from kanimg.compress.tensors import stored_arrays
 from kanimg.compress.rd import RDConfig, machine
 from kanimg.compress.report import rd_to_folder
@@ -111,17 +112,27 @@ def entropy_ablation(path: Path) -> dict:
     decoded = decode_model(data)
     if decoded.quant.is_float16:
         return {}
-    ints = [quantize_tensor(a, decoded.quant).ints for a in stored_arrays(decoded.model)]
-    again = encode_model(decoded.model, decoded.image, decoded.quant)
+    # each tensor at its own bit depth (the file's per-tensor allocation), as encode_model stores it
+    granularity = decoded.quant.granularity
+    ints = [quantize_tensor(a, QuantConfig(n, granularity)).ints for a, n in zip(stored_arrays(decoded.model), decoded.bits)]
+    again = encode_model(decoded.model, decoded.image, decoded.quant, bits=decoded.bits)
     if again != data:
         raise SystemExit(f"{path}: re-encoding the decoded model does not reproduce the file")
-    plain = encode_model(decoded.model, decoded.image, decoded.quant, max_transform=0)
+    plain = encode_model(decoded.model, decoded.image, decoded.quant, bits=decoded.bits, max_transform=0)
     parsed = kimg.read(data)
-    return {"file": path.name, "numbers": int(sum(i.size for i in ints)), "quant": str(decoded.quant), "file_bytes": len(data),
+    return {"file": path.name, "numbers": int(sum(i.size for i in ints)), "quant": decoded.describe(), "file_bytes": len(data),
             "header_bytes": len(data) - len(parsed.payload), "payload_range_coder": len(parsed.payload),
             "payload_range_coder_no_differences": len(kimg.read(plain).payload),
             "spline_transforms": [t.transform for t in parsed.tensors[1::2]],
             **{f"payload_{k}": v for k, v in general_purpose_sizes(ints).items()}}
+
+
+def print_ablation(rows: list[dict]) -> None:
+    print("\nentropy coding of the KAN files (payload bytes):")
+    for row in rows:
+        print(f"  {row['file']:40s} {row['quant']:18s} range coder {row['payload_range_coder']:6d}  without differences "
+              f"{row['payload_range_coder_no_differences']:6d}  zlib {row['payload_zlib']:6d}  bz2 {row['payload_bz2']:6d}  "
+              f"lzma {row['payload_lzma']:6d}  (header {row['header_bytes']} B, transforms {row['spline_transforms']})")
 
 
 def compare_shapes(image_path: Path, shapes: list[str], bits: list[int], steps: int, lr: float) -> list[dict]:
@@ -179,9 +190,19 @@ def main() -> None:
     parser.add_argument("--bpp", default="0.1,0.2,0.3,0.5,1.0")
     parser.add_argument("--steps", type=int, help="training steps of the networks (default: kanimg's)")
     parser.add_argument("--decode-only", action="store_true", help="only time decoding in existing rd folders")
+    parser.add_argument("--ablation", type=Path, metavar="RD_FOLDER",
+                        help="only the entropy-coding ablation of the KAN .kimg files in RD_FOLDER/kimg")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ablation:
+        rows = [entropy_ablation(p) for p in sorted((args.ablation / "kimg").glob("*-kan-*.kimg"))]
+        print_ablation(rows)
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / f"bench_codec_ablation-{args.ablation.name}.json"
+        write_json(out, {"folder": str(args.ablation), "entropy_ablation": rows, "machine": machine(), "versions": versions()})
+        print(f"\n{out}")
+        return
     if args.shapes:
         rows = compare_shapes(args.shapes, args.shape, [int(b) for b in args.bits.split(",")], args.steps or 3000, args.lr)
         RESULTS.mkdir(exist_ok=True)
@@ -214,11 +235,7 @@ def main() -> None:
         print(f"  {row['file']:40s} {row['bytes']:7d} B  best {row['best_seconds']:.2f} s  median {row['median_seconds']:.2f} s  "
               f"float32 error ≤ {row['max_float32_error_levels']:.1e} levels, {100 * row['rescreened_fraction']:.1f} % re-evaluated, "
               f"equals float64 rounding: {row['equals_float64_rounding']}")
-    print("\nentropy coding of the KAN files (payload bytes):")
-    for row in ablation:
-        print(f"  {row['file']:40s} {row['quant']:18s} range coder {row['payload_range_coder']:6d}  without differences "
-              f"{row['payload_range_coder_no_differences']:6d}  zlib {row['payload_zlib']:6d}  bz2 {row['payload_bz2']:6d}  "
-              f"lzma {row['payload_lzma']:6d}  (header {row['header_bytes']} B, transforms {row['spline_transforms']})")
+    print_ablation(ablation)
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / "bench_codec.json", {
         "summaries": {k: {c: {kk: v[kk] for kk in ("results", "at_target", "bd_vs_jpeg") if kk in v} for c, v in s["codecs"].items()}

@@ -5,6 +5,7 @@ measured in the same run and interleaved round by round so machine noise hits th
 
   fast        kanimg's KAN (packed matmul + custom backward, fused CPU kernel where built)
   fast-torch  the same layer with the pure-PyTorch feature functions (the CUDA path)
+  percentile  "fast" on pykan-style percentile knots (binary search + local de Boor basis)
   reference   Cox–de Boor dense basis + autograd (efficient-kan style), the tests' oracle
   mlp         ReLU MLP [2, 404, 404, 404, 404, 1]
   floor       only the matmuls the packed formulation needs: per layer F@W, Fᵀ@dY, dY@Wᵀ
@@ -128,10 +129,17 @@ def main(argv=None) -> int:
     def kan():
         return KAN(widths, grids).to(device)
 
+    def percentile_kan():  # knots at the quantiles of the activations after one grid update
+        model = KAN(widths, grids, grid_kind="percentile").to(device)
+        with torch.no_grad():
+            model.update_grids(torch.rand(args.batch, widths[0], device=device) * 2 - 1)
+        return model
+
     no_kernel = mock.patch("kanimg.nn.kan.cpu_kernel", lambda: None)
     variants: dict[str, tuple] = {  # name -> (model or None, step fn, context for the step)
         "fast": (m := kan(), make_step(m, args.batch, device), nullcontext),
         "fast-torch": (m := kan(), make_step(m, args.batch, device), lambda: no_kernel),
+        "percentile": (m := percentile_kan(), make_step(m, args.batch, device), nullcontext),
         "reference": (m := ReferenceKAN(kan()), make_step(m, args.batch, device), nullcontext),
         "mlp": (m := MLP([2] + [args.mlp_width] * (len(widths) - 2) + [1]).to(device), make_step(m, args.batch, device), nullcontext),
         "floor": (None, floor_step(widths, grids, args.batch, device), nullcontext),

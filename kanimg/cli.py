@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"presets {', '.join(n for n in model_names() if n not in model_names(False))}")
     m.add_argument("--widths", type=int_list("--widths"), help="layer widths from 2 (x, y) to the channel count, e.g. 2,64,64,3")
     m.add_argument("--grids", type=int_list("--grids"), help="KAN: grid intervals per layer, e.g. 64,10,10")
-    m.add_argument("--grid-kind", choices=["uniform", "percentile"], help="KAN: knot placement (default: uniform)")
+    m.add_argument("--grid-kind", choices=["uniform", "percentile"], help="KAN: where grid updates put the knots (default: percentile)")
     m.add_argument("--omega0", type=float, help="SIREN: frequency factor ω0 (default 30)")
     m.add_argument("--scale", type=float, help="RFF: standard deviation of the Fourier frequencies (default 10)")
     m.add_argument("--features", dest="num_features", type=int, help="RFF: number of Fourier frequencies (default 256)")

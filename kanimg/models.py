@@ -7,7 +7,7 @@ rate, batch size), used unless the user overrides them.
 
     >>> model = build_model("kan", widths=[2, 128, 1], grids=[100, 10])
     >>> model.spec
-    {'name': 'kan', 'widths': [2, 128, 1], 'grids': [100, 10], 'grid_range': [-1.0, 1.0], 'grid_kind': 'uniform'}
+    {'name': 'kan', 'widths': [2, 128, 1], 'grids': [100, 10], 'grid_range': [-1.0, 1.0], 'grid_kind': 'percentile'}
 """
 from __future__ import annotations
 
@@ -144,9 +144,13 @@ def kan(
     widths: tuple[int, ...] = (2, 64, 64, 64, 1),
     grids: tuple[int, ...] | int | None = None,
     grid_range: tuple[float, float] = (-1.0, 1.0),
-    grid_kind: str = "uniform",
+    grid_kind: str = "percentile",
 ) -> nn.Module:
-    """Deep KAN with one grid size per layer (an int applies to every layer; None: see kan_grids_for)."""
+    """Deep KAN with one grid size per layer (an int applies to every layer; None: see kan_grids_for).
+
+    Grids start uniform on ``grid_range``; ``grid_kind`` is where grid updates put the knots:
+    at sample quantiles ("percentile", pykan's choice and the measured winner, docs/kan-grids.md)
+    or evenly over the sample range ("uniform")."""
     widths = _check_widths(widths)
     if grids is None:
         grids = kan_grids_for(widths)
@@ -188,8 +192,8 @@ def rff(widths: tuple[int, ...] = (2, 256, 256, 256, 1), scale: float = 10.0, nu
 # models 404 wide, 4 hidden layers each; RFF with s = 3 and s = 30. The output width (1, the
 # paper's grey image) follows the image's channels when fitting.
 _HIDDEN = {"1": 128, "2": 404}
-register_variant("kan2", "kan", "KAN2 of the KAN paper: [2,128×4,1], G=[100,10,10,10,10]",
-                 widths=(2, 128, 128, 128, 128, 1), grids=(100, 10, 10, 10, 10))
+register_variant("kan2", "kan", "KAN2 of the KAN paper: [2,128×4,1], G=[100,10,10,10,10], percentile grid updates (pykan)",
+                 widths=(2, 128, 128, 128, 128, 1), grids=(100, 10, 10, 10, 10), grid_kind="percentile")
 for _size, _width in _HIDDEN.items():
     _widths = (2, _width, _width, _width, _width, 1)
     register_variant(f"siren{_size}", "siren", f"SIREN{_size} of the KAN paper: [2,{_width}×4,1]", widths=_widths)

@@ -19,8 +19,9 @@ def test_bench_kan_reports_every_variant(tmp_path, capsys):
     assert load("bench_kan").main(["--widths", "2,8,8,1", "--grids", "6,4,4", "--mlp-width", "8", "--batch", "256",
                                    "--rounds", "1", "--json", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) == {"fast", "fast-torch", "reference", "mlp", "floor"}
+    assert set(rows) == {"fast", "fast-torch", "percentile", "reference", "mlp", "floor"}
     assert rows["fast"]["saved_bytes_per_sample"] == rows["fast-torch"]["saved_bytes_per_sample"]
+    assert rows["percentile"]["saved_bytes_per_sample"] == rows["fast"]["saved_bytes_per_sample"]
     # the fast layer saves only its inputs: 4 bytes per input feature per sample (+ MSE's 2 × 4)
     assert rows["fast"]["saved_bytes_per_sample"] == 4 * (2 + 8 + 8) + 8
     assert rows["reference"]["saved_bytes_per_sample"] > 5 * rows["fast"]["saved_bytes_per_sample"]
@@ -29,8 +30,16 @@ def test_bench_kan_reports_every_variant(tmp_path, capsys):
 
 def test_paper_table_puts_measured_next_to_paper(tmp_path, capsys):
     run = tmp_path / "run"
-    run.mkdir()
-    record = {"model": "kan2", "params": 766080, "psnr": 44.0, "seconds": 1000.0, "steps_per_second": 15.0, "device": "cpu"}
-    (run / "results.json").write_text(json.dumps({"protocol": {"kind": "preset"}, "records": [record]}))
+    for model, psnr, steps, interrupted in (("siren1", 30.0, 15000, False), ("kan2", 44.0, 3500, True)):
+        folder = run / "runs" / "cameraman" / model
+        folder.mkdir(parents=True)
+        metrics = {"model": {"name": model}, "params": 766080, "metrics": {"psnr": psnr}, "train_seconds": 1000.0,
+                   "steps_done": steps, "interrupted": interrupted, "steps_per_second": 15.0, "device": "cpu",
+                   "history": {"eval_step": [steps], "eval_psnr": [psnr]}}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        (folder / "compare-request.json").write_text(json.dumps({"train": {"steps": 15000}}))
     assert load("paper_table").main([str(run), "--json", str(tmp_path / "t.json")]) == 0
-    assert "| kan2 | 766,080 | 45.76 | 44.00 | -1.76 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.index("| kan2 |") < out.index("| siren1 |")  # the paper's order
+    assert "| kan2 | 766,080 | 45.76 | 44.00 | -1.76 | 1809 | 1000 | 3,500 (unfinished) |" in out
+    assert "| siren1 | 766,080 | 27.34 | 30.00 | +2.66 | 254 | 1000 | 15,000 |" in out

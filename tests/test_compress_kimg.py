@@ -23,7 +23,7 @@ def trained_like(name: str, seed: int = 0):
     """A model with non-trivial weights (smooth random splines, as training leaves them)."""
     torch.manual_seed(seed)
     if name == "kan":
-        model = build_model("kan", widths=[2, 6, 5, 3], grids=[12, 4, 4])
+        model = build_model("kan", widths=[2, 6, 5, 3], grids=[12, 4, 4], grid_kind="uniform")
         with torch.no_grad():
             for layer in model.layers:
                 layer.spline_weight.copy_(torch.cumsum(torch.randn_like(layer.spline_weight) * 0.1, dim=-1))
@@ -55,6 +55,13 @@ def test_kan_grid_ranges_survive_the_round_trip():
     decoded = decode_model(encode_model(model, ImageInfo(8, 8, 3), QuantConfig(10)))
     for a, b in zip(model.layers, decoded.model.layers):
         assert torch.allclose(a.knots.double(), b.knots, atol=1e-6)
+
+
+def test_percentile_knots_are_refused_clearly():
+    model = build_model("kan", widths=[2, 4, 3], grids=[6, 4], grid_kind="percentile")
+    model.update_grids(torch.rand(500, 2) ** 3 * 2 - 1)  # skewed samples: uneven knots
+    with pytest.raises(KanimgError, match="only uniform KAN grids"):
+        encode_model(model, ImageInfo(8, 8, 3), QuantConfig(10))
 
 
 def test_spline_differences_invert_and_are_chosen_where_they_pay():

@@ -92,7 +92,7 @@ def grid_ranges(model: nn.Module) -> list[np.ndarray]:
     """KAN: each layer's (I, 2) float32 interior grid range [lo, hi] per input feature."""
     ranges = []
     for layer in model.layers:
-        if layer.grid_kind != "uniform":
+        if not layer.has_uniform_knots:
             raise KanimgError("only uniform KAN grids can be stored in a .kimg file")
         lo, hi = layer.knots[:, 3], layer.knots[:, 3 + layer.grid_size]
         ranges.append(torch.stack([lo, hi], dim=1).detach().cpu().float().numpy())

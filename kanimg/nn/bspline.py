@@ -3,8 +3,10 @@
 A grid of G intervals on [lo, hi] with spacing h = (hi - lo) / G is extended by 3 knots on
 each side (KAN paper, arXiv 2404.19756, Sec. 2.2), giving G + 3 cubic B-splines B_0 … B_{G+2};
 B_m is supported on [lo + (m-3)h, lo + (m+1)h]. Inputs outside [lo - 3h, hi + 3h) get no
-spline term. On a uniform grid exactly four B-splines are non-zero at any x and they have a
-closed form in u = frac((x - lo) / h), which is what the fast path uses.
+spline term. Exactly four B-splines can be non-zero at any x. On a uniform grid they have a
+closed form in u = frac((x - lo) / h); on other knots (percentile grids) the interval is found
+by binary search and the four values come from the local de Boor triangle. Both are what the
+fast path uses; Cox–de Boor over the whole dense basis is the reference.
 """
 from __future__ import annotations
 
@@ -46,44 +48,105 @@ def cubic_pieces_du(u: Tensor) -> Tensor:
     return torch.stack([-v * v / 2, 1.5 * u2 - 2 * u, -1.5 * u2 + u + 0.5, u2 / 2], dim=-1)
 
 
-def _locate(x: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Basis indices (B, I, 4), their validity mask (B, I, 4) and u (B, I) for inputs x (B, I)."""
-    s = (x - lo) * inv_h  # (B, I) position in knot spacings from lo
-    inside = (s >= -SPLINE_ORDER) & (s < grid_size + SPLINE_ORDER)
-    s = torch.where(inside, s, torch.zeros_like(s))  # keeps floor() finite for far/NaN inputs
-    j = torch.floor(s)
-    u = s - j  # floor has zero derivative: du/dx = 1/h almost everywhere
-    m = j.long()[..., None] + torch.arange(4, device=x.device)  # (B, I, 4) basis indices
+def padded_knots(knots: Tensor) -> Tensor:
+    """Knots (I, n) with 3 more on each side continuing the end spacings: the layout the knot
+    paths read, so the local de Boor triangle of every interval only meets finite knots."""
+    steps = torch.arange(1, SPLINE_ORDER + 1, dtype=knots.dtype, device=knots.device)
+    first = (knots[:, 1] - knots[:, 0])[:, None]
+    last = (knots[:, -1] - knots[:, -2])[:, None]
+    return torch.cat([knots[:, :1] - first * steps.flip(0), knots, knots[:, -1:] + last * steps], dim=1).contiguous()
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, and 0 where den is 0 (coincident knots), without inf/NaN in either direction."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _local_basis(x: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int, knots: Tensor | None,
+                 slopes: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The four basis functions that can be non-zero at each x (B, I).
+
+    Returns their indices (B, I, 4) (clamped into range), validity mask (B, I, 4), values
+    (B, I, 4) and, if ``slopes``, d/dx of the values. ``knots`` None: the uniform grid given by
+    lo and inv_h (closed form); otherwise any knots in :func:`padded_knots` layout (interval by
+    binary search, values by the local de Boor triangle).
+    """
+    if knots is None:
+        s = (x - lo) * inv_h  # (B, I) position in knot spacings from lo
+        inside = (s >= -SPLINE_ORDER) & (s < grid_size + SPLINE_ORDER)
+        s = torch.where(inside, s, torch.zeros_like(s))  # keeps floor() finite for far/NaN inputs
+        first = torch.floor(s)
+        u = s - first  # floor has zero derivative: du/dx = 1/h almost everywhere
+        values = cubic_pieces(u)
+        d = cubic_pieces_du(u) * inv_h[:, None] if slopes else None
+    else:
+        inside, first, values, d = _de_boor(x, knots, slopes)
+    m = first.long()[..., None] + torch.arange(4, device=x.device)  # (B, I, 4) basis indices
     valid = inside[..., None] & (m >= 0) & (m <= grid_size + 2)
-    return m.clamp(0, grid_size + 2), valid, u
+    return m.clamp(0, grid_size + 2), valid, values, d
 
 
-def spline_features(x: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int) -> Tensor:
-    """Feature rows [silu(x) | B_0(x_0) … B_{G+2}(x_0) | … ] of a uniform-grid KAN layer.
+def _de_boor(x: Tensor, padded: Tensor, slopes: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Local cubic basis on arbitrary knots: (inside, first index, values, slopes) as in _local_basis."""
+    real = padded[:, SPLINE_ORDER:-SPLINE_ORDER].contiguous()  # (I, n)
+    inside = (x >= real[:, 0]) & (x < real[:, -1])  # False for NaN too
+    k = torch.searchsorted(real, x.detach().t().contiguous(), right=True).t() - 1  # t_k <= x < t_{k+1}
+    k = torch.where(inside, k, torch.full_like(k, SPLINE_ORDER))
+    offsets = torch.arange(-SPLINE_ORDER, SPLINE_ORDER + 1, device=x.device)
+    near = torch.gather(padded.expand(x.shape[0], -1, -1), 2, k[..., None] + SPLINE_ORDER + offsets)  # (B, I, 7)
+
+    def t(o: int) -> Tensor:  # t_{k+o}
+        return near[..., SPLINE_ORDER + o]
+
+    xs = torch.where(inside, x, t(0))  # outside: any finite point, masked by the caller
+    left = [None] + [xs - t(1 - j) for j in (1, 2, 3)]
+    right = [None] + [t(j) - xs for j in (1, 2, 3)]
+    basis = [torch.ones_like(xs)]
+    for j in (1, 2, 3):  # the de Boor triangle: degree j from degree j - 1
+        if j == 3:
+            quadratic = basis
+        saved, nxt = torch.zeros_like(xs), []
+        for q in range(j):
+            temp = _safe_div(basis[q], right[q + 1] + left[j - q])
+            nxt.append(saved + right[q + 1] * temp)
+            saved = left[j - q] * temp
+        basis = nxt + [saved]
+    d = None
+    if slopes:  # dB_{m,3}/dx = 3 (B_{m,2} / (t_{m+3} - t_m) - B_{m+1,2} / (t_{m+4} - t_{m+1})), m = k-3+q
+        zero = torch.zeros_like(xs)
+        d = torch.stack([3 * ((_safe_div(quadratic[q - 1], t(q) - t(q - 3)) if q > 0 else zero)
+                              - (_safe_div(quadratic[q], t(q + 1) - t(q - 2)) if q < 3 else zero)) for q in range(4)], dim=-1)
+    return inside, k - SPLINE_ORDER, torch.stack(basis, dim=-1), d
+
+
+def spline_features(x: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int, knots: Tensor | None = None) -> Tensor:
+    """Feature rows [silu(x) | B_0(x_0) … B_{G+2}(x_0) | … ] of a KAN layer.
 
     Args:
         x: (B, I) layer inputs.
-        lo, inv_h: (I,) grid start and 1/h per input feature.
+        lo, inv_h: (I,) grid start and 1/h per input feature (uniform grids).
         grid_size: G.
+        knots: None for uniform grids, else any knots in :func:`padded_knots` layout.
     Returns:
         (B, I + I·(G+3)) features; one matmul with the packed weight gives the layer output.
         Built from differentiable ops, so gradients (of any order) flow through it.
     """
     batch, n_in = x.shape
     n_basis = grid_size + SPLINE_ORDER
-    m, valid, u = _locate(x, lo, inv_h, grid_size)
-    values = cubic_pieces(u) * valid  # (B, I, 4)
-    basis = x.new_zeros(batch, n_in, n_basis).scatter_add(2, m, values)  # (B, I, G+3)
+    m, valid, values, _ = _local_basis(x, lo, inv_h, grid_size, knots)
+    basis = x.new_zeros(batch, n_in, n_basis).scatter_add(2, m, values * valid)  # (B, I, G+3)
     return torch.cat([torch.nn.functional.silu(x), basis.reshape(batch, n_in * n_basis)], dim=1)
 
 
-def spline_features_input_grad(x: Tensor, grad_features: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int) -> Tensor:
+def spline_features_input_grad(x: Tensor, grad_features: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int,
+                               knots: Tensor | None = None) -> Tensor:
     """dL/dx (B, I) from dL/dF (B, I + I·(G+3)) for :func:`spline_features`."""
     batch, n_in = x.shape
     n_basis = grid_size + SPLINE_ORDER
-    m, valid, u = _locate(x, lo, inv_h, grid_size)
+    m, valid, _, slopes = _local_basis(x, lo, inv_h, grid_size, knots, slopes=True)
     grad_basis = grad_features[:, n_in:].reshape(batch, n_in, n_basis).gather(2, m)  # (B, I, 4)
-    spline_part = (grad_basis * cubic_pieces_du(u) * valid).sum(-1) * inv_h
+    spline_part = (grad_basis * slopes * valid).sum(-1)
     sig = torch.sigmoid(x)
     return grad_features[:, :n_in] * sig * (1 + x * (1 - sig)) + spline_part
 

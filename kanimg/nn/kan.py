@@ -8,9 +8,9 @@ function saves only x for backward and recomputes the features there, so a layer
 4 bytes per input feature per sample instead of the dense basis.
 
 Departures from pykan, on purpose:
-- the grid of each input feature is uniform by default, which keeps the closed-form basis;
-  pykan-style percentile (non-uniform) knots are available as ``grid_kind="percentile"``
-  through the slower Cox–de Boor path;
+- knots are uniform per input feature (closed-form basis) or, with ``grid_kind="percentile"``,
+  placed at sample quantiles by grid updates as in pykan (local de Boor basis after a binary
+  search); both run through the same packed matmul and kernels;
 - a grid update refits the range per input feature and re-solves the coefficients by a
   regularised float64 least-squares projection of the old function onto the new spline space,
   sampled evenly on every new knot interval, so no interval is ever empty.
@@ -24,7 +24,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .bspline import SPLINE_ORDER, cox_de_boor, spline_features, spline_features_input_grad, uniform_knots
+from .bspline import (SPLINE_ORDER, cox_de_boor, padded_knots, spline_features, spline_features_input_grad,
+                      uniform_knots)
 from .kernel import cpu_kernel
 
 GRID_KINDS = ("uniform", "percentile")
@@ -45,6 +46,9 @@ REFIT_POINTS_PER_INTERVAL = 4
 # batch-to-batch jitter of the sample range those losses were measured to add up.
 REFIT_TOLERANCE = 1.0
 REFIT_SMOOTHING = 1e-9
+# Knots whose spacings differ by no more than this (relative to their magnitude; float32
+# rounding of uniform knots is ~1e-7) take the closed-form uniform path.
+UNIFORM_TOLERANCE = 1e-5
 
 
 # Layers with at most this many outputs use the kernel's narrow path (no materialised F).
@@ -69,32 +73,34 @@ class _Workspace(threading.local):
 
 
 _workspace = _Workspace()
+_NO_KNOTS = torch.empty(0)  # tells the kernel: uniform grid, use lo and inv_h
 
 
 class _PackedSpline(torch.autograd.Function):
     """y = F(x) @ W, saving only x (and the parameter-sized W) for backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int) -> Tensor:
-        ctx.save_for_backward(x, weight, lo, inv_h)
+    def forward(ctx, x: Tensor, weight: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int, knots: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight, lo, inv_h, knots)
         ctx.grid_size = grid_size
         kernel = _kernel_for(x, differentiable=False)
         if kernel is None:
-            return spline_features(x, lo, inv_h, grid_size) @ weight
+            return spline_features(x, lo, inv_h, grid_size, knots) @ weight
         x, weight, lo, inv_h = x.contiguous(), weight.contiguous(), lo.contiguous(), inv_h.contiguous()
+        knots = _NO_KNOTS if knots is None else knots.contiguous()
         sig = torch.sigmoid(x)
         if weight.shape[1] <= NARROW_OUTPUTS:
-            return kernel.narrow_forward(x, sig, weight, lo, inv_h, grid_size)
+            return kernel.narrow_forward(x, sig, weight, lo, inv_h, knots, grid_size)
         out = x.new_empty(x.shape[0], weight.shape[1])
         for rows in _row_blocks(x.shape[0], weight.shape[0]):
             feats = _workspace.get("features", rows.stop - rows.start, weight.shape[0], x.dtype)  # (b, K)
-            kernel.features(x[rows], sig[rows], lo, inv_h, grid_size, feats)
+            kernel.features(x[rows], sig[rows], lo, inv_h, knots, grid_size, feats)
             torch.mm(feats, weight, out=out[rows])
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight, lo, inv_h = ctx.saved_tensors
+        x, weight, lo, inv_h, knots = ctx.saved_tensors
         grid_size = ctx.grid_size
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # With create_graph=True grad mode is on here: then only differentiable PyTorch ops
@@ -103,16 +109,17 @@ class _PackedSpline(torch.autograd.Function):
         if kernel is None:
             grad_x = grad_w = None
             if need_w:  # features recomputed, never stored
-                grad_w = spline_features(x, lo, inv_h, grid_size).transpose(0, 1) @ grad_out  # (K, O)
+                grad_w = spline_features(x, lo, inv_h, grid_size, knots).transpose(0, 1) @ grad_out  # (K, O)
             if need_x:
-                grad_x = spline_features_input_grad(x, grad_out @ weight.transpose(0, 1), lo, inv_h, grid_size)
-            return grad_x, grad_w, None, None, None
+                grad_x = spline_features_input_grad(x, grad_out @ weight.transpose(0, 1), lo, inv_h, grid_size, knots)
+            return grad_x, grad_w, None, None, None, None
         x, weight, lo, inv_h = x.contiguous(), weight.contiguous(), lo.contiguous(), inv_h.contiguous()
+        knots = _NO_KNOTS if knots is None else knots.contiguous()
         grad_out = grad_out.contiguous()
         sig = torch.sigmoid(x)
         if weight.shape[1] <= NARROW_OUTPUTS:
-            grad_x, grad_w = kernel.narrow_backward(x, sig, grad_out, weight, lo, inv_h, grid_size, need_x, need_w)
-            return grad_x, grad_w, None, None, None
+            grad_x, grad_w = kernel.narrow_backward(x, sig, grad_out, weight, lo, inv_h, knots, grid_size, need_x, need_w)
+            return grad_x, grad_w, None, None, None, None
         n_features = weight.shape[0]
         grad_w = x.new_zeros(weight.shape) if need_w else None
         grad_x = torch.empty_like(x) if need_x else None
@@ -120,12 +127,12 @@ class _PackedSpline(torch.autograd.Function):
             n = rows.stop - rows.start
             if need_w:
                 feats = _workspace.get("features", n, n_features, x.dtype)  # (b, K) recomputed, never stored
-                kernel.features(x[rows], sig[rows], lo, inv_h, grid_size, feats)
+                kernel.features(x[rows], sig[rows], lo, inv_h, knots, grid_size, feats)
                 grad_w.addmm_(feats.transpose(0, 1), grad_out[rows])  # (K, O)
             if need_x:
                 grad_feats = torch.mm(grad_out[rows], weight.transpose(0, 1), out=_workspace.get("grad_features", n, n_features, x.dtype))
-                kernel.input_grad(x[rows], sig[rows], grad_feats, lo, inv_h, grid_size, grad_x[rows])
-        return grad_x, grad_w, None, None, None
+                kernel.input_grad(x[rows], sig[rows], grad_feats, lo, inv_h, knots, grid_size, grad_x[rows])
+        return grad_x, grad_w, None, None, None, None
 
 
 def _row_blocks(batch: int, n_features: int) -> list[slice]:
@@ -147,8 +154,8 @@ class KANLayer(nn.Module):
         in_features, out_features: I and O.
         grid_size: G, the number of spline intervals of every input feature's grid.
         grid_range: initial interior range [lo, hi] of every grid.
-        grid_kind: "uniform" (fast closed form) or "percentile" (pykan-style knots at
-            sample quantiles, evaluated by Cox–de Boor).
+        grid_kind: "uniform" (closed-form basis) or "percentile" (pykan-style knots at
+            sample quantiles after each grid update).
         noise_scale: amplitude of the initial spline coefficients, divided by G (as pykan).
     """
 
@@ -172,6 +179,7 @@ class KANLayer(nn.Module):
         lo = torch.full((in_features,), float(grid_range[0]))
         hi = torch.full((in_features,), float(grid_range[1]))
         self.register_buffer("knots", uniform_knots(lo, hi, grid_size))  # (I, G+7)
+        self._uniform_key = None  # see has_uniform_knots
         self.base_weight = nn.Parameter(torch.empty(out_features, in_features))  # w_b (O, I)
         self.spline_scale = nn.Parameter(torch.empty(out_features, in_features))  # w_s (O, I)
         self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + SPLINE_ORDER))  # c (O, I, G+3)
@@ -199,10 +207,22 @@ class KANLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, I) -> (B, O)."""
-        if self.grid_kind == "uniform":
-            lo, inv_h = self._grid_lo_inv_h()
-            return _PackedSpline.apply(x, self.packed_weight(), lo, inv_h, self.grid_size)
-        return self.reference_forward(x)
+        lo, inv_h = self._grid_lo_inv_h()
+        knots = None if self.has_uniform_knots else padded_knots(self.knots)
+        return _PackedSpline.apply(x, self.packed_weight(), lo, inv_h, self.grid_size, knots)
+
+    @property
+    def has_uniform_knots(self) -> bool:
+        """Whether every feature's knots are evenly spaced, so the closed-form basis applies
+        (percentile grids are too until their first update). Cached per knots tensor and
+        version: no per-step cost, no GPU sync."""
+        key = (self.knots.data_ptr(), self.knots._version, self.knots.dtype)
+        if self._uniform_key != key:
+            steps = self.knots.diff(dim=1)
+            scale = torch.maximum(self.knots.abs().amax(1), steps.abs().amax(1))
+            self._uniform = bool(((steps.amax(1) - steps.amin(1)) <= UNIFORM_TOLERANCE * scale).all())
+            self._uniform_key = key
+        return self._uniform
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """The same layer the straightforward way: Cox–de Boor dense basis and autograd.

@@ -1,18 +1,21 @@
-// Fused CPU kernels for kanimg's KAN layer on uniform grids.
+// Fused CPU kernels for kanimg's KAN layer.
 //
 // The layer computes y = F(x) @ W with the feature row
 //   F(x) = [silu(x_0) .. silu(x_{I-1}) | B_0(x_0) .. B_{G+2}(x_0) | ... | B_0(x_{I-1}) .. B_{G+2}(x_{I-1})]
-// where B_m are the G+3 cubic B-splines of a uniform grid of G intervals on [lo_i, hi_i]
-// (knots extended by 3 intervals on each side). Only 4 of them are non-zero at any x,
-// with the closed form below in u = frac((x - lo) / h). These two kernels build F in one
-// pass and compute dL/dx from dL/dF; PyTorch does the matmuls (and sigmoid(x), passed in
-// as `sig`, because its vectorised exp is faster than a scalar one here). They must agree with the
-// pure-PyTorch functions in bspline.py, which the tests check.
+// where B_m are the G+3 cubic B-splines of a grid of G intervals on [lo_i, hi_i] (knots
+// extended by 3 intervals on each side). Only 4 of them are non-zero at any x. On a uniform
+// grid they have the closed form below in u = frac((x - lo) / h); on any other knots
+// (percentile grids) the interval is found by binary search and the 4 values come from the
+// local de Boor triangle. These kernels build F in one pass and compute dL/dx from dL/dF;
+// PyTorch does the matmuls (and sigmoid(x), passed in as `sig`, because its vectorised exp
+// is faster than a scalar one here). They must agree with the pure-PyTorch functions in
+// bspline.py, which the tests check.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -47,43 +50,139 @@ inline bool locate(T x, T lo, T inv_h, int64_t G, int64_t* j, T* u) {
   return true;
 }
 
+// Where the non-zero basis functions of input feature i are at x: the first index j (may be
+// -3..G+2; B_j .. B_{j+3}), their values v and, on request, their slopes dv/dx. False when x
+// lies outside the extended knots (or is NaN): then there is no spline term.
+template <typename T>
+struct UniformGrid {
+  const T* lo;
+  const T* inv_h;
+  int64_t G;
+
+  inline bool at(int64_t i, T x, int64_t* j, T* v) const {
+    T u;
+    if (!locate(x, lo[i], inv_h[i], G, j, &u)) return false;
+    cubic_pieces(u, v);
+    return true;
+  }
+  inline bool at(int64_t i, T x, int64_t* j, T* v, T* d) const {
+    T u;
+    if (!locate(x, lo[i], inv_h[i], G, j, &u)) return false;
+    cubic_pieces(u, v);
+    cubic_pieces_du(u, d);
+    for (int r = 0; r < 4; ++r) d[r] *= inv_h[i];
+    return true;
+  }
+};
+
+template <typename T>
+inline T safe_div(T a, T b) {
+  return b != T(0) ? a / b : T(0);
+}
+
+// Any non-decreasing knots: rows of n = G + 7 knots t_0 .. t_{G+6}, stored with 3 extra
+// (extrapolated) knots on each side, so the de Boor triangle never reads outside a row.
+template <typename T>
+struct KnotGrid {
+  const T* padded;  // (I, n + 6)
+  int64_t n;
+
+  inline bool span(int64_t i, T x, const T** t, int64_t* k) const {
+    *t = padded + i * (n + 6) + 3;  // t[0] is the first real knot
+    if (!(x >= (*t)[0] && x < (*t)[n - 1])) return false;
+    *k = (std::upper_bound(*t, *t + n, x) - *t) - 1;  // t[k] <= x < t[k+1]
+    return true;
+  }
+  // B_{k-3..k} of degree 3 into N, and (if N2) B_{k-2..k} of degree 2 into N2.
+  static inline void de_boor(const T* t, int64_t k, T x, T* N, T* N2) {
+    T left[4], right[4];
+    N[0] = T(1);
+    for (int j = 1; j <= 3; ++j) {
+      left[j] = x - t[k + 1 - j];
+      right[j] = t[k + j] - x;
+      T saved = 0;
+      for (int q = 0; q < j; ++q) {
+        const T temp = safe_div(N[q], right[q + 1] + left[j - q]);
+        N[q] = saved + right[q + 1] * temp;
+        saved = left[j - q] * temp;
+      }
+      N[j] = saved;
+      if (j == 2 && N2 != nullptr) std::copy(N, N + 3, N2);
+    }
+  }
+  inline bool at(int64_t i, T x, int64_t* j, T* v) const {
+    const T* t;
+    int64_t k;
+    if (!span(i, x, &t, &k)) return false;
+    de_boor(t, k, x, v, nullptr);
+    *j = k - 3;
+    return true;
+  }
+  inline bool at(int64_t i, T x, int64_t* j, T* v, T* d) const {
+    const T* t;
+    int64_t k;
+    if (!span(i, x, &t, &k)) return false;
+    T N2[3];
+    de_boor(t, k, x, v, N2);
+    // dB_{m,3}/dx = 3 (B_{m,2} / (t_{m+3} - t_m) - B_{m+1,2} / (t_{m+4} - t_{m+1})), m = k-3+q
+    for (int q = 0; q < 4; ++q) {
+      const T a = q > 0 ? safe_div(N2[q - 1], t[k + q] - t[k - 3 + q]) : T(0);
+      const T b = q < 3 ? safe_div(N2[q], t[k + 1 + q] - t[k - 2 + q]) : T(0);
+      d[q] = T(3) * (a - b);
+    }
+    *j = k - 3;
+    return true;
+  }
+};
+
+// Calls fn(grid) with the grid the tensors describe: `knots` empty means uniform (lo, inv_h).
+template <typename T, typename Fn>
+inline void with_grid(const torch::Tensor& lo, const torch::Tensor& inv_h, const torch::Tensor& knots, int64_t G, Fn&& fn) {
+  if (knots.numel() == 0) {
+    fn(UniformGrid<T>{lo.data_ptr<T>(), inv_h.data_ptr<T>(), G});
+  } else {
+    TORCH_CHECK(knots.is_contiguous() && knots.size(1) == G + 13, "knots must be (I, G + 13), padded by 3 on each side");
+    fn(KnotGrid<T>{knots.data_ptr<T>(), G + 7});
+  }
+}
+
 // Writes the feature rows of x into F (B, I·(G+4)), a caller-owned buffer that is reused
 // between calls (fresh 30 MB allocations cost more in page faults than the kernel itself).
-void features(torch::Tensor x, torch::Tensor sig, torch::Tensor lo, torch::Tensor inv_h, int64_t G, torch::Tensor F) {
+void features(torch::Tensor x, torch::Tensor sig, torch::Tensor lo, torch::Tensor inv_h, torch::Tensor knots, int64_t G,
+              torch::Tensor F) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && sig.is_contiguous() && !x.is_cuda(), "x must be a contiguous 2-D CPU tensor");
   const int64_t B = x.size(0), I = x.size(1), M = G + 3, K = I + I * M;
   TORCH_CHECK(F.is_contiguous() && F.size(0) == B && F.size(1) == K && F.scalar_type() == x.scalar_type(), "F has the wrong shape");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_features", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* sp = sig.data_ptr<scalar_t>();
-    const scalar_t* lop = lo.data_ptr<scalar_t>();
-    const scalar_t* ihp = inv_h.data_ptr<scalar_t>();
     scalar_t* Fp = F.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* xr = xp + b * I;
-        scalar_t* row = Fp + b * K;
-        for (int64_t i = 0; i < I; ++i) row[i] = xr[i] * sp[b * I + i];
-        std::fill(row + I, row + K, scalar_t(0));
-        for (int64_t i = 0; i < I; ++i) {
-          int64_t j;
-          scalar_t u, v[4];
-          if (!locate(xr[i], lop[i], ihp[i], G, &j, &u)) continue;
-          cubic_pieces(u, v);
-          scalar_t* seg = row + I + i * M;
-          for (int r = 0; r < 4; ++r) {
-            const int64_t m = j + r;
-            if (m >= 0 && m < M) seg[m] = v[r];
+    with_grid<scalar_t>(lo, inv_h, knots, G, [&](const auto grid) {
+      at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const scalar_t* xr = xp + b * I;
+          scalar_t* row = Fp + b * K;
+          for (int64_t i = 0; i < I; ++i) row[i] = xr[i] * sp[b * I + i];
+          std::fill(row + I, row + K, scalar_t(0));
+          for (int64_t i = 0; i < I; ++i) {
+            int64_t j;
+            scalar_t v[4];
+            if (!grid.at(i, xr[i], &j, v)) continue;
+            scalar_t* seg = row + I + i * M;
+            for (int r = 0; r < 4; ++r) {
+              const int64_t m = j + r;
+              if (m >= 0 && m < M) seg[m] = v[r];
+            }
           }
         }
-      }
+      });
     });
   });
 }
 
 // Writes dL/dx into gx (B, I), which may be a row block of a larger tensor.
-void input_grad(torch::Tensor x, torch::Tensor sig, torch::Tensor grad_F, torch::Tensor lo, torch::Tensor inv_h, int64_t G,
-                torch::Tensor gx) {
+void input_grad(torch::Tensor x, torch::Tensor sig, torch::Tensor grad_F, torch::Tensor lo, torch::Tensor inv_h, torch::Tensor knots,
+                int64_t G, torch::Tensor gx) {
   TORCH_CHECK(x.is_contiguous() && sig.is_contiguous() && grad_F.is_contiguous() && gx.is_contiguous(), "inputs must be contiguous");
   const int64_t B = x.size(0), I = x.size(1), M = G + 3, K = I + I * M;
   TORCH_CHECK(grad_F.size(0) == B && grad_F.size(1) == K, "grad_F has the wrong shape");
@@ -92,32 +191,29 @@ void input_grad(torch::Tensor x, torch::Tensor sig, torch::Tensor grad_F, torch:
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = grad_F.data_ptr<scalar_t>();
     const scalar_t* sp = sig.data_ptr<scalar_t>();
-    const scalar_t* lop = lo.data_ptr<scalar_t>();
-    const scalar_t* ihp = inv_h.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* xr = xp + b * I;
-        const scalar_t* grow = gp + b * K;
-        for (int64_t i = 0; i < I; ++i) {
-          const scalar_t xi = xr[i];
-          const scalar_t sg = sp[b * I + i];
-          scalar_t acc = grow[i] * sg * (scalar_t(1) + xi * (scalar_t(1) - sg));
-          int64_t j;
-          scalar_t u, d[4];
-          if (locate(xi, lop[i], ihp[i], G, &j, &u)) {
-            cubic_pieces_du(u, d);
-            const scalar_t* seg = grow + I + i * M;
-            scalar_t s = 0;
-            for (int r = 0; r < 4; ++r) {
-              const int64_t m = j + r;
-              if (m >= 0 && m < M) s += seg[m] * d[r];
+    with_grid<scalar_t>(lo, inv_h, knots, G, [&](const auto grid) {
+      at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const scalar_t* xr = xp + b * I;
+          const scalar_t* grow = gp + b * K;
+          for (int64_t i = 0; i < I; ++i) {
+            const scalar_t xi = xr[i];
+            const scalar_t sg = sp[b * I + i];
+            scalar_t acc = grow[i] * sg * (scalar_t(1) + xi * (scalar_t(1) - sg));
+            int64_t j;
+            scalar_t v[4], d[4];
+            if (grid.at(i, xi, &j, v, d)) {
+              const scalar_t* seg = grow + I + i * M;
+              for (int r = 0; r < 4; ++r) {
+                const int64_t m = j + r;
+                if (m >= 0 && m < M) acc += seg[m] * d[r];
+              }
             }
-            acc += s * ihp[i];
+            gxp[b * I + i] = acc;
           }
-          gxp[b * I + i] = acc;
         }
-      }
+      });
     });
   });
 }
@@ -128,9 +224,9 @@ void input_grad(torch::Tensor x, torch::Tensor sig, torch::Tensor grad_F, torch:
 // parameter so that per-sample accumulators live in registers.
 constexpr int64_t kMaxNarrow = 8;
 
-template <typename T, int O>
-void narrow_forward_rows(const T* xp, const T* sp, const T* Wp, const T* lop, const T* ihp, T* yp, int64_t I, int64_t G,
-                         int64_t b0, int64_t b1) {
+template <typename T, int O, typename Grid>
+void narrow_forward_rows(const T* xp, const T* sp, const T* Wp, const Grid& grid, T* yp, int64_t I, int64_t G, int64_t b0,
+                         int64_t b1) {
   const int64_t M = G + 3;
   for (int64_t b = b0; b < b1; ++b) {
     T acc[O] = {};
@@ -139,9 +235,8 @@ void narrow_forward_rows(const T* xp, const T* sp, const T* Wp, const T* lop, co
       const T silu = xi * sp[b * I + i];
       for (int o = 0; o < O; ++o) acc[o] += silu * Wp[i * O + o];
       int64_t j;
-      T u, v[4];
-      if (!locate(xi, lop[i], ihp[i], G, &j, &u)) continue;
-      cubic_pieces(u, v);
+      T v[4];
+      if (!grid.at(i, xi, &j, v)) continue;
       const T* wseg = Wp + (I + i * M) * O;
       for (int r = 0; r < 4; ++r) {
         const int64_t m = j + r;
@@ -153,9 +248,9 @@ void narrow_forward_rows(const T* xp, const T* sp, const T* Wp, const T* lop, co
   }
 }
 
-template <typename T, int O>
-void narrow_backward_rows(const T* xp, const T* sp, const T* gyp, const T* Wp, const T* lop, const T* ihp, T* gxp, T* gW,
-                          int64_t I, int64_t G, int64_t b0, int64_t b1, bool need_W) {
+template <typename T, int O, typename Grid>
+void narrow_backward_rows(const T* xp, const T* sp, const T* gyp, const T* Wp, const Grid& grid, T* gxp, T* gW, int64_t I,
+                          int64_t G, int64_t b0, int64_t b1, bool need_W) {
   const int64_t M = G + 3;
   for (int64_t b = b0; b < b1; ++b) {
     T gy[O];
@@ -169,42 +264,39 @@ void narrow_backward_rows(const T* xp, const T* sp, const T* gyp, const T* Wp, c
       if (need_W)
         for (int o = 0; o < O; ++o) gW[i * O + o] += xi * sig * gy[o];
       int64_t j;
-      T u, v[4], d[4];
-      if (locate(xi, lop[i], ihp[i], G, &j, &u)) {
-        cubic_pieces(u, v);
-        cubic_pieces_du(u, d);
+      T v[4], d[4];
+      if (grid.at(i, xi, &j, v, d)) {
         const int64_t seg = (I + i * M) * O;
-        T s = 0;
         for (int r = 0; r < 4; ++r) {
           const int64_t m = j + r;
           if (m < 0 || m >= M) continue;
           T dw = 0;
           for (int o = 0; o < O; ++o) dw += gy[o] * Wp[seg + m * O + o];
-          s += d[r] * dw;
+          acc += d[r] * dw;
           if (need_W)
             for (int o = 0; o < O; ++o) gW[seg + m * O + o] += v[r] * gy[o];
         }
-        acc += s * ihp[i];
       }
       gxp[b * I + i] = acc;
     }
   }
 }
 
-// Calls FN<O> for the runtime output count O in 1..kMaxNarrow.
-#define KAN_DISPATCH_NARROW(O, FN, ...)                      \
-  switch (O) {                                               \
-    case 1: FN<scalar_t, 1>(__VA_ARGS__); break;             \
-    case 2: FN<scalar_t, 2>(__VA_ARGS__); break;             \
-    case 3: FN<scalar_t, 3>(__VA_ARGS__); break;             \
-    case 4: FN<scalar_t, 4>(__VA_ARGS__); break;             \
-    case 5: FN<scalar_t, 5>(__VA_ARGS__); break;             \
-    case 6: FN<scalar_t, 6>(__VA_ARGS__); break;             \
-    case 7: FN<scalar_t, 7>(__VA_ARGS__); break;             \
-    default: FN<scalar_t, 8>(__VA_ARGS__); break;            \
+// Calls FN<T, O, Grid> for the runtime output count O in 1..kMaxNarrow.
+#define KAN_DISPATCH_NARROW(T, Grid, O, FN, ...)   \
+  switch (O) {                                     \
+    case 1: FN<T, 1, Grid>(__VA_ARGS__); break;    \
+    case 2: FN<T, 2, Grid>(__VA_ARGS__); break;    \
+    case 3: FN<T, 3, Grid>(__VA_ARGS__); break;    \
+    case 4: FN<T, 4, Grid>(__VA_ARGS__); break;    \
+    case 5: FN<T, 5, Grid>(__VA_ARGS__); break;    \
+    case 6: FN<T, 6, Grid>(__VA_ARGS__); break;    \
+    case 7: FN<T, 7, Grid>(__VA_ARGS__); break;    \
+    default: FN<T, 8, Grid>(__VA_ARGS__); break;   \
   }
 
-torch::Tensor narrow_forward(torch::Tensor x, torch::Tensor sig, torch::Tensor W, torch::Tensor lo, torch::Tensor inv_h, int64_t G) {
+torch::Tensor narrow_forward(torch::Tensor x, torch::Tensor sig, torch::Tensor W, torch::Tensor lo, torch::Tensor inv_h,
+                             torch::Tensor knots, int64_t G) {
   TORCH_CHECK(x.is_contiguous() && W.is_contiguous(), "x and W must be contiguous");
   const int64_t B = x.size(0), I = x.size(1), M = G + 3, O = W.size(1);
   TORCH_CHECK(W.size(0) == I + I * M, "W has the wrong shape");
@@ -212,17 +304,19 @@ torch::Tensor narrow_forward(torch::Tensor x, torch::Tensor sig, torch::Tensor W
   auto y = torch::empty({B, O}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_narrow_forward", [&] {
     const scalar_t *xp = x.data_ptr<scalar_t>(), *sp = sig.data_ptr<scalar_t>(), *Wp = W.data_ptr<scalar_t>();
-    const scalar_t *lop = lo.data_ptr<scalar_t>(), *ihp = inv_h.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-      KAN_DISPATCH_NARROW(O, narrow_forward_rows, xp, sp, Wp, lop, ihp, yp, I, G, b0, b1);
+    with_grid<scalar_t>(lo, inv_h, knots, G, [&](const auto grid) {
+      using Grid = std::decay_t<decltype(grid)>;
+      at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+        KAN_DISPATCH_NARROW(scalar_t, Grid, O, narrow_forward_rows, xp, sp, Wp, grid, yp, I, G, b0, b1);
+      });
     });
   });
   return y;
 }
 
 std::vector<torch::Tensor> narrow_backward(torch::Tensor x, torch::Tensor sig, torch::Tensor grad_y, torch::Tensor W, torch::Tensor lo,
-                                           torch::Tensor inv_h, int64_t G, bool need_x, bool need_W) {
+                                           torch::Tensor inv_h, torch::Tensor knots, int64_t G, bool need_x, bool need_W) {
   TORCH_CHECK(x.is_contiguous() && grad_y.is_contiguous() && W.is_contiguous(), "inputs must be contiguous");
   const int64_t B = x.size(0), I = x.size(1), M = G + 3, O = W.size(1), K = I + I * M;
   TORCH_CHECK(O >= 1 && O <= kMaxNarrow, "narrow_backward takes 1 to 8 outputs");
@@ -232,15 +326,18 @@ std::vector<torch::Tensor> narrow_backward(torch::Tensor x, torch::Tensor sig, t
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_narrow_backward", [&] {
     const scalar_t *xp = x.data_ptr<scalar_t>(), *sp = sig.data_ptr<scalar_t>(), *gyp = grad_y.data_ptr<scalar_t>();
     const scalar_t* Wp = W.data_ptr<scalar_t>();
-    const scalar_t *lop = lo.data_ptr<scalar_t>(), *ihp = inv_h.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     scalar_t* gWp = gW_parts.data_ptr<scalar_t>();
     const int64_t rows = (B + chunks - 1) / chunks;
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t b0 = c * rows, b1 = std::min(B, b0 + rows);
-        KAN_DISPATCH_NARROW(O, narrow_backward_rows, xp, sp, gyp, Wp, lop, ihp, gxp, gWp + c * K * O, I, G, b0, b1, need_W);
-      }
+    with_grid<scalar_t>(lo, inv_h, knots, G, [&](const auto grid) {
+      using Grid = std::decay_t<decltype(grid)>;
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t b0 = c * rows, b1 = std::min(B, b0 + rows);
+          KAN_DISPATCH_NARROW(scalar_t, Grid, O, narrow_backward_rows, xp, sp, gyp, Wp, grid, gxp, gWp + c * K * O, I, G, b0, b1,
+                              need_W);
+        }
+      });
     });
   });
   return {need_x ? gx : torch::Tensor(), need_W ? gW_parts.sum(0) : torch::Tensor()};
