@@ -18,19 +18,24 @@ from . import __version__
 from .errors import KanimgError
 
 
-def int_list(flag: str) -> Callable[[str], list[int]]:
-    """argparse type for comma-separated integers, e.g. --widths 2,64,64,1."""
+def comma_list(kind: Callable, flag: str, example: str) -> Callable[[str], list]:
+    """argparse type for comma-separated values of ``kind``, e.g. --widths 2,64,64,1."""
 
-    def parse(text: str) -> list[int]:
+    def parse(text: str) -> list:
         try:
-            values = [int(v) for v in text.split(",") if v.strip() != ""]
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, e.g. 2,64,64,1; got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{flag} takes a comma-separated list, e.g. {example}; got {text!r}") from None
         if not values:
             raise argparse.ArgumentTypeError(f"{flag} is empty")
         return values
 
     return parse
+
+
+def int_list(flag: str) -> Callable[[str], list[int]]:
+    """argparse type for comma-separated integers, e.g. --widths 2,64,64,1."""
+    return comma_list(int, flag, "2,64,64,1")
 
 
 def grid_schedule(text: str) -> list:

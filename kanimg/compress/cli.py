@@ -5,22 +5,9 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Callable
+from ..cli import comma_list
 
 DEFAULT_BPPS = "0.1,0.2,0.3,0.5,1.0"
-
-
-def _list_of(kind: Callable, flag: str, example: str) -> Callable[[str], list]:
-    def parse(text: str) -> list:
-        try:
-            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes a comma-separated list, e.g. {example}; got {text!r}") from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"{flag} is empty")
-        return values
-
-    return parse
 
 
 def _network_options(parser: argparse.ArgumentParser) -> None:
@@ -62,11 +49,11 @@ def add_commands(sub) -> None:
 
     rd = sub.add_parser("rd", help="rate–distortion curves: networks against JPEG / WebP / AVIF, with BD metrics")
     rd.add_argument("images", type=Path, help="an image, or a folder of images (per-image and mean curves)")
-    rd.add_argument("--models", type=_list_of(str, "--models", "kan,siren"), default=["kan", "siren"],
+    rd.add_argument("--models", type=comma_list(str, "--models", "kan,siren"), default=["kan", "siren"],
                     help="network codecs: kan, siren (COIN-style); default kan,siren")
-    rd.add_argument("--codecs", type=_list_of(str, "--codecs", "jpeg,webp,avif"), default=["jpeg", "webp", "avif"],
+    rd.add_argument("--codecs", type=comma_list(str, "--codecs", "jpeg,webp,avif"), default=["jpeg", "webp", "avif"],
                     help="classic codecs: jpeg, webp, avif (default: all three)")
-    rd.add_argument("--bpp", type=_list_of(float, "--bpp", DEFAULT_BPPS), default=[float(b) for b in DEFAULT_BPPS.split(",")],
+    rd.add_argument("--bpp", type=comma_list(float, "--bpp", DEFAULT_BPPS), default=[float(b) for b in DEFAULT_BPPS.split(",")],
                     help=f"target bit rates (default {DEFAULT_BPPS})")
     _network_options(rd)
     rd.add_argument("-o", "--out", type=Path, help="output folder (default: rd-<image or folder name>)")
