@@ -16,6 +16,8 @@ import json
 import platform
 from pathlib import Path
 
+from kanimg.compare import run_record
+
 PAPER = {  # model: (PSNR dB, training seconds or None)
     "kan2": (45.76, 1809), "siren1": (27.34, 254), "siren2": (30.79, 407), "mlp1": (20.76, None),
     "mlp2": (22.09, 182), "rff1-s3": (22.17, None), "rff1-s30": (23.92, None), "rff2-s3": (24.73, None),
@@ -35,23 +37,12 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_record(metrics_file: Path) -> dict:
-    """One model's figures from its run folder."""
-    m = json.loads(metrics_file.read_text())
-    request = json.loads((metrics_file.parent / "compare-request.json").read_text()) if (metrics_file.parent / "compare-request.json").exists() else {}
-    planned = request.get("train", {}).get("steps", m["steps_done"])
-    return {"model": metrics_file.parent.name, "params": m["params"], "psnr": m["metrics"]["psnr"], "seconds": m["train_seconds"],
-            "steps": m["steps_done"], "finished": not m["interrupted"] and m["steps_done"] >= planned,
-            "steps_per_second": m["steps_per_second"], "device": m["device"], "spec": m["model"],
-            "eval_step": m["history"]["eval_step"], "eval_psnr": m["history"]["eval_psnr"]}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="output folder of kanimg compare --preset paper")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/paper_table.json"))
     args = p.parse_args(argv)
-    records = [run_record(path) for path in sorted(args.run.glob("runs/*/*/metrics.json"))]
+    records = [run_record(path.parent, args.run) for path in sorted(args.run.glob("runs/*/*/compare-request.json"))]
     records.sort(key=lambda r: list(PAPER).index(r["model"]) if r["model"] in PAPER else len(PAPER))
     if not records:
         raise SystemExit(f"{args.run}: no finished or interrupted runs under runs/*/*/")

@@ -214,16 +214,24 @@ def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: st
         atomic_write_bytes(marker, json.dumps(request, indent=2).encode())
         if fit.interrupted:
             return {}, True
-    metrics = json.loads(metrics_file.read_text())
+    return run_record(folder, out), False
+
+
+def run_record(folder: Path, out: Path) -> dict:
+    """The results.json record of one model's run folder ``out/runs/<image>/<model>`` (finished
+    or interrupted; ``finished`` says which)."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    request = json.loads((folder / "compare-request.json").read_text())
     m = metrics["metrics"]
-    record = {
-        "image": stem, "model": name, "family": get_entry(name).family, "psnr": m["psnr"], "psnr_png": m["psnr_png"],
-        "ssim": m["ssim"], "lpips": m["lpips"], "params": metrics["params"], "seconds": metrics["train_seconds"],
-        "steps": metrics["steps_done"], "steps_per_second": metrics["steps_per_second"], "device": metrics["device"],
+    return {
+        "image": folder.parent.name, "model": folder.name, "family": get_entry(folder.name).family, "psnr": m["psnr"],
+        "psnr_png": m["psnr_png"], "ssim": m["ssim"], "lpips": m["lpips"], "params": metrics["params"],
+        "seconds": metrics["train_seconds"], "steps": metrics["steps_done"],
+        "finished": not metrics["interrupted"] and metrics["steps_done"] >= request["train"].get("steps", 0),
+        "steps_per_second": metrics["steps_per_second"], "device": metrics["device"],
         "protocol": request["protocol"], "run": str(folder.relative_to(out)),
         "history": {k: metrics["history"][k] for k in ("eval_step", "eval_psnr", "eval_seconds")},
     }
-    return record, False
 
 
 def _prepare_image(image: Path, preset: Preset | None, out: Path) -> Path:

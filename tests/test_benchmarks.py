@@ -33,11 +33,12 @@ def test_paper_table_puts_measured_next_to_paper(tmp_path, capsys):
     for model, psnr, steps, interrupted in (("siren1", 30.0, 15000, False), ("kan2", 44.0, 3500, True)):
         folder = run / "runs" / "cameraman" / model
         folder.mkdir(parents=True)
-        metrics = {"model": {"name": model}, "params": 766080, "metrics": {"psnr": psnr}, "train_seconds": 1000.0,
+        metrics = {"model": {"name": model}, "params": 766080, "train_seconds": 1000.0,
+                   "metrics": {"psnr": psnr, "psnr_png": psnr, "ssim": 0.9, "lpips": None},
                    "steps_done": steps, "interrupted": interrupted, "steps_per_second": 15.0, "device": "cpu",
-                   "history": {"eval_step": [steps], "eval_psnr": [psnr]}}
+                   "history": {"eval_step": [steps], "eval_psnr": [psnr], "eval_seconds": [1000.0]}}
         (folder / "metrics.json").write_text(json.dumps(metrics))
-        (folder / "compare-request.json").write_text(json.dumps({"train": {"steps": 15000}}))
+        (folder / "compare-request.json").write_text(json.dumps({"train": {"steps": 15000}, "protocol": {"kind": "preset"}}))
     assert load("paper_table").main([str(run), "--json", str(tmp_path / "t.json")]) == 0
     out = capsys.readouterr().out
     assert out.index("| kan2 |") < out.index("| siren1 |")  # the paper's order
