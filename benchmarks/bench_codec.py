@@ -25,6 +25,7 @@ on): each is trained, quantised at the given bits, fine-tuned, coded and decoded
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import statistics
@@ -138,21 +139,14 @@ def print_ablation(rows: list[dict]) -> None:
 def compare_shapes(image_path: Path, shapes: list[str], bits: list[int], steps: int, lr: float) -> list[dict]:
     """Train each shape on the image — KAN "widths:grids", or SIREN "siren:widths" (float16,
     COIN) — then code it at each bit depth."""
-    import copy
-
-    from kanimg.compress.kimg import ImageInfo
-    from kanimg.compress.qat import QATConfig, finetune_quantized, quantized_psnr
-    from kanimg.compress.quantize import QuantConfig
     from kanimg.compress.tensors import parameter_count
     from kanimg.io import load_image
-    from kanimg.metrics import psnr
     from kanimg.models import build_model
     from kanimg.sampling import ImageTarget
     from kanimg.train import Trainer, TrainConfig
 
     image = load_image(image_path)
     target = ImageTarget(image.pixels)
-    info = ImageInfo(image.height, image.width, image.channels)
     rows = []
     for shape in shapes:
         torch.manual_seed(0)
@@ -168,16 +162,30 @@ def compare_shapes(image_path: Path, shapes: list[str], bits: list[int], steps: 
         row = {"shape": shape, "numbers": parameter_count(model.spec), "psnr_float": trainer.best_psnr,
                "train_seconds": time.perf_counter() - started, "coded": {}}
         for n in ([16] if shape.startswith("siren:") else bits):
-            tuned, quant = copy.deepcopy(model), QuantConfig(n)
-            before = quantized_psnr(tuned, target, quant)
-            finetune_quantized(tuned, target, quant, QATConfig())
-            data = encode_model(tuned, info, quant)
-            decoded = decode_image(data)
-            row["coded"][n] = {"bpp": 8 * len(data) / (image.height * image.width), "psnr": psnr(image.pixels, decoded.pixels),
-                               "psnr_before_finetuning": before, "bits_per_number": 8 * len(data) / row["numbers"]}
+            row["coded"][n] = code_network(model, image, n)
+            row["coded"][n]["bits_per_number"] = 8 * row["coded"][n]["bytes"] / row["numbers"]
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def code_network(model: torch.nn.Module, image, bits: int, qat_steps: int = 300) -> dict:
+    """Fine-tune a copy of a trained network for ``bits`` and code it: file size, decoded
+    PSNR, and the PSNR of the quantised stored (folded) network before fine-tuning."""
+    from kanimg.compress.kimg import ImageInfo
+    from kanimg.compress.qat import QATConfig, finetune_quantized, quantized_psnr
+    from kanimg.compress.tensors import fold_spline_scales
+    from kanimg.metrics import psnr
+    from kanimg.sampling import ImageTarget
+
+    target, info = ImageTarget(image.pixels), ImageInfo(image.height, image.width, image.channels)
+    tuned, quant = copy.deepcopy(model), QuantConfig(bits)
+    fold_spline_scales(tuned)  # the stored form: quantise what the file holds
+    before = quantized_psnr(tuned, target, quant)
+    finetune_quantized(tuned, target, quant, QATConfig(steps=qat_steps))
+    data = encode_model(tuned, info, quant)
+    return {"bytes": len(data), "bpp": 8 * len(data) / (image.height * image.width),
+            "psnr": psnr(image.pixels, decode_image(data).pixels), "psnr_before_finetuning": before}
 
 
 def main() -> None:
