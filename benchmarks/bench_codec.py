@@ -170,20 +170,16 @@ def compare_shapes(image_path: Path, shapes: list[str], bits: list[int], steps: 
 
 
 def code_network(model: torch.nn.Module, image, bits: int, qat_steps: int = 300) -> dict:
-    """Fine-tune a copy of a trained network for ``bits`` and code it: file size, decoded
-    PSNR, and the PSNR of the quantised stored (folded) network before fine-tuning."""
+    """Code a copy of a trained network at ``bits`` through kanimg's own quantise → fine-tune →
+    code step: file size, decoded PSNR, and the decoded PSNR before fine-tuning."""
     from kanimg.compress.kimg import ImageInfo
-    from kanimg.compress.qat import QATConfig, finetune_quantized, quantized_psnr
-    from kanimg.compress.tensors import fold_spline_scales
+    from kanimg.compress.neural import CompressConfig, quantise_and_code
     from kanimg.metrics import psnr
     from kanimg.sampling import ImageTarget
 
-    target, info = ImageTarget(image.pixels), ImageInfo(image.height, image.width, image.channels)
-    tuned, quant = copy.deepcopy(model), QuantConfig(bits)
-    fold_spline_scales(tuned)  # the stored form: quantise what the file holds
-    before = quantized_psnr(tuned, target, quant)
-    finetune_quantized(tuned, target, quant, QATConfig(steps=qat_steps))
-    data = encode_model(tuned, info, quant)
+    info = ImageInfo(image.height, image.width, image.channels)
+    config = CompressConfig(model=model.spec["name"], bits=bits, qat_steps=qat_steps)
+    data, _, before = quantise_and_code(copy.deepcopy(model), image, info, ImageTarget(image.pixels), float("inf"), bits, config)
     return {"bytes": len(data), "bpp": 8 * len(data) / (image.height * image.width),
             "psnr": psnr(image.pixels, decode_image(data).pixels), "psnr_before_finetuning": before}
 

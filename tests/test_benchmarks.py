@@ -46,7 +46,6 @@ def test_paper_table_puts_measured_next_to_paper(tmp_path, capsys):
     assert "| siren1 | 766,080 | 27.34 | 30.00 | +2.66 | 254 | 1000 | 15,000 |" in out
 
 
-
 def test_bench_codec_measures_the_stored_form_before_finetuning():
     """'Before fine-tuning' is the PSNR of the quantised stored network (spline scales folded
     into the coefficients, as the file holds them), so without fine-tuning it is the decoded
@@ -56,12 +55,12 @@ def test_bench_codec_measures_the_stored_form_before_finetuning():
 
     from kanimg.io import ImageData
     from kanimg.models import build_model
+    from kanimg.sampling import ImageTarget
+    from kanimg.train import Trainer, TrainConfig
 
     y, x = np.mgrid[0:24, 0:24] / 24
     pixels = np.stack([np.sin(6 * x), np.cos(5 * y), x * y], axis=-1) * 0.4 + 0.5
     image = ImageData(pixels=pixels.astype(np.float32), mode="RGB", bit_depth=8, name="tiny")
-    from kanimg.sampling import ImageTarget
-    from kanimg.train import Trainer, TrainConfig
 
     torch.manual_seed(0)
     model = build_model("kan", widths=[2, 6, 4, 3], grids=[8, 4, 4])

@@ -115,7 +115,7 @@ def compress_image(image: ImageData, bpp: float, config: CompressConfig) -> Comp
     started = time.perf_counter()
     model, target, train_config = _fit(image, sizing.spec, config)
     psnr_float = _float_model_psnr(model, image, info)
-    data, per_tensor, psnr_no_qat = _quantise(model, image, info, target, sizing.budget_bytes, bits, config)
+    data, per_tensor, psnr_no_qat = quantise_and_code(model, image, info, target, sizing.budget_bytes, bits, config)
     seconds = time.perf_counter() - started
     decoded = decode_image(data)
     result = CompressResult(
@@ -146,7 +146,7 @@ def _fit(image: ImageData, spec: dict, config: CompressConfig) -> tuple[torch.nn
     return model, target, train_config
 
 
-def _quantise(model: torch.nn.Module, image: ImageData, info: ImageInfo, target: ImageTarget, budget: float,
+def quantise_and_code(model: torch.nn.Module, image: ImageData, info: ImageInfo, target: ImageTarget, budget: float,
               bits: int | None, config: CompressConfig) -> tuple[bytes, list[int], float]:
     """Quantise, fine-tune and code ``model``: every tensor at ``bits``, or (None) bits per
     tensor allocated to fit ``budget`` bytes. Returns (file, bits per tensor, PSNR before fine-tuning)."""
