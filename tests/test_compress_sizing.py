@@ -4,6 +4,7 @@ import torch
 
 from kanimg.compress.bitstream import encode_model
 from kanimg.compress.kimg import ImageInfo
+from kanimg.compress.neural import default_steps
 from kanimg.compress.quantize import QuantConfig
 from kanimg.compress.sizing import coin_depth, size_model
 from kanimg.errors import KanimgError
@@ -82,3 +83,23 @@ def test_bit_allocation_fills_the_budget_and_spends_bits_where_they_pay():
             assert len(data) > budget - 40  # a tight budget is used up
             assert len(set(allocation.bits)) > 1  # tensors differ in what a bit buys
         previous = spent
+
+
+def test_training_length_scales_with_the_pixel_count_within_bounds():
+    assert default_steps(24 * 24) == 5000  # small images keep the floor
+    assert default_steps(256 * 256) == 5000  # ~300 passes over every pixel
+    assert default_steps(512 * 384) == 15000
+    assert default_steps(768 * 512) == 25000 == default_steps(4000 * 3000)  # the ceiling
+
+
+def test_compress_trains_for_the_default_length_unless_told(monkeypatch):
+    from conftest import photo_crop
+    from kanimg.compress import neural
+    from kanimg.io import ImageData
+
+    monkeypatch.setattr(neural, "default_steps", lambda pixels: 7 if pixels == 16 * 16 else 1)
+    image = ImageData((photo_crop(16) / 255.0).astype("float32"), "RGB", 8, "crop")
+    config = neural.CompressConfig(qat_steps=0, bits=8, device="cpu")
+    assert neural.compress_image(image, 8.0, config).extra["training"]["steps"] == 7
+    config = neural.CompressConfig(steps=3, qat_steps=0, bits=8, device="cpu")
+    assert neural.compress_image(image, 8.0, config).extra["training"]["steps"] == 3

@@ -12,7 +12,7 @@ DEFAULT_BPPS = "0.1,0.2,0.3,0.5,1.0"
 
 def _network_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("network codec")
-    g.add_argument("--steps", type=int, help="training steps (default 5000)")
+    g.add_argument("--steps", type=int, help="training steps (default: 5000 per 65,536 pixels, 5000 to 25000)")
     g.add_argument("--qat-steps", type=int, help="quantisation-aware fine-tuning steps (default 300)")
     g.add_argument("--bits", type=int, help="4…12 (uniform integers) or 16 (float16); default: KAN the most bits that "
                                               "fit the budget, SIREN float16 (COIN)")
