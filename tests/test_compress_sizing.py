@@ -1,13 +1,16 @@
-"""Sizing: models grow with the budget and fit it; the header estimate matches real files."""
+"""Sizing and training length: models grow with the budget and fit it; the header estimate matches real files."""
 import pytest
 import torch
 
+from conftest import photo_crop
+from kanimg.compress import neural
 from kanimg.compress.bitstream import encode_model
 from kanimg.compress.kimg import ImageInfo
 from kanimg.compress.neural import default_steps
 from kanimg.compress.quantize import QuantConfig
 from kanimg.compress.sizing import coin_depth, size_model
 from kanimg.errors import KanimgError
+from kanimg.io import ImageData
 from kanimg.models import build_model
 
 IMAGE = ImageInfo(512, 768, 3)
@@ -93,10 +96,6 @@ def test_training_length_scales_with_the_pixel_count_within_bounds():
 
 
 def test_compress_trains_for_the_default_length_unless_told(monkeypatch):
-    from conftest import photo_crop
-    from kanimg.compress import neural
-    from kanimg.io import ImageData
-
     monkeypatch.setattr(neural, "default_steps", lambda pixels: 7 if pixels == 16 * 16 else 1)
     image = ImageData((photo_crop(16) / 255.0).astype("float32"), "RGB", 8, "crop")
     config = neural.CompressConfig(qat_steps=0, bits=8, device="cpu")
