@@ -177,7 +177,7 @@ def code_network(model: torch.nn.Module, image, bits: int, qat_steps: int = 300)
     from kanimg.metrics import psnr
     from kanimg.sampling import ImageTarget
 
-    info = ImageInfo(image.height, image.width, image.channels)
+    info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
     config = CompressConfig(model=model.spec["name"], bits=bits, qat_steps=qat_steps)
     data, _, before = quantise_and_code(copy.deepcopy(model), image, info, ImageTarget(image.pixels), float("inf"), bits, config)
     return {"bytes": len(data), "bpp": 8 * len(data) / (image.height * image.width),

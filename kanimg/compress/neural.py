@@ -159,7 +159,7 @@ def _fit(image: ImageData, spec: dict, config: CompressConfig) -> tuple[torch.nn
 
 
 def quantise_and_code(model: torch.nn.Module, image: ImageData, info: ImageInfo, target: ImageTarget, budget: float,
-              bits: int | None, config: CompressConfig) -> tuple[bytes, list[int], float]:
+                      bits: int | None, config: CompressConfig) -> tuple[bytes, list[int], float]:
     """Quantise, fine-tune and code ``model``: every tensor at ``bits``, or (None) bits per
     tensor allocated to fit ``budget`` bytes. Returns (file, bits per tensor, PSNR before fine-tuning)."""
     count = len(stored_parameters(model))
