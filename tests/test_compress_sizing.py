@@ -63,7 +63,7 @@ def test_bit_allocation_fills_the_budget_and_spends_bits_where_they_pay():
     import numpy as np
 
     from conftest import photo_crop
-    from kanimg.compress.allocate import allocate
+    from kanimg.compress.allocate import BIT_RANGE, allocate
     from kanimg.compress.tensors import fold_spline_scales
     from kanimg.sampling import ImageTarget
     from kanimg.train import Trainer, TrainConfig
@@ -80,7 +80,7 @@ def test_bit_allocation_fills_the_budget_and_spends_bits_where_they_pay():
         allocation = allocate(model, image, target.coords, target.values, budget)
         data = encode_model(model, image, QuantConfig(max(allocation.bits)), allocation.bits)
         assert len(data) <= budget and abs(len(data) - allocation.estimated_bytes) <= 8
-        spent = sum(allocation.distortions[t, n - 4] for t, n in enumerate(allocation.bits))
+        spent = sum(allocation.distortions[t, BIT_RANGE.index(n)] for t, n in enumerate(allocation.bits))
         assert previous is None or spent <= previous  # more bytes, less distortion
         if previous is None:
             assert len(data) > budget - 40  # a tight budget is used up

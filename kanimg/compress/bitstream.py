@@ -79,7 +79,7 @@ def code_tensor(values: np.ndarray, quant: QuantConfig, smooth: bool, max_transf
     return best
 
 
-def encode_model(model: nn.Module, image: ImageInfo, quant: QuantConfig, bits: Sequence[int] | None = None,
+def encode_model(model: nn.Module, image: ImageInfo, quant: QuantConfig, bits: Sequence[float] | None = None,
                  max_transform: int = MAX_TRANSFORM) -> bytes:
     """The .kimg bytes of ``model`` (a "kan" or "siren" from the registry) fitted to ``image``.
 
@@ -105,11 +105,11 @@ def encode_model(model: nn.Module, image: ImageInfo, quant: QuantConfig, bits: S
     return kimg.write(KimgFile(image, spec, QuantConfig(max(bits), quant.granularity), ranges, headers, payload))
 
 
-def describe(quant: QuantConfig, bits: Sequence[int]) -> str:
-    """'float16', '7-bit per tensor' or '5–9-bit per tensor (mean 7.2 per number)'."""
+def describe(quant: QuantConfig, bits: Sequence[float]) -> str:
+    """'float16', '7-bit per tensor' or '5–9.25-bit per tensor'."""
     if quant.is_float16 or not bits or min(bits) == max(bits):
         return str(quant if quant.is_float16 or not bits else QuantConfig(bits[0], quant.granularity))
-    return f"{min(bits)}–{max(bits)}-bit per {quant.granularity}"
+    return f"{min(bits):g}–{max(bits):g}-bit per {quant.granularity}"
 
 
 @dataclass
@@ -117,7 +117,7 @@ class DecodedModel:
     model: nn.Module  # float64, CPU, eval mode
     image: ImageInfo
     quant: QuantConfig
-    bits: list[int] = field(default_factory=list)  # per stored tensor (integer modes)
+    bits: list[float] = field(default_factory=list)  # per stored tensor (integer modes)
 
     def describe(self) -> str:
         return describe(self.quant, self.bits)

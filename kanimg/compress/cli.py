@@ -14,8 +14,8 @@ def _network_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("network codec")
     g.add_argument("--steps", type=int, help="training steps (default: 5000 per 65,536 pixels, 5000 to 25000)")
     g.add_argument("--qat-steps", type=int, help="quantisation-aware fine-tuning steps (default 300)")
-    g.add_argument("--bits", type=int, help="4…12 (uniform integers) or 16 (float16); default: KAN the most bits that "
-                                              "fit the budget, SIREN float16 (COIN)")
+    g.add_argument("--bits", type=float, help="4…12 in half bits (uniform integers) or 16 (float16); default: KAN "
+                                                "the most bits that fit the budget, SIREN float16 (COIN)")
     g.add_argument("--per-channel", action="store_true", help="one quantisation step per output channel (default: per tensor)")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device (decoding is always CPU)")

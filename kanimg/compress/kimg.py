@@ -1,11 +1,11 @@
 """The .kimg container: a compressed image as bytes, parsed with ``struct`` only.
 
-Layout of format version 1 (docs/kimg-format.md has the full specification):
+Layout of format version 2 (docs/kimg-format.md has the full specification):
 
     magic "KIMG" · version u8 · image (height, width, channels, bit depth, coordinates)
     · model (family, widths, KAN grids and grid ranges | SIREN ω0) · quantisation (float16
-    or integers, granularity) · per stored tensor: bits, step sizes, transform, entropy
-    models · payload · CRC-32 of every byte before it
+    or integers, granularity) · per stored tensor: bits (in half bits; version 1: whole
+    bits), step sizes, transform, entropy models · payload · CRC-32 of every byte before it
 
 Integers are little-endian; "varint" is unsigned LEB128. Reading checks, in this order: the
 magic, the version, the checksum, then every field against hard limits, so a truncated,
@@ -28,7 +28,8 @@ from .quantize import FLOAT16, GRANULARITIES, MAX_BITS, MIN_BITS, QuantConfig
 from .tensors import Slot, parameter_count, slots
 
 MAGIC = b"KIMG"
-VERSION = 1
+VERSION = 2
+BITS_UNIT = {1: 1, 2: 0.5}  # per version: tensor bits are stored in whole (1) or half (2) bits
 CHECKSUM_BYTES = 4
 MODEL_IDS = {"kan": 1, "siren": 2}
 COORDS_IDS = {"centers": 0, "linspace": 1}
@@ -57,7 +58,7 @@ class TensorHeader:
     """How one stored tensor is coded: its bits, step sizes, differencing order, one model
     per stream."""
 
-    bits: int
+    bits: float  # a multiple of quantize.BIT_STEP
     steps: np.ndarray  # float32, (1,) or (rows,)
     transform: int = 0
     models: list[StreamModel] = field(default_factory=list)
@@ -114,7 +115,7 @@ def write(kimg: KimgFile) -> bytes:
     out += struct.pack("<BB", FLOAT16 if quant.is_float16 else 0, GRANULARITIES.index(quant.granularity))
     if not quant.is_float16:
         for slot, tensor in zip(slots(spec), kimg.tensors):
-            out += struct.pack("<B", tensor.bits) + np.asarray(tensor.steps, dtype="<f4").tobytes()
+            out += struct.pack("<B", round(tensor.bits / BITS_UNIT[VERSION])) + np.asarray(tensor.steps, dtype="<f4").tobytes()
             if slot.smooth:
                 out += struct.pack("<B", tensor.transform)
             for model in tensor.models:
@@ -188,7 +189,7 @@ def read(data: bytes) -> KimgFile:
     data = bytes(data)
     check_envelope(data)
     r = _Reader(data, len(data) - CHECKSUM_BYTES)
-    r.take(len(MAGIC) + 1)
+    bits_unit = BITS_UNIT[r.take(len(MAGIC) + 1)[-1]]
     height, width = r.varint(MAX_PIXELS, "height"), r.varint(MAX_PIXELS, "width")
     _check(height >= 1 and width >= 1 and height * width <= MAX_PIXELS, f"image size {width}x{height}")
     channels, bit_depth, coords_id, model_id = r.unpack("<BBBB")
@@ -226,8 +227,8 @@ def read(data: bytes) -> KimgFile:
     tensors = []
     if precision == 0:
         for slot in slots(spec):
-            bits = r.unpack("<B")
-            _check(MIN_BITS <= bits <= MAX_BITS, f"{bits}-bit quantisation")
+            bits = r.unpack("<B") * bits_unit
+            _check(MIN_BITS <= bits <= MAX_BITS, f"{bits:g}-bit quantisation")
             rows = slot.shape[0] if GRANULARITIES[granularity] == "channel" and len(slot.shape) > 1 else 1
             steps = np.frombuffer(r.take(4 * rows), dtype="<f4").astype(np.float32)
             _check(bool(np.all(np.isfinite(steps)) and np.all(steps >= 0)), "step sizes")

@@ -60,7 +60,7 @@ class CompressConfig:
         model: "kan" or "siren" (COIN-style).
         steps: training steps; None = :func:`default_steps` of the image's pixel count.
         qat_steps: quantisation-aware fine-tuning steps (integer quantisation only).
-        bits: 4 … 12 or 16 (float16); None = the family's default (KAN: the most bits that
+        bits: 4 … 12 in half bits, or 16 (float16); None = the family's default (KAN: the most bits that
             fit the budget, SIREN: float16 as COIN).
         granularity: "tensor" or "channel" step sizes.
         lr, batch_size: None = the family's compression defaults (TRAINING).
@@ -72,7 +72,7 @@ class CompressConfig:
     model: str = "kan"
     steps: int | None = None
     qat_steps: int = 300
-    bits: int | None = None
+    bits: float | None = None
     granularity: str = "tensor"
     lr: float | None = None
     batch_size: int | None = None
@@ -159,7 +159,7 @@ def _fit(image: ImageData, spec: dict, config: CompressConfig) -> tuple[torch.nn
 
 
 def quantise_and_code(model: torch.nn.Module, image: ImageData, info: ImageInfo, target: ImageTarget, budget: float,
-                      bits: int | None, config: CompressConfig) -> tuple[bytes, list[int], float]:
+                      bits: float | None, config: CompressConfig) -> tuple[bytes, list[float], float]:
     """Quantise, fine-tune and code ``model``: every tensor at ``bits``, or (None) bits per
     tensor allocated to fit ``budget`` bytes. Returns (file, bits per tensor, PSNR before fine-tuning)."""
     count = len(stored_parameters(model))

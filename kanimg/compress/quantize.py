@@ -2,9 +2,11 @@
 with one step size per tensor or per output channel; and its straight-through fake version
 for quantisation-aware fine-tuning.
 
-A value w becomes q = round(w / s), |q| ≤ 2^(n-1) - 1, with s = max|w| / (2^(n-1) - 1) rounded
-*up* to float32. Dequantisation q·s is exact in float64 (an 11-bit integer times a 24-bit
-mantissa), so decoders agree bit for bit, and the error is at most s/2 (``error_bound``).
+A value w becomes q = round(w / s), |q| ≤ L, with s = max|w| / L rounded *up* to float32 and
+L = round(2^(n-1)) - 1 for n bits. n goes in half bits (7, 7.5, 8 …: step sizes √2 apart), so
+bit allocation can spend a byte budget in finer slices than halving a step. Dequantisation
+q·s is exact in float64 (an 11-bit integer times a 24-bit mantissa), so decoders agree bit
+for bit, and the error is at most s/2 (``error_bound``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..errors import KanimgError
 
 FLOAT16 = 16  # bits = 16 means IEEE half precision, not integers
 MIN_BITS, MAX_BITS = 4, 12
+BIT_STEP = 0.5  # bits are multiples of this: 4, 4.5, … 12
 GRANULARITIES = ("tensor", "channel")
 
 
@@ -26,17 +29,18 @@ class QuantConfig:
     """How parameters are stored.
 
     Attributes:
-        bits: 4 … 12 for uniform integers, or 16 for float16.
+        bits: 4 … 12 in steps of BIT_STEP for uniform integers, or 16 for float16.
         granularity: "tensor" (one step size per tensor) or "channel" (one per output
             channel, i.e. per row of the tensor's first axis); ignored for float16.
     """
 
-    bits: int = 8
+    bits: float = 8
     granularity: str = "tensor"
 
     def __post_init__(self) -> None:
-        if self.bits != FLOAT16 and not MIN_BITS <= self.bits <= MAX_BITS:
-            raise KanimgError(f"quantisation bits must be {MIN_BITS}…{MAX_BITS} or {FLOAT16} (float16), got {self.bits}")
+        if self.bits != FLOAT16 and not (MIN_BITS <= self.bits <= MAX_BITS and float(self.bits / BIT_STEP).is_integer()):
+            raise KanimgError(f"quantisation bits must be {MIN_BITS}…{MAX_BITS} in steps of {BIT_STEP} or {FLOAT16} (float16), "
+                              f"got {self.bits}")
         if self.granularity not in GRANULARITIES:
             raise KanimgError(f"quantisation granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
 
@@ -46,11 +50,12 @@ class QuantConfig:
 
     @property
     def levels(self) -> int:
-        """Largest integer magnitude, 2^(n-1) - 1 (symmetric range, zero exactly representable)."""
-        return 2 ** (self.bits - 1) - 1
+        """Largest integer magnitude, round(2^(n-1)) - 1: 2^(n-1) - 1 for whole bits (symmetric
+        range, zero exactly representable)."""
+        return round(2 ** (self.bits - 1)) - 1
 
     def __str__(self) -> str:
-        return "float16" if self.is_float16 else f"{self.bits}-bit per {self.granularity}"
+        return "float16" if self.is_float16 else f"{self.bits:g}-bit per {self.granularity}"
 
 
 @dataclass
