@@ -32,7 +32,7 @@ def trained_like(name: str, seed: int = 0):
     return build_model("siren", widths=[2, 12, 12, 3])
 
 
-@pytest.mark.parametrize("quant", [QuantConfig(8), QuantConfig(5, "channel"), QuantConfig(12), QuantConfig(16)])
+@pytest.mark.parametrize("quant", [QuantConfig(8), QuantConfig(5, "channel"), QuantConfig(6.5), QuantConfig(12), QuantConfig(16)])
 @pytest.mark.parametrize("name", ["kan", "siren"])
 def test_round_trip_restores_the_quantised_weights_exactly(name, quant):
     model = trained_like(name)
@@ -47,6 +47,29 @@ def test_round_trip_restores_the_quantised_weights_exactly(name, quant):
             q = quantize_tensor(original, quant)
             assert np.array_equal(restored, q.dequantize())  # exact, not approximately
             assert np.all(np.abs(restored - original) <= np.broadcast_to(error_bound(q), original.shape) * (1 + 1e-12))
+
+
+def test_half_bit_allocations_round_trip_and_re_encode_to_the_same_bytes():
+    model = trained_like("kan")
+    bits = [7.5, 4.5, 9, 6.5, 12, 5.5]
+    data = encode_model(model, ImageInfo(12, 20, 3), QuantConfig(12), bits)
+    decoded = decode_model(data)
+    assert decoded.bits == bits and decoded.describe() == "4.5–12-bit per tensor"
+    for original, restored, n in zip(stored_arrays(model), stored_arrays(decoded.model), bits):
+        assert np.array_equal(restored, quantize_tensor(original, QuantConfig(n)).dequantize())
+    assert encode_model(decoded.model, decoded.image, decoded.quant, decoded.bits) == data
+
+
+def test_version_1_files_with_whole_bits_still_decode(monkeypatch):
+    model = trained_like("kan")
+    bits = [8, 5, 9, 6, 12, 7]
+    current = encode_model(model, ImageInfo(12, 20, 3), QuantConfig(12), bits)
+    monkeypatch.setattr(kimg, "VERSION", 1)  # the writer of format version 1: bits in whole units
+    old = encode_model(model, ImageInfo(12, 20, 3), QuantConfig(12), bits)
+    monkeypatch.undo()
+    assert old[4] == 1 and current[4] == 2 and old != current
+    assert decode_model(old).bits == bits
+    assert np.array_equal(decode_image(old).integers, decode_image(current).integers)
 
 
 def test_kan_grid_ranges_survive_the_round_trip():

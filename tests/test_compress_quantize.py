@@ -15,14 +15,14 @@ def weights(seed=0):
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
-@pytest.mark.parametrize("bits", range(4, 13))
+@pytest.mark.parametrize("bits", [4, 4.5, 5, 6, 6.5, 7, 8, 9, 10, 11, 11.5, 12])
 def test_error_is_within_half_a_step(bits, granularity):
-    w = weights(bits)
+    w = weights(int(bits))
     q = quantize_tensor(w, QuantConfig(bits, granularity))
     err = np.abs(q.dequantize() - w)
     bound = np.broadcast_to(error_bound(q), w.shape)
     assert np.all(err <= bound * (1 + 1e-12))
-    assert np.abs(q.ints).max() <= 2 ** (bits - 1) - 1
+    assert np.abs(q.ints).max() == QuantConfig(bits).levels
     assert q.steps.dtype == np.float32 and q.steps.size == (7 if granularity == "channel" else 1)
     # the bound is tight: some element comes close to half a step
     assert err.max() > 0.4 * bound.max()
@@ -42,9 +42,18 @@ def test_dequantisation_is_exact_in_float64():
     assert list(q.dequantize()[:, 0, 0]) == exact
 
 
+def test_half_bits_sit_between_whole_bits():
+    whole = [QuantConfig(n).levels for n in range(4, 13)]
+    assert whole == [2 ** (n - 1) - 1 for n in range(4, 13)]
+    half = [QuantConfig(n + 0.5).levels for n in range(4, 12)]
+    assert half == [10, 22, 44, 90, 180, 361, 723, 1447]  # round(2^(n-1/2)) - 1: steps √2 apart
+    assert all(a < b < c for a, b, c in zip(whole, half, whole[1:]))
+    assert str(QuantConfig(7.5)) == "7.5-bit per tensor"
+
+
 def test_steps_are_rounded_up_so_the_peak_never_clips():
     w = np.array([0.1, -0.3, 0.7000001])
-    for bits in range(4, 13):
+    for bits in np.arange(4, 12.5, 0.5):
         config = QuantConfig(bits)
         step = step_sizes(w, config)[0]
         assert float(step) * config.levels >= 0.7000001
@@ -58,7 +67,7 @@ def test_float16_rounds_and_refuses_overflow():
 
 
 def test_bad_configs_are_refused():
-    for bits in (3, 13, 15, 32):
+    for bits in (3, 3.5, 7.25, 12.5, 13, 15, 32):
         with pytest.raises(KanimgError, match="bits"):
             QuantConfig(bits)
     with pytest.raises(KanimgError, match="granularity"):

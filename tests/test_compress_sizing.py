@@ -1,17 +1,22 @@
 """Sizing and training length: models grow with the budget and fit it; the header estimate matches real files."""
+import numpy as np
 import pytest
 import torch
 
 from conftest import photo_crop
-from kanimg.compress import neural
+from kanimg.compress import allocate as allocation, neural
+from kanimg.compress.allocate import BIT_RANGE, allocate
 from kanimg.compress.bitstream import encode_model
 from kanimg.compress.kimg import ImageInfo
 from kanimg.compress.neural import default_steps
 from kanimg.compress.quantize import QuantConfig
 from kanimg.compress.sizing import coin_depth, size_model
+from kanimg.compress.tensors import fold_spline_scales
 from kanimg.errors import KanimgError
 from kanimg.io import ImageData
 from kanimg.models import build_model
+from kanimg.sampling import ImageTarget
+from kanimg.train import Trainer, TrainConfig
 
 IMAGE = ImageInfo(512, 768, 3)
 
@@ -59,22 +64,19 @@ def test_budget_below_the_smallest_model_is_refused():
         size_model("kan", IMAGE, 0, QuantConfig(8))
 
 
-def test_bit_allocation_fills_the_budget_and_spends_bits_where_they_pay():
-    import numpy as np
-
-    from conftest import photo_crop
-    from kanimg.compress.allocate import BIT_RANGE, allocate
-    from kanimg.compress.tensors import fold_spline_scales
-    from kanimg.sampling import ImageTarget
-    from kanimg.train import Trainer, TrainConfig
-
+def fitted_crop_model():
+    """A small KAN trained briefly on a 32×32 photo crop (scales folded), its ImageInfo and target."""
     target = ImageTarget(photo_crop(32).astype(np.float32) / 255)
     torch.manual_seed(0)
     model = build_model("kan", widths=[2, 8, 4, 4, 3], grids=[12, 4, 4, 4])
     trainer = Trainer(model, target, TrainConfig(steps=100, lr=2e-2, batch_size=0, eval_every=100), progress=False)
     trainer.train()
     fold_spline_scales(model)
-    image = ImageInfo(32, 32, 3)
+    return model, ImageInfo(32, 32, 3), target
+
+
+def test_bit_allocation_fills_the_budget_and_spends_bits_where_they_pay():
+    model, image, target = fitted_crop_model()
     previous = None
     for budget in (440.0, 560.0, 800.0):
         allocation = allocate(model, image, target.coords, target.values, budget)
@@ -86,6 +88,18 @@ def test_bit_allocation_fills_the_budget_and_spends_bits_where_they_pay():
             assert len(data) > budget - 40  # a tight budget is used up
             assert len(set(allocation.bits)) > 1  # tensors differ in what a bit buys
         previous = spent
+
+
+def test_half_bits_reach_less_distortion_than_whole_bits_for_the_same_budget(monkeypatch):
+    model, image, target = fitted_crop_model()
+    distortion = {}
+    for step in (1.0, 0.5):
+        monkeypatch.setattr(allocation, "BIT_RANGE", tuple(float(n) for n in np.arange(4, 12 + step, step)))
+        monkeypatch.setattr(allocation, "LOOKAHEAD", round(1 / step))
+        chosen = allocate(model, image, target.coords, target.values, 560.0)
+        assert chosen.estimated_bytes <= 560.0
+        distortion[step] = sum(chosen.distortions[t, allocation.BIT_RANGE.index(n)] for t, n in enumerate(chosen.bits))
+    assert distortion[0.5] < distortion[1.0]
 
 
 def test_training_length_scales_with_the_pixel_count_within_bounds():
