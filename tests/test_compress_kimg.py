@@ -199,6 +199,16 @@ def test_screened_decode_equals_rounding_the_float64_network():
     assert np.array_equal(render_integers(siren), quantize(render(siren.model, siren.image), 8))
 
 
+@pytest.mark.parametrize("name", ["kan", "siren"])
+def test_rendering_chosen_pixels_gives_exactly_those_pixels_of_the_whole_image(name):
+    from kanimg.compress.bitstream import render
+
+    decoded = decode_model(encode_model(trained_like(name), ImageInfo(40, 56, 3), QuantConfig(9 if name == "kan" else 16)))
+    whole = render(decoded.model, decoded.image).reshape(-1, 3)
+    chosen = np.random.default_rng(0).choice(40 * 56, size=300, replace=False)
+    np.testing.assert_allclose(render(decoded.model, decoded.image, chosen, rows_per_chunk=2), whole[chosen], rtol=0, atol=1e-12)
+
+
 def test_grey_and_sixteen_bit_images_round_trip(tmp_path):
     grey = tmp_path / "grey.png"
     Image.fromarray(photo_crop(24, mode="L")).save(grey)

@@ -181,35 +181,38 @@ def _edges(layer: nn.Module, feature: int, values: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def render(model: nn.Module, image: ImageInfo, rows_per_chunk: int = 64) -> np.ndarray:
-    """(H, W, C) float64 pixels in [0, 1] (unclipped) of ``model``, computed in the model's dtype on the CPU.
+def render(model: nn.Module, image: ImageInfo, pixels: np.ndarray | None = None, rows_per_chunk: int = 64) -> np.ndarray:
+    """Float64 values in [0, 1] (unclipped) of ``model`` at every pixel, (H, W, C), or at the
+    row-major ``pixels`` indices only, (len(pixels), C); computed in the model's dtype on the CPU.
 
     A KAN's first layer is a sum of one function of x and one of y, so it is evaluated on
     the W + H distinct coordinates and broadcast — free, however fine its grid; only the
     deeper layers run per pixel.
     """
     dtype = next(model.parameters()).dtype
-    xs, ys = axis64(image.width, image.coords).to(dtype), axis64(image.height, image.coords).to(dtype)
+    index = torch.arange(image.pixels) if pixels is None else torch.from_numpy(np.asarray(pixels, dtype=np.int64))
     bands = []
     if hasattr(model, "layers"):
         first = model.layers[0]
+        xs, ys = axis64(image.width, image.coords).to(dtype), axis64(image.height, image.coords).to(dtype)
         fx, fy = _edges(first, 0, xs), _edges(first, 1, ys)  # (W, O), (H, O)
-        for rows in chunks(image.height, rows_per_chunk):
-            hidden = (fy[rows, None, :] + fx[None, :, :]).reshape(-1, fx.shape[1])
+        for part in chunks(index.shape[0], rows_per_chunk * image.width):
+            hidden = fy[index[part] // image.width] + fx[index[part] % image.width]
             for layer in model.layers[1:]:
                 hidden = layer(hidden)
             bands.append(hidden)
     else:
-        coords = pixel_coords64(image.height, image.width, image.coords).to(dtype)
-        chunk = rows_per_chunk * image.width
-        bands = [predict(model, coords[rows], chunk) for rows in chunks(coords.shape[0], chunk)]
-    return ((torch.cat(bands).to(torch.float64) + 1) / 2).reshape(image.height, image.width, -1).numpy()
+        coords = pixel_coords64(image.height, image.width, image.coords)[index].to(dtype)
+        bands = [predict(model, coords, rows_per_chunk * image.width)]
+    values = ((torch.cat(bands).to(torch.float64) + 1) / 2).numpy()
+    return values.reshape(image.height, image.width, -1) if pixels is None else values
 
 
 # A pixel is rounded from the float32 evaluation only when it lies at least this far (in
-# integer levels) from a rounding boundary: float32 errors and machine-to-machine differences
-# are ~1e-4 levels at 8 bits, so such pixels round the same everywhere; the rest (~4 %) are
-# recomputed in float64, whose differences (~1e-13 levels) only matter exactly at a boundary.
+# integer levels) from a rounding boundary: float32 errors are below 0.01 levels at 8 bits
+# (measured against float64 on every rd file: docs/compression.md), so such pixels round the
+# same everywhere; the rest (4 % per channel, ~12 % of RGB pixels) are recomputed in float64,
+# whose differences (~1e-13 levels) only matter exactly at a boundary.
 ROUNDING_GUARD = 0.02
 
 
@@ -228,8 +231,7 @@ def render_integers(decoded: DecodedModel) -> np.ndarray:
     scaled = np.clip(values, 0.0, 1.0) * top
     near = (np.abs(scaled - np.floor(scaled) - 0.5) < ROUNDING_GUARD).any(axis=1)
     if near.any():
-        coords = pixel_coords64(img.height, img.width, img.coords)[torch.from_numpy(np.flatnonzero(near))]
-        values[near] = ((predict(model, coords) + 1) / 2).numpy()
+        values[near] = render(model, img, np.flatnonzero(near))
     return to_integers(values.reshape(img.height, img.width, img.channels), img.bit_depth)
 
 

@@ -38,7 +38,7 @@ TRAINING = {
     "kan": {"lr": 2e-2, "batch_size": 4096},
     "siren": {"lr": 1e-3, "batch_size": 4096},
 }
-DEFAULT_BITS = {"kan": None, "siren": FLOAT16}  # None: rate control picks n in 4 … 12
+DEFAULT_BITS = {"kan": None, "siren": FLOAT16}  # None: rate control picks n in 4 … 12 per tensor
 # Training length: 5,000 steps per 65,536 pixels (every pixel seen about 300 times in
 # 4,096-pixel batches), so a large image is not under-trained: a 768×512 photo gained
 # 0.8 dB at 0.5 bpp from 5,000 → 25,000 steps (docs/compression.md). Bounded to keep small
