@@ -209,7 +209,7 @@ def render(model: nn.Module, image: ImageInfo, pixels: np.ndarray | None = None,
 
 
 # A pixel is rounded from the float32 evaluation only when it lies at least this far (in
-# integer levels) from a rounding boundary: float32 errors are below 0.01 levels at 8 bits
+# integer levels) from a rounding boundary: float32 errors are at most ~0.012 levels at 8 bits
 # (measured against float64 on every rd file: docs/compression.md), so such pixels round the
 # same everywhere; the rest (4 % per channel, ~12 % of RGB pixels) are recomputed in float64,
 # whose differences (~1e-13 levels) only matter exactly at a boundary.
