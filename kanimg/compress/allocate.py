@@ -7,8 +7,8 @@ quantised at n bits, measured on a fixed sample of pixels; the increases of diff
 tensors are taken to add up (independent rounding errors). Greedy marginal analysis: from
 every tensor at the fewest bits, repeatedly give half a bit or a whole one more (looking past
 a half step whose measured gain is flat) to the tensor that buys the largest MSE decrease per
-extra byte, while the file still fits. Half bits instead of whole ones measured +0.13 and
-+0.18 dB at equal bytes (docs/compression.md).
+extra byte, while the file still fits. Half bits instead of whole ones raised 9 of the 10 rd
+points of docs/compression.md by up to 0.31 dB at equal bytes (one lost 0.02).
 """
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ def encode_model(model: nn.Module, image: ImageInfo, quant: QuantConfig, bits: S
 
 
 def describe(quant: QuantConfig, bits: Sequence[float]) -> str:
-    """'float16', '7-bit per tensor' or '5–9.25-bit per tensor'."""
+    """'float16', '7-bit per tensor' or '5–9.5-bit per tensor'."""
     if quant.is_float16 or not bits or min(bits) == max(bits):
         return str(quant if quant.is_float16 or not bits else QuantConfig(bits[0], quant.granularity))
     return f"{min(bits):g}–{max(bits):g}-bit per {quant.granularity}"
