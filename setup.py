@@ -33,6 +33,6 @@ setup(
         "ninja",  # builds the fused CPU kernel (torch.utils.cpp_extension)
         "constriction>=0.5,<0.6",  # range coder of .kimg files; its probability quantisation is part of the format
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest>=9.2", "hypothesis>=6.100"]},
     entry_points={"console_scripts": ["kanimg=kanimg.cli:main"]},
 )

@@ -1,4 +1,5 @@
 """The fast KAN layer against its Cox–de Boor + autograd reference, and its grid operations."""
+import copy
 from unittest import mock
 
 import pytest
@@ -181,18 +182,81 @@ def test_grid_update_does_not_blow_up_over_many_refits(grid_kind):
     assert rel_err(layer(x0).detach(), reference) < (0.05 if grid_kind == "uniform" else 0.35)
 
 
+def whole_support(layer: KANLayer, n: int = 4000) -> torch.Tensor:
+    """Points spread over every knot interval t_0 … t_{G+6}: the interior and both extension zones."""
+    t = layer.knots.to(torch.float64)
+    return (t[:, 0] + (t[:, -1] - t[:, 0]) * torch.rand(n, 1, dtype=torch.float64)).to(layer.knots.dtype)
+
+
 @pytest.mark.parametrize("grid_kind", ["uniform", "percentile"])
-def test_grid_extension_preserves_function(grid_kind):
+@pytest.mark.parametrize("path", ["torch", "kernel"])
+def test_grid_extension_keeps_the_function_on_the_whole_old_support(grid_kind, path):
+    """No grid update first: un-updated hidden activations live in the extension zones (1.05–1.55
+    on a [-1, 1] grid of 10), and a refinement must keep the function there too."""
+    patches = dict(paths())
+    if path not in patches:
+        pytest.skip("fused kernel not built here")
     torch.manual_seed(3)
-    net = KAN([2, 5, 3], [10, 5], grid_kind=grid_kind)
-    x = torch.rand(2000, 2) * 2 - 1
-    net.update_grids(x)
+    layer = exact_layer(3, 5, 10, grid_kind=grid_kind)  # percentile: random non-uniform knots, as updates leave
+    x = whole_support(layer)
+    zone = torch.linspace(1.05, 1.55, 200, dtype=torch.float64)[:, None].expand(-1, 3)  # beyond hi = 1
+    interior = (layer.knots[:, 3].clone(), layer.knots[:, -4].clone())
+    before, before_zone = layer.reference_forward(x).detach(), layer.reference_forward(zone).detach()
+    for grid_size in (20, 40, 120):
+        layer.extend_grid(grid_size)
+        assert layer.grid_size == grid_size and layer.spline_weight.shape[-1] == grid_size + 3
+        assert torch.equal(layer.knots[:, 3], interior[0]) and torch.equal(layer.knots[:, -4], interior[1])
+        with patches[path]:  # float64: only the refit's 1e-9 ridge (REFIT_SMOOTHING) is left
+            assert rel_err(layer(x).detach(), before) < 1e-7
+            assert rel_err(layer(zone).detach(), before_zone) < 1e-7
+
+
+def test_grid_extension_of_a_float32_network_is_exact_to_rounding():
+    torch.manual_seed(4)
+    net = KAN([2, 5, 3], [10, 5])
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.spline_weight.normal_(0, 0.3)
+    x = torch.rand(3000, 2) * 3.2 - 1.6  # the first layer's whole support, extension zones included
     before = net(x).detach()
     net.extend_grids([20, 10])
     assert net.grids == [20, 10]
-    assert rel_err(net(x).detach(), before) < (1e-5 if grid_kind == "uniform" else 1e-2)
-    net.extend_grids([50, 10])
-    assert rel_err(net(x).detach(), before) < (1e-5 if grid_kind == "uniform" else 1e-2)
+    assert rel_err(net(x).detach(), before) < 1e-5
+    net.extend_grids([60, 10])
+    assert rel_err(net(x).detach(), before) < 1e-5
+
+
+def test_grid_coarsening_stays_close_on_smooth_edges():
+    torch.manual_seed(5)
+    layer = KANLayer(4, 6, 20)
+    smooth_coefficients(layer)
+    x = whole_support(layer)
+    before = layer(x).detach()
+    layer.extend_grid(10)
+    assert layer.grid_size == 10 and rel_err(layer(x).detach(), before) < 0.05
+
+
+@pytest.mark.parametrize("grid_kind", ["uniform", "percentile"])
+def test_many_row_blocks_match_one(grid_kind, monkeypatch):
+    """The kernel path cuts large batches into row blocks (about 5k rows of a 128-wide hidden
+    layer); a tiny block size forces several blocks, and a last partial one."""
+    if cpu_kernel() is None:
+        pytest.skip("fused kernel not built here")
+    import kanimg.nn.kan as kan_module
+
+    torch.manual_seed(6)
+    layer = exact_layer(6, 12, 8, grid_kind=grid_kind, dtype=torch.float32)
+    x = torch.randn(1000, 6)
+    g = torch.randn(1000, 12)
+    one_block = grads(layer, layer, x, g)
+    monkeypatch.setattr(kan_module, "BLOCK_ELEMENTS", 256 * (6 + 6 * 11))  # 256 rows per block
+    assert len(kan_module._row_blocks(1000, 6 + 6 * 11)) == 4
+    blocks = grads(layer, layer, x, g)
+    exact = copy.deepcopy(layer).double()
+    reference = grads(exact.reference_forward, exact, x.double(), g.double())
+    for a, b, r in zip(blocks, one_block, reference):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert rel_err(a.double(), r) < 1e-5
 
 
 def test_percentile_grid_places_knots_at_sample_quantiles():

@@ -270,31 +270,42 @@ class KANLayer(nn.Module):
 
     @torch.no_grad()
     def extend_grid(self, grid_size: int) -> None:
-        """Refine (or coarsen) to ``grid_size`` intervals over the same range, keeping the function."""
-        lo, hi = self.knots[:, SPLINE_ORDER], self.knots[:, -SPLINE_ORDER - 1]
-        if self.grid_kind == "uniform":
-            new = uniform_knots(lo, hi, grid_size)
-        else:  # interpolate the knot positions: keeps the percentile spacing pattern
-            old_pos = torch.linspace(0, 1, self.knots.shape[1], dtype=torch.float64, device=lo.device)
-            new_pos = torch.linspace(0, 1, grid_size + 2 * SPLINE_ORDER + 1, dtype=torch.float64, device=lo.device)
-            new = _interp_rows(new_pos, old_pos, self.knots.to(torch.float64)).to(self.knots.dtype)
-        self._refit(new, grid_size)
+        """Refine (or coarsen) the interior to ``grid_size`` intervals, keeping the function.
 
-    def _refit(self, new_knots: Tensor, grid_size: int, features: Tensor | None = None) -> None:
+        The interior knots are subdivided by interpolating their positions (evenly on a uniform
+        grid; keeping the spacing pattern of percentile knots), and the three extension knots on
+        each side stay where they are. When ``grid_size`` is a multiple of G every old knot is
+        kept, so the new spline space contains the old one on the whole support [t_0, t_{G+6}]
+        (the interior and the extension zones, where hidden activations live when grids are not
+        updated) and the projection is exact to rounding. Departure from pykan, which refits the
+        new grid to samples. The extension knots then keep the old spacing, so a uniform layer
+        takes the general-knot path until its next grid update.
+        """
+        old = self.knots.to(torch.float64)
+        interior = old[:, SPLINE_ORDER : SPLINE_ORDER + self.grid_size + 1]  # (I, G+1)
+        position = torch.arange(grid_size + 1, device=old.device) * self.grid_size  # new knot i sits at old index i·G/G'
+        left = torch.div(position, grid_size, rounding_mode="floor").clamp_max(self.grid_size - 1)
+        frac = (position - left * grid_size).to(torch.float64) / grid_size  # exactly 0 at every old knot
+        refined = interior[:, left] + (interior[:, left + 1] - interior[:, left]) * frac  # (I, G'+1)
+        new = torch.cat([old[:, :SPLINE_ORDER], refined, old[:, -SPLINE_ORDER:]], dim=1)
+        self._refit(new.to(self.knots.dtype), grid_size, whole_support=True)
+
+    def _refit(self, new_knots: Tensor, grid_size: int, features: Tensor | None = None, whole_support: bool = False) -> None:
         """Least-squares projection of every edge's spline onto the spline space of ``new_knots``.
 
-        Fitted on REFIT_POINTS_PER_INTERVAL points per interior interval of the new grid, so
-        every basis function is well sampled whatever the knot spacing (no empty intervals).
-        Only the interior: there the new basis spans all cubic splines on its knots, so a
-        refinement (G → 2G) is exact; weighting the extension zones too was measured to cost
-        interior accuracy for little gain in the tails. ``features`` (I,) bool limits the refit
-        to those input features; the others keep their coefficients bit for bit.
+        Fitted on REFIT_POINTS_PER_INTERVAL points per knot interval of the new grid, so every
+        basis function is well sampled whatever the knot spacing (no empty intervals): the
+        interior intervals only for a grid update (its new knots are not nested in the old ones,
+        and weighting the extension zones too was measured to cost interior accuracy for little
+        gain in the tails), all of them with ``whole_support`` (grid extension, whose nested
+        knots make the fit exact everywhere). ``features`` (I,) bool limits the refit to those
+        input features; the others keep their coefficients bit for bit.
         """
         old_knots = self.knots.to(torch.float64)
         knots = new_knots.to(torch.float64)
         n_basis = grid_size + SPLINE_ORDER
         frac = (torch.arange(REFIT_POINTS_PER_INTERVAL, dtype=torch.float64, device=knots.device) + 0.5) / REFIT_POINTS_PER_INTERVAL
-        inner = knots[:, SPLINE_ORDER : SPLINE_ORDER + grid_size + 1]  # (I, G'+1)
+        inner = knots if whole_support else knots[:, SPLINE_ORDER : SPLINE_ORDER + grid_size + 1]  # (I, G'+7) or (I, G'+1)
         points = (inner[:, :-1, None] + (inner[:, 1:] - inner[:, :-1])[..., None] * frac).reshape(self.in_features, -1)  # (I, P)
         old_values = torch.einsum("pim,oim->ipo", cox_de_boor(points.t(), old_knots), self.spline_weight.to(torch.float64))  # (I, P, O)
         design = cox_de_boor(points.t(), knots).permute(1, 0, 2)  # (I, P, G'+3)
@@ -312,13 +323,6 @@ class KANLayer(nn.Module):
             self.spline_weight = nn.Parameter(coef.contiguous())
         self.grid_size = grid_size
         self.knots = new_knots.contiguous()
-
-
-def _interp_rows(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
-    """np.interp of each row of fp (R, n) from positions xp (n,) to x (m,)."""
-    idx = torch.searchsorted(xp, x).clamp(1, xp.numel() - 1)
-    w = (x - xp[idx - 1]) / (xp[idx] - xp[idx - 1])
-    return fp[:, idx - 1] + (fp[:, idx] - fp[:, idx - 1]) * w
 
 
 class KAN(nn.Module):
