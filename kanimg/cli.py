@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit one image and export reconstruction, metrics, checkpoint, plots")
     fit.add_argument("image", nargs="?", help="image file (default: the bundled photograph)")
     m = fit.add_argument_group("model")
-    m.add_argument("--model", default="kan", choices=model_names(), metavar="NAME",
+    m.add_argument("--model", choices=model_names(), metavar="NAME",
                    help=f"model family {', '.join(model_names(False))} (default: kan), or one of the KAN paper's "
                         f"presets {', '.join(n for n in model_names() if n not in model_names(False))}")
     m.add_argument("--widths", type=int_list("--widths"), help="layer widths from 2 (x, y) to the channel count, e.g. 2,64,64,3")
@@ -101,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="random seed (default 0)")
     o = fit.add_argument_group("data and output")
     o.add_argument("--grey", action="store_true", help="fit the luminance only")
-    o.add_argument("--coords", default="centers", choices=["centers", "linspace"], help="pixel coordinates: pixel centres (default) or the paper's linspace(-1, 1, N)")
+    o.add_argument("--coords", choices=["centers", "linspace"], help="pixel coordinates: pixel centres (default) or the paper's linspace(-1, 1, N)")
     o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     o.add_argument("-o", "--out", type=Path, help="run folder (default: runs/<image>-<model>)")
     o.add_argument("--force", action="store_true", help="replace an existing run folder")
-    o.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue an interrupted run (--steps may extend it)")
+    o.add_argument("--resume", nargs="?", const=True, type=Path, metavar="CHECKPOINT",
+                   help="continue a run: alone, from the latest checkpoint of the -o folder (also after a crash or kill -9); "
+                        "or from this checkpoint or run folder. Only --steps (to extend it) and --eval-every may change")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=cmd_fit)
 
@@ -130,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--steps", type=int, help="training steps per model (default 2000; with --preset, overrides its length)")
     cmp.add_argument("--crop", type=int_list("--crop"), metavar="X,Y,W,H", help="add a zoomed crop of this region to the gallery")
     cmp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    cmp.add_argument("-o", "--out", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare); finished runs in it are reused")
+    cmp.add_argument("-o", "--out", type=Path, default=Path("runs/compare"),
+                     help="output folder (default: runs/compare); the same command again continues it, reusing finished runs")
+    cmp.add_argument("--force", action="store_true", help="write into a folder that holds another comparison (its runs are kept and reused)")
     cmp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     cmp.set_defaults(func=cmd_compare)
     return parser
@@ -152,25 +157,29 @@ def cmd_fit(args: argparse.Namespace) -> int:
           f"LPIPS {lp}, {m['params']:,} params, {m['steps_done']} steps in {m['train_seconds']:.1f} s on {m['device']}")
     if result.interrupted:
         print(f"kanimg: interrupted at step {m['steps_done']}; results so far are in {result.out}. "
-              f"Resume with: kanimg fit --resume {result.out / 'checkpoint.pt'}", file=sys.stderr)
+              f"Resume with: kanimg fit -o {shlex.quote(str(result.out))} --resume", file=sys.stderr)
         return 130
     return 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     from .export import load_checkpoint
+    from .files import check_writable
     from .fit import best_model, resolve_device
-    from .io import save_png
+    from .io import MAX_PIXELS, save_png
     from .render import render
 
     payload = load_checkpoint(args.checkpoint)
     image = payload["config"]["image"]
     width, height = args.size or (image["width"], image["height"])
+    if width * height > MAX_PIXELS:
+        raise KanimgError(f"--size {width}x{height} is {width * height / 1e6:.0f} megapixels, over the limit of {MAX_PIXELS / 1e6:.0f}")
     out = args.out or args.checkpoint.parent / f"render-{width}x{height}.png"
+    if out.is_dir():
+        raise KanimgError(f"{out} is a folder; give a file name with -o")
     if out.exists() and not args.force:
         raise KanimgError(f"{out} already exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise KanimgError(f"{out.parent}: no such folder")
+    check_writable(out.parent)
     device = resolve_device(args.device)
     model = best_model(payload["trainer"], device)
     pixels = render(model, height, width, payload["config"]["coords"], device)
@@ -186,7 +195,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.crop is not None and (len(args.crop) != 4 or min(args.crop) < 0 or min(args.crop[2:]) < 1):
         raise KanimgError("--crop takes X,Y,WIDTH,HEIGHT with a positive size, e.g. 96,64,48,48")
     result = compare(args.path, args.models, args.out, steps=args.steps, budget_seconds=args.budget_seconds,
-                     match_params=args.match_params, preset=args.preset, device=args.device,
+                     match_params=args.match_params, preset=args.preset, device=args.device, force=args.force,
                      crop=tuple(args.crop) if args.crop else None, progress=not args.quiet)
     if result.interrupted:
         print("kanimg: interrupted; run the same command again to continue (finished models are skipped)", file=sys.stderr)
@@ -214,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (MemoryError, torch.OutOfMemoryError):
         print("kanimg: error: out of memory; try a smaller --batch-size or model", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a disk that filled up or a folder that became read-only mid-run
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"kanimg: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     finally:
         _on_sigterm(previous)

@@ -13,23 +13,24 @@ finished with the same request is skipped, an interrupted one is resumed from it
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from .errors import KanimgError
 from .export import atomic_write_bytes, error_map
-from .files import atomic_path
-from .fit import fit_image, model_spec_for
+from .files import OutputLock, atomic_path, check_replaceable, check_writable, read_marker, staging_folder, write_marker
+from .fit import ResumeMismatch, fit_image, latest_checkpoint, model_spec_for
 from .gallery import (describe_protocol, file_data_uri, gallery_png, html_page, mean_records, png_data_uri, psnr_time_svg,
                       write_tables)
 from .io import load_image
-from .models import build_model, get_entry
+from .models import get_entry, param_count
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"}
@@ -84,12 +85,6 @@ def list_images(path: Path) -> list[Path]:
     return [path]
 
 
-def param_count(name: str, spec: dict[str, Any]) -> int:
-    """Parameters of a registered model with ``spec``, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_model(name, **spec).parameters())
-
-
 def widths_for_params(name: str, channels: int, target: int, size: tuple[int, int] | None = None) -> dict[str, Any]:
     """The model's default spec (for an image of ``size``) with its hidden width solved so the
     parameter count is closest to ``target`` (depth, grids and other options unchanged)."""
@@ -120,6 +115,7 @@ def compare(
     preset: str | None = None,
     device: str = "auto",
     crop: tuple[int, int, int, int] | None = None,
+    force: bool = False,
     progress: bool = True,
 ) -> CompareResult:
     """Fit every model on every image under one protocol and write the comparison outputs.
@@ -133,6 +129,9 @@ def compare(
         match_params: equal-parameter protocol: the parameter count to match.
         preset: "paper" or "paper-quick": the paper's models and recipe.
         crop: (x, y, w, h) region to show zoomed in the gallery.
+        force: write into a folder that holds a different comparison (its tables are replaced;
+            its runs are kept and reused where they match). Without it such a folder is refused;
+            the same comparison again continues where it stopped.
     """
     images = list_images(Path(path))
     chosen = PRESETS.get(preset) if preset else None
@@ -149,8 +148,36 @@ def compare(
         raise KanimgError(f"--budget-seconds must be positive, got {budget_seconds}")
     protocol = _protocol(preset, steps, budget_seconds, match_params)
     out = Path(out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    request = {"images": [str(i.resolve()) for i in images], "models": models, "protocol": protocol}
+    with _output_folder(out, request, force):
+        return _compare(images, models, out, chosen, protocol, steps, budget_seconds, match_params, device, crop, progress)
 
+
+@contextlib.contextmanager
+def _output_folder(out: Path, request: dict, force: bool) -> Iterator[None]:
+    """Lock ``out`` and make sure it is this comparison's: new, empty, or holding the same
+    request (then finished runs are reused); another comparison's only with ``force``."""
+    if out.exists() and not out.is_dir():
+        raise KanimgError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        marker = read_marker(out)
+        if marker is None:
+            check_replaceable(out)  # a folder kanimg did not write is refused, --force or not
+        if (marker is None or marker.get("kind") != "compare" or marker.get("request") != request) and not force:
+            raise KanimgError(f"{out} holds another comparison; pass --force to replace its tables (its runs are kept "
+                              f"and reused where they match), or choose another -o")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KanimgError(f"{out}: cannot create the folder ({exc.strerror or exc})") from None
+    check_writable(out)
+    with OutputLock(out):
+        write_marker(out, "compare", request=request)
+        yield
+
+
+def _compare(images, models, out, chosen, protocol, steps, budget_seconds, match_params, device, crop, progress) -> CompareResult:
+    (out / "runs").mkdir(exist_ok=True)
     result = CompareResult(out)
     sections = []
     for image in images:
@@ -204,16 +231,24 @@ def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: st
     marker = folder / "compare-request.json"
     metrics_file = folder / "metrics.json"
     done = metrics_file.exists() and marker.exists() and json.loads(marker.read_text()) == request
-    if done and not json.loads(metrics_file.read_text())["interrupted"]:
+    if done and not json.loads(metrics_file.read_text())["interrupted"] and not staging_folder(folder).exists():
         log.info("%s on %s: finished earlier, skipped", name, stem)
-    else:
-        resume = folder / "checkpoint.pt" if done else None
-        log.info("%s on %s: %s", name, stem, "resuming" if resume else "fitting")
-        fit = fit_image(image, model=name, spec=request["spec"], train=request["train"], out=folder, force=True,
-                        resume=resume, device=device, grey=request["grey"], coords=request["coords"], progress=progress)
-        atomic_write_bytes(marker, json.dumps(request, indent=2).encode())
-        if fit.interrupted:
-            return {}, True
+        return run_record(folder, out), False
+    options = dict(model=name, spec=request["spec"], train=request["train"], out=folder, force=True, device=device,
+                   grey=request["grey"], coords=request["coords"], progress=progress)
+    fit = None
+    if latest_checkpoint(folder) is not None:  # interrupted, killed, or asked for more steps
+        try:
+            log.info("%s on %s: resuming", name, stem)
+            fit = fit_image(image, resume=True, **options)
+        except ResumeMismatch as exc:
+            log.info("%s on %s: fitting anew (%s)", name, stem, exc)
+    if fit is None:
+        log.info("%s on %s: fitting", name, stem)
+        fit = fit_image(image, **options)
+    atomic_write_bytes(marker, json.dumps(request, indent=2).encode())
+    if fit.interrupted:
+        return {}, True
     return run_record(folder, out), False
 
 

@@ -60,11 +60,19 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, tmp)
 
 
+# What every kanimg checkpoint holds (and render / resume read), as nested keys.
+CHECKPOINT_KEYS = {
+    "config": {"model": {"name": None}, "train": None, "grey": None, "coords": None,
+               "image": {"path": None, "height": None, "width": None, "channels": None, "bit_depth": None}},
+    "trainer": {"step": None, "spec": None, "model": None, "best_model": None, "best_spec": None},
+}
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a kanimg checkpoint safely (weights_only: no arbitrary objects are unpickled).
 
     Raises:
-        KanimgError: missing, unreadable, or not a kanimg checkpoint.
+        KanimgError: missing, unreadable, not a kanimg checkpoint, or missing what one holds.
     """
     path = Path(path)
     if not path.is_file():
@@ -72,12 +80,28 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise KanimgError(f"{path}: not a readable kanimg checkpoint ({str(exc).splitlines()[0][:120]})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise KanimgError(f"{path}: not a readable kanimg checkpoint ({first})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise KanimgError(f"{path}: not a kanimg checkpoint")
-    if payload.get("version", 0) > CHECKPOINT_VERSION:
-        raise KanimgError(f"{path}: checkpoint version {payload['version']} is newer than this kanimg supports ({CHECKPOINT_VERSION})")
+    if not isinstance(payload.get("version"), int) or payload["version"] > CHECKPOINT_VERSION:
+        raise KanimgError(f"{path}: checkpoint version {payload.get('version')!r} is not one this kanimg reads (up to {CHECKPOINT_VERSION})")
+    missing = _missing_keys(payload, CHECKPOINT_KEYS)
+    if missing:
+        raise KanimgError(f"{path}: incomplete kanimg checkpoint (no {missing})")
     return payload
+
+
+def _missing_keys(value: Any, required: dict, prefix: str = "") -> str | None:
+    """The first required nested key that ``value`` lacks, as 'a.b', or None."""
+    for key, inner in required.items():
+        if not isinstance(value, dict) or key not in value:
+            return prefix + key
+        if inner is not None:
+            missing = _missing_keys(value[key], inner, f"{prefix}{key}.")
+            if missing:
+                return missing
+    return None
 
 
 def error_map(reference: np.ndarray, test: np.ndarray, vmax: float = ERROR_MAP_MAX) -> np.ndarray:

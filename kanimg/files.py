@@ -1,12 +1,22 @@
-"""File-system helpers: atomic writes, so no reader (or crash) ever sees a half-written output."""
+"""File-system helpers: atomic writes, output locks and run folders, so that no reader (or
+crash, or second process) ever sees a half-written output, and nothing the user did not ask
+to replace is ever deleted."""
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from .errors import KanimgError
+
+MARKER = ".kanimg"  # in every folder kanimg builds: {"kind": ...}; only such folders are ever replaced
+# Folders written before the marker existed, recognised by their outputs.
+_LEGACY_OUTPUTS = ({"metrics.json", "checkpoint.pt"}, {"results.json", "rd.png"}, {"results.json", "index.html"})
 
 
 @contextmanager
@@ -36,40 +46,183 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).write_bytes(data)
 
 
-class RunFolder:
-    """A run's output folder, built in a hidden staging folder and moved into place at the end.
+def check_writable(folder: Path) -> None:
+    """Fail now, not after hours of training, when ``folder`` cannot take a new file (missing,
+    read-only, or a full disk: a few real bytes are written and flushed)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise KanimgError(f"{folder}: no such folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".kanimg-write-test-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise KanimgError(f"{folder}: cannot write there ({exc.strerror or exc})") from None
 
-    A run that fails leaves nothing behind (and an older result in ``final`` stays intact); an
-    existing folder is only replaced when ``replace`` is set.
 
-        with RunFolder(Path("runs/photo-kan"), replace=False) as staging:
-            ...write files into staging...
-        # here runs/photo-kan holds them; on an exception it is untouched
+def check_replaceable(path: Path) -> None:
+    """Refuse to replace anything but a folder kanimg built (or an empty one), and never the
+    working folder or one of its parents, whatever --force says."""
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.cwd() or resolved in Path.cwd().parents:
+        raise KanimgError(f"{path}: refusing to replace the current folder or one above it; choose another -o")
+    if not path.is_dir():
+        return
+    names = {p.name for p in path.iterdir()}
+    if names and MARKER not in names and not any(outputs <= names for outputs in _LEGACY_OUTPUTS):
+        raise KanimgError(f"{path} is not a folder kanimg wrote; refusing to replace it even with --force (choose another -o)")
+
+
+def write_marker(folder: Path, kind: str, **info) -> None:
+    atomic_write_bytes(Path(folder) / MARKER, json.dumps({"kind": kind, **info}, indent=2).encode())
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The marker of a folder kanimg built, or None (no marker, or an unreadable one)."""
+    try:
+        value = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class OutputLock:
+    """An exclusive lock on one output path, held while a process writes it: a second kanimg
+    writing the same output gets a clear error instead of silently replacing the first's result.
+
+    The lock is an ``flock`` on the hidden file ``.NAME.lock`` beside the output, so the kernel
+    releases it when its process dies, even by SIGKILL; the file is removed on release.
     """
 
-    def __init__(self, final: Path, replace: bool = False) -> None:
-        from .errors import KanimgError
+    def __init__(self, target: Path) -> None:
+        self.target = Path(target)
+        self.path = self.target.parent / f".{self.target.name}.lock"
+        self.fd: int | None = None
 
-        self.final = Path(final)
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise KanimgError(f"{self.target} is being written by another kanimg process (pid {owner}); "
+                                      f"wait for it to finish or choose another -o") from None
+                raise
+            try:  # the holder before us may have removed the file after we opened it: lock the live one
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)  # still holding the lock: nobody else can be past it
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+class RunFolder:
+    """An output folder built in a hidden staging folder beside it, ``.NAME.partial``, locked
+    while in use and moved into place in one rename at the end.
+
+    The staging folder has a fixed name, so the work it holds (e.g. a periodic checkpoint, or
+    finished points of an RD sweep) survives a crash or a SIGKILL and the next run of the same
+    output finds it; what to do with it is the caller's choice (``leftover`` says it is there;
+    :meth:`clear` empties it). A run that fails keeps its staging folder when it holds
+    anything, so nothing is lost; an older result in ``final`` stays intact until the end.
+    An existing ``final`` is only replaced when ``replace`` is set, and only if kanimg built it.
+
+        with RunFolder(Path("runs/photo-kan"), kind="fit") as staging:
+            ...write files into staging...
+        # here runs/photo-kan holds them
+    """
+
+    def __init__(self, final: Path, kind: str, replace: bool = False) -> None:
+        self.final, self.kind = Path(final), kind
         if self.final.exists() and not self.final.is_dir():
             raise KanimgError(f"{self.final} exists and is not a folder")
         if self.final.exists() and not replace:
             raise KanimgError(f"{self.final} already exists; pass --force to overwrite it (or -o to choose another folder)")
-        self.staging = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
+        check_replaceable(self.final)
+        self.staging = staging_folder(self.final)
+        self.lock = OutputLock(self.final)
+        self.leftover = False
 
     def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        if self.staging.exists():
-            shutil.rmtree(self.staging)
-        self.staging.mkdir()
+        parent = self.final.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KanimgError(f"{parent}: cannot create the folder ({exc.strerror or exc})") from None
+        check_writable(parent)
+        self.lock.__enter__()
+        try:
+            _remove_legacy_partials(self.final)
+            self.leftover = self.staging.is_dir() and any(p.name != MARKER for p in self.staging.iterdir())
+            self.staging.mkdir(exist_ok=True)
+            write_marker(self.staging, self.kind)
+        except BaseException:
+            self.lock.__exit__()
+            raise
         return self.staging
 
+    def clear(self) -> None:
+        """Empty the staging folder (the caller decided its leftover work is not wanted)."""
+        for entry in self.staging.iterdir():
+            if entry.name != MARKER:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        self.leftover = False
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            return
-        old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-        if self.final.exists():
-            os.replace(self.final, old)
-        os.replace(self.staging, self.final)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            if exc_type is not None:
+                if not any(p.name != MARKER for p in self.staging.iterdir()):
+                    shutil.rmtree(self.staging, ignore_errors=True)
+                return
+            old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+            if self.final.exists():
+                os.replace(self.final, old)
+            os.replace(self.staging, self.final)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            self.lock.__exit__()
+
+
+def staging_folder(final: Path) -> Path:
+    """Where a run folder is built: ``.NAME.partial`` beside it."""
+    final = Path(final)
+    return final.parent / f".{final.name}.partial"
+
+
+def _remove_legacy_partials(final: Path) -> None:
+    """Staging folders of older kanimg versions (``.NAME.partial-PID``) whose process is gone:
+    they never held a checkpoint, so there is nothing in them to keep."""
+    for folder in final.parent.glob(f".{final.name}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -16,10 +16,10 @@ import torch
 
 from .errors import KanimgError
 from .export import (error_map, load_checkpoint, plot_curves, save_checkpoint, save_rgb8, versions, write_json)
-from .files import RunFolder
+from .files import RunFolder, staging_folder
 from .io import ImageData, load_image, quantize, save_png
 from .metrics import lpips_distance, psnr, ssim
-from .models import build_model, get_entry, kan_grids_for
+from .models import build_model, get_entry, kan_grids_for, param_count
 from .render import render
 from .sampling import COORDINATES, ImageTarget
 from .train import Trainer, TrainConfig
@@ -35,7 +35,6 @@ def default_image() -> Path:
         if (folder / DEFAULT_IMAGE_NAME).is_file():
             return folder / DEFAULT_IMAGE_NAME
     raise KanimgError(f"the bundled image {DEFAULT_IMAGE_NAME} is missing from this installation; pass an image file")
-OUTPUT_FILES = ("reconstruction.png", "error.png", "curves.png", "metrics.json", "checkpoint.pt")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,7 +77,7 @@ def model_spec_for(name: str, spec: dict[str, Any], channels: int, size: tuple[i
 def train_config_for(name: str, overrides: dict[str, Any]) -> TrainConfig:
     """The family's training defaults (e.g. SIREN's lr 1e-4) updated with the user's choices."""
     values = {**get_entry(name).train_defaults, **{k: v for k, v in overrides.items() if v is not None}}
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)
 
 
 @dataclass
@@ -88,49 +87,81 @@ class FitResult:
     interrupted: bool
 
 
+# A running fit writes a checkpoint into its staging folder this often (seconds of wall time),
+# so a kill -9 or a power cut loses at most this much training: ``--resume`` continues from it.
+CHECKPOINT_SECONDS = 30.0
+# Settings a resumed run may change; every other one it keeps (and a different value is refused).
+CHANGEABLE_ON_RESUME = ("steps", "eval_every")
+# Largest model fit() builds: parameters, gradients and two Adam moments take 16 bytes each.
+MAX_PARAMETERS = 200_000_000
+
+
+class ResumeMismatch(KanimgError):
+    """``--resume`` was given settings that differ from the run it continues."""
+
+
 def fit_image(
     image: str | Path | None = None,
     *,
-    model: str = "kan",
+    model: str | None = None,
     spec: dict[str, Any] | None = None,
     train: dict[str, Any] | None = None,
     out: str | Path | None = None,
     force: bool = False,
-    resume: str | Path | None = None,
+    resume: str | Path | bool | None = None,
     device: str = "auto",
     grey: bool = False,
-    coords: str = "centers",
+    coords: str | None = None,
     progress: bool = True,
+    checkpoint_seconds: float = CHECKPOINT_SECONDS,
 ) -> FitResult:
     """Fit ``image`` with a registered model and write the run folder.
 
     Args:
         image: image file; None uses the bundled photograph (or, on resume, the checkpoint's image).
-        model, spec: registry name and model options (None values take the defaults).
+        model, spec: registry name (default "kan") and model options (None values take the defaults).
         train: TrainConfig fields to override (None values take the family's defaults).
         out: run folder; default runs/<image>-<model>. Refused if it exists unless ``force``.
-        resume: checkpoint to continue from; its model and training options are used
-            (``train["steps"]`` may extend the run) and its folder is the default ``out``.
+        resume: continue a run: True = from the latest checkpoint of ``out`` (its staging
+            folder's, after a crash or kill, else its finished one); a checkpoint file or a run
+            folder = from that. The run keeps its settings: only ``train["steps"]`` (to extend
+            it) and ``train["eval_every"]`` may change, and other values that differ are refused.
+            The run folder it continues is updated in place; another ``out`` needs ``force``.
         device: "auto", "cpu" or "cuda".
         grey: fit the luminance only.
-        coords: pixel coordinate convention, "centers" or "linspace".
+        coords: pixel coordinate convention, "centers" (default) or "linspace".
         progress: show a progress bar.
+        checkpoint_seconds: period of the checkpoints written while training.
     Returns:
         FitResult; ``interrupted`` is True when Ctrl-C stopped training early (the folder then
         holds the best result so far and a checkpoint to resume from).
     Raises:
-        KanimgError: any problem with the inputs, detected before a folder is created, or a
-            diverged run (its folder is removed).
+        KanimgError: any problem with the inputs, detected before training starts; a diverged
+            run (nothing is kept); ResumeMismatch for settings that differ from a resumed run.
     """
     dev = resolve_device(device)
-    state = None
-    if resume is not None:
-        state = load_checkpoint(resume)
+    state, checkpoint = None, None
+    if resume is not None and resume is not False:
+        if resume is True:
+            if out is None:
+                out = Path("runs") / f"{Path(image).stem if image is not None else default_image().stem}-{model or 'kan'}"
+            checkpoint = latest_checkpoint(Path(out))
+            if checkpoint is None:
+                raise KanimgError(f"{out}: nothing to resume (no checkpoint in it or in {staging_folder(Path(out))})")
+        else:
+            checkpoint = Path(resume)
+            if checkpoint.is_dir():
+                checkpoint = latest_checkpoint(checkpoint) or checkpoint / "checkpoint.pt"
+        state = load_checkpoint(checkpoint)
         config = state["config"]
+        _refuse_changes({"--model": (model, config["model"]["name"]), "--coords": (coords, config["coords"]),
+                         "--grey": (grey or None, config["grey"])}, checkpoint)
         model, grey, coords = config["model"]["name"], config["grey"], config["coords"]
         image = image if image is not None else config["image"]["path"]
-        out = out if out is not None else Path(resume).parent
-        force = True  # a resumed run replaces the folder it continues
+        own_run = run_folder_of(checkpoint)
+        out = Path(out) if out is not None else own_run
+        force = force or out.resolve() == own_run.resolve()  # continuing a run updates its own folder
+    model, coords = model or "kan", coords or "centers"
     if coords not in COORDINATES:
         raise KanimgError(f"unknown coordinate convention {coords!r}; choose from {', '.join(COORDINATES)}")
     image_path = Path(image) if image is not None else default_image()
@@ -142,35 +173,143 @@ def fit_image(
     else:
         saved = state["config"]
         if [data.height, data.width, data.channels] != [saved["image"][k] for k in ("height", "width", "channels")]:
-            raise KanimgError(f"{image_path} is not the image {resume} was trained on "
+            raise KanimgError(f"{image_path} is not the image {checkpoint} was trained on "
                               f"({saved['image']['width']}x{saved['image']['height']}, {saved['image']['channels']} channels)")
-        spec = {k: v for k, v in state["trainer"]["spec"].items() if k != "name"}
-        cfg = TrainConfig(**{**saved["train"], **{k: v for k, v in (train or {}).items() if k == "steps" and v is not None}})
+        saved_spec = {k: v for k, v in state["trainer"]["spec"].items() if k != "name"}
+        given = {k: v for k, v in (spec or {}).items() if v is not None}
+        resolved = model_spec_for(model, given, data.channels) if given else {}
+        overrides = {k: v for k, v in (train or {}).items() if v is not None}
+        wanted = TrainConfig.from_dict({**saved["train"], **overrides}).to_dict()
+        _refuse_changes({**{_flag(k): (resolved[k], saved_spec.get(k)) for k in given},
+                         **{_flag(k): (wanted[k], saved["train"][k]) for k in overrides if k not in CHANGEABLE_ON_RESUME}},
+                        checkpoint)
+        spec = saved_spec
+        cfg = TrainConfig.from_dict({**saved["train"], **{k: v for k, v in overrides.items() if k in CHANGEABLE_ON_RESUME}})
+    check_model_size(model, spec, cfg)
+    folder = RunFolder(Path(out) if out is not None else Path("runs") / f"{data.name}-{model}", "fit", replace=force)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         net = build_model(model, **spec).to(dev)
     target = ImageTarget(data.pixels, coords, dev)
     trainer = Trainer(net, target, cfg, progress=progress)
     if state is not None:
-        trainer.load_state_dict(_to_device(state["trainer"], dev))
+        try:
+            trainer.load_state_dict(_to_device(state["trainer"], dev))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise KanimgError(f"{checkpoint}: its training state does not fit its model ({_first_line(exc)})") from None
 
-    out = Path(out) if out is not None else Path("runs") / f"{data.name}-{model}"
     config = {
         "model": net.spec, "train": cfg.to_dict(), "device": str(dev), "grey": grey, "coords": coords,
         "image": {"path": str(image_path.resolve()), "name": data.name, "height": data.height, "width": data.width,
                   "channels": data.channels, "mode": data.mode, "bit_depth": data.bit_depth},
     }
-    with RunFolder(out, replace=force) as staging:
+    with folder as staging:
+        _settle_leftover(folder, checkpoint, force)
+        periodic = PeriodicCheckpoint(staging / "checkpoint.pt", config, checkpoint_seconds)
         started = time.perf_counter()
         interrupted = False
         try:
-            trainer.train()
+            trainer.train(on_step=periodic)
         except KeyboardInterrupt:
             interrupted = True
             if not trainer.history.eval_step or trainer.history.eval_step[-1] != trainer.step:
                 trainer.evaluate()
-        metrics = _export(staging, data, trainer, config, time.perf_counter() - started, interrupted)
-    return FitResult(out, metrics, interrupted)
+        except KanimgError:
+            folder.clear()  # a diverged run: its checkpoints are not worth resuming
+            raise
+        resumed_from = None if state is None else int(state["trainer"]["step"])
+        metrics = _export(staging, data, trainer, config, time.perf_counter() - started, interrupted, resumed_from)
+    return FitResult(folder.final, metrics, interrupted)
+
+
+class PeriodicCheckpoint:
+    """Trainer ``on_step`` hook: a checkpoint every ``seconds`` of wall time (atomic writes, so
+    a kill during one leaves the previous)."""
+
+    def __init__(self, path: Path, config: dict, seconds: float) -> None:
+        self.path, self.config, self.seconds = path, config, seconds
+        self.last = time.monotonic()
+
+    def __call__(self, trainer: Trainer) -> None:
+        if time.monotonic() - self.last >= self.seconds:
+            save_checkpoint(self.path, checkpoint_payload(self.config, trainer))
+            self.last = time.monotonic()
+
+
+def checkpoint_payload(config: dict, trainer: Trainer) -> dict:
+    return {"config": config, "trainer": trainer.state_dict(), "versions": versions()}
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest checkpoint of a run folder: its staging folder's (a run killed or still
+    training), else its finished one; None if it has neither."""
+    for candidate in (staging_folder(run) / "checkpoint.pt", Path(run) / "checkpoint.pt"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to (also for one in a ``.NAME.partial`` staging folder)."""
+    folder = Path(checkpoint).parent
+    if folder.name.startswith(".") and folder.name.endswith(".partial"):
+        return folder.parent / folder.name[1 : -len(".partial")]
+    return folder
+
+
+def _settle_leftover(folder: RunFolder, checkpoint: Path | None, force: bool) -> None:
+    """Decide about work an earlier, dead run left in the staging folder: keep it when it is
+    what we resume, drop it when it holds no checkpoint or ``force`` says so, refuse otherwise."""
+    if not folder.leftover:
+        return
+    left = folder.staging / "checkpoint.pt"
+    if checkpoint is not None and checkpoint.resolve() == left.resolve():
+        return
+    if left.is_file() and not force:
+        try:
+            step = f" at step {int(load_checkpoint(left)['trainer']['step']):,}"
+        except (KanimgError, KeyError, TypeError, ValueError):
+            step = ""
+        raise KanimgError(f"{folder.final}: an interrupted run{step} is waiting in {folder.staging}; continue it with "
+                          f"--resume (no path), or pass --force to start over")
+    folder.clear()
+
+
+def _refuse_changes(pairs: dict[str, tuple[Any, Any]], checkpoint: Path) -> None:
+    """ResumeMismatch for the first flag whose given value differs from the resumed run's."""
+    for flag, (given, saved) in pairs.items():
+        if given is not None and given != saved:
+            raise ResumeMismatch(f"{flag} {_show(given)} differs from the run in {checkpoint} ({_show(saved)}); a resumed run "
+                                 f"keeps its settings (only --steps and --eval-every may change): start a new run with -o")
+
+
+def _flag(option: str) -> str:
+    return {"num_features": "--features"}.get(option, "--" + option.replace("_", "-"))
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def check_model_size(model: str, spec: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse models (also after scheduled grid extensions) too large to train, before allocating."""
+    family = get_entry(model).family
+    if cfg.grid_schedule and family != "kan":
+        raise KanimgError(f"--grid-schedule extends KAN grids; {model} is a {family} model")
+    shapes = [spec] + [{**spec, "grids": grids} for _, grids in cfg.grid_schedule]
+    for option in shapes:
+        count = param_count(model, option)
+        if count > MAX_PARAMETERS:
+            raise KanimgError(f"{model} with {_describe(option)} has {count:,} parameters, over the limit of "
+                              f"{MAX_PARAMETERS:,}; choose smaller widths or grids")
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    return f"widths {_show(spec['widths'])}" + (f", grids {_show(spec['grids'])}" if "grids" in spec else "")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:160]
 
 
 def _to_device(value: Any, dev: torch.device) -> Any:
@@ -182,7 +321,8 @@ def _to_device(value: Any, dev: torch.device) -> Any:
     return value.to(dev) if isinstance(value, torch.Tensor) else value
 
 
-def _export(folder: Path, data: ImageData, trainer: Trainer, config: dict, wall: float, interrupted: bool) -> dict:
+def _export(folder: Path, data: ImageData, trainer: Trainer, config: dict, wall: float, interrupted: bool,
+            resumed_from: int | None) -> dict:
     """Render the best weights and write every output of the run into ``folder``."""
     best = best_model(trainer.state_dict(), trainer.device)
     recon = render(best, data.height, data.width, config["coords"], trainer.device)
@@ -207,6 +347,7 @@ def _export(folder: Path, data: ImageData, trainer: Trainer, config: dict, wall:
         "best_step": trainer.best_step,
         "steps_done": steps_done,
         "interrupted": interrupted,
+        "resumed_from_step": resumed_from,
         "wall_seconds": round(wall, 3),
         "train_seconds": round(trainer.train_seconds, 3),
         "steps_per_second": round(steps_done / trainer.train_seconds, 3) if trainer.train_seconds > 0 else None,
@@ -219,7 +360,7 @@ def _export(folder: Path, data: ImageData, trainer: Trainer, config: dict, wall:
     write_json(folder / "metrics.json", result)
     title = f"{config['image']['name']} · {best.spec['name']} · {params:,} params · {metrics['psnr']:.2f} dB"
     plot_curves(folder / "curves.png", trainer.history.__dict__, title)
-    save_checkpoint(folder / "checkpoint.pt", {"config": config, "trainer": trainer.state_dict(), "versions": versions()})
+    save_checkpoint(folder / "checkpoint.pt", checkpoint_payload(config, trainer))
     return result
 
 
@@ -228,5 +369,8 @@ def best_model(trainer_state: dict, device: torch.device | str = "cpu") -> torch
     evaluated), rebuilt from its own spec since grids may have been extended after it."""
     spec = dict(trainer_state["best_spec"] or trainer_state["spec"])
     model = build_model(spec.pop("name"), **spec)
-    model.load_state_dict(trainer_state["best_model"] or trainer_state["model"])
+    try:
+        model.load_state_dict(trainer_state["best_model"] or trainer_state["model"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise KanimgError(f"the checkpoint's weights do not fit its model ({_first_line(exc)})") from None
     return model.to(device)

@@ -15,6 +15,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from .errors import KanimgError
@@ -100,6 +101,12 @@ def build_model(name: str, **spec: Any) -> nn.Module:
     return model
 
 
+def param_count(name: str, spec: dict[str, Any]) -> int:
+    """Parameters of a registered model with ``spec``, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(name, **spec).parameters())
+
+
 def _plain(value: Any) -> Any:
     """Tuples to lists, so specs are JSON- and weights_only-checkpoint-friendly."""
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
@@ -131,6 +138,7 @@ def _positive(name: str, value: float) -> float:
 # side beat smaller ones (e.g. 32.3 vs 30.8 dB with 256 vs 128 on the 600×400 image), and
 # hidden grids of 20 beat 10 (42.7 vs 39.8 dB on the 256² image).
 FIRST_GRID, HIDDEN_GRID = 128, 20
+MAX_GRID = 4096  # intervals per layer: far above any useful grid, and bounds what a file or flag can ask for
 
 
 def kan_grids_for(widths: list[int], height: int | None = None, width: int | None = None) -> list[int]:
@@ -157,8 +165,8 @@ def kan(
     grids = [grids] * (len(widths) - 1) if isinstance(grids, int) else list(grids)
     if len(grids) != len(widths) - 1:
         raise KanimgError(f"grids has {len(grids)} entries but widths {widths} has {len(widths) - 1} layers; give one grid size per layer")
-    if any(int(g) != g or g < 1 for g in grids):
-        raise KanimgError(f"grid sizes must be positive integers, got {grids}")
+    if any(int(g) != g or not 1 <= g <= MAX_GRID for g in grids):
+        raise KanimgError(f"grid sizes must be integers from 1 to {MAX_GRID}, got {grids}")
     if len(grid_range) != 2 or not grid_range[0] < grid_range[1]:
         raise KanimgError(f"grid_range must be [lo, hi] with lo < hi, got {grid_range}")
     if grid_kind not in GRID_KINDS:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -23,6 +23,10 @@ from .sampling import CoordinateSampler, ImageTarget
 SCHEDULES = ("cosine", "constant", "staged")
 STAGES = 3  # "staged": the KAN paper's three stages at lr, lr/10, lr/100 (fresh Adam each)
 COSINE_FLOOR = 0.01  # "cosine" decays to this fraction of the initial learning rate
+# Training has diverged when the mean squared error in [-1, 1] value space passes this: an RMS
+# error of 10 times the whole value range (PSNR -14 dB), which no fit that is still learning
+# reaches (a network that outputs 0 everywhere has an MSE of at most 1).
+DIVERGED_MSE = 100.0
 
 
 @dataclass
@@ -58,17 +62,31 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise KanimgError(f"steps must be at least 1, got {self.steps}")
-        if not self.lr > 0:
-            raise KanimgError(f"learning rate must be positive, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise KanimgError(f"learning rate must be positive and finite, got {self.lr}")
         if self.batch_size < 0:
             raise KanimgError(f"batch size must be 0 (whole image) or positive, got {self.batch_size}")
         if self.schedule not in SCHEDULES:
             raise KanimgError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
-        if self.budget_seconds < 0:
-            raise KanimgError(f"the time budget must not be negative, got {self.budget_seconds}")
+        if not (self.budget_seconds >= 0 and math.isfinite(self.budget_seconds)):
+            raise KanimgError(f"the time budget must be a finite number of seconds, got {self.budget_seconds}")
         if self.grid_update_every < 0 or self.grid_update_until < 0 or self.eval_every < 0:
             raise KanimgError("grid update and eval periods must not be negative")
         self.grid_schedule = sorted([int(s), [int(g) for g in grids]] for s, grids in self.grid_schedule)
+        for at, grids in self.grid_schedule:
+            if at < 0 or not grids or min(grids) < 1:
+                raise KanimgError(f"grid extensions need a step >= 0 and positive grid sizes, got {at}:{','.join(map(str, grids))}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """A config from plain values (a checkpoint's, the CLI's); unknown keys and bad types are errors."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise KanimgError(f"unknown training option(s): {', '.join(unknown)}")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise KanimgError(f"invalid training options ({exc})") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +111,12 @@ def grid_update_due(steps_into_stage: int, config: TrainConfig) -> bool:
     if config.grid_update_every <= 0:
         return False
     return steps_into_stage < config.grid_update_until and steps_into_stage % config.grid_update_every == 0
+
+
+def _check_converging(mse: float, step: int, what: str) -> None:
+    if not (math.isfinite(mse) and mse <= DIVERGED_MSE):
+        raise KanimgError(f"training diverged: {what} {mse:.3g} at step {step} (values span [-1, 1]); "
+                          f"try a lower learning rate (--lr)")
 
 
 @dataclass
@@ -139,11 +163,12 @@ class Trainer:
         return self.train_seconds / cfg.budget_seconds if cfg.budget_seconds > 0 else self.step / cfg.steps
 
     # ------------------------------------------------------------------ the loop
-    def train(self, on_eval: Callable[["Trainer"], None] | None = None) -> None:
+    def train(self, on_step: Callable[["Trainer"], None] | None = None) -> None:
         """Run until ``config.steps`` (or the time budget); continues from ``self.step`` after a resume.
+        ``on_step(trainer)`` is called after every step (e.g. for periodic checkpoints).
 
         Raises:
-            KanimgError: the loss became NaN or infinite.
+            KanimgError: training diverged (a loss that is NaN, infinite or above DIVERGED_MSE).
             KeyboardInterrupt: propagated after the current step; the state stays consistent.
         """
         cfg = self.config
@@ -163,8 +188,7 @@ class Trainer:
                 last = self.fraction_done() >= 1
                 if self.step % LOG_EVERY == 0 or last:
                     value = loss.item()
-                    if not math.isfinite(value):
-                        raise KanimgError(f"loss became {value} at step {self.step}; try a lower learning rate (--lr)")
+                    _check_converging(value, self.step, "loss")
                     self.history.step.append(self.step)
                     self.history.loss.append(value)
                     bar.set_postfix(loss=f"{value:.2e}", psnr=f"{psnr_from_mse(value, 2.0):.2f}",
@@ -172,8 +196,8 @@ class Trainer:
                 bar.update(1)
                 if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
                     self.evaluate()
-                    if on_eval is not None:
-                        on_eval(self)
+                if on_step is not None:
+                    on_step(self)
         finally:
             bar.close()
 
@@ -205,9 +229,8 @@ class Trainer:
         """Full-image PSNR (dB, [0, 1] scale, unclipped); keeps the best weights."""
         prediction = predict(self.model, self.target.coords)
         mse = nn.functional.mse_loss(prediction, self.target.values).item()
+        _check_converging(mse, self.step, "full-image error")
         value = psnr_from_mse(mse, 2.0)  # values span [-1, 1]: peak-to-peak 2
-        if not math.isfinite(mse):
-            raise KanimgError(f"the model's output became {mse} at step {self.step}; try a lower learning rate (--lr)")
         self.history.eval_step.append(self.step)
         self.history.eval_psnr.append(value)
         self.history.eval_seconds.append(self.train_seconds)

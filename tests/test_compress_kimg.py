@@ -200,13 +200,17 @@ def test_screened_decode_equals_rounding_the_float64_network():
 
 
 @pytest.mark.parametrize("name", ["kan", "siren"])
-def test_rendering_chosen_pixels_gives_exactly_those_pixels_of_the_whole_image(name):
-    from kanimg.compress.bitstream import render
+def test_rendering_chosen_pixels_in_small_tiles_gives_exactly_those_pixels_of_the_whole_image(name, monkeypatch):
+    from kanimg.compress import bitstream
 
     decoded = decode_model(encode_model(trained_like(name), ImageInfo(40, 56, 3), QuantConfig(9 if name == "kan" else 16)))
-    whole = render(decoded.model, decoded.image).reshape(-1, 3)
+    whole = bitstream.render(decoded.model, decoded.image).reshape(-1, 3)
+    integers = bitstream.render_integers(decoded)
+    monkeypatch.setattr(bitstream, "TILE_VALUES", 100)  # tiles of a few pixels; KAN first-layer tables in pieces
+    assert bitstream.tile_pixels(decoded.model.spec) < 10
     chosen = np.random.default_rng(0).choice(40 * 56, size=300, replace=False)
-    np.testing.assert_allclose(render(decoded.model, decoded.image, chosen, rows_per_chunk=2), whole[chosen], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(bitstream.render(decoded.model, decoded.image, chosen), whole[chosen], rtol=0, atol=1e-12)
+    assert np.array_equal(bitstream.render_integers(decoded), integers)
 
 
 def test_grey_and_sixteen_bit_images_round_trip(tmp_path):

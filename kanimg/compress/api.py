@@ -4,19 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import KanimgError
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, check_writable
 from ..io import load_image, save_png
 from .bitstream import DecodedImage, decode_image
+from .kimg import MAX_FILE_BYTES
 from .neural import CompressConfig, CompressResult, compress_image
 
 
 def _check_output(out: Path, force: bool) -> None:
+    """Refuse an output that cannot be written, before any work."""
+    if out.is_dir():
+        raise KanimgError(f"{out} is a folder, not a file")
     if out.exists() and not force:
         raise KanimgError(f"{out} already exists; pass --force to overwrite it")
-    if out.exists() and out.is_dir():
-        raise KanimgError(f"{out} is a folder, not a file")
-    if not out.parent.is_dir():
-        raise KanimgError(f"{out.parent}: no such folder")
+    check_writable(out.parent)
 
 
 def compress_file(image: Path, out: Path, bpp: float, config: CompressConfig, force: bool = False) -> CompressResult:
@@ -29,10 +30,18 @@ def compress_file(image: Path, out: Path, bpp: float, config: CompressConfig, fo
 
 
 def read_kimg_bytes(path: Path) -> bytes:
+    """The bytes of a .kimg file; never more than any .kimg file can hold."""
     path = Path(path)
     if not path.is_file():
         raise KanimgError(f"{path}: no such file" if not path.exists() else f"{path}: is a folder, not a .kimg file")
-    return path.read_bytes()
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise KanimgError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise KanimgError(f"{path}: too large to be a .kimg file (over {MAX_FILE_BYTES:,} bytes)")
+    return data
 
 
 def decode_file(path: Path, out: Path, force: bool = False) -> DecodedImage:

@@ -19,11 +19,11 @@ from torch import nn
 from ..errors import KanimgError
 from ..io import quantize as to_integers
 from ..models import build_model
-from ..render import predict
+from ..nn.bspline import SPLINE_ORDER
 from ..sampling import chunks
 from . import kimg
 from .entropy import cost_bits, decode_streams, encode_streams, fit_model
-from .kimg import MAX_TRANSFORM, ImageInfo, KimgFile, TensorHeader
+from .kimg import DECODE_LIMITS, MAX_TRANSFORM, TILE_VALUES, DecodeLimits, ImageInfo, KimgFile, TensorHeader
 from .quantize import QuantConfig, QuantizedTensor, quantize_tensor, round_float16
 from .tensors import grid_ranges, load_arrays, slots, stored_arrays
 
@@ -123,9 +123,14 @@ class DecodedModel:
         return describe(self.quant, self.bits)
 
 
-def decode_model(data: bytes) -> DecodedModel:
-    """Parse .kimg bytes and rebuild the network in float64 with its exact dequantised weights."""
-    parsed = kimg.read(data)
+def decode_model(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> DecodedModel:
+    """Parse .kimg bytes and rebuild the network in float64 with its exact dequantised weights.
+
+    Raises:
+        KanimgError: anything :func:`kimg.read` refuses; a payload with bytes after its coded
+            data, or weights that are not finite.
+    """
+    parsed = kimg.read(data, limits)
     spec, quant = parsed.spec, parsed.quant
     arrays: list[np.ndarray] = []
     if quant.is_float16:
@@ -135,13 +140,16 @@ def decode_model(data: bytes) -> DecodedModel:
             arrays.append(values[offset : offset + slot.size].reshape(slot.shape))
             offset += slot.size
     else:
-        lengths, limits, models = [], [], []
+        lengths, ranges, models = [], [], []
         for slot, header in zip(slots(spec), parsed.tensors):
             rows = slot.size // slot.shape[-1]
             lengths += [rows] * header.transform + [rows * (slot.shape[-1] - header.transform)]
-            limits += stream_limits(QuantConfig(header.bits).levels, header.transform)
+            ranges += stream_limits(QuantConfig(header.bits).levels, header.transform)
             models += header.models
-        flat = iter(decode_streams(parsed.payload, lengths, limits, models))
+        decoded = decode_streams(parsed.payload, lengths, ranges, models)
+        if encode_streams(decoded, ranges, models) != parsed.payload:  # the coder is deterministic: one payload per content
+            raise KanimgError("malformed .kimg payload: bytes beyond the coded data, or not as this format codes it")
+        flat = iter(decoded)
         for slot, header in zip(slots(spec), parsed.tensors):
             lead = slot.shape[:-1]
             streams = [next(flat).reshape(lead) for _ in range(header.transform)]
@@ -150,6 +158,8 @@ def decode_model(data: bytes) -> DecodedModel:
             if np.abs(ints).max(initial=0) > QuantConfig(header.bits).levels:
                 raise KanimgError("malformed .kimg payload: a value outside the quantisation range")
             arrays.append(QuantizedTensor(ints, header.steps).dequantize())
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise KanimgError("malformed .kimg file: weights that are not finite numbers")
     options = {k: v for k, v in spec.items() if k != "name"}
     model = build_model(spec["name"], **options).to(torch.float64)
     load_arrays(model, arrays, [r if r is not None else np.array([[-1.0, 1.0]] * w, dtype=np.float32)
@@ -164,47 +174,65 @@ def axis64(n: int, convention: str) -> torch.Tensor:
     return torch.linspace(-1, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
 
 
-def pixel_coords64(height: int, width: int, convention: str) -> torch.Tensor:
-    """(H·W, 2) float64 coordinates (x, y) in row-major order."""
-    grid_y, grid_x = torch.meshgrid(axis64(height, convention), axis64(width, convention), indexing="ij")
-    return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
-
-
 def _edges(layer: nn.Module, feature: int, values: torch.Tensor) -> torch.Tensor:
     """Σ over one input feature's edges of a KAN layer: (N,) values → (N, O)."""
     from ..nn.bspline import spline_features
 
     lo, inv_h = layer._grid_lo_inv_h()
-    rows = spline_features(values[:, None], lo[feature : feature + 1], inv_h[feature : feature + 1], layer.grid_size)
     spline = layer.spline_scale[:, feature, None] * layer.spline_weight[:, feature, :]  # (O, G+3)
-    return rows @ torch.cat([layer.base_weight[:, feature, None], spline], dim=1).t()
+    weight = torch.cat([layer.base_weight[:, feature, None], spline], dim=1).t()  # (G+4, O)
+    step = max(1, TILE_VALUES // weight.shape[0])
+    return torch.cat([spline_features(values[part, None], lo[feature : feature + 1], inv_h[feature : feature + 1],
+                                      layer.grid_size) @ weight for part in chunks(values.shape[0], step)])
+
+
+class Evaluator:
+    """A decoded network at any pixels, in the model's dtype on the CPU.
+
+    A KAN's first layer is a sum of one function of x and one of y, so it is evaluated once on
+    the W + H distinct coordinates and broadcast — free, however fine its grid; only the deeper
+    layers run per pixel.
+    """
+
+    def __init__(self, model: nn.Module, image: ImageInfo) -> None:
+        self.model, self.image = model, image
+        self.dtype = next(model.parameters()).dtype
+        self.xs = axis64(image.width, image.coords).to(self.dtype)
+        self.ys = axis64(image.height, image.coords).to(self.dtype)
+        if hasattr(model, "layers"):
+            first = model.layers[0]
+            self.fx, self.fy = _edges(first, 0, self.xs), _edges(first, 1, self.ys)  # (W, O), (H, O)
+
+    @torch.no_grad()
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        """Values in [0, 1] (float64, unclipped) at the row-major pixel ``index`` (N,): (N, C)."""
+        row, col = index // self.image.width, index % self.image.width
+        if hasattr(self.model, "layers"):
+            hidden = self.fy[row] + self.fx[col]
+            for layer in self.model.layers[1:]:
+                hidden = layer(hidden)
+        else:
+            hidden = self.model(torch.stack([self.xs[col], self.ys[row]], dim=1))
+        return (hidden.to(torch.float64) + 1) / 2
+
+
+def tile_pixels(spec: dict) -> int:
+    """Pixels per tile of a decoder evaluating ``spec``: TILE_VALUES // (the widest layer's
+    activations or spline features), so memory stays flat (32 MB of float64) whatever the
+    image size or network width a file declares."""
+    widths = spec["widths"]
+    features = [i * (g + SPLINE_ORDER + 1) for i, g in zip(widths[1:-1], spec["grids"][1:])] if spec["name"] == "kan" else []
+    return max(1, TILE_VALUES // max(widths + features))
 
 
 @torch.no_grad()
-def render(model: nn.Module, image: ImageInfo, pixels: np.ndarray | None = None, rows_per_chunk: int = 64) -> np.ndarray:
+def render(model: nn.Module, image: ImageInfo, pixels: np.ndarray | None = None) -> np.ndarray:
     """Float64 values in [0, 1] (unclipped) of ``model`` at every pixel, (H, W, C), or at the
-    row-major ``pixels`` indices only, (len(pixels), C); computed in the model's dtype on the CPU.
-
-    A KAN's first layer is a sum of one function of x and one of y, so it is evaluated on
-    the W + H distinct coordinates and broadcast — free, however fine its grid; only the
-    deeper layers run per pixel.
-    """
-    dtype = next(model.parameters()).dtype
+    row-major ``pixels`` indices only, (len(pixels), C); computed in the model's dtype on the CPU."""
+    evaluate = Evaluator(model, image)
     index = torch.arange(image.pixels) if pixels is None else torch.from_numpy(np.asarray(pixels, dtype=np.int64))
-    bands = []
-    if hasattr(model, "layers"):
-        first = model.layers[0]
-        xs, ys = axis64(image.width, image.coords).to(dtype), axis64(image.height, image.coords).to(dtype)
-        fx, fy = _edges(first, 0, xs), _edges(first, 1, ys)  # (W, O), (H, O)
-        for part in chunks(index.shape[0], rows_per_chunk * image.width):
-            hidden = fy[index[part] // image.width] + fx[index[part] % image.width]
-            for layer in model.layers[1:]:
-                hidden = layer(hidden)
-            bands.append(hidden)
-    else:
-        coords = pixel_coords64(image.height, image.width, image.coords)[index].to(dtype)
-        bands = [predict(model, coords, rows_per_chunk * image.width)]
-    values = ((torch.cat(bands).to(torch.float64) + 1) / 2).numpy()
+    step = tile_pixels(model.spec)
+    values = torch.cat([evaluate(index[part]) for part in chunks(index.shape[0], step)]).numpy()
     return values.reshape(image.height, image.width, -1) if pixels is None else values
 
 
@@ -218,21 +246,32 @@ ROUNDING_GUARD = 0.02
 
 @torch.no_grad()
 def render_integers(decoded: DecodedModel) -> np.ndarray:
-    """(H, W, C) integer pixels of a decoded model, the same on every run and machine.
+    """(H, W, C) integer pixels of a decoded model, the same on every run and machine, computed
+    tile by tile (only the integers of the whole image are held).
 
     8-bit images: float32 everywhere (2–3× faster), float64 for pixels near a rounding
     boundary. 16-bit images: float64 everywhere.
+
+    Raises:
+        KanimgError: the network's output is not finite (a crafted or damaged file).
     """
     img, model = decoded.image, decoded.model
-    if img.bit_depth > 8:
-        return to_integers(render(model, img), img.bit_depth)
+    exact = Evaluator(model, img)
+    fast = Evaluator(copy.deepcopy(model).to(torch.float32), img) if img.bit_depth <= 8 else exact
     top = float(2**img.bit_depth - 1)
-    values = render(copy.deepcopy(model).to(torch.float32), img).reshape(-1, img.channels)
-    scaled = np.clip(values, 0.0, 1.0) * top
-    near = (np.abs(scaled - np.floor(scaled) - 0.5) < ROUNDING_GUARD).any(axis=1)
-    if near.any():
-        values[near] = render(model, img, np.flatnonzero(near))
-    return to_integers(values.reshape(img.height, img.width, img.channels), img.bit_depth)
+    out = np.empty((img.pixels, img.channels), dtype=np.uint8 if img.bit_depth <= 8 else np.uint16)
+    for part in chunks(img.pixels, tile_pixels(model.spec)):
+        index = torch.arange(part.start, part.stop)
+        values = fast(index).numpy()
+        if fast is not exact:
+            scaled = np.clip(values, 0.0, 1.0) * top
+            near = (np.abs(scaled - np.floor(scaled) - 0.5) < ROUNDING_GUARD).any(axis=1)
+            if near.any():
+                values[near] = exact(index[torch.from_numpy(near)]).numpy()
+        if not np.isfinite(values).all():
+            raise KanimgError("malformed .kimg file: the network's output is not finite")
+        out[part] = to_integers(values, img.bit_depth)
+    return out.reshape(img.height, img.width, img.channels)
 
 
 @dataclass
@@ -248,7 +287,7 @@ class DecodedImage:
         return self.integers.astype(np.float64) / float(2**self.image.bit_depth - 1)
 
 
-def decode_image(data: bytes) -> DecodedImage:
-    """The image a .kimg file holds, identical on every decode."""
-    decoded = decode_model(data)
+def decode_image(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> DecodedImage:
+    """The image a .kimg file holds, identical on every decode, within ``limits``."""
+    decoded = decode_model(data, limits)
     return DecodedImage(render_integers(decoded), decoded.image, decoded.describe(), decoded.model.spec)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import KanimgError
 from ..io import MAX_PIXELS
+from ..models import MAX_GRID
 from .entropy import FAMILIES as ENTROPY_FAMILIES
 from .entropy import StreamModel
 from .quantize import FLOAT16, GRANULARITIES, MAX_BITS, MIN_BITS, QuantConfig
@@ -35,7 +36,44 @@ MODEL_IDS = {"kan": 1, "siren": 2}
 COORDS_IDS = {"centers": 0, "linspace": 1}
 MAX_TRANSFORM = 2  # differences of order 0, 1, 2 along a smooth tensor's last axis
 # A decoder allocates nothing bigger than these, whatever a (crafted) header claims.
-MAX_LAYERS, MAX_WIDTH, MAX_GRID, MAX_PARAMETERS = 64, 4096, 4096, 20_000_000
+MAX_LAYERS, MAX_WIDTH, MAX_PARAMETERS = 64, 4096, 20_000_000
+MAX_FILE_BYTES = 2 * MAX_PARAMETERS + (16 << 20)  # float16 weights of the largest network, plus headers
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What decoding one file may cost, checked from the header before anything is built.
+
+    Each field limit above (size, widths, grids, parameters) holds alone; these bound their
+    product: ``macs`` the multiply-adds of evaluating the network at every pixel (see
+    :func:`decode_cost`), ``bytes`` the memory the decoder holds at once.
+    """
+
+    macs: float = 2e13
+    bytes: int = 2 << 30
+
+
+DECODE_LIMITS = DecodeLimits()
+TILE_VALUES = 1 << 22  # activations a decoder holds per tile (bitstream.tile_pixels)
+
+
+def decode_cost(spec: dict, height: int, width: int, channels: int) -> tuple[float, int]:
+    """(multiply-adds, bytes) to decode an image of ``spec``: every layer as a dense product of
+    its feature rows and weights (an upper bound of the fused kernel's work), float64 and
+    float32 copies of the network, a KAN's first-layer tables on the W + H coordinates, one
+    tile of activations and the integer image."""
+    widths, pixels = spec["widths"], height * width
+    pairs = list(zip(widths[:-1], widths[1:]))
+    if spec["name"] == "kan":
+        grids = spec["grids"]
+        first = (height + width) * (grids[0] + 4) * widths[1]
+        per_pixel = widths[1] + sum(i * (g + 4) * o for (i, o), g in zip(pairs[1:], grids[1:]))
+        tables = 2 * (height + width) * widths[1] * 12
+    else:
+        first, per_pixel, tables = 0, sum(i * o for i, o in pairs), 0
+    macs = first + 2 * pixels * per_pixel  # float32 pass, then (at worst) float64 for every pixel
+    memory = 12 * parameter_count(spec) + tables + 4 * 8 * TILE_VALUES + 2 * pixels * channels
+    return float(macs), int(memory)
 
 
 @dataclass
@@ -179,14 +217,16 @@ def check_envelope(data: bytes) -> None:
         raise KanimgError("corrupted or truncated .kimg file: checksum mismatch")
 
 
-def read(data: bytes) -> KimgFile:
+def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
     """Parse and validate a .kimg file.
 
     Raises:
         KanimgError: wrong magic, newer version, checksum mismatch (truncated or corrupted),
-            or any field outside what this format allows.
+            any field outside what this format allows, or a decode cost over ``limits``.
     """
     data = bytes(data)
+    if len(data) > MAX_FILE_BYTES:
+        raise KanimgError(f"malformed .kimg file: {len(data):,} bytes, more than any .kimg file holds ({MAX_FILE_BYTES:,})")
     check_envelope(data)
     r = _Reader(data, len(data) - CHECKSUM_BYTES)
     bits_unit = BITS_UNIT[r.take(len(MAGIC) + 1)[-1]]
@@ -212,15 +252,20 @@ def read(data: bytes) -> KimgFile:
             flag = r.unpack("<B")
             _check(flag in (0, 1), f"grid range flag {flag}")
             if flag:
-                limits = np.frombuffer(r.take(8 * n_in), dtype="<f4").reshape(n_in, 2).astype(np.float32)
-                _check(bool(np.all(np.isfinite(limits)) and np.all(limits[:, 0] < limits[:, 1])), "grid ranges")
-                ranges.append(limits)
+                bounds = np.frombuffer(r.take(8 * n_in), dtype="<f4").reshape(n_in, 2).astype(np.float32)
+                _check(bool(np.all(np.isfinite(bounds)) and np.all(bounds[:, 0] < bounds[:, 1])), "grid ranges")
+                ranges.append(bounds)
             else:
                 ranges.append(None)
     else:
         spec["omega0"] = float(r.unpack("<f"))
         _check(np.isfinite(spec["omega0"]) and spec["omega0"] > 0, f"omega0 {spec['omega0']}")
     _check(parameter_count(spec) <= MAX_PARAMETERS, f"{parameter_count(spec)} parameters")
+    macs, memory = decode_cost(spec, height, width, channels)
+    if macs > limits.macs or memory > limits.bytes:
+        raise KanimgError(f".kimg file too costly to decode: {width}x{height} pixels through {parameter_count(spec):,} "
+                          f"parameters need {macs:.2g} multiply-adds and {memory / 2**30:.1f} GiB (limits {limits.macs:.2g} "
+                          f"and {limits.bytes / 2**30:.1f} GiB)")
     precision, granularity = r.unpack("<BB")
     _check(precision in (0, FLOAT16), f"precision {precision}")
     _check(granularity < len(GRANULARITIES), f"granularity {granularity}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -118,6 +119,8 @@ def _float_model_psnr(model: torch.nn.Module, image: ImageData, info: ImageInfo)
 
 def compress_image(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
     """Fit, quantise and code ``image`` into about ``bpp`` bits per pixel (see CompressResult)."""
+    if not (bpp > 0 and math.isfinite(bpp)):
+        raise KanimgError(f"--bpp must be a positive number of bits per pixel, got {bpp}")
     info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
     bits = config.bits or DEFAULT_BITS[config.model]
     sizing = size_model(config.model, info, bpp, QuantConfig(bits or DESIGN_BITS, config.granularity))

@@ -6,12 +6,15 @@ PSNR at the target bit rates, comparisons at equal bpp, and BD metrics against J
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import platform
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -98,8 +101,46 @@ def find_images(path: Path) -> list[Path]:
     return files
 
 
-def run_rd(path: Path, config: RDConfig, progress: bool = True) -> RDResult:
-    """Measure every codec of ``config`` on the image (or the folder of images) at ``path``."""
+class PointCache:
+    """The finished network points of an RD experiment, one JSON file each beside its .kimg
+    file, so an interrupted experiment (Ctrl-C, kill -9) continues where it stopped: a point is
+    reused only when its image pixels, codec, target bpp and codec options are the same."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    @staticmethod
+    def key(image: ImageData, codec: str, bpp: float, options: dict[str, Any]) -> dict[str, Any]:
+        digest = hashlib.sha256(np.ascontiguousarray(image.pixels).tobytes()).hexdigest()[:32]
+        return {"image": image.name, "pixels_sha256": digest, "codec": codec, "bpp": bpp, "options": options}
+
+    def _stem(self, key: dict[str, Any]) -> Path:
+        return self.folder / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', key['image'])}-{key['codec']}-{key['bpp']:g}bpp"
+
+    def load(self, key: dict[str, Any]) -> tuple[Point, bytes] | None:
+        stem = self._stem(key)
+        try:
+            saved = json.loads(stem.with_suffix(".json").read_text())
+            data = stem.with_suffix(".kimg").read_bytes()
+            if saved["key"] != json.loads(json.dumps(key)) or saved["point"]["bytes"] != len(data):
+                return None
+            return Point(**saved["point"]), data
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self, key: dict[str, Any], point: Point, data: bytes) -> None:
+        from ..export import write_json
+        from ..files import atomic_write_bytes
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stem = self._stem(key)
+        atomic_write_bytes(stem.with_suffix(".kimg"), data)
+        write_json(stem.with_suffix(".json"), {"key": key, "point": asdict(point)})  # last: the point is complete
+
+
+def run_rd(path: Path, config: RDConfig, progress: bool = True, cache: PointCache | None = None) -> RDResult:
+    """Measure every codec of ``config`` on the image (or the folder of images) at ``path``;
+    network points found in ``cache`` are reused and new ones are added to it."""
     files = find_images(path)
     images: list[ImageData] = [load_image(f) for f in files]
     codecs = {name: get_codec(name, {**config.neural, "progress": False} if name in NEURAL else None) for name in config.codec_names}
@@ -116,7 +157,7 @@ def run_rd(path: Path, config: RDConfig, progress: bool = True) -> RDResult:
                 bar.set_postfix_str(f"{image.name}: {name}")
                 if name in NEURAL:
                     collected: list[bytes] = []
-                    points[name] = _run_neural(codec, image, config.bpps, collected)
+                    points[name] = _run_neural(codec, image, config.bpps, collected, cache, config.neural)
                     streams[name] = collected
                 else:
                     points[name] = run_sweep(codec, image, config.bpps)
@@ -128,15 +169,24 @@ def run_rd(path: Path, config: RDConfig, progress: bool = True) -> RDResult:
     return RDResult(config, results, {name: codec.description for name, codec in codecs.items()})
 
 
-def _run_neural(codec, image: ImageData, bpps: Sequence[float], bitstreams: list[bytes]) -> list[Point]:
-    """A network codec's sweep (one point per target, ascending), keeping each point's .kimg bytes."""
+def _run_neural(codec, image: ImageData, bpps: Sequence[float], bitstreams: list[bytes], cache: PointCache | None,
+                options: dict[str, Any]) -> list[Point]:
+    """A network codec's points (one fit per target, ascending), keeping each point's .kimg bytes."""
     points = []
-    sweep = codec.sweep(image, bpps)
-    for _ in bpps:
-        started = time.perf_counter()
-        encoded = next(sweep)
-        points.append(measure(codec, image, encoded, time.perf_counter() - started))
-        bitstreams.append(encoded.data)
+    for bpp in sorted(bpps):
+        key = PointCache.key(image, codec.name, bpp, options)
+        cached = cache.load(key) if cache is not None else None
+        if cached is not None:
+            log.info("%s %s at %g bpp: measured earlier, reused", image.name, codec.name, bpp)
+            point, data = cached
+        else:
+            started = time.perf_counter()
+            encoded = next(codec.sweep(image, [bpp]))
+            point, data = measure(codec, image, encoded, time.perf_counter() - started), encoded.data
+            if cache is not None:
+                cache.save(key, point, data)
+        points.append(point)
+        bitstreams.append(data)
     return points
 
 

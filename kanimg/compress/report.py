@@ -3,13 +3,14 @@ and the networks' .kimg bitstreams, all built in a staging folder and moved into
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..export import write_json
 from ..files import RunFolder, atomic_path, atomic_write_bytes
 from .codecs import NEURAL
-from .rd import REFERENCE, RDConfig, RDResult, run_rd, summarise
+from .rd import REFERENCE, PointCache, RDConfig, RDResult, run_rd, summarise
 
 MARKERS = {"kan": "o", "siren": "s", "jpeg": "^", "webp": "v", "avif": "D"}
 
@@ -19,15 +20,17 @@ def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, p
     """Run the experiment on ``path`` (image or folder) and write every output into ``out``.
 
     The folder is checked before any work (an existing one needs ``force``) and appears only
-    when everything is written. Returns the results.json payload.
+    when everything is written. Every finished network point is kept at once in the staging
+    folder (``.NAME.partial/points``), so the same command after Ctrl-C or a kill continues
+    where it stopped. Returns the results.json payload.
     """
-    folder = RunFolder(Path(out), replace=force)
-    result = run_rd(Path(path), config, progress=progress)
-    summary = summarise(result)
-    if command:
-        summary["command"] = command
-    with folder as staging:
+    with RunFolder(Path(out), "rd", replace=force) as staging:
+        result = run_rd(Path(path), config, progress=progress, cache=PointCache(staging / "points"))
+        summary = summarise(result)
+        if command:
+            summary["command"] = command
         write_report(result, summary, staging)
+        shutil.rmtree(staging / "points", ignore_errors=True)  # the finished folder has every point in results.json and kimg/
     return summary
 
 

@@ -1,22 +1,42 @@
 """Loads the fused C++ CPU kernel for the KAN layer, compiling it once per machine.
 
 torch.utils.cpp_extension caches the build (under ~/.cache/torch_extensions, or
-$TORCH_EXTENSIONS_DIR), so only the first use pays the ~1 minute compile. Without a working
+$TORCH_EXTENSIONS_DIR), so only the first use pays the ~1 minute compile. The build is tuned
+for the CPU it runs on (-march=native), so the cache is keyed on that CPU: a home folder or
+cache shared between machines never runs one machine's build on another (a SIGILL there
+would kill the process before any fallback could run). Without a working
 compiler, or with KANIMG_NO_KERNEL=1, the layer falls back to the pure-PyTorch functions in
 bspline.py, which compute the same thing more slowly.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
 import warnings
 from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "kan_cpu.cpp"
-_NAME = "kanimg_kan_cpu"
+
+
+def _cpu_key() -> str:
+    """A short digest of this CPU: its model name and instruction-set flags (or, where
+    /proc/cpuinfo is missing, what the platform module says)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            lines = [line for line in info if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        text = "".join(sorted(set(lines)))
+    except OSError:
+        text = ""
+    text = text or f"{platform.machine()} {platform.processor()} {platform.platform()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+_NAME = f"kanimg_kan_cpu_{_cpu_key()}"
 
 
 @functools.cache
