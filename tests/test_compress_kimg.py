@@ -1,6 +1,7 @@
 """The .kimg format: bit-exact round trips, bpp = file size, and refusal of damaged files."""
 import struct
 import zlib
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -225,3 +226,114 @@ def test_grey_and_sixteen_bit_images_round_trip(tmp_path):
         assert main(["decode", str(out)]) == 0 and png.exists()
         decoded = load_image(png)
         assert decoded.pixels.shape == (24, 24, 1) and decoded.bit_depth == depth
+
+
+def crafted(spec: dict, image: ImageInfo, payload: bytes = b"") -> bytes:
+    """A float16 .kimg file whose header says ``spec`` and ``image`` (valid checksum)."""
+    ranges = [None] * (len(spec["widths"]) - 1) if spec["name"] == "kan" else []
+    return kimg.write(kimg.KimgFile(image, spec, QuantConfig(16), ranges, [], payload))
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(monkeypatch):
+    """72 bytes declaring a 9459x9459 image through a 4096-wide KAN: refused before anything is
+    built (each field alone is within its limit; their product is not)."""
+    import tracemalloc
+
+    from kanimg.compress import bitstream
+
+    bomb = crafted({"name": "kan", "widths": [2, 4096, 3], "grids": [600, 800]}, ImageInfo(9459, 9459, 3))
+    assert len(bomb) < 100
+    built = mock.patch.object(bitstream, "build_model", side_effect=AssertionError("built a model for a bomb"))
+    tracemalloc.start()
+    with built, pytest.raises(KanimgError, match="too costly to decode"):
+        decode_image(bomb)
+    assert tracemalloc.get_traced_memory()[1] < 50 << 20
+    tracemalloc.stop()
+    macs, memory = kimg.decode_cost({"name": "kan", "widths": [2, 4096, 3], "grids": [600, 800]}, 9459, 9459, 3)
+    assert macs > kimg.DECODE_LIMITS.macs
+
+
+def test_decode_cost_counts_pixels_times_network_and_limits_apply():
+    spec = {"name": "kan", "widths": [2, 6, 5, 3], "grids": [12, 4, 4]}
+    macs, memory = kimg.decode_cost(spec, 100, 200, 3)
+    per_pixel = 6 + 6 * 8 * 5 + 5 * 8 * 3
+    assert macs == (300 * 16 * 6) + 2 * 20000 * per_pixel
+    assert kimg.decode_cost(spec, 200, 200, 3)[0] > macs and kimg.decode_cost(spec, 100, 200, 4)[1] > memory
+    data = encode_model(trained_like("kan"), ImageInfo(100, 200, 3), QuantConfig(8))
+    assert decode_image(data, kimg.DecodeLimits(macs=macs, bytes=memory)).integers.shape == (100, 200, 3)
+    for tight in (kimg.DecodeLimits(macs=macs - 1, bytes=memory), kimg.DecodeLimits(macs=macs, bytes=memory - 1)):
+        with pytest.raises(KanimgError, match="too costly"):
+            decode_image(data, tight)
+
+
+DECODE_PEAK = """
+import resource, sys
+from kanimg.compress import bitstream
+bitstream.TILE_VALUES = 1 << 16
+data = open(sys.argv[1], "rb").read()
+small = open(sys.argv[2], "rb").read()
+bitstream.decode_image(small)  # warm up: libraries and the kernel loaded
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+decoded = bitstream.decode_image(data)
+print(decoded.integers.shape, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@pytest.mark.parametrize("name", ["kan", "siren"])
+def test_a_large_image_from_a_small_network_decodes_in_bounded_memory(name, tmp_path):
+    """Tiles: only the integer image (36 MB here) is held whole, never a float image (288 MB
+    in float64) or a full activation map; peak resident memory measured in a fresh process."""
+    import subprocess
+    import sys
+
+    model = trained_like(name)
+    (tmp_path / "big.kimg").write_bytes(encode_model(model, ImageInfo(3000, 4000, 3), QuantConfig(16 if name == "siren" else 8)))
+    (tmp_path / "small.kimg").write_bytes(encode_model(model, ImageInfo(30, 40, 3), QuantConfig(16 if name == "siren" else 8)))
+    run = subprocess.run([sys.executable, "-c", DECODE_PEAK, str(tmp_path / "big.kimg"), str(tmp_path / "small.kimg")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shape, grown_kib = run.stdout.strip().rsplit(" ", 1)
+    assert shape == "(3000, 4000, 3)"
+    assert int(grown_kib) * 1024 < 120 << 20, grown_kib  # the integers plus small tiles
+
+
+def test_bytes_after_the_payload_are_refused():
+    for name in ("kan", "siren"):
+        data = good_file(name) if name == "kan" else encode_model(trained_like(name), ImageInfo(10, 14, 3), QuantConfig(16))
+        body = data[: -kimg.CHECKSUM_BYTES]
+        for extra in (b"\0\0\0\0", b"\x01\x02\x03\x04" * 3, b"\0\0"):
+            longer = body + extra
+            longer += struct.pack("<I", zlib.crc32(longer))
+            with pytest.raises(KanimgError, match="malformed"):
+                decode_image(longer)
+
+
+def test_non_finite_steps_weights_and_outputs_are_refused():
+    model = trained_like("siren")
+    data = encode_model(model, ImageInfo(10, 14, 3), QuantConfig(16))
+    parsed = kimg.read(data)
+    weights = np.frombuffer(parsed.payload, dtype="<f2").copy()
+    for value in (np.inf, np.nan):
+        bad = weights.copy()
+        bad[5] = value
+        with pytest.raises(KanimgError, match="weights that are not finite"):
+            decode_image(kimg.write(kimg.KimgFile(parsed.image, parsed.spec, parsed.quant, [], [], bad.tobytes())))
+    coded = kimg.read(good_file())
+    for tensor in coded.tensors:  # finite weights (1e32) whose network overflows
+        tensor.steps = np.full_like(tensor.steps, 1e30)
+    with pytest.raises(KanimgError, match="output is not finite"):
+        decode_image(kimg.write(coded))
+
+
+def test_unreadable_and_oversized_files_are_one_line_errors(tmp_path, capsys):
+    locked = tmp_path / "locked.kimg"
+    locked.write_bytes(good_file())
+    with mock.patch("pathlib.Path.open", side_effect=PermissionError(13, "Permission denied")):
+        assert main(["decode", str(locked), "-o", str(tmp_path / "x.png")]) == 2
+    assert "cannot read it (Permission denied)" in capsys.readouterr().err
+    huge = tmp_path / "huge.kimg"
+    with huge.open("wb") as f:
+        f.truncate(kimg.MAX_FILE_BYTES + 1)  # sparse
+    assert main(["decode", str(huge), "-o", str(tmp_path / "y.png")]) == 2
+    assert "too large" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()

@@ -126,6 +126,14 @@ def bad_invocations(tmp_path, photo):
         "option of another family": ["fit", photo, "--model", "kan", "--omega0", "30"],
         "negative steps": ["fit", photo, "--steps", "-5"],
         "NaN loss": ["fit", photo, "--model", "mlp", "--widths", "2,16,3", "--lr", "1e12", "--steps", "40"],
+        "diverging SIREN (finite loss)": ["fit", photo, "--model", "siren", "--widths", "2,32,3", "--lr", "1e6", "--steps", "40"],
+        "infinite lr": ["fit", photo, "--lr", "inf"],
+        "grid extension too fine": ["fit", photo, "--widths", "2,8,3", "--grids", "8,4", "--grid-schedule", "5:3000000,4", "--steps", "10"],
+        "grid extension to zero": ["fit", photo, "--widths", "2,8,3", "--grids", "8,4", "--grid-schedule", "5:0,0", "--steps", "10"],
+        "grid extension of the wrong length": ["fit", photo, "--widths", "2,8,3", "--grids", "8,4", "--grid-schedule", "5:16,4,4"],
+        "grid extension of a SIREN": ["fit", photo, "--model", "siren", "--grid-schedule", "5:8,4"],
+        "model too large": ["fit", photo, "--widths", "2,4096,4096,3", "--grids", "8,4000,8"],
+        "the working folder": ["fit", photo, "--steps", "5", "-o", ".", "--force"],
         "missing checkpoint": ["render", tmp_path / "nothing.pt"],
         "bad render size": ["render", tmp_path / "nothing.pt", "--size", "0x10"],
     })
@@ -136,7 +144,7 @@ def test_bad_input_is_one_line_nonzero_and_leaves_nothing(photo32, tmp_path, cap
     (tmp_path / "files").mkdir()
     for kind, argv in bad_invocations(tmp_path, photo32).items():
         out = tmp_path / "out" / kind.replace(" ", "_").replace("/", "_")
-        code = run_cli(*argv, "-o", out, "-q") if argv[0] == "fit" else run_cli(*argv)
+        code = run_cli(*argv, *(["-o", out] if "-o" not in argv else []), "-q") if argv[0] == "fit" else run_cli(*argv)
         err = capsys.readouterr().err.strip()
         assert code == 2, kind
         assert err.startswith("kanimg: error:") and "\n" not in err and "Traceback" not in err, (kind, err)
@@ -162,7 +170,7 @@ def test_ctrl_c_in_a_real_process_saves_a_resumable_run(photo32, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "kanimg", "fit", str(photo32), "--model", "mlp", "--widths", "2,32,3",
                              "--steps", "1000000", "-o", str(out), "-q"], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not list(tmp_path.glob(".run.partial-*")) and time.time() < deadline:  # training has started
+    while not (tmp_path / ".run.partial").exists() and time.time() < deadline:  # training has started
         time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
@@ -171,4 +179,123 @@ def test_ctrl_c_in_a_real_process_saves_a_resumable_run(photo32, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["interrupted"] and 0 < metrics["steps_done"] < 1000000
     assert "--resume" in err and (out / "checkpoint.pt").exists() and (out / "reconstruction.png").exists()
+    assert not list(tmp_path.glob(".run.*"))
+
+
+def small_fit(tmp_path: Path, photo: Path, name: str = "run", steps: int = 20) -> Path:
+    out = tmp_path / name
+    assert run_cli("fit", photo, "--model", "mlp", "--widths", "2,16,3", "--steps", steps, "-o", out, "-q") == 0
+    return out
+
+
+def test_broken_checkpoints_are_one_line_errors(photo32, tmp_path, capsys):
+    good = small_fit(tmp_path, photo32) / "checkpoint.pt"
+    payload = torch.load(good, weights_only=True)
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    torch.save({"format": "kanimg-checkpoint", "version": 1}, tmp_path / "no-config.pt")
+    torch.save({**payload, "trainer": {k: v for k, v in payload["trainer"].items() if k != "spec"}}, tmp_path / "no-spec.pt")
+    wrong = {**payload, "trainer": {**payload["trainer"], "best_model": {"layers.0.weight": torch.zeros(3, 3)}}}
+    torch.save(wrong, tmp_path / "wrong-weights.pt")
+    for name, message in (("empty.pt", "not a readable"), ("no-config.pt", "no config"), ("no-spec.pt", "no trainer.spec"),
+                          ("wrong-weights.pt", "do not fit")):
+        for argv in (["render", tmp_path / name, "-o", tmp_path / "x.png"], ["fit", "--resume", tmp_path / name, "-o", tmp_path / "y", "-q"]):
+            assert run_cli(*argv) == 2, (name, argv[0])
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("kanimg: error:") and "\n" not in err, err
+            assert message in err, err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y").exists()
+    assert run_cli("render", good, "--size", "100000x100000") == 2
+    assert "over the limit" in capsys.readouterr().err
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(photo32, tmp_path, capsys):
+    """/proc takes no new files, even for root: every verb says so in one line, before training."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc")
+    good = small_fit(tmp_path, photo32) / "checkpoint.pt"
+    kimg = tmp_path / "tiny.kimg"
+    assert run_cli("compress", photo32, "-o", kimg, "--bpp", "8", "--steps", "20", "--qat-steps", "0", "-q") == 0
+    capsys.readouterr()
+    never = mock.patch("kanimg.train.Trainer.train", side_effect=AssertionError("trained before checking the output"))
+    with never:
+        for argv in (["fit", photo32, "-o", "/proc/kanimg-run", "-q"], ["render", good, "-o", "/proc/x.png"],
+                     ["compare", photo32, "--models", "mlp", "-o", "/proc/kanimg-cmp", "-q"],
+                     ["compress", photo32, "-o", "/proc/x.kimg", "-q"], ["decode", kimg, "-o", "/proc/x.png"],
+                     ["rd", photo32, "--models", "kan", "--codecs", "jpeg", "-o", "/proc/kanimg-rd", "-q"]):
+            assert run_cli(*argv) == 2, argv[0]
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("kanimg: error:") and "\n" not in err and "/proc" in err, (argv[0], err)
+
+
+def test_resume_never_replaces_another_folder_without_force(photo32, tmp_path, capsys):
+    run = small_fit(tmp_path, photo32)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert run_cli("fit", "--resume", run / "checkpoint.pt", "-o", other, "--steps", "30", "-q") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert run_cli("fit", "--resume", run / "checkpoint.pt", "-o", other, "--steps", "30", "--force", "-q") == 2
+    assert "not a folder kanimg wrote" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "mine" and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    # its own folder is what a resume updates
+    assert run_cli("fit", "--resume", run / "checkpoint.pt", "--steps", "30", "-q") == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps_done"] == 30 and metrics["resumed_from_step"] == 20
+
+
+def test_resume_refuses_settings_it_cannot_change(photo32, tmp_path, capsys):
+    run = small_fit(tmp_path, photo32)
+    for flags, flag in ((["--lr", "0.5"], "--lr"), (["--model", "kan"], "--model"), (["--widths", "2,8,3"], "--widths"),
+                        (["--batch-size", "64"], "--batch-size"), (["--grey"], "--grey")):
+        assert run_cli("fit", photo32, "-o", run, "--resume", *flags, "-q") == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"kanimg: error: {flag} ") and "differs" in err, err
+    # the same values as the run's, and the ones that may change, are fine
+    assert run_cli("fit", photo32, "-o", run, "--resume", "--widths", "2,16,1", "--lr", "0.001", "--steps", "25",
+                   "--eval-every", "5", "-q") == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps_done"] == 25 and metrics["config"]["train"]["eval_every"] == 5
+
+
+def test_a_second_process_on_the_same_output_is_refused(photo32, tmp_path, capsys):
+    from kanimg.files import OutputLock
+
+    out = tmp_path / "run"
+    with OutputLock(out):  # as a running `kanimg fit -o run` holds it
+        assert run_cli("fit", photo32, "--model", "mlp", "--widths", "2,8,3", "--steps", "5", "-o", out, "-q") == 2
+    assert "being written by another kanimg process" in capsys.readouterr().err
+    assert not out.exists()
+    small_fit(tmp_path, photo32)  # free again, and no lock file left behind
+    assert not list(tmp_path.glob(".run.*"))
+
+
+def test_kill_9_loses_at_most_a_checkpoint_period_and_resume_continues(photo32, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    script = (f"from kanimg.fit import fit_image; fit_image({str(photo32)!r}, model='mlp', spec={{'widths': [2, 16, 3]}}, "
+              f"train={{'steps': 10**7, 'eval_every': 50}}, out={str(out)!r}, progress=False, checkpoint_seconds=0.2)")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    staged = tmp_path / ".run.partial" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not staged.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert staged.exists() and not out.exists()
+    step = int(torch.load(staged, weights_only=True)["trainer"]["step"])
+    assert step > 0
+    # a new run does not silently throw the killed one away ...
+    assert run_cli("fit", photo32, "--model", "mlp", "--widths", "2,16,3", "-o", out, "-q") == 2
+    assert "--resume" in capsys.readouterr().err and staged.exists()
+    # ... and --resume without a path continues it
+    assert run_cli("fit", photo32, "-o", out, "--resume", "--steps", step + 30, "-q") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == step and metrics["steps_done"] == step + 30
+    assert metrics["history"]["step"][0] == 10  # the curves from before the kill are kept
     assert not list(tmp_path.glob(".run.*"))

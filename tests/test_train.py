@@ -7,7 +7,7 @@ from conftest import photo_crop
 from kanimg.errors import KanimgError
 from kanimg.models import build_model
 from kanimg.sampling import ImageTarget
-from kanimg.train import Trainer, TrainConfig, grid_update_due, learning_rate, stage_of
+from kanimg.train import DIVERGED_MSE, Trainer, TrainConfig, grid_update_due, learning_rate, stage_of
 
 
 def test_learning_rate_schedules():
@@ -65,9 +65,27 @@ def test_grid_schedule_extends_grids_and_keeps_training():
     assert np.isfinite(trainer.history.loss).all()
 
 
-def test_time_budget_stops_training_on_time():
+def test_time_budget_stops_training_once_it_is_spent():
     trainer = small_trainer(steps=1, budget_seconds=0.5)  # steps is ignored with a budget
-    trainer.train()
-    assert trainer.step > 1
-    assert 0.5 <= trainer.train_seconds < 0.5 + 0.5
+    seen = []
+    trainer.train(on_step=lambda t: seen.append(t.train_seconds))
+    assert trainer.step > 1 and len(seen) == trainer.step
+    assert seen[-1] >= 0.5 and all(s < 0.5 for s in seen[:-1])  # the step that spent the budget was the last
     assert trainer.history.eval_step[-1] == trainer.step  # evaluated at the end
+
+
+@pytest.mark.parametrize("model_name,lr", [("siren", 1e6), ("mlp", 1e12)])
+def test_divergence_is_an_error_even_while_the_loss_stays_finite(model_name, lr):
+    torch.manual_seed(0)
+    model = build_model(model_name, widths=[2, 32, 3])
+    pixels = photo_crop(16).astype(np.float32) / 255
+    trainer = Trainer(model, ImageTarget(pixels), TrainConfig(steps=200, lr=lr, batch_size=64, eval_every=0), progress=False)
+    with pytest.raises(KanimgError, match="diverged"):
+        trainer.train()
+    assert trainer.step < 200
+
+
+def test_a_slow_start_is_not_divergence():
+    trainer = small_trainer(steps=40, lr=1e-4)  # barely moves from its initial error: far from diverging
+    trainer.train()
+    assert trainer.step == 40 and max(trainer.history.loss) <= DIVERGED_MSE

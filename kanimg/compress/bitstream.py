@@ -218,7 +218,7 @@ class Evaluator:
 
 def tile_pixels(spec: dict) -> int:
     """Pixels per tile of a decoder evaluating ``spec``: TILE_VALUES // (the widest layer's
-    activations or spline features), so memory stays flat (32 MB of float64) whatever the
+    activations or spline features), so memory stays flat (128 MB of float64) whatever the
     image size or network width a file declares."""
     widths = spec["widths"]
     features = [i * (g + SPLINE_ORDER + 1) for i, g in zip(widths[1:-1], spec["grids"][1:])] if spec["name"] == "kan" else []

@@ -49,12 +49,12 @@ class DecodeLimits:
     :func:`decode_cost`), ``bytes`` the memory the decoder holds at once.
     """
 
-    macs: float = 2e13
+    macs: float = 1e13
     bytes: int = 2 << 30
 
 
 DECODE_LIMITS = DecodeLimits()
-TILE_VALUES = 1 << 22  # activations a decoder holds per tile (bitstream.tile_pixels)
+TILE_VALUES = 1 << 24  # activations or spline features a decoder holds per tile (bitstream.tile_pixels)
 
 
 def decode_cost(spec: dict, height: int, width: int, channels: int) -> tuple[float, int]:
