@@ -109,3 +109,49 @@ def test_rd_on_a_folder_gives_per_image_and_mean_curves(tmp_path):
         assert mean["bpp"] == pytest.approx([(per["a"]["results"]["bpp"][k] + per["b"]["results"]["bpp"][k]) / 2 for k in range(n)])
     assert (out / "rd-a.png").stat().st_size > 0 and (out / "rd-b.png").stat().st_size > 0
     assert "per image" in (out / "results.md").read_text()
+
+
+def test_an_interrupted_rd_keeps_its_network_points_and_continues(crop, tmp_path):
+    """Ctrl-C (or a kill) after the first fitted point: the point is kept in the staging folder,
+    and the same command trains only what is missing; other options train anew."""
+    from unittest import mock
+
+    from kanimg.compress import neural
+
+    out = tmp_path / "rd"
+    args = ["rd", str(crop), "--models", "kan", "--codecs", "jpeg", "--bpp", "4,6", "--steps", "20", "--qat-steps", "0",
+            "-o", str(out), "-q"]
+    real, fitted = neural.compress_image, []
+
+    def fit_then_stop(image, bpp, config):
+        if fitted:
+            raise KeyboardInterrupt
+        fitted.append(bpp)
+        return real(image, bpp, config)
+
+    with mock.patch.object(neural, "compress_image", fit_then_stop):
+        assert main(args) == 130
+    assert fitted == [4.0] and not out.exists()
+    cached = sorted(p.name for p in (tmp_path / ".rd.partial" / "points").iterdir())
+    assert cached == ["crop-kan-4bpp.json", "crop-kan-4bpp.kimg"]
+    first = (tmp_path / ".rd.partial" / "points" / "crop-kan-4bpp.kimg").read_bytes()
+
+    def refuse(image, bpp, config):
+        fitted.append(("asked", bpp))
+        raise KeyboardInterrupt
+
+    with mock.patch.object(neural, "compress_image", refuse):  # other options: the kept point is not theirs
+        assert main(args[:-3] + ["--seed", "3", "-o", str(out), "-q"]) == 130
+    assert fitted.pop() == ("asked", 4.0)
+
+    def counting(image, bpp, config):
+        fitted.append(bpp)
+        return real(image, bpp, config)
+
+    with mock.patch.object(neural, "compress_image", counting):
+        assert main(args) == 0
+    assert fitted == [4.0, 6.0]  # only the missing point was fitted
+    assert (out / "kimg" / "crop-kan-4bpp.kimg").read_bytes() == first
+    results = json.loads((out / "results.json").read_text())
+    assert results["codecs"]["kan"]["results"]["bpp"][0] == 8 * len(first) / (32 * 32)
+    assert not (tmp_path / ".rd.partial").exists() and not (out / "points").exists()

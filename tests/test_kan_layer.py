@@ -266,3 +266,23 @@ def test_percentile_grid_places_knots_at_sample_quantiles():
     interior = layer.knots[0, 3:-3]
     assert interior[2] < 0.1  # the median knot follows the data, not the range
     assert torch.all(interior[1:] > interior[:-1])
+
+
+def test_kernel_builds_are_kept_apart_per_cpu(monkeypatch):
+    """-march=native code from one CPU can SIGILL on another: a cache shared between machines
+    (a home folder on NFS, a copied ~/.cache) must never hand one CPU's build to another."""
+    import io
+
+    from kanimg.nn import kernel
+
+    def cpuinfo(flags: str):
+        text = f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nmodel name\t: Some CPU\nflags\t\t: {flags}\n"
+        return lambda *args, **kwargs: io.StringIO(text)
+
+    keys = {}
+    for flags in ("fpu sse2 avx2", "fpu sse2 avx2 avx512f", "fpu sse2 avx2"):
+        monkeypatch.setattr(kernel, "open", cpuinfo(flags), raising=False)
+        keys.setdefault(flags, set()).add(kernel._cpu_key())
+    assert len(keys["fpu sse2 avx2"]) == 1 and keys["fpu sse2 avx2"] != keys["fpu sse2 avx2 avx512f"]
+    monkeypatch.undo()
+    assert kernel._NAME == f"kanimg_kan_cpu_{kernel._cpu_key()}"
