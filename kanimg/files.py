@@ -210,12 +210,14 @@ def staging_folder(final: Path) -> Path:
 
 
 def _remove_legacy_partials(final: Path) -> None:
-    """Staging folders of older kanimg versions (``.NAME.partial-PID``) whose process is gone:
-    they never held a checkpoint, so there is nothing in them to keep."""
-    for folder in final.parent.glob(f".{final.name}.partial-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
+    """Left-overs of processes that are gone: staging folders of older kanimg versions
+    (``.NAME.partial-PID``, which never held a checkpoint) and replaced results whose removal
+    was cut short (``.NAME.old-PID``, replaced on purpose): nothing in them to keep."""
+    for pattern in (f".{final.name}.partial-*", f".{final.name}.old-*"):
+        for folder in final.parent.glob(pattern):
+            pid = folder.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -64,15 +64,15 @@ def test_only_folders_kanimg_wrote_are_ever_replaced(tmp_path, monkeypatch):
     assert (mine / "thesis.tex").read_text() == "years of work"
 
 
-def test_stale_staging_folders_of_older_versions_are_removed_only_when_their_process_is_gone(tmp_path):
+def test_leftovers_of_dead_processes_are_removed_and_those_of_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".run.partial-{int(dead.stdout)}"
+    stale = [tmp_path / f".run.partial-{int(dead.stdout)}", tmp_path / f".run.old-{int(dead.stdout)}"]
     live = tmp_path / f".run.partial-{os.getpid()}"
-    stale.mkdir()
-    live.mkdir()
+    for folder in stale + [live]:
+        folder.mkdir()
     with RunFolder(tmp_path / "run", "fit"):
         pass
-    assert not stale.exists() and live.exists()
+    assert not any(folder.exists() for folder in stale) and live.exists()
 
 
 HOLD = "import sys, time; from kanimg.files import OutputLock; lock = OutputLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(600)"
