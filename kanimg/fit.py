@@ -140,8 +140,8 @@ def fit_image(
             run (nothing is kept); ResumeMismatch for settings that differ from a resumed run.
     """
     dev = resolve_device(device)
-    state, checkpoint = None, None
-    if resume is not None and resume is not False:
+    state, checkpoint, replace = None, None, force
+    if resume:
         if resume is True:
             if out is None:
                 out = Path("runs") / f"{Path(image).stem if image is not None else default_image().stem}-{model or 'kan'}"
@@ -160,7 +160,7 @@ def fit_image(
         image = image if image is not None else config["image"]["path"]
         own_run = run_folder_of(checkpoint)
         out = Path(out) if out is not None else own_run
-        force = force or out.resolve() == own_run.resolve()  # continuing a run updates its own folder
+        replace = force or out.resolve() == own_run.resolve()  # continuing a run updates its own folder
     model, coords = model or "kan", coords or "centers"
     if coords not in COORDINATES:
         raise KanimgError(f"unknown coordinate convention {coords!r}; choose from {', '.join(COORDINATES)}")
@@ -186,7 +186,7 @@ def fit_image(
         spec = saved_spec
         cfg = TrainConfig.from_dict({**saved["train"], **{k: v for k, v in overrides.items() if k in CHANGEABLE_ON_RESUME}})
     check_model_size(model, spec, cfg)
-    folder = RunFolder(Path(out) if out is not None else Path("runs") / f"{data.name}-{model}", "fit", replace=force)
+    folder = RunFolder(Path(out) if out is not None else Path("runs") / f"{data.name}-{model}", "fit", replace=replace)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         net = build_model(model, **spec).to(dev)
@@ -216,7 +216,8 @@ def fit_image(
             if not trainer.history.eval_step or trainer.history.eval_step[-1] != trainer.step:
                 trainer.evaluate()
         except KanimgError:
-            folder.clear()  # a diverged run: its checkpoints are not worth resuming
+            if checkpoint is None or checkpoint.parent != folder.staging:
+                folder.clear()  # a diverged run: its checkpoints are not worth resuming (one it resumed from stays)
             raise
         resumed_from = None if state is None else int(state["trainer"]["step"])
         metrics = _export(staging, data, trainer, config, time.perf_counter() - started, interrupted, resumed_from)

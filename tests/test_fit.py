@@ -270,26 +270,33 @@ def test_a_second_process_on_the_same_output_is_refused(photo32, tmp_path, capsy
     assert not list(tmp_path.glob(".run.*"))
 
 
-def test_kill_9_loses_at_most_a_checkpoint_period_and_resume_continues(photo32, tmp_path, capsys):
+def kill_9_during(script: str, staged: Path) -> int:
+    """Run ``script`` in a fresh Python, SIGKILL it once it has written ``staged``, and return the
+    step of that checkpoint."""
     import signal
     import subprocess
     import sys
     import time
 
-    out = tmp_path / "run"
-    script = (f"from kanimg.fit import fit_image; fit_image({str(photo32)!r}, model='mlp', spec={{'widths': [2, 16, 3]}}, "
-              f"train={{'steps': 10**7, 'eval_every': 50}}, out={str(out)!r}, progress=False, checkpoint_seconds=0.2)")
     proc = subprocess.Popen([sys.executable, "-c", script])
-    staged = tmp_path / ".run.partial" / "checkpoint.pt"
     deadline = time.time() + 120
     while not staged.exists() and time.time() < deadline:
         time.sleep(0.1)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    assert staged.exists() and not out.exists()
     step = int(torch.load(staged, weights_only=True)["trainer"]["step"])
     assert step > 0
+    return step
+
+
+def test_kill_9_loses_at_most_a_checkpoint_period_and_resume_continues(photo32, tmp_path, capsys):
+    out = tmp_path / "run"
+    staged = tmp_path / ".run.partial" / "checkpoint.pt"
+    step = kill_9_during(f"from kanimg.fit import fit_image; fit_image({str(photo32)!r}, model='mlp', spec={{'widths': [2, 16, 3]}}, "
+                         f"train={{'steps': 10**7, 'eval_every': 50}}, out={str(out)!r}, progress=False, checkpoint_seconds=0.2)",
+                         staged)
+    assert not out.exists()
     # a new run does not silently throw the killed one away ...
     assert run_cli("fit", photo32, "--model", "mlp", "--widths", "2,16,3", "-o", out, "-q") == 2
     assert "--resume" in capsys.readouterr().err and staged.exists()
@@ -299,3 +306,15 @@ def test_kill_9_loses_at_most_a_checkpoint_period_and_resume_continues(photo32, 
     assert metrics["resumed_from_step"] == step and metrics["steps_done"] == step + 30
     assert metrics["history"]["step"][0] == 10  # the curves from before the kill are kept
     assert not list(tmp_path.glob(".run.*"))
+
+
+def test_a_killed_extension_of_a_finished_run_is_not_lost_to_its_older_checkpoint(photo32, tmp_path, capsys):
+    run = small_fit(tmp_path, photo32)  # finished at step 20
+    staged = tmp_path / ".run.partial" / "checkpoint.pt"
+    step = kill_9_during(f"from kanimg.fit import fit_image; fit_image(resume={str(run / 'checkpoint.pt')!r}, "
+                         f"train={{'steps': 10**7}}, progress=False, checkpoint_seconds=0.2)", staged)
+    assert step > 20 and json.loads((run / "metrics.json").read_text())["steps_done"] == 20  # the finished run is intact
+    assert run_cli("fit", "--resume", run / "checkpoint.pt", "--steps", "25", "-q") == 2  # the older checkpoint, by name
+    assert "interrupted run at step" in capsys.readouterr().err and staged.exists()
+    assert run_cli("fit", photo32, "-o", run, "--resume", "--steps", step + 10, "-q") == 0
+    assert json.loads((run / "metrics.json").read_text())["steps_done"] == step + 10

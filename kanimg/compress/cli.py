@@ -91,8 +91,13 @@ def cmd_rd(args: argparse.Namespace) -> int:
 
     out = args.out or Path(f"rd-{args.images.stem or args.images.resolve().name}")
     config = RDConfig(models=args.models, codecs=args.codecs, bpps=args.bpp, neural=_network_config(args))
-    summary = rd_to_folder(args.images, out, config, force=args.force, progress=not args.quiet,
-                           command="kanimg " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    try:
+        summary = rd_to_folder(args.images, out, config, force=args.force, progress=not args.quiet,
+                               command="kanimg " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("kanimg: interrupted; every finished network point is kept: run the same command again to continue",
+              file=sys.stderr)
+        return 130
     print(f"{out}: results.json, results.md, rd.png")
     for name, entry in summary["codecs"].items():
         bd = entry.get("bd_vs_jpeg")
