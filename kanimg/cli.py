@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--grids", type=int_list("--grids"), help="KAN: grid intervals per layer, e.g. 64,10,10")
     m.add_argument("--grid-kind", choices=["uniform", "percentile"], help="KAN: where grid updates put the knots (default: percentile)")
     m.add_argument("--omega0", type=float, help="SIREN: frequency factor ω0 (default 30)")
-    m.add_argument("--scale", type=float, help="RFF: standard deviation of the Fourier frequencies (default 10)")
+    m.add_argument("--scale", type=float, help="RFF: standard deviation of the Fourier frequencies (default 20)")
     m.add_argument("--features", dest="num_features", type=int, help="RFF: number of Fourier frequencies (default 256)")
     t = fit.add_argument_group("training (defaults depend on the model family)")
     t.add_argument("--steps", type=int, help="optimisation steps (default 2000)")
@@ -125,13 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="fit several models on the same image(s) and build a gallery")
     cmp.add_argument("path", type=Path, help="an image, or a folder of images (per-image and mean results)")
     cmp.add_argument("--models", type=lambda t: [m.strip() for m in t.split(",") if m.strip()],
-                     help="comma-separated model names, e.g. kan2,siren1,siren2,mlp1,mlp2,rff1-s3,rff2-s30 (default: kan,siren,rff,mlp)")
+                     help="comma-separated model names, e.g. kan2,siren1,siren2,mlp1,mlp2,rff1-s3,rff2-s30 (default: kan,hashgrid,siren,rff,mlp)")
     protocol = cmp.add_mutually_exclusive_group()
     protocol.add_argument("--preset", choices=sorted(PRESETS), help="a fixed table: paper = the KAN paper's models and exact recipe")
     protocol.add_argument("--budget-seconds", type=float, help="equal wall-clock: this many seconds of training per model")
     protocol.add_argument("--match-params", type=int, help="equal parameter count: hidden widths solved per family")
     cmp.add_argument("--steps", type=int, help="training steps per model (default 2000; with --preset, overrides its length)")
     cmp.add_argument("--crop", type=int_list("--crop"), metavar="X,Y,W,H", help="add a zoomed crop of this region to the gallery")
+    cmp.add_argument("--seed", type=int, default=0, help="seed of every model's initialisation and pixel sampling (default 0)")
     cmp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     cmp.add_argument("-o", "--out", type=Path, default=Path("runs/compare"),
                      help="output folder (default: runs/compare); the same command again continues it, reusing finished runs")
@@ -195,7 +196,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.crop is not None and (len(args.crop) != 4 or min(args.crop) < 0 or min(args.crop[2:]) < 1):
         raise KanimgError("--crop takes X,Y,WIDTH,HEIGHT with a positive size, e.g. 96,64,48,48")
     result = compare(args.path, args.models, args.out, steps=args.steps, budget_seconds=args.budget_seconds,
-                     match_params=args.match_params, preset=args.preset, device=args.device, force=args.force,
+                     match_params=args.match_params, preset=args.preset, device=args.device, force=args.force, seed=args.seed,
                      crop=tuple(args.crop) if args.crop else None, progress=not args.quiet)
     if result.interrupted:
         print("kanimg: interrupted; run the same command again to continue (finished models are skipped)", file=sys.stderr)

@@ -48,6 +48,7 @@ class Preset:
     description: str = ""
 
 
+DEFAULT_MODELS = ("kan", "hashgrid", "siren", "rff", "mlp")
 PAPER_MODELS = ("kan2", "siren1", "siren2", "mlp1", "mlp2", "rff1-s3", "rff1-s30", "rff2-s3", "rff2-s30")
 # arXiv 2410.01803's released script: 3 × 5,000 Adam steps of 4,096 random pixels, lr 1e-3,
 # 1e-4, 1e-5 (fresh optimiser each stage), grid updates every 10 steps in the first 1,000 of
@@ -115,6 +116,7 @@ def compare(
     preset: str | None = None,
     device: str = "auto",
     crop: tuple[int, int, int, int] | None = None,
+    seed: int = 0,
     force: bool = False,
     progress: bool = True,
 ) -> CompareResult:
@@ -122,13 +124,14 @@ def compare(
 
     Args:
         path: an image or a folder of images.
-        models: registered names (defaults: the preset's, else kan, siren, rff, mlp).
+        models: registered names (defaults: the preset's, else DEFAULT_MODELS).
         out: output folder (runs are kept under out/runs and reused).
         steps: equal-steps protocol length (default 2000, or the preset's).
         budget_seconds: equal wall-clock protocol: training seconds per model.
         match_params: equal-parameter protocol: the parameter count to match.
         preset: "paper" or "paper-quick": the paper's models and recipe.
         crop: (x, y, w, h) region to show zoomed in the gallery.
+        seed: seeds every model's initialisation and pixel sampling.
         force: write into a folder that holds a different comparison (its tables are replaced;
             its runs are kept and reused where they match). Without it such a folder is refused;
             the same comparison again continues where it stopped.
@@ -139,7 +142,7 @@ def compare(
         raise KanimgError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     if sum(v is not None for v in (budget_seconds, match_params)) > 1:
         raise KanimgError("choose one protocol: --budget-seconds or --match-params")
-    models = list(models or (chosen.models if chosen else ("kan", "siren", "rff", "mlp")))
+    models = list(models or (chosen.models if chosen else DEFAULT_MODELS))
     for name in models:
         get_entry(name)  # unknown names fail before any work
     if match_params is not None and match_params < 1:
@@ -148,9 +151,9 @@ def compare(
         raise KanimgError(f"--budget-seconds must be positive, got {budget_seconds}")
     protocol = _protocol(preset, steps, budget_seconds, match_params)
     out = Path(out)
-    request = {"images": [str(i.resolve()) for i in images], "models": models, "protocol": protocol}
+    request = {"images": [str(i.resolve()) for i in images], "models": models, "protocol": protocol, "seed": seed}
     with _output_folder(out, request, force):
-        return _compare(images, models, out, chosen, protocol, steps, budget_seconds, match_params, device, crop, progress)
+        return _compare(images, models, out, chosen, protocol, steps, budget_seconds, match_params, seed, device, crop, progress)
 
 
 @contextlib.contextmanager
@@ -176,7 +179,7 @@ def _output_folder(out: Path, request: dict, force: bool) -> Iterator[None]:
         yield
 
 
-def _compare(images, models, out, chosen, protocol, steps, budget_seconds, match_params, device, crop, progress) -> CompareResult:
+def _compare(images, models, out, chosen, protocol, steps, budget_seconds, match_params, seed, device, crop, progress) -> CompareResult:
     (out / "runs").mkdir(exist_ok=True)
     result = CompareResult(out)
     sections = []
@@ -185,7 +188,7 @@ def _compare(images, models, out, chosen, protocol, steps, budget_seconds, match
         data = load_image(prepared, grey=chosen.grey if chosen else False)
         records, recons = [], []
         for name in models:
-            request = _request(name, data, protocol, chosen, steps, budget_seconds, match_params)
+            request = _request(name, data, protocol, chosen, steps, budget_seconds, match_params, seed)
             record, interrupted = _run(prepared, image.stem, name, request, out, device, progress)
             if interrupted:
                 result.interrupted = True
@@ -212,17 +215,17 @@ def _protocol(preset, steps, budget_seconds, match_params) -> dict:
     return {"kind": "steps", "steps": steps or 2000}
 
 
-def _request(name, data, protocol, preset, steps, budget_seconds, match_params) -> dict:
+def _request(name, data, protocol, preset, steps, budget_seconds, match_params, seed) -> dict:
     """Everything that decides one run: model options, training options, data options."""
     if preset is not None:
-        train = {**preset.train, **({"steps": steps} if steps else {})}
+        train = {**preset.train, **({"steps": steps} if steps else {}), "seed": seed}
         return {"spec": {}, "train": train, "grey": preset.grey, "coords": preset.coords, "protocol": protocol}
     spec = widths_for_params(name, data.channels, match_params, (data.height, data.width)) if match_params is not None else {}
     if budget_seconds is not None:
         train = {"budget_seconds": float(budget_seconds), "eval_every": 100}
     else:
         train = {"steps": protocol["steps"]}
-    return {"spec": spec, "train": train, "grey": False, "coords": "centers", "protocol": protocol}
+    return {"spec": spec, "train": {**train, "seed": seed}, "grey": False, "coords": "centers", "protocol": protocol}
 
 
 def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: str, progress: bool) -> tuple[dict, bool]:
@@ -263,7 +266,8 @@ def run_record(folder: Path, out: Path) -> dict:
         "psnr_png": m["psnr_png"], "ssim": m["ssim"], "lpips": m["lpips"], "params": metrics["params"],
         "seconds": metrics["train_seconds"], "steps": metrics["steps_done"],
         "finished": not metrics["interrupted"] and metrics["steps_done"] >= request["train"].get("steps", 0),
-        "steps_per_second": metrics["steps_per_second"], "device": metrics["device"],
+        "steps_per_second": metrics["steps_per_second"], "device": metrics["device"], "seed": metrics["seed"],
+        "warmup_seconds": metrics.get("warmup_seconds"),
         "protocol": request["protocol"], "run": str(folder.relative_to(out)),
         "history": {k: metrics["history"][k] for k in ("eval_step", "eval_psnr", "eval_seconds")},
     }

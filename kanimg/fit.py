@@ -19,7 +19,7 @@ from .export import (error_map, load_checkpoint, plot_curves, save_checkpoint, s
 from .files import RunFolder, staging_folder
 from .io import ImageData, load_image, quantize, save_png
 from .metrics import lpips_distance, psnr, ssim
-from .models import build_model, get_entry, kan_grids_for, param_count
+from .models import build_model, get_entry, param_count
 from .render import render
 from .sampling import COORDINATES, ImageTarget
 from .train import Trainer, TrainConfig
@@ -53,7 +53,8 @@ def model_spec_for(name: str, spec: dict[str, Any], channels: int, size: tuple[i
 
     Widths run from 2 (x, y) to the channel count. Default widths end in it; user widths
     ending in 1 (written for a grey image) get one output per channel, with a log line.
-    A KAN without grids gets grids sized to the image (see models.kan_grids_for).
+    Options an entry sizes to the image (a KAN's grids, a hash grid's finest resolution) are
+    filled in when the user left them unset.
     """
     spec = {k: v for k, v in spec.items() if v is not None}
     entry = get_entry(name)
@@ -69,8 +70,10 @@ def model_spec_for(name: str, spec: dict[str, Any], channels: int, size: tuple[i
     if widths[-1] != channels:
         kind = {1: "grey", 2: "grey+alpha", 3: "RGB", 4: "RGBA"}[channels]
         raise KanimgError(f"widths end in {widths[-1]} but the image has {channels} channel(s) ({kind}): end them in {channels}")
-    if entry.family == "kan" and "grids" not in spec and entry.defaults["grids"] is None and size is not None:
-        spec["grids"] = kan_grids_for(widths, *size)
+    if entry.for_image is not None and size is not None:
+        for key, value in entry.for_image(widths, *size).items():
+            if key not in spec and entry.defaults[key] is None:
+                spec[key] = value
     return spec
 
 
@@ -352,6 +355,7 @@ def _export(folder: Path, data: ImageData, trainer: Trainer, config: dict, wall:
         "resumed_from_step": resumed_from,
         "wall_seconds": round(wall, 3),
         "train_seconds": round(trainer.train_seconds, 3),
+        "warmup_seconds": round(trainer.warmup_seconds, 3),
         "steps_per_second": round(steps_done / trainer.train_seconds, 3) if trainer.train_seconds > 0 else None,
         "device": config["device"],
         "seed": config["train"]["seed"],

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import KanimgError
-from .nn import KAN, MLP, FourierFeatureMLP, Siren
+from .nn import KAN, MLP, FourierFeatureMLP, HashGrid, Siren
 from .nn.kan import GRID_KINDS
 
 
@@ -34,6 +34,8 @@ class ModelEntry:
     defaults: dict[str, Any]
     train_defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    # options sized to the image, (widths, height, width) -> {option: value}, for those whose default is None
+    for_image: Callable[[list[int], int, int], dict[str, Any]] | None = None
 
     def default_spec(self) -> dict[str, Any]:
         return {k: _plain(v) for k, v in self.defaults.items()}
@@ -42,12 +44,14 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register(name: str, train_defaults: dict[str, Any] | None = None, description: str = ""):
+def register(name: str, train_defaults: dict[str, Any] | None = None, description: str = "",
+             for_image: Callable[[list[int], int, int], dict[str, Any]] | None = None):
     """Decorator: register ``fn(**spec) -> nn.Module`` under ``name``."""
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         defaults = {p.name: p.default for p in inspect.signature(fn).parameters.values()}
-        _add(ModelEntry(name, name, fn, defaults, dict(train_defaults or {}), description or (fn.__doc__ or "").strip().split("\n")[0]))
+        _add(ModelEntry(name, name, fn, defaults, dict(train_defaults or {}), description or (fn.__doc__ or "").strip().split("\n")[0],
+                        for_image))
         return fn
 
     return wrap
@@ -59,7 +63,7 @@ def register_variant(name: str, family: str, description: str, **defaults: Any) 
     unknown = set(defaults) - set(base.defaults)
     if unknown:
         raise ValueError(f"{family} has no option {unknown}")
-    _add(ModelEntry(name, family, base.build, {**base.defaults, **defaults}, base.train_defaults, description))
+    _add(ModelEntry(name, family, base.build, {**base.defaults, **defaults}, base.train_defaults, description, base.for_image))
 
 
 def _add(entry: ModelEntry) -> None:
@@ -147,12 +151,14 @@ def kan_grids_for(widths: list[int], height: int | None = None, width: int | Non
     return [first] + [HIDDEN_GRID] * (len(widths) - 2)
 
 
-@register("kan", train_defaults={"lr": 2e-2, "batch_size": 4096}, description="deep KAN, cubic B-spline edges + SiLU base")
+@register("kan", train_defaults={"lr": 2e-2, "batch_size": 4096}, description="deep KAN, cubic B-spline edges + SiLU base",
+          for_image=lambda widths, height, width: {"grids": kan_grids_for(widths, height, width)})
 def kan(
     widths: tuple[int, ...] = (2, 64, 64, 64, 1),
     grids: tuple[int, ...] | int | None = None,
     grid_range: tuple[float, float] = (-1.0, 1.0),
     grid_kind: str = "percentile",
+    directions: int = 0,
 ) -> nn.Module:
     """Deep KAN with one grid size per layer (an int applies to every layer; None: see kan_grids_for).
 
@@ -171,28 +177,63 @@ def kan(
         raise KanimgError(f"grid_range must be [lo, hi] with lo < hi, got {grid_range}")
     if grid_kind not in GRID_KINDS:
         raise KanimgError(f"grid_kind must be one of {', '.join(GRID_KINDS)}, got {grid_kind!r}")
-    return KAN(widths, [int(g) for g in grids], grid_range, grid_kind)
+    if int(directions) != directions or not 0 <= directions <= 256:
+        raise KanimgError(f"directions must be an integer from 0 to 256, got {directions}")
+    return KAN(widths, [int(g) for g in grids], grid_range, grid_kind, int(directions))
 
 
-@register("siren", train_defaults={"lr": 1e-4, "batch_size": 65536}, description="SIREN, sine activations, omega0=30")
-def siren(widths: tuple[int, ...] = (2, 256, 256, 256, 1), omega0: float = 30.0) -> nn.Module:
+# Training defaults and default options of siren, mlp, rff and hashgrid: the winners of the
+# tuning sweep (benchmarks/inr_bench.py --tune, 30 s per candidate on photos the benchmark does
+# not use; docs/benchmark.md). SIREN's published recipe (256 wide, lr 1e-4, whole-image
+# batches) made 40 steps in 30 s and came last.
+@register("siren", train_defaults={"lr": 3e-4, "batch_size": 16384}, description="SIREN, sine activations, omega0=30")
+def siren(widths: tuple[int, ...] = (2, 128, 128, 128, 1), omega0: float = 30.0) -> nn.Module:
     """SIREN (Sitzmann et al. 2020) with its published initialisation."""
     return Siren(_check_widths(widths, 2), _positive("omega0", omega0))
 
 
-@register("mlp", train_defaults={"lr": 1e-3, "batch_size": 4096}, description="ReLU MLP on raw coordinates")
+@register("mlp", train_defaults={"lr": 3e-3, "batch_size": 4096}, description="ReLU MLP on raw coordinates")
 def mlp(widths: tuple[int, ...] = (2, 256, 256, 256, 1)) -> nn.Module:
     """Plain ReLU MLP."""
     return MLP(_check_widths(widths))
 
 
 @register("rff", train_defaults={"lr": 1e-3, "batch_size": 4096}, description="ReLU MLP on Gaussian Fourier features")
-def rff(widths: tuple[int, ...] = (2, 256, 256, 256, 1), scale: float = 10.0, num_features: int = 256) -> nn.Module:
+def rff(widths: tuple[int, ...] = (2, 256, 256, 256, 1), scale: float = 20.0, num_features: int = 256) -> nn.Module:
     """ReLU MLP on random Fourier features (Tancik et al. 2020), B ~ N(0, scale²)."""
     widths = _check_widths(widths)
     if widths[0] != 2:
         raise KanimgError(f"rff takes 2-D coordinates: widths must start with 2, got {widths}")
     return FourierFeatureMLP(widths, _positive("scale", scale), int(_positive("num_features", num_features)))
+
+
+@register("hashgrid", train_defaults={"lr": 1e-2, "batch_size": 16384}, description="multiresolution hash encoding + ReLU MLP",
+          for_image=lambda widths, height, width: {"finest_resolution": max(height, width)})
+def hashgrid(
+    widths: tuple[int, ...] = (2, 64, 64, 1),
+    levels: int = 16,
+    features: int = 2,
+    log2_table_size: int = 16,
+    base_resolution: int = 16,
+    finest_resolution: int | None = None,
+) -> nn.Module:
+    """Multiresolution hash grid (Müller et al. 2022, instant-ngp) with a small ReLU MLP: L levels
+    of F features, 2^log2_table_size entries per level, N_min = base_resolution cells per side up
+    to finest_resolution (None: 256, or the image's longer side when fitting)."""
+    widths = _check_widths(widths)
+    if widths[0] != 2:
+        raise KanimgError(f"hashgrid takes 2-D coordinates: widths must start with 2, got {widths}")
+    finest = 256 if finest_resolution is None else finest_resolution
+    for option, value, top in (("levels", levels, 64), ("features", features, 64), ("log2_table_size", log2_table_size, 24),
+                               ("base_resolution", base_resolution, 1 << 16), ("finest_resolution", finest, 1 << 16)):
+        if int(value) != value or not 1 <= value <= top:
+            raise KanimgError(f"{option} must be an integer from 1 to {top}, got {value}")
+    if finest < base_resolution:
+        raise KanimgError(f"finest_resolution ({finest}) must be at least base_resolution ({base_resolution})")
+    return HashGrid(widths, int(levels), int(features), int(log2_table_size), int(base_resolution), int(finest))
+
+
+register_variant("kan-ridge8", "kan", "deep KAN whose first layer sees (x, y) along 8 evenly spaced directions", directions=8)
 
 
 # ----------------------------------------------------------------------------- the KAN paper's presets

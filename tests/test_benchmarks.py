@@ -73,3 +73,34 @@ def test_bench_codec_measures_the_stored_form_before_finetuning():
     coded = load("bench_codec").code_network(model, image, bits=4, qat_steps=0)
     assert abs(coded["psnr"] - coded["psnr_before_finetuning"]) < 0.05
     assert coded["bpp"] == 8 * coded["bytes"] / (24 * 24)
+
+
+def test_inr_bench_runs_every_budget_and_seed_and_summarises(tmp_path, monkeypatch, capsys):
+    bench = load("inr_bench")
+    monkeypatch.setattr(bench, "EVAL", {"camera": "camera", "astronaut": "bundled"})
+    monkeypatch.setattr(bench, "CROP", 24)
+    out = tmp_path / "bench"
+    assert bench.main(["--budgets", "0.2,0.4", "--seeds", "0,1", "--models", "mlp,hashgrid", "--no-full", "-o", str(out),
+                       "--json", str(tmp_path / "bench.json"), "-q"]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert len(result["records"]) == 2 * 2 * 2 * 2  # budgets × seeds × images × models
+    crops = result["summary"]["crops"]
+    assert set(crops) == {"0.2", "0.4"} and set(crops["0.2"]) == {"mlp", "hashgrid"}
+    row = crops["0.4"]["hashgrid"]
+    assert len(row["seed_means"]) == 2 and set(row["per_image"]) == {"camera", "astronaut"}
+    assert row["mean"] == sum(row["seed_means"]) / 2
+    assert {r["seed"] for r in result["records"]} == {0, 1}
+    assert (out / "psnr-vs-budget.png").stat().st_size > 0
+    assert "| hashgrid |" in capsys.readouterr().out
+
+
+def test_inr_bench_tuning_sweep_tries_every_candidate(tmp_path, monkeypatch):
+    bench = load("inr_bench")
+    monkeypatch.setattr(bench, "TUNE", {"coffee": "coffee"})
+    monkeypatch.setattr(bench, "CROP", 24)
+    monkeypatch.setattr(bench, "CANDIDATES", {"mlp": [({}, {}), ({}, {"lr": 3e-3})], "rff": [({}, {}), ({"scale": 5.0}, {})]})
+    assert bench.main(["--tune", "--budgets", "0.2", "--models", "mlp,rff", "-o", str(tmp_path / "tune"),
+                       "--json", str(tmp_path / "tune.json"), "-q"]) == 0
+    result = json.loads((tmp_path / "tune.json").read_text())
+    assert sorted(result["summary"]["tune"]["0.2"]) == ["mlp#0", "mlp#1", "rff#0", "rff#1"]
+    assert {r["train"].get("lr") for r in result["records"] if r["family"] == "mlp"} == {None, 3e-3}

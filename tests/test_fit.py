@@ -24,6 +24,7 @@ FITS = {
     "siren": ({"widths": [2, 64, 64, 3]}, {"lr": 1e-3}, 40.0),
     "mlp": ({"widths": [2, 64, 64, 3]}, {"lr": 1e-3}, 16.0),
     "rff": ({"widths": [2, 64, 64, 3], "scale": 3.0}, {"lr": 1e-3}, 40.0),
+    "hashgrid": ({"widths": [2, 32, 32, 3], "levels": 8, "log2_table_size": 12, "finest_resolution": 32}, {"lr": 1e-2}, 40.0),
 }
 
 
@@ -318,3 +319,12 @@ def test_a_killed_extension_of_a_finished_run_is_not_lost_to_its_older_checkpoin
     assert "interrupted run at step" in capsys.readouterr().err and staged.exists()
     assert run_cli("fit", photo32, "-o", run, "--resume", "--steps", step + 10, "-q") == 0
     assert json.loads((run / "metrics.json").read_text())["steps_done"] == step + 10
+
+
+@pytest.mark.parametrize("name", sorted(FITS))
+def test_every_family_round_trips_through_its_checkpoint(name, photo32, tmp_path):
+    spec, train, _ = FITS[name]
+    run = tmp_path / name
+    fit_image(photo32, model=name, spec=spec, train={**train, "steps": 8, "eval_every": 4}, out=run, progress=False)
+    assert run_cli("render", run / "checkpoint.pt", "-o", tmp_path / "again.png") == 0
+    assert np.array_equal(load_image(tmp_path / "again.png").pixels, load_image(run / "reconstruction.png").pixels)

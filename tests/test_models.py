@@ -64,3 +64,31 @@ def test_default_kan_grids_follow_the_image_size():
     assert model_spec_for("kan", {}, 1, (4000, 3000))["grids"][0] == 512  # … nor above 512
     assert "grids" not in model_spec_for("kan2", {}, 1, (600, 600))  # a preset keeps its own grids
     assert model_spec_for("kan", {"grids": [7, 3, 3, 3]}, 1, (600, 600))["grids"] == [7, 3, 3, 3]
+
+
+def test_ridge_directions_feed_the_first_kan_layer_projections_of_x_and_y():
+    torch.manual_seed(0)
+    kan = build_model("kan", widths=[2, 6, 3], grids=[10, 4], directions=8)
+    assert kan.layers[0].in_features == 8 and kan.spec["directions"] == 8
+    x = torch.rand(200, 2) * 2 - 1
+    x[:4] = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])  # corners reach ±1 on every direction
+    p = kan.lift(x)
+    assert p.shape == (200, 8) and p.abs().max() <= 1 + 1e-6 and torch.allclose(p[:4].abs().amax(0), torch.ones(8))
+    assert torch.allclose(p[:, 0], x[:, 0]) and torch.allclose(p[:, 4], x[:, 1], atol=1e-6)  # θ = 0 is x, θ = π/2 is y
+    theta = 3 * math.pi / 8
+    direct = (x[:, 0] * math.cos(theta) + x[:, 1] * math.sin(theta)) / (abs(math.cos(theta)) + abs(math.sin(theta)))
+    assert torch.allclose(p[:, 3], direct, atol=1e-6)
+    out = p
+    for layer in kan.layers:
+        out = layer(out)
+    assert torch.allclose(kan(x), out)
+    assert build_model("kan", widths=[2, 6, 3], grids=[10, 4], directions=2).layers[0].in_features == 2  # 2 = x, y
+    with pytest.raises(KanimgError, match="directions"):
+        build_model("kan", widths=[2, 6, 3], grids=[10, 4], directions=-1)
+
+
+def test_a_ridge_kan_is_refused_by_the_codec_not_misencoded():
+    from kanimg.compress.tensors import slots
+
+    with pytest.raises(KanimgError, match="ridge directions"):
+        slots(build_model("kan", widths=[2, 6, 3], grids=[10, 4], directions=8).spec)

@@ -89,3 +89,29 @@ def test_a_slow_start_is_not_divergence():
     trainer = small_trainer(steps=40, lr=1e-4)  # barely moves from its initial error: far from diverging
     trainer.train()
     assert trainer.step == 40 and max(trainer.history.loss) <= DIVERGED_MSE
+
+
+def test_the_time_budget_does_not_pay_for_building_the_kernel(monkeypatch):
+    """A fresh machine compiles the KAN kernel in the first forward pass (about a minute): with
+    a slow build mocked, a budget shorter than the build still trains many steps."""
+    import time
+
+    from kanimg.nn import kan as kan_module
+
+    built = []
+
+    def slow_first_build():
+        if not built:
+            time.sleep(1.5)
+            built.append(True)
+        return None  # the PyTorch path
+
+    monkeypatch.setattr(kan_module, "cpu_kernel", slow_first_build)
+    trainer = small_trainer(steps=1, budget_seconds=1.0)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.warm_up()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())  # the warm-up changes nothing
+    assert all(p.grad is None for p in trainer.model.parameters()) and trainer.sampler.perm is None
+    built.clear()  # the build happens inside train() this time
+    trainer.train()
+    assert trainer.warmup_seconds >= 1.5 and trainer.step > 1  # charged to the budget, the build alone would end it

@@ -325,6 +325,14 @@ class KANLayer(nn.Module):
         self.knots = new_knots.contiguous()
 
 
+def ridge_directions(count: int) -> Tensor:
+    """(2, K) projections of (x, y) onto K evenly spaced directions θ_k = πk/K, each scaled so that
+    [-1, 1]² maps onto [-1, 1]: p_k = (x cos θ_k + y sin θ_k) / (|cos θ_k| + |sin θ_k|)."""
+    theta = torch.arange(count, dtype=torch.float64) * math.pi / count
+    directions = torch.stack([torch.cos(theta), torch.sin(theta)])  # (2, K)
+    return (directions / directions.abs().sum(0)).float()
+
+
 class KAN(nn.Module):
     """A deep KAN: widths [n_0, …, n_L] with one grid size per layer.
 
@@ -333,6 +341,9 @@ class KAN(nn.Module):
         grids: L grid sizes (one per layer) or one int for all, e.g. [100, 10, 10, 10, 10].
         grid_range: initial interior grid range of every layer.
         grid_kind: "uniform" or "percentile" (see KANLayer).
+        directions: K > n_0 feeds the first layer K projections of the 2-D input onto evenly
+            spaced directions (:func:`ridge_directions`) instead of x and y alone, so its edge
+            functions are ridge functions along K directions rather than only f(x) + g(y).
     """
 
     def __init__(
@@ -341,19 +352,29 @@ class KAN(nn.Module):
         grids: Sequence[int] | int,
         grid_range: Sequence[float] = (-1.0, 1.0),
         grid_kind: str = "uniform",
+        directions: int = 0,
     ) -> None:
         super().__init__()
         widths = [int(w) for w in widths]
         grids = [int(grids)] * (len(widths) - 1) if isinstance(grids, int) else [int(g) for g in grids]
+        self.directions = directions if directions > widths[0] else 0
+        if self.directions:
+            self.register_buffer("projection", ridge_directions(self.directions))  # (2, K)
+        inputs = [self.directions or widths[0]] + widths[1:-1]
         self.layers = nn.ModuleList(
-            KANLayer(a, b, g, grid_range, grid_kind) for a, b, g in zip(widths[:-1], widths[1:], grids)
+            KANLayer(a, b, g, grid_range, grid_kind) for a, b, g in zip(inputs, widths[1:], grids)
         )
 
     @property
     def grids(self) -> list[int]:
         return [layer.grid_size for layer in self.layers]
 
+    def lift(self, x: Tensor) -> Tensor:
+        """The first layer's inputs: x itself, or its K ridge projections (N, K)."""
+        return x @ self.projection if self.directions else x
+
     def forward(self, x: Tensor) -> Tensor:
+        x = self.lift(x)
         for layer in self.layers:
             x = layer(x)
         return x
@@ -361,6 +382,7 @@ class KAN(nn.Module):
     @torch.no_grad()
     def update_grids(self, x: Tensor) -> None:
         """Refit every layer's grid to the activations that samples x (N, n_0) produce."""
+        x = self.lift(x)
         for layer in self.layers:
             layer.update_grid(x)
             x = layer(x)

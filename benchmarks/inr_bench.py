@@ -1,0 +1,210 @@
+"""Equal-time benchmark of every model family on public photographs, and the tuning sweep
+whose winners are the registry's defaults.
+
+    python benchmarks/inr_bench.py -o runs/inr-bench                          # 30/120/600 s, seeds 0-2
+    python benchmarks/inr_bench.py --budgets 30 --seeds 0 -o runs/inr-bench   # a quicker pass
+    python benchmarks/inr_bench.py --tune --budgets 30 -o runs/inr-tune       # the tuning sweep
+
+Photos come from scikit-image's bundled data (no download) and the photograph bundled with
+kanimg: the evaluation set (EVAL, 256×256 centre crops of 8 photos, 2 of them grey, plus the
+full-size FULL images) is never used for tuning, which runs on other photos (TUNE). The
+benchmark is `kanimg.compare` under the equal-wall-clock protocol, one output folder per
+budget and seed; the sweep fits each family's candidate settings (the same number per family)
+under the same budget. Both print Markdown tables (mean ± standard deviation over seeds, per
+family and per image), write JSON, and the benchmark plots mean PSNR against the budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from kanimg.compare import compare
+from kanimg.export import versions
+from kanimg.fit import default_image, fit_image
+
+CROP = 256
+# name: (scikit-image loader, or "bundled"), every one a photograph
+EVAL = {"camera": "camera", "chelsea": "chelsea", "hubble": "hubble_deep_field", "retina": "retina", "coins": "coins",
+        "ihc": "immunohistochemistry", "motorcycle": "stereo_motorcycle", "astronaut": "bundled"}
+FULL = {"camera-full": "camera", "motorcycle-full": "stereo_motorcycle"}
+TUNE = {"coffee": "coffee", "rocket": "rocket", "moon": "moon"}
+MODELS = ("kan", "hashgrid", "siren", "rff", "mlp")
+# The sweep: per family the same number of candidates, (spec options, training options).
+CANDIDATES = {
+    "kan": [({}, {"lr": 2e-2}), ({}, {"lr": 1e-2}), ({"directions": 8}, {"lr": 2e-2}), ({}, {"lr": 2e-2, "batch_size": 8192})],
+    "hashgrid": [({}, {"lr": 1e-2}), ({}, {"lr": 3e-2}), ({"log2_table_size": 16}, {"lr": 1e-2}),
+                 ({}, {"lr": 1e-2, "batch_size": 65536})],
+    "siren": [({}, {"lr": 1e-4, "batch_size": 65536}), ({}, {"lr": 3e-4, "batch_size": 16384}),
+              ({}, {"lr": 1e-4, "batch_size": 16384}), ({"widths": [2, 128, 128, 128, 1]}, {"lr": 3e-4, "batch_size": 16384})],
+    "rff": [({}, {}), ({"scale": 20.0}, {}), ({"scale": 5.0}, {}), ({"num_features": 512}, {})],
+    "mlp": [({}, {}), ({}, {"lr": 3e-3}), ({}, {"lr": 3e-4}), ({}, {"batch_size": 16384})],
+}
+
+
+def photo(loader: str) -> np.ndarray:
+    """(H, W[, 3]) uint8 pixels of a scikit-image photo (or the bundled one)."""
+    from PIL import Image
+
+    if loader == "bundled":
+        return np.asarray(Image.open(default_image()))
+    import skimage.data
+
+    image = getattr(skimage.data, loader)()
+    return image[0] if isinstance(image, tuple) else image
+
+
+def write_photos(folder: Path, names: dict[str, str], crop: bool) -> Path:
+    """The photos as PNG files (centre crops of CROP × CROP, or whole) in ``folder``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, loader in names.items():
+        pixels = photo(loader)
+        if crop:
+            top, left = (pixels.shape[0] - CROP) // 2, (pixels.shape[1] - CROP) // 2
+            pixels = pixels[top : top + CROP, left : left + CROP]
+        path = folder / f"{name}.png"
+        if not path.exists():
+            Image.fromarray(np.ascontiguousarray(pixels)).save(path)
+    return folder
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def bench(out: Path, budgets: list[float], seeds: list[int], models: list[str], full: bool, quiet: bool) -> dict:
+    """compare() on the evaluation photos at every budget and seed; records by budget."""
+    sets = [("crops", write_photos(out / "photos" / "crops", EVAL, crop=True))]
+    if full:
+        sets.append(("full", write_photos(out / "photos" / "full", FULL, crop=False)))
+    records = []
+    for budget in budgets:
+        for seed in seeds:
+            for kind, folder in sets:
+                result = compare(folder, models, out / kind / f"{budget:g}s-seed{seed}", budget_seconds=budget, seed=seed,
+                                 progress=not quiet)
+                if result.interrupted:
+                    raise KeyboardInterrupt
+                records += [{**r, "budget": budget, "set": kind} for r in result.records]
+    return {"records": records}
+
+
+def summarise(records: list[dict], key: str) -> dict:
+    """Mean PSNR per (set, budget, model), with its spread over seeds of the per-seed image means,
+    and per image the mean over seeds."""
+    table: dict = {}
+    for r in records:
+        table.setdefault((r["set"], r["budget"], r[key]), {}).setdefault(r["seed"], {})[r["image"]] = r["psnr"]
+    out = {}
+    for (kind, budget, name), by_seed in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]))):
+        means = [statistics.mean(images.values()) for images in by_seed.values()]
+        images = sorted({image for per in by_seed.values() for image in per})
+        out.setdefault(kind, {}).setdefault(f"{budget:g}", {})[name] = {
+            "mean": statistics.mean(means), "seed_means": means,
+            "per_image": {i: statistics.mean([per[i] for per in by_seed.values() if i in per]) for i in images},
+            "steps": statistics.mean([r["steps"] for r in records if r["set"] == kind and r["budget"] == budget and r[key] == name]),
+        }
+    return out
+
+
+def markdown(summary: dict, title: str) -> str:
+    lines = []
+    for kind, budgets in summary.items():
+        for budget, rows in budgets.items():
+            images = sorted({i for row in rows.values() for i in row["per_image"]})
+            lines += ["", f"### {title}: {kind}, {budget} s of training", "",
+                      "| model | mean PSNR (dB) | steps | " + " | ".join(images) + " |", "|---|---:|---:|" + "---:|" * len(images)]
+            for name, row in sorted(rows.items(), key=lambda kv: -kv[1]["mean"]):
+                cells = " | ".join(f"{row['per_image'].get(i, float('nan')):.2f}" for i in images)
+                lines.append(f"| {name} | {spread(row['seed_means'])} | {row['steps']:.0f} | {cells} |")
+    return "\n".join(lines).strip() + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Mean PSNR against the time budget, one line per model (and set)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for kind, budgets in summary.items():
+        names = sorted({n for rows in budgets.values() for n in rows})
+        for name in names:
+            points = [(float(b), rows[name]) for b, rows in budgets.items() if name in rows]
+            xs = [b for b, _ in points]
+            ys = [row["mean"] for _, row in points]
+            errs = [statistics.stdev(row["seed_means"]) if len(row["seed_means"]) > 1 else 0 for _, row in points]
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=f"{name} ({kind})", ls="-" if kind == "crops" else "--")
+    ax.set(xscale="log", xlabel="training budget (s, 2-core CPU)", ylabel="mean PSNR (dB)", title="PSNR at equal training time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def tune(out: Path, budgets: list[float], families: list[str], quiet: bool) -> dict:
+    """Every candidate of every family on the tuning photos at each budget (seed 0)."""
+    folder = write_photos(out / "photos", TUNE, crop=True)
+    records = []
+    for budget in budgets:
+        for family in families:
+            for index, (spec, train) in enumerate(CANDIDATES[family]):
+                label = f"{family}#{index}"
+                for image in sorted(folder.glob("*.png")):
+                    run = out / "runs" / f"{budget:g}s" / image.stem / label.replace("#", "-")
+                    if (run / "metrics.json").exists():
+                        metrics = json.loads((run / "metrics.json").read_text())
+                    else:
+                        metrics = fit_image(image, model=family, spec=spec, train={**train, "budget_seconds": budget, "eval_every": 100},
+                                            out=run, progress=not quiet).metrics
+                    records.append({"set": "tune", "budget": budget, "candidate": label, "family": family, "spec": spec,
+                                    "train": train, "image": image.stem, "seed": 0, "psnr": metrics["metrics"]["psnr"],
+                                    "steps": metrics["steps_done"]})
+                    print(f"{budget:g}s {label:12s} {image.stem:10s} {metrics['metrics']['psnr']:.2f} dB "
+                          f"({metrics['steps_done']} steps) {spec} {train}", file=sys.stderr, flush=True)
+    return {"records": records}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", default="30,120,600", help="training seconds per model, comma-separated")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (benchmark only)")
+    parser.add_argument("--models", default=",".join(MODELS), help="models (benchmark) or families (--tune)")
+    parser.add_argument("--no-full", action="store_true", help="skip the full-size photos")
+    parser.add_argument("--tune", action="store_true", help="run the tuning sweep instead of the benchmark")
+    parser.add_argument("-o", "--out", type=Path, default=Path("runs/inr-bench"))
+    parser.add_argument("--json", type=Path, help="results JSON (default: benchmarks/results/inr_bench[-tune].json)")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.tune:
+        result, key, title = tune(args.out, budgets, models, args.quiet), "candidate", "Tuning sweep"
+    else:
+        result, key, title = bench(args.out, budgets, [int(s) for s in args.seeds.split(",")], models, not args.no_full, args.quiet), "model", "Benchmark"
+    summary = summarise(result["records"], key)
+    text = markdown(summary, title)
+    print(text)
+    if not args.tune:
+        plot(summary, args.out / "psnr-vs-budget.png")
+    import torch
+
+    payload = {"summary": summary, **result, "candidates": {f: [list(c) for c in CANDIDATES[f]] for f in CANDIDATES} if args.tune else None,
+               "command": "python benchmarks/inr_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()}, "versions": versions()}
+    path = args.json or Path(__file__).resolve().parent / "results" / f"inr_bench{'-tune' if args.tune else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"{path}" + ("" if args.tune else f", {args.out / 'psnr-vs-budget.png'}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

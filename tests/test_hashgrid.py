@@ -1,0 +1,86 @@
+"""The hash encoding against a direct dense-grid computation, its hashing, and the model."""
+import pytest
+import torch
+
+from kanimg.errors import KanimgError
+from kanimg.models import build_model
+from kanimg.nn.hashgrid import HASH_PRIME_Y, HashGridEncoding, level_resolutions
+
+
+def dense_reference(encoding: HashGridEncoding, x: torch.Tensor) -> torch.Tensor:
+    """Every level as an image of vertex features, bilinearly sampled by grid_sample: the
+    encoding computed without any index arithmetic of ours (valid where no level is hashed)."""
+    parts = []
+    for level in range(encoding.levels):
+        side = int(encoding.side[level])
+        start = int(encoding.offset[level])
+        grid = encoding.table[start : start + side * side].reshape(side, side, -1).permute(2, 0, 1)[None]  # (1, F, y, x)
+        sampled = torch.nn.functional.grid_sample(grid, x[None, None], mode="bilinear", align_corners=True)  # (1, F, 1, B)
+        parts.append(sampled[0, :, 0].t())
+    return torch.cat(parts, dim=1)
+
+
+def test_levels_grow_geometrically_from_the_coarsest_to_the_finest():
+    assert level_resolutions(16, 16, 256)[0] == 16 and level_resolutions(16, 16, 256)[-1] == 256
+    sizes = level_resolutions(8, 4, 512)
+    ratios = [b / a for a, b in zip(sizes[:-1], sizes[1:])]
+    assert all(1.8 < r < 2.2 for r in ratios)  # b = (512 / 4)^(1/7) = 2
+
+
+def test_collision_free_encoding_equals_bilinear_sampling_of_dense_grids():
+    torch.manual_seed(0)
+    encoding = HashGridEncoding(levels=5, features=3, log2_table_size=16, base_resolution=2, finest_resolution=60)
+    assert not encoding.hashed.any()
+    with torch.no_grad():
+        encoding.table.normal_()
+    x = torch.rand(2000, 2) * 2 - 1
+    x[:6] = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [0.0, 0.0], [0.999999, -0.5]])
+    assert torch.allclose(encoding(x), dense_reference(encoding, x), atol=1e-5)
+    # gradients too: d(sum of features · g)/d table, both ways
+    g = torch.randn(2000, 15)
+    (ours,) = torch.autograd.grad((encoding(x) * g).sum(), encoding.table)
+    (theirs,) = torch.autograd.grad((dense_reference(encoding, x) * g).sum(), encoding.table)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_fine_levels_are_hashed_into_their_table():
+    encoding = HashGridEncoding(levels=4, features=2, log2_table_size=8, base_resolution=4, finest_resolution=64)
+    assert encoding.resolution.tolist() == [4, 10, 25, 64]
+    assert encoding.hashed.tolist() == [False, False, True, True]  # 5² and 11² vertices fit 256 entries, 26² do not
+    assert encoding.table.shape == (25 + 121 + 2 * 256, 2)
+    rows, weights = encoding.corners(torch.rand(500, 2) * 2 - 1)
+    for level in range(4):
+        start, size = int(encoding.offset[level]), int(encoding.size[level])
+        assert rows[:, level].min() >= start and rows[:, level].max() < start + size
+    assert torch.allclose(weights.sum(-1), torch.ones(500, 4))
+    # the paper's hash of vertex (x, y) at level 3: (x · 1 xor y · 2654435761) mod T
+    x = torch.tensor([[-1 + 2 * (5 + 0.25) / 64, -1 + 2 * (9 + 0.5) / 64]])
+    rows, _ = encoding.corners(x)
+    assert int(rows[0, 3, 0]) - int(encoding.offset[3]) == (5 ^ (9 * HASH_PRIME_Y)) % 256
+
+
+def test_hashgrid_model_fits_and_refuses_bad_options():
+    torch.manual_seed(0)
+    model = build_model("hashgrid", widths=[2, 32, 32, 3], levels=8, log2_table_size=10, finest_resolution=32)
+    assert model.spec["finest_resolution"] == 32
+    x = torch.rand(4096, 2) * 2 - 1
+    target = torch.sin(4 * x[:, :1]) * torch.cos(3 * x[:, 1:]).expand(-1, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(100):
+        loss = (model(x) - target).square().mean()
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first / 20
+    for bad in ({"levels": 0}, {"log2_table_size": 40}, {"base_resolution": 64, "finest_resolution": 32}, {"widths": [3, 8, 1]}):
+        with pytest.raises(KanimgError):
+            build_model("hashgrid", **bad)
+
+
+def test_fitting_sizes_the_finest_level_to_the_image():
+    from kanimg.fit import model_spec_for
+
+    assert model_spec_for("hashgrid", {}, 3, (300, 500))["finest_resolution"] == 500
+    assert model_spec_for("hashgrid", {"finest_resolution": 64}, 3, (300, 500))["finest_resolution"] == 64
