@@ -266,7 +266,7 @@ def run_record(folder: Path, out: Path) -> dict:
         "psnr_png": m["psnr_png"], "ssim": m["ssim"], "lpips": m["lpips"], "params": metrics["params"],
         "seconds": metrics["train_seconds"], "steps": metrics["steps_done"],
         "finished": not metrics["interrupted"] and metrics["steps_done"] >= request["train"].get("steps", 0),
-        "steps_per_second": metrics["steps_per_second"], "device": metrics["device"], "seed": metrics["seed"],
+        "steps_per_second": metrics["steps_per_second"], "device": metrics["device"], "seed": metrics.get("seed"),
         "warmup_seconds": metrics.get("warmup_seconds"),
         "protocol": request["protocol"], "run": str(folder.relative_to(out)),
         "history": {k: metrics["history"][k] for k in ("eval_step", "eval_psnr", "eval_seconds")},

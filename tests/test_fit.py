@@ -253,7 +253,8 @@ def test_resume_refuses_settings_it_cannot_change(photo32, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"kanimg: error: {flag} ") and "differs" in err, err
     # the same values as the run's, and the ones that may change, are fine
-    assert run_cli("fit", photo32, "-o", run, "--resume", "--widths", "2,16,1", "--lr", "0.001", "--steps", "25",
+    lr = json.loads((run / "metrics.json").read_text())["config"]["train"]["lr"]
+    assert run_cli("fit", photo32, "-o", run, "--resume", "--widths", "2,16,1", "--lr", lr, "--steps", "25",
                    "--eval-every", "5", "-q") == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps_done"] == 25 and metrics["config"]["train"]["eval_every"] == 5
