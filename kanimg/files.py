@@ -191,7 +191,7 @@ class RunFolder:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is not None:
-                if not any(p.name != MARKER for p in self.staging.iterdir()):
+                if self.staging.is_dir() and not any(p.name != MARKER for p in self.staging.iterdir()):
                     shutil.rmtree(self.staging, ignore_errors=True)
                 return
             old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
