@@ -154,7 +154,7 @@ def compare_shapes(image_path: Path, shapes: list[str], bits: list[int], steps: 
             model = build_model("siren", widths=[int(v) for v in shape.split(":")[1].split(",")])
         else:
             widths, grids = ([int(v) for v in part.split(",")] for part in shape.split(":"))
-            model = build_model("kan", widths=widths, grids=grids)
+            model = build_model("kan", widths=widths, grids=grids, directions=0)  # the .kimg format holds KANs on x and y
         trainer = Trainer(model, target, TrainConfig(steps=steps, lr=lr, batch_size=4096, eval_every=250), progress=False)
         started = time.perf_counter()
         trainer.train()

@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"presets {', '.join(n for n in model_names() if n not in model_names(False))}")
     m.add_argument("--widths", type=int_list("--widths"), help="layer widths from 2 (x, y) to the channel count, e.g. 2,64,64,3")
     m.add_argument("--grids", type=int_list("--grids"), help="KAN: grid intervals per layer, e.g. 64,10,10")
+    m.add_argument("--directions", type=int, help="KAN: the first layer sees (x, y) along K evenly spaced directions (default 8; 0 = x and y alone)")
     m.add_argument("--grid-kind", choices=["uniform", "percentile"], help="KAN: where grid updates put the knots (default: percentile)")
     m.add_argument("--omega0", type=float, help="SIREN: frequency factor ω0 (default 30)")
     m.add_argument("--scale", type=float, help="RFF: standard deviation of the Fourier frequencies (default 20)")
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .fit import fit_image
 
-    spec = {"widths": args.widths, "grids": args.grids, "grid_kind": args.grid_kind, "omega0": args.omega0,
+    spec = {"widths": args.widths, "grids": args.grids, "grid_kind": args.grid_kind, "directions": args.directions, "omega0": args.omega0,
             "scale": args.scale, "num_features": args.num_features}
     train = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "schedule": args.schedule,
              "grid_update_every": args.grid_update_every, "grid_update_until": args.grid_update_until,

@@ -17,6 +17,7 @@ import torch
 from . import __version__
 from .errors import KanimgError
 from .files import atomic_path, atomic_write_bytes
+from .models import saved_spec
 
 CHECKPOINT_FORMAT = "kanimg-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -89,6 +90,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     missing = _missing_keys(payload, CHECKPOINT_KEYS)
     if missing:
         raise KanimgError(f"{path}: incomplete kanimg checkpoint (no {missing})")
+    trainer = payload["trainer"]
+    try:
+        payload["config"]["model"] = saved_spec(payload["config"]["model"])
+        trainer["spec"] = saved_spec(trainer["spec"])
+        trainer["best_spec"] = trainer["best_spec"] and saved_spec(trainer["best_spec"])
+    except (TypeError, KeyError):
+        raise KanimgError(f"{path}: its model spec is not one kanimg wrote") from None
     return payload
 
 

@@ -329,3 +329,25 @@ def test_every_family_round_trips_through_its_checkpoint(name, photo32, tmp_path
     fit_image(photo32, model=name, spec=spec, train={**train, "steps": 8, "eval_every": 4}, out=run, progress=False)
     assert run_cli("render", run / "checkpoint.pt", "-o", tmp_path / "again.png") == 0
     assert np.array_equal(load_image(tmp_path / "again.png").pixels, load_image(run / "reconstruction.png").pixels)
+
+
+def test_a_kan_checkpoint_from_before_ridge_directions_rebuilds_the_kan_it_was(photo32, tmp_path):
+    """The default KAN gained ridge directions; a checkpoint whose specs predate the option is
+    an x-y KAN and must render and resume as one, not as today's default."""
+    spec, train, _ = FITS["kan"]
+    run = tmp_path / "xy"
+    fit_image(photo32, model="kan", spec={**spec, "directions": 0}, train={**train, "steps": 8, "eval_every": 4}, out=run, progress=False)
+    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert payload["trainer"]["spec"]["directions"] == 0
+
+    def without_directions(spec):
+        return {k: v for k, v in spec.items() if k != "directions"}
+
+    trainer = payload["trainer"]
+    old = {**payload, "config": {**payload["config"], "model": without_directions(payload["config"]["model"])},
+           "trainer": {**trainer, "spec": without_directions(trainer["spec"]), "best_spec": without_directions(trainer["best_spec"])}}
+    torch.save(old, tmp_path / "old.pt")
+    assert run_cli("render", tmp_path / "old.pt", "-o", tmp_path / "old.png") == 0
+    assert np.array_equal(load_image(tmp_path / "old.png").pixels, load_image(run / "reconstruction.png").pixels)
+    assert run_cli("fit", "--resume", tmp_path / "old.pt", "-o", tmp_path / "resumed", "--steps", 12, "-q") == 0
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["model"]["directions"] == 0
