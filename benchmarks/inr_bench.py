@@ -151,6 +151,9 @@ def plot(summary: dict, path: Path) -> None:
             errs = [statistics.stdev(row["seed_means"]) if len(row["seed_means"]) > 1 else 0 for _, row in points]
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=f"{name} ({kind})", ls="-" if kind == "crops" else "--")
     ax.set(xscale="log", xlabel="training budget (s, 2-core CPU)", ylabel="mean PSNR (dB)", title="PSNR at equal training time")
+    budgets = sorted({float(b) for kind in summary.values() for b in kind})
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets], minor=False)
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)
@@ -188,11 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true", help="run the tuning sweep instead of the benchmark")
     parser.add_argument("-o", "--out", type=Path, default=Path("runs/inr-bench"))
     parser.add_argument("--json", type=Path, help="results JSON (default: benchmarks/results/inr_bench[-tune].json)")
+    parser.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
+                        help="train nothing: summarise and plot these benchmark results together (e.g. budgets run at different times)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if args.tune:
+    if args.from_json:
+        result, key, title = {"records": [r for p in args.from_json for r in json.loads(p.read_text())["records"]]}, "model", "Benchmark"
+    elif args.tune:
         result, key, title = tune(args.out, budgets, models, args.quiet), "candidate", "Tuning sweep"
     else:
         result, key, title = bench(args.out, budgets, [int(s) for s in args.seeds.split(",")], models, not args.no_full, args.quiet), "model", "Benchmark"
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(summary, title)
     print(text)
     if not args.tune:
+        args.out.mkdir(parents=True, exist_ok=True)
         plot(summary, args.out / "psnr-vs-budget.png")
     import torch
 

@@ -3,6 +3,7 @@ targets are measured by the scripts, not by unit tests)."""
 import importlib.util
 import json
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,6 +93,16 @@ def test_inr_bench_runs_every_budget_and_seed_and_summarises(tmp_path, monkeypat
     assert {r["seed"] for r in result["records"]} == {0, 1}
     assert (out / "psnr-vs-budget.png").stat().st_size > 0
     assert "| hashgrid |" in capsys.readouterr().out
+
+    # budgets run at different times, summarised together without training again
+    for budget in (0.2, 0.4):
+        records = [r for r in result["records"] if r["budget"] == budget]
+        (tmp_path / f"{budget}.json").write_text(json.dumps({"records": records}))
+    with mock.patch.object(bench, "compare", side_effect=AssertionError("trained")):
+        assert bench.main(["--from-json", str(tmp_path / "0.2.json"), str(tmp_path / "0.4.json"), "-o", str(tmp_path / "merged"),
+                           "--json", str(tmp_path / "merged.json"), "-q"]) == 0
+    assert json.loads((tmp_path / "merged.json").read_text())["summary"] == result["summary"]
+    assert (tmp_path / "merged" / "psnr-vs-budget.png").stat().st_size > 0
 
 
 def test_inr_bench_tuning_sweep_tries_every_candidate(tmp_path, monkeypatch):
