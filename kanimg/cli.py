@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--scale", type=float, help="RFF: standard deviation of the Fourier frequencies (default 20)")
     m.add_argument("--features", dest="num_features", type=int, help="RFF: number of Fourier frequencies (default 256)")
     t = fit.add_argument_group("training (defaults depend on the model family)")
-    t.add_argument("--steps", type=int, help="optimisation steps (default 2000)")
+    t.add_argument("--steps", type=int, help="optimisation steps (default 2000 up to 256×256 pixels, then 2000·√(pixels/65,536), at most 20,000)")
     t.add_argument("--lr", type=float, help="initial learning rate")
     t.add_argument("--batch-size", type=int, help="pixels per step; 0 = whole image")
     t.add_argument("--schedule", choices=["cosine", "constant", "staged"], help="LR schedule; staged = the paper's 3 stages lr, lr/10, lr/100")

@@ -77,10 +77,26 @@ def model_spec_for(name: str, spec: dict[str, Any], channels: int, size: tuple[i
     return spec
 
 
-def train_config_for(name: str, overrides: dict[str, Any]) -> TrainConfig:
-    """The family's training defaults (e.g. SIREN's lr 1e-4) updated with the user's choices."""
+def train_config_for(name: str, overrides: dict[str, Any], size: tuple[int, int] | None = None) -> TrainConfig:
+    """The family's training defaults (e.g. SIREN's lr 1e-4) updated with the user's choices;
+    with the image's ``size`` = (H, W), steps left unset grow with it (:func:`steps_for_image`)."""
     values = {**get_entry(name).train_defaults, **{k: v for k, v in overrides.items() if v is not None}}
+    if size is not None and "steps" not in values:
+        values["steps"] = steps_for_image(*size)
     return TrainConfig.from_dict(values)
+
+
+# Steps of a fit that names none: 2,000 up to 256×256 pixels (125 passes over them in
+# batches of 4,096), then growing with the square root of the pixel count, so a larger photo
+# trains longer without its time growing as fast as its size; at most MAX_DEFAULT_STEPS.
+DEFAULT_STEPS_PIXELS = 256 * 256
+MAX_DEFAULT_STEPS = 20_000
+
+
+def steps_for_image(height: int, width: int) -> int:
+    """Default training steps for an image of height × width pixels (multiples of 100)."""
+    scale = max(1.0, (height * width / DEFAULT_STEPS_PIXELS) ** 0.5)
+    return int(min(MAX_DEFAULT_STEPS, round(TrainConfig.steps * scale, -2)))
 
 
 @dataclass
@@ -172,7 +188,7 @@ def fit_image(
 
     if state is None:
         spec = model_spec_for(model, spec or {}, data.channels, (data.height, data.width))
-        cfg = train_config_for(model, train or {})
+        cfg = train_config_for(model, train or {}, (data.height, data.width))
     else:
         saved = state["config"]
         if [data.height, data.width, data.channels] != [saved["image"][k] for k in ("height", "width", "channels")]:

@@ -351,3 +351,19 @@ def test_a_kan_checkpoint_from_before_ridge_directions_rebuilds_the_kan_it_was(p
     assert np.array_equal(load_image(tmp_path / "old.png").pixels, load_image(run / "reconstruction.png").pixels)
     assert run_cli("fit", "--resume", tmp_path / "old.pt", "-o", tmp_path / "resumed", "--steps", 12, "-q") == 0
     assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["model"]["directions"] == 0
+
+
+def test_a_fit_that_names_no_steps_trains_longer_on_a_larger_image(photo32, tmp_path):
+    from kanimg.fit import MAX_DEFAULT_STEPS, steps_for_image, train_config_for
+
+    assert steps_for_image(32, 32) == steps_for_image(256, 256) == 2000
+    assert steps_for_image(512, 512) == 4000  # twice the side, twice the steps
+    assert steps_for_image(500, 741) == 4800
+    assert steps_for_image(20000, 20000) == MAX_DEFAULT_STEPS
+    assert train_config_for("kan", {}, (512, 512)).steps == 4000
+    assert train_config_for("kan", {"steps": 300}, (512, 512)).steps == 300  # a named count wins
+    assert train_config_for("kan", {}).steps == 2000
+    with mock.patch("kanimg.fit.steps_for_image", return_value=7) as rule:  # fit asks the rule with the image's size
+        result = fit_image(photo32, model="mlp", spec={"widths": [2, 8, 3]}, out=tmp_path / "run", progress=False)
+    rule.assert_called_once_with(32, 32)
+    assert result.metrics["steps_done"] == 7
