@@ -23,7 +23,7 @@ def test_layer_spline_part_equals_scipy(grid_size):
     lo, hi = -0.7, 1.3
     layer = KANLayer(3, 2, grid_size).double()
     knots = uniform_knots(torch.tensor([lo] * 3, dtype=torch.float64), torch.tensor([hi] * 3, dtype=torch.float64), grid_size)
-    layer.knots = knots
+    layer.set_knots(knots, uniform=True)
     with torch.no_grad():
         layer.spline_weight.normal_()
         layer.base_weight.zero_()

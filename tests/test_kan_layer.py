@@ -7,6 +7,7 @@ import torch
 
 from kanimg.nn import KAN, KANLayer
 from kanimg.nn.bspline import padded_knots, spline_features, spline_features_input_grad, uniform_knots
+from kanimg.nn.kan import evenly_spaced
 from kanimg.nn.kernel import cpu_kernel
 
 
@@ -22,9 +23,9 @@ def exact_layer(n_in, n_out, grid_size, lo=-1.0, hi=1.0, dtype=torch.float64, gr
     """A layer with random weights whose knots are exactly uniform (or random, for percentile) in ``dtype``."""
     layer = KANLayer(n_in, n_out, grid_size, grid_kind=grid_kind).to(dtype)
     if grid_kind == "uniform":
-        layer.knots = uniform_knots(torch.full((n_in,), lo, dtype=dtype), torch.full((n_in,), hi, dtype=dtype), grid_size)
+        layer.set_knots(uniform_knots(torch.full((n_in,), lo, dtype=dtype), torch.full((n_in,), hi, dtype=dtype), grid_size), uniform=True)
     else:
-        layer.knots = random_knots(n_in, grid_size, lo, hi, dtype)
+        layer.set_knots(random_knots(n_in, grid_size, lo, hi, dtype), uniform=False)
     with torch.no_grad():
         layer.spline_weight.normal_()
         layer.base_weight.normal_()
@@ -75,8 +76,8 @@ def test_forward_and_gradients_match_reference(path, grid_size, n_in, n_out, gri
         assert rel_err(a, b) < 1e-10
     # float32: within 1e-5 of the float64 reference, relative to each tensor's scale
     layer32 = exact_layer(n_in, n_out, grid_size, lo=-0.8, hi=1.2, dtype=torch.float32, grid_kind=grid_kind)
-    layer32.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
-    layer32.knots = layer.knots.float()
+    layer32.load_state_dict({k: v.float() if torch.is_tensor(v) else v for k, v in layer.state_dict().items()})
+    layer32.set_knots(layer.knots.float(), uniform=layer.has_uniform_knots)
     with patches[path]:
         fast32 = grads(layer32, layer32, x.float(), g.float())
     for a, b in zip(fast32, ref):
@@ -126,7 +127,9 @@ def test_double_backward_matches_reference(grid_kind):
 def test_no_nan_at_knots_ends_and_far_outside(grid_size, grid_kind):
     layer = KANLayer(4, 3, grid_size, grid_kind=grid_kind)
     if grid_kind == "percentile" and grid_size > 1:  # coincident knots, as quantiles of tied samples give
-        layer.knots[:, 4] = layer.knots[:, 5]
+        knots = layer.knots.clone()
+        knots[:, 4] = knots[:, 5]
+        layer.set_knots(knots, uniform=False)
     h = 2 / grid_size
     special = torch.tensor([-1.0, 1.0, -1 - 3 * h, 1 + 3 * h, -1 + h, 1 - h, 1e30, -1e30, 0.0])
     knots = layer.knots[0]
@@ -286,3 +289,44 @@ def test_kernel_builds_are_kept_apart_per_cpu(monkeypatch):
     assert len(keys["fpu sse2 avx2"]) == 1 and keys["fpu sse2 avx2"] != keys["fpu sse2 avx2 avx512f"]
     monkeypatch.undo()
     assert kernel._NAME == f"kanimg_kan_cpu_{kernel._cpu_key()}"
+
+
+def test_the_knot_kind_is_recorded_by_what_set_the_knots_not_guessed():
+    """Knots with alternating spacings 1e-3 / 1.5e-3 far from 0 are not uniform, though their
+    spacings differ by little relative to their magnitude (what the old guess compared)."""
+    torch.manual_seed(0)
+    layer = KANLayer(2, 3, 6).double()
+    steps = torch.tensor([1e-3, 1.5e-3] * 6, dtype=torch.float64)
+    knots = (100 + torch.cat([torch.zeros(1, dtype=torch.float64), steps.cumsum(0)])).repeat(2, 1)  # (2, G+7)
+    assert not evenly_spaced(knots)
+    layer.set_knots(knots, uniform=False)
+    with torch.no_grad():
+        layer.spline_weight.normal_()
+    x = knots[:, 3] + (knots[:, 9] - knots[:, 3]) * torch.rand(500, 1, dtype=torch.float64)
+    assert rel_err(layer(x), layer.reference_forward(x)) < 1e-10  # read as uniform, the fast path was 14 % off
+
+    fresh = KANLayer(2, 3, 6).double()
+    assert fresh.has_uniform_knots
+    fresh.load_state_dict(layer.state_dict())  # the kind travels with the knots
+    assert not fresh.has_uniform_knots
+    legacy = {k: v for k, v in layer.state_dict().items() if not k.endswith("_extra_state")}
+    fresh = KANLayer(2, 3, 6).double()
+    fresh.load_state_dict(legacy)  # a checkpoint from before: classified by spacing
+    assert not fresh.has_uniform_knots
+    fresh.load_state_dict({k: v for k, v in KANLayer(2, 3, 6).state_dict().items() if not k.endswith("_extra_state")})
+    assert fresh.has_uniform_knots
+
+
+@pytest.mark.parametrize("grid_kind", ["uniform", "percentile"])
+def test_grid_updates_and_extensions_set_the_knot_kind(grid_kind):
+    torch.manual_seed(0)
+    layer = KANLayer(3, 2, 8, grid_kind=grid_kind)
+    samples = torch.randn(2000, 3) ** 3 * 0.5  # skewed: quantiles are far from even
+    layer.update_grid(samples)
+    assert layer.has_uniform_knots == (grid_kind == "uniform") == evenly_spaced(layer.knots)
+    layer.extend_grid(16)  # extension knots keep the old spacing
+    assert not layer.has_uniform_knots and not evenly_spaced(layer.knots)
+    layer.update_grid(samples * 3)  # every feature moves
+    assert layer.has_uniform_knots == (grid_kind == "uniform") == evenly_spaced(layer.knots)
+    with pytest.raises(ValueError, match="knots of shape"):
+        layer.set_knots(torch.zeros(3, 5), uniform=True)

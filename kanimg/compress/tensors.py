@@ -114,4 +114,4 @@ def load_arrays(model: nn.Module, arrays: list[np.ndarray], ranges: list[np.ndar
                 params[slot.name.replace("spline_weight", "spline_scale")].fill_(1.0)
         for layer, limits in zip(getattr(model, "layers", []), ranges or []):
             limits = torch.as_tensor(limits, dtype=torch.float64)
-            layer.knots = uniform_knots(limits[:, 0], limits[:, 1], layer.grid_size).to(layer.knots.dtype)
+            layer.set_knots(uniform_knots(limits[:, 0], limits[:, 1], layer.grid_size), uniform=True)

@@ -46,8 +46,9 @@ REFIT_POINTS_PER_INTERVAL = 4
 # batch-to-batch jitter of the sample range those losses were measured to add up.
 REFIT_TOLERANCE = 1.0
 REFIT_SMOOTHING = 1e-9
-# Knots whose spacings differ by no more than this (relative to their magnitude; float32
-# rounding of uniform knots is ~1e-7) take the closed-form uniform path.
+# Checkpoints written before layers recorded their knot kind: knots whose spacings differ by
+# no more than this, relative to the spacing itself, are read as uniform (float32 knots that
+# sit far from 0 relative to their spacing are read as general: slower, never wrong).
 UNIFORM_TOLERANCE = 1e-5
 
 
@@ -179,7 +180,10 @@ class KANLayer(nn.Module):
         lo = torch.full((in_features,), float(grid_range[0]))
         hi = torch.full((in_features,), float(grid_range[1]))
         self.register_buffer("knots", uniform_knots(lo, hi, grid_size))  # (I, G+7)
-        self._uniform_key = None  # see has_uniform_knots
+        # Evenly spaced knots take the closed-form basis. Recorded by whoever sets the knots
+        # (set_knots, grid updates and extensions), never guessed from their values, and kept
+        # in the state dict.
+        self.has_uniform_knots = True
         self.base_weight = nn.Parameter(torch.empty(out_features, in_features))  # w_b (O, I)
         self.spline_scale = nn.Parameter(torch.empty(out_features, in_features))  # w_s (O, I)
         self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + SPLINE_ORDER))  # c (O, I, G+3)
@@ -211,18 +215,24 @@ class KANLayer(nn.Module):
         knots = None if self.has_uniform_knots else padded_knots(self.knots)
         return _PackedSpline.apply(x, self.packed_weight(), lo, inv_h, self.grid_size, knots)
 
-    @property
-    def has_uniform_knots(self) -> bool:
-        """Whether every feature's knots are evenly spaced, so the closed-form basis applies
-        (percentile grids are too until their first update). Cached per knots tensor and
-        version: no per-step cost, no GPU sync."""
-        key = (self.knots.data_ptr(), self.knots._version, self.knots.dtype)
-        if self._uniform_key != key:
-            steps = self.knots.diff(dim=1)
-            scale = torch.maximum(self.knots.abs().amax(1), steps.abs().amax(1))
-            self._uniform = bool(((steps.amax(1) - steps.amin(1)) <= UNIFORM_TOLERANCE * scale).all())
-            self._uniform_key = key
-        return self._uniform
+    def set_knots(self, knots: Tensor, uniform: bool) -> None:
+        """Replace the knots (I, G+7); ``uniform``: every feature's knots are evenly spaced."""
+        if knots.shape != (self.in_features, self.grid_size + 2 * SPLINE_ORDER + 1):
+            raise ValueError(f"knots of shape {tuple(knots.shape)} for {self.in_features} features and G={self.grid_size}")
+        self.knots = knots.to(self.knots.dtype).contiguous()
+        self.has_uniform_knots = bool(uniform)
+
+    def get_extra_state(self) -> dict:
+        return {"uniform_knots": self.has_uniform_knots}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.has_uniform_knots = bool(state["uniform_knots"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "_extra_state"
+        if key not in state_dict and prefix + "knots" in state_dict:  # a checkpoint from before the knot kind was kept
+            state_dict[key] = {"uniform_knots": evenly_spaced(state_dict[prefix + "knots"])}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """The same layer the straightforward way: Cox–de Boor dense basis and autograd.
@@ -266,7 +276,8 @@ class KANLayer(nn.Module):
         spacing = (self.knots[:, -SPLINE_ORDER - 1] - self.knots[:, SPLINE_ORDER]) / self.grid_size
         moved = (new - self.knots).abs().amax(dim=1) > REFIT_TOLERANCE * spacing  # (I,)
         if moved.any():
-            self._refit(torch.where(moved[:, None], new, self.knots), self.grid_size, moved)
+            self._refit(torch.where(moved[:, None], new, self.knots), self.grid_size, moved,
+                        uniform=self.grid_kind == "uniform" and (self.has_uniform_knots or bool(moved.all())))
 
     @torch.no_grad()
     def extend_grid(self, grid_size: int) -> None:
@@ -288,9 +299,10 @@ class KANLayer(nn.Module):
         frac = (position - left * grid_size).to(torch.float64) / grid_size  # exactly 0 at every old knot
         refined = interior[:, left] + (interior[:, left + 1] - interior[:, left]) * frac  # (I, G'+1)
         new = torch.cat([old[:, :SPLINE_ORDER], refined, old[:, -SPLINE_ORDER:]], dim=1)
-        self._refit(new.to(self.knots.dtype), grid_size, whole_support=True)
+        self._refit(new.to(self.knots.dtype), grid_size, whole_support=True, uniform=self.has_uniform_knots and grid_size == self.grid_size)
 
-    def _refit(self, new_knots: Tensor, grid_size: int, features: Tensor | None = None, whole_support: bool = False) -> None:
+    def _refit(self, new_knots: Tensor, grid_size: int, features: Tensor | None = None, whole_support: bool = False,
+               uniform: bool = False) -> None:
         """Least-squares projection of every edge's spline onto the spline space of ``new_knots``.
 
         Fitted on REFIT_POINTS_PER_INTERVAL points per knot interval of the new grid, so every
@@ -322,7 +334,13 @@ class KANLayer(nn.Module):
         else:  # a new shape needs a new parameter; the trainer rebuilds its optimiser
             self.spline_weight = nn.Parameter(coef.contiguous())
         self.grid_size = grid_size
-        self.knots = new_knots.contiguous()
+        self.set_knots(new_knots, uniform)
+
+
+def evenly_spaced(knots: Tensor) -> bool:
+    """Whether every row of knots (I, G+7) is evenly spaced, to UNIFORM_TOLERANCE of its spacing."""
+    steps = knots.to(torch.float64).diff(dim=1)
+    return bool(((steps.amax(1) - steps.amin(1)) <= UNIFORM_TOLERANCE * steps.abs().amax(1)).all())
 
 
 def ridge_directions(count: int) -> Tensor:
