@@ -330,3 +330,32 @@ def test_grid_updates_and_extensions_set_the_knot_kind(grid_kind):
     assert layer.has_uniform_knots == (grid_kind == "uniform") == evenly_spaced(layer.knots)
     with pytest.raises(ValueError, match="knots of shape"):
         layer.set_knots(torch.zeros(3, 5), uniform=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_kan_trains_under_autocast_with_its_splines_in_float32(dtype):
+    """Mixed precision used to crash in the second layer (a bf16 scatter into a float32 basis,
+    and a kernel without half types); the KAN's layers and its ridge projections now run in
+    float32 inside autocast, so its outputs and gradients equal a float32 pass."""
+    torch.manual_seed(0)
+    kan = KAN([2, 16, 16, 3], [12, 4, 4], directions=8)
+    kan.layers[1].update_grid(torch.randn(500, 16) ** 3)  # general knots in one layer
+    x = torch.rand(300, 2) * 2 - 1
+    head = torch.nn.Linear(3, 3)  # an op autocast does lower, after the KAN
+
+    def loss_and_grads():
+        kan.zero_grad()
+        head.zero_grad()
+        loss = head(kan(x)).float().pow(2).mean()
+        loss.backward()
+        return kan(x).detach(), [p.grad.clone() for p in kan.parameters()]
+
+    for path, patch in paths():
+        with patch:
+            out32, grads32 = loss_and_grads()
+            with torch.autocast("cpu", dtype=dtype):
+                assert head(kan(x)).dtype == dtype  # autocast is on around the KAN
+                out, grads = loss_and_grads()
+        assert out.dtype == torch.float32 and torch.equal(out, out32), path
+        for g, g32 in zip(grads, grads32):
+            assert rel_err(g, g32) < 2e-2, path  # through the bf16/fp16 head's backward

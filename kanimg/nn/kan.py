@@ -213,6 +213,14 @@ class KANLayer(nn.Module):
         """x (B, I) -> (B, O)."""
         lo, inv_h = self._grid_lo_inv_h()
         knots = None if self.has_uniform_knots else padded_knots(self.knots)
+        if torch.is_autocast_enabled(x.device.type):
+            # Mixed precision: the layer itself runs in float32 (at least), since the basis needs
+            # the digits of u = (x - lo)/h that bf16 drops, and neither the C++ kernel nor the
+            # PyTorch path's scatter takes half types; the ops around it follow autocast.
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            with torch.autocast(x.device.type, enabled=False):
+                return _PackedSpline.apply(x.to(dtype), self.packed_weight().to(dtype), lo.to(dtype), inv_h.to(dtype), self.grid_size,
+                                           None if knots is None else knots.to(dtype))
         return _PackedSpline.apply(x, self.packed_weight(), lo, inv_h, self.grid_size, knots)
 
     def set_knots(self, knots: Tensor, uniform: bool) -> None:
@@ -389,7 +397,10 @@ class KAN(nn.Module):
 
     def lift(self, x: Tensor) -> Tensor:
         """The first layer's inputs: x itself, or its K ridge projections (N, K)."""
-        return x @ self.projection if self.directions else x
+        if not self.directions:
+            return x
+        # elementwise, not a matmul, so autocast leaves the coordinates in full precision
+        return x[:, :1] * self.projection[0] + x[:, 1:2] * self.projection[1]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.lift(x)
