@@ -108,11 +108,15 @@ def build_model(name: str, **spec: Any) -> nn.Module:
 # Options a family gained after kanimg first wrote checkpoints, with the value that rebuilds a
 # model saved before them as it was trained: a new default must never change an old model.
 OPTIONS_ADDED_LATER = {"kan": {"directions": 0}}
+# Registered names that were renamed: old checkpoints name the entry they were trained as.
+RENAMED = {"kan-ridge8": "kan"}  # 8 ridge directions became the default KAN
 
 
 def saved_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """A spec read from a checkpoint, with the options it predates set as it was trained."""
-    return {**OPTIONS_ADDED_LATER.get(get_entry(spec["name"]).family, {}), **spec}
+    """A spec read from a checkpoint, under today's name, with the options it predates set as
+    it was trained."""
+    name = RENAMED.get(spec["name"], spec["name"])
+    return {**OPTIONS_ADDED_LATER.get(get_entry(name).family, {}), **spec, "name": name}
 
 
 def param_count(name: str, spec: dict[str, Any]) -> int:

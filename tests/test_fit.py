@@ -367,3 +367,17 @@ def test_a_fit_that_names_no_steps_trains_longer_on_a_larger_image(photo32, tmp_
         result = fit_image(photo32, model="mlp", spec={"widths": [2, 8, 3]}, out=tmp_path / "run", progress=False)
     rule.assert_called_once_with(32, 32)
     assert result.metrics["steps_done"] == 7
+
+
+def test_a_checkpoint_of_a_renamed_model_still_renders(photo32, tmp_path):
+    """kan-ridge8 became the default kan: its checkpoints are rebuilt under the new name."""
+    spec, train, _ = FITS["kan"]
+    run = tmp_path / "ridge"
+    fit_image(photo32, model="kan", spec={**spec, "directions": 8}, train={**train, "steps": 8, "eval_every": 4}, out=run, progress=False)
+    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    trainer = payload["trainer"]
+    old = {**payload, "config": {**payload["config"], "model": {**payload["config"]["model"], "name": "kan-ridge8"}},
+           "trainer": {**trainer, "spec": {**trainer["spec"], "name": "kan-ridge8"}, "best_spec": {**trainer["best_spec"], "name": "kan-ridge8"}}}
+    torch.save(old, tmp_path / "old.pt")
+    assert run_cli("render", tmp_path / "old.pt", "-o", tmp_path / "old.png") == 0
+    assert np.array_equal(load_image(tmp_path / "old.png").pixels, load_image(run / "reconstruction.png").pixels)

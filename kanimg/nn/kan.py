@@ -399,8 +399,10 @@ class KAN(nn.Module):
         """The first layer's inputs: x itself, or its K ridge projections (N, K)."""
         if not self.directions:
             return x
-        # elementwise, not a matmul, so autocast leaves the coordinates in full precision
-        return x[:, :1] * self.projection[0] + x[:, 1:2] * self.projection[1]
+        if torch.is_autocast_enabled(x.device.type):  # the coordinates keep full precision
+            with torch.autocast(x.device.type, enabled=False):
+                return x.to(torch.promote_types(x.dtype, torch.float32)) @ self.projection
+        return x @ self.projection
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.lift(x)
