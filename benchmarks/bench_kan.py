@@ -3,22 +3,25 @@
 One step = forward + MSE + backward + Adam on a random batch of coordinates. Variants, all
 measured in the same run and interleaved round by round so machine noise hits them alike:
 
-  fast        kanimg's KAN (packed matmul + custom backward, fused CPU kernel where built)
-  fast-torch  the same layer with the pure-PyTorch feature functions (the CUDA path)
-  percentile  "fast" on pykan-style percentile knots (binary search + local de Boor basis)
-  reference   Cox–de Boor dense basis + autograd (efficient-kan style), the tests' oracle
-  mlp         ReLU MLP [2, 404, 404, 404, 404, 1]
-  floor       only the matmuls the packed formulation needs: per layer F@W, Fᵀ@dY, dY@Wᵀ
+  fast           kanimg's KAN (packed matmul, fused kernel: C++ on CPU, Triton on CUDA)
+  fast-torch     the same layer on the pure-PyTorch path (KANIMG_NO_KERNEL=1)
+  fast-compile   "fast" through torch.compile(fullgraph=True) (the kernel stays one opaque op)
+  torch-compile  "fast-torch" through torch.compile (Inductor fuses the PyTorch path)
+  percentile     "fast" on pykan-style percentile knots (binary search + local de Boor basis)
+  reference      Cox–de Boor dense basis + autograd (efficient-kan style), the tests' oracle
+  mlp            ReLU MLP with as many hidden layers and about as many parameters as the KAN
+  floor          only the matmuls the packed formulation needs: per layer F@W, Fᵀ@dY, dY@Wᵀ
+  CUDA only: fast-tf32 (TF32 matmuls), fast-bf16 and mlp-bf16 (bf16 autocast)
 
 Saved-for-backward memory is measured with torch.autograd.graph.saved_tensors_hooks at two
 batch sizes; the slope is the per-sample cost (parameter-sized tensors cancel out).
 
     python benchmarks/bench_kan.py                    # the paper's network, batch 4096, 2 threads
-    python benchmarks/bench_kan.py --device cuda      # adds TF32 and torch.compile variants
+    python benchmarks/bench_kan.py --device cuda      # adds TF32 and bf16 variants
     python benchmarks/bench_kan.py --device cuda --psnr-steps 2000   # … and what each costs in PSNR
 
-With --psnr-steps N, each fast variant (plain, TF32, torch.compile) also fits the bundled
-photograph for N steps with the same seed, and the best full-image PSNR is reported.
+With --psnr-steps N, each fast variant (fused, PyTorch path, compiled, TF32, bf16) also fits the
+bundled photograph for N steps with the same seed, and the best full-image PSNR is reported.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ import json
 import platform
 import statistics
 import time
+import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
@@ -36,6 +41,7 @@ from torch import nn
 
 from kanimg.nn import KAN, MLP
 from kanimg.nn.kernel import cpu_kernel
+from kanimg.nn.packed_spline import fused_path
 
 
 class ReferenceKAN(nn.Module):
@@ -46,15 +52,18 @@ class ReferenceKAN(nn.Module):
         self.kan = kan
 
     def forward(self, x):
+        x = self.kan.lift(x)
         for layer in self.kan.layers:
             x = layer.reference_forward(x)
         return x
 
 
-def make_step(model: nn.Module, batch: int, device: torch.device):
+def make_step(model: nn.Module, batch: int, device: torch.device, outputs: int):
+    """One training step on a fixed random batch (the model is not called here: a compiled
+    model traces on its first call, which must happen inside the variant's context)."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.rand(batch, 2, device=device) * 2 - 1
-    y = torch.rand(batch, 1, device=device)
+    y = torch.rand(batch, outputs, device=device)
 
     def step() -> None:
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -92,10 +101,30 @@ def saved_bytes_per_sample(model: nn.Module, device: torch.device, batches=(1024
 
         x = torch.rand(b, 2, device=device) * 2 - 1
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = torch.nn.functional.mse_loss(model(x), torch.zeros(b, 1, device=device))
+            out = model(x)
+            loss = torch.nn.functional.mse_loss(out, torch.zeros_like(out))
         del loss
         totals.append(sum(seen.values()))
     return (totals[1] - totals[0]) / (batches[1] - batches[0])
+
+
+def peak_bytes_per_sample(model: nn.Module, device: torch.device, batches=(8192, 16384)) -> float | None:
+    """CUDA only: growth of the peak memory of a forward + backward per sample (parameter-sized
+    allocations cancel out between the two batch sizes)."""
+    if device.type != "cuda":
+        return None
+    peaks = []
+    for b in batches:
+        x = torch.rand(b, 2, device=device) * 2 - 1
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = model(x)
+        torch.nn.functional.mse_loss(out, torch.zeros_like(out)).backward()
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        model.zero_grad(set_to_none=True)
+    return (peaks[1] - peaks[0]) / (batches[1] - batches[0])
 
 
 def sync(device: torch.device) -> None:
@@ -107,7 +136,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--widths", default="2,128,128,128,128,1")
     p.add_argument("--grids", default="100,10,10,10,10")
-    p.add_argument("--mlp-width", type=int, default=404)
+    p.add_argument("--mlp-width", type=int, default=0, help="hidden width of the MLP (default: its parameters match the KAN's)")
+    p.add_argument("--directions", type=int, default=0, help="ridge directions of the first layer (0: x and y, as the paper)")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=12)
@@ -127,30 +157,45 @@ def main(argv=None) -> int:
         cpu_kernel()  # compile before timing
 
     def kan():
-        return KAN(widths, grids).to(device)
+        return KAN(widths, grids, directions=args.directions).to(device)
 
     def percentile_kan():  # knots at the quantiles of the activations after one grid update
-        model = KAN(widths, grids, grid_kind="percentile").to(device)
+        model = KAN(widths, grids, grid_kind="percentile", directions=args.directions).to(device)
         with torch.no_grad():
             model.update_grids(torch.rand(args.batch, widths[0], device=device) * 2 - 1)
         return model
 
-    no_kernel = mock.patch("kanimg.nn.kan.cpu_kernel", lambda: None)
+    hidden = len(widths) - 2
+    mlp_width = args.mlp_width or equal_params_width(sum(p.numel() for p in kan().parameters()), hidden, widths[0], widths[-1])
+
+    def mlp():
+        return MLP([widths[0]] + [mlp_width] * hidden + [widths[-1]]).to(device)
+
+    def compiled(model):
+        # Each compiled variant gets its own subclass: Dynamo's cache is per code object, and
+        # without a guard that tells them apart the second variant would reuse the first's
+        # graph (its kernel choice is a compile-time constant).
+        model.__class__ = type(f"{type(model).__name__}_{len(variants_compiled)}", (type(model),), {})
+        variants_compiled.append(model)
+        return torch.compile(model, fullgraph=True)
+
+    variants_compiled: list = []
+
     variants: dict[str, tuple] = {  # name -> (model or None, step fn, context for the step)
-        "fast": (m := kan(), make_step(m, args.batch, device), nullcontext),
-        "fast-torch": (m := kan(), make_step(m, args.batch, device), lambda: no_kernel),
-        "percentile": (m := percentile_kan(), make_step(m, args.batch, device), nullcontext),
-        "reference": (m := ReferenceKAN(kan()), make_step(m, args.batch, device), nullcontext),
-        "mlp": (m := MLP([2] + [args.mlp_width] * (len(widths) - 2) + [1]).to(device), make_step(m, args.batch, device), nullcontext),
-        "floor": (None, floor_step(widths, grids, args.batch, device), nullcontext),
+        "fast": (m := kan(), make_step(m, args.batch, device, widths[-1]), nullcontext),
+        "fast-torch": (m := kan(), make_step(m, args.batch, device, widths[-1]), _pytorch_path),
+        "fast-compile": (m := compiled(kan()), make_step(m, args.batch, device, widths[-1]), nullcontext),
+        "torch-compile": (m := compiled(kan()), make_step(m, args.batch, device, widths[-1]), _pytorch_path),
+        "percentile": (m := percentile_kan(), make_step(m, args.batch, device, widths[-1]), nullcontext),
+        "reference": (m := ReferenceKAN(kan()), make_step(m, args.batch, device, widths[-1]), nullcontext),
+        "mlp": (m := mlp(), make_step(m, args.batch, device, widths[-1]), nullcontext),
+        "floor": (None, floor_step([args.directions or widths[0]] + widths[1:], grids, args.batch, device), nullcontext),
     }
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
-        variants.pop("fast-torch")  # on CUDA "fast" already is the PyTorch path
-        compiled = torch.compile(kan())
-        variants["fast-compile"] = (compiled, make_step(compiled, args.batch, device), nullcontext)
-        tf32 = kan()
-        variants["fast-tf32"] = (tf32, make_step(tf32, args.batch, device), lambda: _tf32())
+        variants["fast-tf32"] = (m := kan(), make_step(m, args.batch, device, widths[-1]), _tf32)
+        variants["fast-bf16"] = (m := kan(), make_step(m, args.batch, device, widths[-1]), _bf16)
+        variants["mlp-bf16"] = (m := mlp(), make_step(m, args.batch, device, widths[-1]), _bf16)
     for name in skip:
         variants.pop(name, None)
 
@@ -171,16 +216,21 @@ def main(argv=None) -> int:
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
     floor = ms.get("floor")
     results = []
-    print(f"device={device} threads={args.threads} batch={args.batch} widths={widths} grids={grids}")
+    print(f"device={device} threads={args.threads} batch={args.batch} widths={widths} grids={grids} mlp width={mlp_width}")
     print(f"{'variant':<13}{'ms/step':>9}{'samples/s':>12}{'saved B/sample':>16}{'x floor':>9}{'x mlp':>8}")
     for name, (model, _, ctx) in variants.items():
         with ctx():
-            saved = saved_bytes_per_sample(model, device) if model is not None else None
+            try:
+                saved = saved_bytes_per_sample(model, device) if model is not None else None
+            except Exception:  # e.g. a compiled graph that saved-tensor hooks cannot see into
+                saved = None
+            peak = peak_bytes_per_sample(model, device) if model is not None else None
         row = {
             "variant": name,
             "ms_per_step": round(ms[name], 2),
             "samples_per_s": round(args.batch / ms[name] * 1000),
             "saved_bytes_per_sample": None if saved is None else round(saved),
+            "peak_bytes_per_sample": None if peak is None else round(peak),
             "ratio_to_floor": None if floor is None else round(ms[name] / floor, 3),
             "ratio_to_mlp": round(ms[name] / ms["mlp"], 3) if "mlp" in ms else None,
         }
@@ -199,7 +249,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "config": vars(args), "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "kernel": device.type == "cpu" and cpu_kernel() is not None, "results": results,
+        "kernel": fused_path(device.type, torch.float32), "mlp_width": mlp_width, "results": results,
     }, indent=2))
     print(f"wrote {out}")
     return 0
@@ -217,15 +267,23 @@ def fit_psnr(variant: str, steps: int, device: torch.device) -> float:
     torch.manual_seed(0)
     model = build_model("kan", **model_spec_for("kan", {}, data.channels, (data.height, data.width))).to(device)
     config = train_config_for("kan", {"steps": steps, "eval_every": max(1, steps // 4)})
-    if variant == "fast-compile":
-        spec = model.spec
-        model = torch.compile(model)
-        model.spec = spec
-    context = _tf32() if variant == "fast-tf32" else (mock.patch("kanimg.nn.kan.cpu_kernel", lambda: None) if variant == "fast-torch" else nullcontext())
-    with context:
+    config.compile = variant.endswith("compile")
+    config.precision = {"fast-tf32": "tf32", "fast-bf16": "bf16"}.get(variant, "fp32")
+    with _pytorch_path() if variant in ("fast-torch", "torch-compile") else nullcontext():
         trainer = Trainer(model, ImageTarget(data.pixels, device=device), config, progress=False)
         trainer.train()
     return trainer.best_psnr
+
+
+def equal_params_width(params: int, hidden: int, n_in: int, n_out: int) -> int:
+    """Hidden width w of a ReLU MLP with ``hidden`` layers whose parameter count is closest to ``params``:
+    (hidden - 1)·w² + (n_in + n_out + hidden)·w + n_out = params."""
+    a, b, c = hidden - 1, n_in + n_out + hidden, n_out - params
+    return round((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)) if a else round(-c / b)
+
+
+def _pytorch_path():
+    return mock.patch.dict(os.environ, {"KANIMG_NO_KERNEL": "1"})
 
 
 class _tf32:
@@ -234,6 +292,10 @@ class _tf32:
 
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def _bf16():
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grid-schedule", type=grid_schedule, help="KAN: extend grids at steps, e.g. '1000:20,10,10;3000:50,10,10'")
     t.add_argument("--eval-every", type=int, help="full-image evaluation period in steps (best weights are kept)")
     t.add_argument("--seed", type=int, help="random seed (default 0)")
+    _execution_flags(t)
     o = fit.add_argument_group("data and output")
     o.add_argument("--grey", action="store_true", help="fit the luminance only")
     o.add_argument("--coords", choices=["centers", "linspace"], help="pixel coordinates: pixel centres (default) or the paper's linspace(-1, 1, N)")
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--force", action="store_true", help="replace an existing run folder")
     o.add_argument("--resume", nargs="?", const=True, type=Path, metavar="CHECKPOINT",
                    help="continue a run: alone, from the latest checkpoint of the -o folder (also after a crash or kill -9); "
-                        "or from this checkpoint or run folder. Only --steps (to extend it) and --eval-every may change")
+                        "or from this checkpoint or run folder. Only --steps (to extend it), --eval-every and --compile may change")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=cmd_fit)
 
@@ -135,12 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--crop", type=int_list("--crop"), metavar="X,Y,W,H", help="add a zoomed crop of this region to the gallery")
     cmp.add_argument("--seed", type=int, default=0, help="seed of every model's initialisation and pixel sampling (default 0)")
     cmp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _execution_flags(cmp)
     cmp.add_argument("-o", "--out", type=Path, default=Path("runs/compare"),
                      help="output folder (default: runs/compare); the same command again continues it, reusing finished runs")
     cmp.add_argument("--force", action="store_true", help="write into a folder that holds another comparison (its runs are kept and reused)")
     cmp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     cmp.set_defaults(func=cmd_compare)
     return parser
+
+
+def _execution_flags(group) -> None:
+    from .train import PRECISIONS
+
+    group.add_argument("--precision", choices=PRECISIONS,
+                       help="training steps in fp32 (default), tf32 (TensorFloat-32 matmuls on CUDA) or bf16 (autocast)")
+    group.add_argument("--compile", action="store_true", default=None, help="train through torch.compile (compiles once, outside the clock)")
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -150,7 +160,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             "scale": args.scale, "num_features": args.num_features}
     train = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "schedule": args.schedule,
              "grid_update_every": args.grid_update_every, "grid_update_until": args.grid_update_until,
-             "grid_schedule": args.grid_schedule, "eval_every": args.eval_every, "seed": args.seed}
+             "grid_schedule": args.grid_schedule, "eval_every": args.eval_every, "seed": args.seed, "precision": args.precision,
+             "compile": args.compile}
     result = fit_image(args.image, model=args.model, spec=spec, train=train, out=args.out, force=args.force,
                        resume=args.resume, device=args.device, grey=args.grey, coords=args.coords, progress=not args.quiet)
     m = result.metrics
@@ -198,6 +209,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise KanimgError("--crop takes X,Y,WIDTH,HEIGHT with a positive size, e.g. 96,64,48,48")
     result = compare(args.path, args.models, args.out, steps=args.steps, budget_seconds=args.budget_seconds,
                      match_params=args.match_params, preset=args.preset, device=args.device, force=args.force, seed=args.seed,
+                     precision=args.precision, compile=bool(args.compile),
                      crop=tuple(args.crop) if args.crop else None, progress=not args.quiet)
     if result.interrupted:
         print("kanimg: interrupted; run the same command again to continue (finished models are skipped)", file=sys.stderr)

@@ -117,6 +117,8 @@ def compare(
     device: str = "auto",
     crop: tuple[int, int, int, int] | None = None,
     seed: int = 0,
+    precision: str | None = None,
+    compile: bool = False,
     force: bool = False,
     progress: bool = True,
 ) -> CompareResult:
@@ -132,6 +134,8 @@ def compare(
         preset: "paper" or "paper-quick": the paper's models and recipe.
         crop: (x, y, w, h) region to show zoomed in the gallery.
         seed: seeds every model's initialisation and pixel sampling.
+        precision, compile: how every model's training steps run (TrainConfig); None / False
+            keep the defaults (fp32, eager).
         force: write into a folder that holds a different comparison (its tables are replaced;
             its runs are kept and reused where they match). Without it such a folder is refused;
             the same comparison again continues where it stopped.
@@ -150,10 +154,12 @@ def compare(
     if budget_seconds is not None and not budget_seconds > 0:
         raise KanimgError(f"--budget-seconds must be positive, got {budget_seconds}")
     protocol = _protocol(preset, steps, budget_seconds, match_params)
+    execution = {**({"precision": precision} if precision else {}), **({"compile": True} if compile else {})}
     out = Path(out)
     request = {"images": [str(i.resolve()) for i in images], "models": models, "protocol": protocol, "seed": seed}
     with _output_folder(out, request, force):
-        return _compare(images, models, out, chosen, protocol, steps, budget_seconds, match_params, seed, device, crop, progress)
+        return _compare(images, models, out, chosen, protocol, steps, budget_seconds, match_params, seed, execution, device, crop,
+                        progress)
 
 
 @contextlib.contextmanager
@@ -179,7 +185,8 @@ def _output_folder(out: Path, request: dict, force: bool) -> Iterator[None]:
         yield
 
 
-def _compare(images, models, out, chosen, protocol, steps, budget_seconds, match_params, seed, device, crop, progress) -> CompareResult:
+def _compare(images, models, out, chosen, protocol, steps, budget_seconds, match_params, seed, execution, device, crop,
+             progress) -> CompareResult:
     (out / "runs").mkdir(exist_ok=True)
     result = CompareResult(out)
     sections = []
@@ -188,7 +195,7 @@ def _compare(images, models, out, chosen, protocol, steps, budget_seconds, match
         data = load_image(prepared, grey=chosen.grey if chosen else False)
         records, recons = [], []
         for name in models:
-            request = _request(name, data, protocol, chosen, steps, budget_seconds, match_params, seed)
+            request = _request(name, data, protocol, chosen, steps, budget_seconds, match_params, seed, execution)
             record, interrupted = _run(prepared, image.stem, name, request, out, device, progress)
             if interrupted:
                 result.interrupted = True
@@ -215,17 +222,17 @@ def _protocol(preset, steps, budget_seconds, match_params) -> dict:
     return {"kind": "steps", "steps": steps or 2000}
 
 
-def _request(name, data, protocol, preset, steps, budget_seconds, match_params, seed) -> dict:
+def _request(name, data, protocol, preset, steps, budget_seconds, match_params, seed, execution) -> dict:
     """Everything that decides one run: model options, training options, data options."""
     if preset is not None:
-        train = {**preset.train, **({"steps": steps} if steps else {}), "seed": seed}
+        train = {**preset.train, **({"steps": steps} if steps else {}), "seed": seed, **execution}
         return {"spec": {}, "train": train, "grey": preset.grey, "coords": preset.coords, "protocol": protocol}
     spec = widths_for_params(name, data.channels, match_params, (data.height, data.width)) if match_params is not None else {}
     if budget_seconds is not None:
         train = {"budget_seconds": float(budget_seconds), "eval_every": 100}
     else:
         train = {"steps": protocol["steps"]}
-    return {"spec": spec, "train": {**train, "seed": seed}, "grey": False, "coords": "centers", "protocol": protocol}
+    return {"spec": spec, "train": {**train, "seed": seed, **execution}, "grey": False, "coords": "centers", "protocol": protocol}
 
 
 def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: str, progress: bool) -> tuple[dict, bool]:

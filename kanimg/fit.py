@@ -77,12 +77,23 @@ def model_spec_for(name: str, spec: dict[str, Any], channels: int, size: tuple[i
     return spec
 
 
-def train_config_for(name: str, overrides: dict[str, Any], size: tuple[int, int] | None = None) -> TrainConfig:
+# A GPU is far from busy at the CPU's batch sizes (4,096–16,384 pixels): on CUDA a batch size the
+# user did not choose is this many times the family's default (capped by the image's pixel count
+# in the sampler), so a step sees more pixels at about the same time per step.
+GPU_BATCH_FACTOR = 16
+
+
+def train_config_for(name: str, overrides: dict[str, Any], size: tuple[int, int] | None = None,
+                     device: torch.device | None = None) -> TrainConfig:
     """The family's training defaults (e.g. SIREN's lr 1e-4) updated with the user's choices;
-    with the image's ``size`` = (H, W), steps left unset grow with it (:func:`steps_for_image`)."""
-    values = {**get_entry(name).train_defaults, **{k: v for k, v in overrides.items() if v is not None}}
+    with the image's ``size`` = (H, W), steps left unset grow with it (:func:`steps_for_image`);
+    on a CUDA ``device`` the default batch size grows by GPU_BATCH_FACTOR."""
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    values = {**get_entry(name).train_defaults, **chosen}
     if size is not None and "steps" not in values:
         values["steps"] = steps_for_image(*size)
+    if device is not None and device.type == "cuda" and "batch_size" not in chosen:
+        values["batch_size"] = values.get("batch_size", TrainConfig.batch_size) * GPU_BATCH_FACTOR
     return TrainConfig.from_dict(values)
 
 
@@ -110,7 +121,7 @@ class FitResult:
 # so a kill -9 or a power cut loses at most this much training: ``--resume`` continues from it.
 CHECKPOINT_SECONDS = 30.0
 # Settings a resumed run may change; every other one it keeps (and a different value is refused).
-CHANGEABLE_ON_RESUME = ("steps", "eval_every")
+CHANGEABLE_ON_RESUME = ("steps", "eval_every", "compile")
 # Largest model fit() builds: parameters, gradients and two Adam moments take 16 bytes each.
 MAX_PARAMETERS = 200_000_000
 
@@ -144,7 +155,7 @@ def fit_image(
         resume: continue a run: True = from the latest checkpoint of ``out`` (its staging
             folder's, after a crash or kill, else its finished one); a checkpoint file or a run
             folder = from that. The run keeps its settings: only ``train["steps"]`` (to extend
-            it) and ``train["eval_every"]`` may change, and other values that differ are refused.
+            it), ``train["eval_every"]`` and ``train["compile"]`` may change, and other values that differ are refused.
             The run folder it continues is updated in place; another ``out`` needs ``force``.
         device: "auto", "cpu" or "cuda".
         grey: fit the luminance only.
@@ -188,7 +199,7 @@ def fit_image(
 
     if state is None:
         spec = model_spec_for(model, spec or {}, data.channels, (data.height, data.width))
-        cfg = train_config_for(model, train or {}, (data.height, data.width))
+        cfg = train_config_for(model, train or {}, (data.height, data.width), dev)
     else:
         saved = state["config"]
         if [data.height, data.width, data.channels] != [saved["image"][k] for k in ("height", "width", "channels")]:
@@ -301,7 +312,7 @@ def _refuse_changes(pairs: dict[str, tuple[Any, Any]], checkpoint: Path) -> None
     for flag, (given, saved) in pairs.items():
         if given is not None and given != saved:
             raise ResumeMismatch(f"{flag} {_show(given)} differs from the run in {checkpoint} ({_show(saved)}); a resumed run "
-                                 f"keeps its settings (only --steps and --eval-every may change): start a new run with -o")
+                                 f"keeps its settings (only --steps, --eval-every and --compile may change): start a new run with -o")
 
 
 def _flag(option: str) -> str:

@@ -5,6 +5,7 @@ evaluation on the full image every ``eval_every`` steps keeps the best weights.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -21,6 +22,10 @@ from .render import predict
 from .sampling import CoordinateSampler, ImageTarget
 
 SCHEDULES = ("cosine", "constant", "staged")
+# fp32: full precision; tf32: float32 matmuls may use TensorFloat-32 (CUDA Ampere and later;
+# the default matmul precision elsewhere); bf16: forward and backward under bfloat16 autocast,
+# KAN spline layers staying in float32 (kan.py).
+PRECISIONS = ("fp32", "tf32", "bf16")
 STAGES = 3  # "staged": the KAN paper's three stages at lr, lr/10, lr/100 (fresh Adam each)
 COSINE_FLOOR = 0.01  # "cosine" decays to this fraction of the initial learning rate
 # Training has diverged when the mean squared error in [-1, 1] value space passes this: an RMS
@@ -46,6 +51,10 @@ class TrainConfig:
         seed: seeds model initialisation and pixel sampling.
         budget_seconds: if > 0, train for this much training time instead of ``steps``
             (equal wall-clock comparisons); schedules then run on the fraction of time used.
+        precision: "fp32", "tf32" or "bf16" for the training steps (see PRECISIONS);
+            evaluations and exports are always float32.
+        compile: run the training steps through ``torch.compile(model, fullgraph=True)`` (the
+            first step, and the first after a grid extension, compile outside the clock).
     """
 
     steps: int = 2000
@@ -58,6 +67,8 @@ class TrainConfig:
     eval_every: int = 250
     seed: int = 0
     budget_seconds: float = 0.0
+    precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -68,6 +79,8 @@ class TrainConfig:
             raise KanimgError(f"batch size must be 0 (whole image) or positive, got {self.batch_size}")
         if self.schedule not in SCHEDULES:
             raise KanimgError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise KanimgError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if not (self.budget_seconds >= 0 and math.isfinite(self.budget_seconds)):
             raise KanimgError(f"the time budget must be a finite number of seconds, got {self.budget_seconds}")
         if self.grid_update_every < 0 or self.grid_update_until < 0 or self.eval_every < 0:
@@ -119,6 +132,16 @@ def _check_converging(mse: float, step: int, what: str) -> None:
                           f"try a lower learning rate (--lr)")
 
 
+@contextlib.contextmanager
+def _matmul_precision(value: str):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @dataclass
 class History:
     """Training curves: batch loss every LOG_EVERY steps, full-image PSNR at each evaluation."""
@@ -156,6 +179,9 @@ class Trainer:
         self.best_state: dict | None = None
         self.best_spec: dict | None = None
         self.warmup_seconds = 0.0  # outside train_seconds: see warm_up
+        # The training steps' forward: the model itself, or its compiled graph (evaluations
+        # always run the model itself, whose batch sizes vary).
+        self.step_model = torch.compile(model, fullgraph=True) if config.compile else model
         self.optimizer = self._new_optimizer()
 
     def fraction_done(self) -> float:
@@ -179,14 +205,15 @@ class Trainer:
         try:
             while self.fraction_done() < 1:
                 t0 = time.perf_counter()
-                self._before_step()
+                paused = self._before_step()
                 coords, values = self.sampler.next_batch()
-                loss = nn.functional.mse_loss(self.model(coords), values)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                with self.precision():
+                    loss = nn.functional.mse_loss(self.step_model(coords), values)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 self.optimizer.step()
                 self.step += 1
-                self.train_seconds += time.perf_counter() - t0
+                self.train_seconds += time.perf_counter() - t0 - paused
                 last = self.fraction_done() >= 1
                 if self.step % LOG_EVERY == 0 or last:
                     value = loss.item()
@@ -207,16 +234,29 @@ class Trainer:
         """One forward and backward pass on a batch of pixels, outside the clock; returns its
         seconds. A model's first pass builds or loads its kernels (the KAN's CPU kernel compiles
         once per machine, about a minute) and allocates its buffers: a time budget counts
-        training, not that. Changes nothing: no optimiser step, no sampler draw, gradients dropped."""
+        training, not that; nor ``torch.compile``'s compilation. Changes nothing: no optimiser
+        step, no sampler draw, gradients dropped."""
         started = time.perf_counter()
         rows = slice(0, self.sampler.batch_size)
-        nn.functional.mse_loss(self.model(self.target.coords[rows]), self.target.values[rows]).backward()
+        with self.precision():
+            nn.functional.mse_loss(self.step_model(self.target.coords[rows]), self.target.values[rows]).backward()
         self.model.zero_grad(set_to_none=True)
         return time.perf_counter() - started
 
-    def _before_step(self) -> None:
-        """Stage changes, scheduled grid extensions, grid refits and the LR for this step."""
+    def precision(self) -> contextlib.AbstractContextManager:
+        """The numeric precision of a training step (TrainConfig.precision)."""
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.config.precision == "tf32":
+            return _matmul_precision("high")
+        return contextlib.nullcontext()
+
+    def _before_step(self) -> float:
+        """Stage changes, scheduled grid extensions, grid refits and the LR for this step.
+        Returns the seconds spent recompiling (a grid extension changes the compiled graph),
+        which the clock does not count."""
         cfg, step = self.config, self.step
+        graph = self._graph_key() if cfg.compile else None
         progress = self.fraction_done()
         stage = stage_of(progress, cfg)
         if stage != self.stage:
@@ -232,6 +272,15 @@ class Trainer:
             self.model.update_grids(coords)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(progress, cfg)
+        if cfg.compile and self._graph_key() != graph:
+            paused = self.warm_up()
+            self.warmup_seconds += paused
+            return paused
+        return 0.0
+
+    def _graph_key(self) -> tuple:
+        """What a compiled graph depends on beyond shapes of inputs: KAN grid sizes and knot kinds."""
+        return tuple((getattr(m, "grid_size", None), getattr(m, "has_uniform_knots", None)) for m in self.model.modules())
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         fused = self.device.type in ("cpu", "cuda")

@@ -1,12 +1,18 @@
 """Shared fixtures: small crops of the bundled photograph, written as files in tmp dirs."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+if not torch.cuda.is_available():
+    # Triton's interpreter runs the CUDA layer's kernels on CPU tensors (tests/test_triton_kan.py);
+    # it must be on before anything imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "astronaut.png"
 

@@ -20,8 +20,9 @@ def test_bench_kan_reports_every_variant(tmp_path, capsys):
     assert load("bench_kan").main(["--widths", "2,8,8,1", "--grids", "6,4,4", "--mlp-width", "8", "--batch", "256",
                                    "--rounds", "1", "--json", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) == {"fast", "fast-torch", "percentile", "reference", "mlp", "floor"}
-    assert rows["fast"]["saved_bytes_per_sample"] == rows["fast-torch"]["saved_bytes_per_sample"]
+    assert set(rows) == {"fast", "fast-torch", "fast-compile", "torch-compile", "percentile", "reference", "mlp", "floor"}
+    assert rows["fast"]["saved_bytes_per_sample"] == rows["fast-torch"]["saved_bytes_per_sample"] == rows["fast-compile"]["saved_bytes_per_sample"]
+    assert rows["torch-compile"]["saved_bytes_per_sample"] is not None
     assert rows["percentile"]["saved_bytes_per_sample"] == rows["fast"]["saved_bytes_per_sample"]
     # the fast layer saves only its inputs: 4 bytes per input feature per sample (+ MSE's 2 × 4)
     assert rows["fast"]["saved_bytes_per_sample"] == 4 * (2 + 8 + 8) + 8

@@ -58,7 +58,7 @@ def test_interrupted_comparison_resumes_where_it_stopped(photos, tmp_path):
     def before(self):  # Ctrl-C in the middle of the second model
         if self.model.spec["name"] == "mlp" and self.step == 10:
             raise KeyboardInterrupt
-        original(self)
+        return original(self)
 
     with mock.patch.object(Trainer, "_before_step", before):
         first = compare(image, TINY, out, steps=20, progress=False)

@@ -87,7 +87,7 @@ def interrupt_at(step):
     def before(self):
         if self.step == step:
             raise KeyboardInterrupt
-        original(self)
+        return original(self)
 
     return mock.patch.object(Trainer, "_before_step", before)
 
@@ -248,16 +248,16 @@ def test_resume_never_replaces_another_folder_without_force(photo32, tmp_path, c
 def test_resume_refuses_settings_it_cannot_change(photo32, tmp_path, capsys):
     run = small_fit(tmp_path, photo32)
     for flags, flag in ((["--lr", "0.5"], "--lr"), (["--model", "kan"], "--model"), (["--widths", "2,8,3"], "--widths"),
-                        (["--batch-size", "64"], "--batch-size"), (["--grey"], "--grey")):
+                        (["--batch-size", "64"], "--batch-size"), (["--grey"], "--grey"), (["--precision", "bf16"], "--precision")):
         assert run_cli("fit", photo32, "-o", run, "--resume", *flags, "-q") == 2, flags
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"kanimg: error: {flag} ") and "differs" in err, err
     # the same values as the run's, and the ones that may change, are fine
     lr = json.loads((run / "metrics.json").read_text())["config"]["train"]["lr"]
     assert run_cli("fit", photo32, "-o", run, "--resume", "--widths", "2,16,1", "--lr", lr, "--steps", "25",
-                   "--eval-every", "5", "-q") == 0
+                   "--eval-every", "5", "--precision", "fp32", "--compile", "-q") == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps_done"] == 25 and metrics["config"]["train"]["eval_every"] == 5
+    assert metrics["steps_done"] == 25 and metrics["config"]["train"]["eval_every"] == 5 and metrics["config"]["train"]["compile"]
 
 
 def test_a_second_process_on_the_same_output_is_refused(photo32, tmp_path, capsys):
@@ -363,6 +363,11 @@ def test_a_fit_that_names_no_steps_trains_longer_on_a_larger_image(photo32, tmp_
     assert train_config_for("kan", {}, (512, 512)).steps == 4000
     assert train_config_for("kan", {"steps": 300}, (512, 512)).steps == 300  # a named count wins
     assert train_config_for("kan", {}).steps == 2000
+    # on a GPU the batch the user did not choose grows (it was never busy at CPU batch sizes)
+    cuda = torch.device("cuda")
+    assert train_config_for("kan", {}, device=cuda).batch_size == 16 * train_config_for("kan", {}).batch_size
+    assert train_config_for("kan", {"batch_size": 512}, device=cuda).batch_size == 512
+    assert train_config_for("kan", {"batch_size": None}, device=torch.device("cpu")).batch_size == 4096
     with mock.patch("kanimg.fit.steps_for_image", return_value=7) as rule:  # fit asks the rule with the image's size
         result = fit_image(photo32, model="mlp", spec={"widths": [2, 8, 3]}, out=tmp_path / "run", progress=False)
     rule.assert_called_once_with(32, 32)

@@ -98,7 +98,7 @@ def test_the_time_budget_does_not_pay_for_building_the_kernel(monkeypatch):
     a slow build mocked, a budget shorter than the build still trains many steps."""
     import time
 
-    from kanimg.nn import kan as kan_module
+    from kanimg.nn import packed_spline as kan_module
 
     built = []
 
@@ -118,3 +118,55 @@ def test_the_time_budget_does_not_pay_for_building_the_kernel(monkeypatch):
     built.clear()  # the build happens inside train() this time
     trainer.train()
     assert trainer.warmup_seconds >= 1.5 and trainer.step > 1  # charged to the budget, the build alone would end it
+
+
+def test_unknown_precision_is_a_clear_error():
+    with pytest.raises(KanimgError, match="precision"):
+        TrainConfig(precision="fp8")
+
+
+def test_compiled_training_matches_eager_and_recompiles_outside_the_clock(monkeypatch):
+    """--compile: the same training as eager; the first step and the first after each grid
+    extension or knot-kind change compile in a warm-up that the clock does not count."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="aot_eager", **kw))
+    options = dict(steps=30, lr=1e-2, grid_update_every=10, grid_update_until=20, grid_schedule=[[15, [16, 8]]])
+    eager = small_trainer(**options)
+    eager.train()
+    compiled = small_trainer(**options, compile=True)
+    assert compiled.step_model is not compiled.model
+    warm_ups = []
+    original = compiled.warm_up
+    monkeypatch.setattr(compiled, "warm_up", lambda: warm_ups.append(compiled.step) or original())
+    compiled.train()
+    # before training; step 0's first grid update (uniform → percentile knots); the extension at step 15
+    assert warm_ups == [0, 0, 15]
+    assert compiled.model.grids == eager.model.grids == [16, 8]
+    assert compiled.evaluate() == pytest.approx(eager.evaluate(), abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["kan", "mlp"])
+def test_bf16_training_runs_under_autocast(name):
+    """--precision bf16: the ops autocast lowers run in bfloat16 (an MLP's matmuls), a KAN's spline
+    layers stay float32 (kan.py), and the fit stays close to float32's."""
+    seen = []
+
+    def fitted(precision: str) -> float:
+        torch.manual_seed(0)
+        model = build_model(name, widths=[2, 32, 32, 3], **({"grids": [8, 4, 4]} if name == "kan" else {}))
+        model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        pixels = photo_crop(16).astype(np.float32) / 255
+        trainer = Trainer(model, ImageTarget(pixels), TrainConfig(steps=200, lr=3e-3, batch_size=64, eval_every=0, precision=precision),
+                          progress=False)
+        trainer.train()
+        return trainer.best_psnr
+
+    fp32 = fitted("fp32")
+    seen.clear()
+    bf16 = fitted("bf16")
+    assert set(seen[:-1]) == {torch.float32 if name == "kan" else torch.bfloat16}  # training steps (the last is the float32 evaluation)
+    assert seen[-1] == torch.float32
+    if name == "kan":
+        assert bf16 == fp32  # its layers already are float32 under autocast
+    else:
+        assert abs(bf16 - fp32) < 1.0 and bf16 > 15  # bfloat16 costs a little, and it still fits

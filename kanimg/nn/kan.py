@@ -3,9 +3,10 @@
     y_j = Σ_i  w_b[j,i] · silu(x_i)  +  w_s[j,i] · Σ_m c[j,i,m] · B_m(x_i)        (KAN paper, eq. 2.10)
 
 The fast path packs [w_b | w_s ⊙ c] into one (I·(G+3) + I, O) weight and evaluates the layer
-as ONE matmul with the feature rows [silu(x) | local basis] (see bspline.py). A custom autograd
-function saves only x for backward and recomputes the features there, so a layer keeps
-4 bytes per input feature per sample instead of the dense basis.
+as ONE matmul with the feature rows [silu(x) | local basis] (see bspline.py), on a fused C++
+kernel (CPU) or Triton kernel (CUDA) where there is one (packed_spline.py). Every path saves
+only x for backward and recomputes the features there, so a layer keeps 4 bytes per input
+feature per sample instead of the dense basis.
 
 Departures from pykan, on purpose:
 - knots are uniform per input feature (closed-form basis) or, with ``grid_kind="percentile"``,
@@ -18,7 +19,6 @@ Departures from pykan, on purpose:
 from __future__ import annotations
 
 import math
-import threading
 from typing import Sequence
 
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .bspline import (SPLINE_ORDER, cox_de_boor, padded_knots, spline_features, spline_features_input_grad,
                       uniform_knots)
-from .kernel import cpu_kernel
+from .packed_spline import packed_spline
 
 GRID_KINDS = ("uniform", "percentile")
 # A uniform grid spans all of a feature's samples, except outliers more than RANGE_MARGIN of
@@ -50,102 +50,6 @@ REFIT_SMOOTHING = 1e-9
 # no more than this, relative to the spacing itself, are read as uniform (float32 knots that
 # sit far from 0 relative to their spacing are read as general: slower, never wrong).
 UNIFORM_TOLERANCE = 1e-5
-
-
-# Layers with at most this many outputs use the kernel's narrow path (no materialised F).
-NARROW_OUTPUTS = 8
-# The kernel path handles a batch in row blocks whose feature matrix stays under this many
-# elements, so the transient F never exceeds ~32 MB whatever the batch (a whole 512×512
-# image is one batch) and its buffer can be reused instead of reallocated.
-BLOCK_ELEMENTS = 1 << 23
-
-
-class _Workspace(threading.local):
-    """Per-thread scratch buffers for the kernel path, grown on demand and reused."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
-
-    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
-        buf = self.buffers.get((name, dtype))
-        if buf is None or buf.numel() < rows * cols:
-            buf = self.buffers[(name, dtype)] = torch.empty(rows * cols, dtype=dtype)
-        return buf[: rows * cols].view(rows, cols)
-
-
-_workspace = _Workspace()
-_NO_KNOTS = torch.empty(0)  # tells the kernel: uniform grid, use lo and inv_h
-
-
-class _PackedSpline(torch.autograd.Function):
-    """y = F(x) @ W, saving only x (and the parameter-sized W) for backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int, knots: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight, lo, inv_h, knots)
-        ctx.grid_size = grid_size
-        kernel = _kernel_for(x, differentiable=False)
-        if kernel is None:
-            return spline_features(x, lo, inv_h, grid_size, knots) @ weight
-        x, weight, lo, inv_h = x.contiguous(), weight.contiguous(), lo.contiguous(), inv_h.contiguous()
-        knots = _NO_KNOTS if knots is None else knots.contiguous()
-        sig = torch.sigmoid(x)
-        if weight.shape[1] <= NARROW_OUTPUTS:
-            return kernel.narrow_forward(x, sig, weight, lo, inv_h, knots, grid_size)
-        out = x.new_empty(x.shape[0], weight.shape[1])
-        for rows in _row_blocks(x.shape[0], weight.shape[0]):
-            feats = _workspace.get("features", rows.stop - rows.start, weight.shape[0], x.dtype)  # (b, K)
-            kernel.features(x[rows], sig[rows], lo, inv_h, knots, grid_size, feats)
-            torch.mm(feats, weight, out=out[rows])
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, weight, lo, inv_h, knots = ctx.saved_tensors
-        grid_size = ctx.grid_size
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # With create_graph=True grad mode is on here: then only differentiable PyTorch ops
-        # are used, so double backward (e.g. d²y/dx² for PINN losses) works.
-        kernel = _kernel_for(x, differentiable=torch.is_grad_enabled())
-        if kernel is None:
-            grad_x = grad_w = None
-            if need_w:  # features recomputed, never stored
-                grad_w = spline_features(x, lo, inv_h, grid_size, knots).transpose(0, 1) @ grad_out  # (K, O)
-            if need_x:
-                grad_x = spline_features_input_grad(x, grad_out @ weight.transpose(0, 1), lo, inv_h, grid_size, knots)
-            return grad_x, grad_w, None, None, None, None
-        x, weight, lo, inv_h = x.contiguous(), weight.contiguous(), lo.contiguous(), inv_h.contiguous()
-        knots = _NO_KNOTS if knots is None else knots.contiguous()
-        grad_out = grad_out.contiguous()
-        sig = torch.sigmoid(x)
-        if weight.shape[1] <= NARROW_OUTPUTS:
-            grad_x, grad_w = kernel.narrow_backward(x, sig, grad_out, weight, lo, inv_h, knots, grid_size, need_x, need_w)
-            return grad_x, grad_w, None, None, None, None
-        n_features = weight.shape[0]
-        grad_w = x.new_zeros(weight.shape) if need_w else None
-        grad_x = torch.empty_like(x) if need_x else None
-        for rows in _row_blocks(x.shape[0], n_features):
-            n = rows.stop - rows.start
-            if need_w:
-                feats = _workspace.get("features", n, n_features, x.dtype)  # (b, K) recomputed, never stored
-                kernel.features(x[rows], sig[rows], lo, inv_h, knots, grid_size, feats)
-                grad_w.addmm_(feats.transpose(0, 1), grad_out[rows])  # (K, O)
-            if need_x:
-                grad_feats = torch.mm(grad_out[rows], weight.transpose(0, 1), out=_workspace.get("grad_features", n, n_features, x.dtype))
-                kernel.input_grad(x[rows], sig[rows], grad_feats, lo, inv_h, knots, grid_size, grad_x[rows])
-        return grad_x, grad_w, None, None, None, None
-
-
-def _row_blocks(batch: int, n_features: int) -> list[slice]:
-    rows = max(256, BLOCK_ELEMENTS // n_features)
-    return [slice(s, min(s + rows, batch)) for s in range(0, batch, rows)]
-
-
-def _kernel_for(x: Tensor, differentiable: bool):
-    """The fused CPU kernel where it applies (first-order, CPU, compiled), else None."""
-    if differentiable or x.device.type != "cpu":
-        return None
-    return cpu_kernel()
 
 
 class KANLayer(nn.Module):
@@ -219,9 +123,9 @@ class KANLayer(nn.Module):
             # PyTorch path's scatter takes half types; the ops around it follow autocast.
             dtype = torch.promote_types(x.dtype, torch.float32)
             with torch.autocast(x.device.type, enabled=False):
-                return _PackedSpline.apply(x.to(dtype), self.packed_weight().to(dtype), lo.to(dtype), inv_h.to(dtype), self.grid_size,
-                                           None if knots is None else knots.to(dtype))
-        return _PackedSpline.apply(x, self.packed_weight(), lo, inv_h, self.grid_size, knots)
+                return packed_spline(x.to(dtype), self.packed_weight().to(dtype), lo.to(dtype), inv_h.to(dtype), self.grid_size,
+                                     None if knots is None else knots.to(dtype))
+        return packed_spline(x, self.packed_weight(), lo, inv_h, self.grid_size, knots)
 
     def set_knots(self, knots: Tensor, uniform: bool) -> None:
         """Replace the knots (I, G+7); ``uniform``: every feature's knots are evenly spaced."""
@@ -333,7 +237,7 @@ class KANLayer(nn.Module):
         diff2 = torch.diff(torch.eye(n_basis, dtype=torch.float64, device=knots.device), n=2, dim=0)
         penalty = diff2.t() @ diff2
         scale = normal.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)[:, None, None]
-        coef = torch.linalg.solve(normal + REFIT_SMOOTHING * scale * penalty, design.transpose(1, 2) @ old_values)  # (I, G'+3, O)
+        coef = _solve_symmetric(normal + REFIT_SMOOTHING * scale * penalty, design.transpose(1, 2) @ old_values)  # (I, G'+3, O)
         coef = coef.permute(2, 0, 1).to(self.spline_weight.dtype)  # (O, I, G'+3)
         if features is not None:
             coef = torch.where(features[None, :, None], coef, self.spline_weight)
@@ -343,6 +247,20 @@ class KANLayer(nn.Module):
             self.spline_weight = nn.Parameter(coef.contiguous())
         self.grid_size = grid_size
         self.set_knots(new_knots, uniform)
+
+
+def _solve_symmetric(a: Tensor, b: Tensor) -> Tensor:
+    """Solve the batch of symmetric systems a x = b (I, n, n) · (I, n, O), by Cholesky.
+
+    Not torch.linalg.solve: its batched LU (MKL getrf, torch 2.14.1 CPU) was measured to print
+    "DLASWP parameter 6" errors and never return on a 2-core Intel Xeon for batches of more than
+    one system of order ≥ ~100 with 2 threads, i.e. on any grid update of a layer with G ≳ 100.
+    A system that is not positive definite (degenerate knots) is solved one matrix at a time,
+    which that build handles."""
+    factor, info = torch.linalg.cholesky_ex(a)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(b, factor)
+    return torch.stack([torch.linalg.solve(m, r) for m, r in zip(a, b)])
 
 
 def evenly_spaced(knots: Tensor) -> bool:
