@@ -1,9 +1,10 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
-version = {}
-exec(Path("kanimg/__init__.py").read_text(), version)  # __version__ without importing torch
+# __version__ read from the text: importing kanimg would import torch
+version = {"__version__": re.search(r'^__version__ = "([^"]+)"', Path("kanimg/__init__.py").read_text(), re.M).group(1)}
 
 setup(
     name="kanimg",
@@ -33,6 +34,6 @@ setup(
         "ninja",  # builds the fused CPU kernel (torch.utils.cpp_extension)
         "constriction>=0.5,<0.6",  # range coder of .kimg files; its probability quantisation is part of the format
     ],
-    extras_require={"test": ["pytest>=9.2", "hypothesis>=6.100"]},
+    extras_require={"test": ["pytest>=9.2", "hypothesis>=6.100", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]},
     entry_points={"console_scripts": ["kanimg=kanimg.cli:main"]},
 )

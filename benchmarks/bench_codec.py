@@ -44,7 +44,7 @@ from kanimg.compress.tensors import stored_arrays
 from kanimg.compress.rd import RDConfig, machine
 from kanimg.compress.report import rd_to_folder
 from kanimg.export import versions, write_json
-from kanimg.fit import default_image
+from kanimg.fitting import default_image
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHOTO_SOURCE = "motorcycle_left.png"

@@ -257,7 +257,7 @@ def main(argv=None) -> int:
 
 def fit_psnr(variant: str, steps: int, device: torch.device) -> float:
     """Best full-image PSNR of the default KAN on the bundled photograph after ``steps`` steps."""
-    from kanimg.fit import default_image, model_spec_for, train_config_for
+    from kanimg.fitting import default_image, model_spec_for, train_config_for
     from kanimg.io import load_image
     from kanimg.models import build_model
     from kanimg.sampling import ImageTarget

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kanimg.compare import compare
+from kanimg.comparison import compare
 from kanimg.export import versions
-from kanimg.fit import default_image, fit_image
+from kanimg.fitting import default_image, fit_image
 
 CROP = 256
 # name: (scikit-image loader, or "bundled"), every one a photograph

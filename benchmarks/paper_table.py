@@ -16,7 +16,7 @@ import json
 import platform
 from pathlib import Path
 
-from kanimg.compare import run_record
+from kanimg.comparison import run_record
 
 PAPER = {  # model: (PSNR dB, training seconds or None)
     "kan2": (45.76, 1809), "siren1": (27.34, 254), "siren2": (30.79, 407), "mlp1": (20.76, None),

@@ -61,6 +61,26 @@ class ImageData:
         return self.pixels.shape[2]
 
 
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")  # what a folder of images is read for
+
+
+def list_images(path: str | os.PathLike) -> list[Path]:
+    """``path`` itself, or the image files directly inside a folder (sorted, not recursive).
+
+    Raises:
+        KanimgError: missing path, or a folder without images.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise KanimgError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [path]
+    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise KanimgError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return images
+
+
 def load_image(path: str | os.PathLike, grey: bool = False, max_pixels: int = MAX_PIXELS) -> ImageData:
     """Decode an image file into float pixels.
 

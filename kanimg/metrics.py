@@ -95,3 +95,18 @@ def _load_alexnet_features(net: torch.nn.Module, features: dict[str, torch.Tenso
         loaded += 1
     if loaded != 5:
         raise ValueError("expected 5 AlexNet convolutions")
+
+
+def reconstruction_metrics(reference: np.ndarray, reconstruction: np.ndarray, bit_depth: int) -> dict:
+    """Every score of a fit: PSNR unclipped and of the exported ``bit_depth``-bit PNG, SSIM, LPIPS
+    (None with ``lpips_note`` saying why, where its weights are not on this machine)."""
+    top = float(2**bit_depth - 1)
+    exported = np.round(np.clip(reconstruction, 0.0, 1.0) * top) / top  # what the PNG holds, read back
+    lpips_value, lpips_note = lpips_distance(reference, reconstruction)
+    return {
+        "psnr": psnr(reference, reconstruction),
+        "psnr_png": psnr(reference, exported.astype(np.float32)),
+        "ssim": ssim(reference, reconstruction),
+        "lpips": lpips_value,
+        "lpips_note": lpips_note,
+    }

@@ -1,6 +1,8 @@
 """Chunked full-grid inference: a fitted model evaluated at any resolution in flat memory."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -17,14 +19,16 @@ def eval_chunk(device: torch.device | str) -> int:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, coords: Tensor, chunk: int | None = None) -> Tensor:
+def predict(model: nn.Module, coords: Tensor, chunk: int | None = None, forward: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Model outputs (N, C) for coordinates (N, 2), evaluated ``chunk`` rows at a time
-    (default: :func:`eval_chunk` of their device)."""
+    (default: :func:`eval_chunk` of their device), in eval mode; ``forward`` (default: the
+    model itself) is what runs on each chunk, e.g. the model with transformed weights."""
     chunk = chunk or eval_chunk(coords.device)
+    forward = forward or model
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(coords[rows]) for rows in chunks(coords.shape[0], chunk)])
+        return torch.cat([forward(coords[rows]) for rows in chunks(coords.shape[0], chunk)])
     finally:
         model.train(was_training)
 

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .errors import KanimgError
@@ -165,10 +166,15 @@ class Trainer:
         target: the image as coordinates and values.
         config: how to train.
         progress: show a tqdm bar with live loss and PSNR.
+        weights: a parameter transform: ``weights(model)`` gives the tensors (by parameter
+            name) that training steps and evaluations run the model with, e.g. fake-quantised
+            ones for quantisation-aware fine-tuning; gradients reach the model's own parameters
+            through it. Parameters with ``requires_grad`` False are not optimised.
     """
 
-    def __init__(self, model: nn.Module, target: ImageTarget, config: TrainConfig, progress: bool = True) -> None:
-        self.model, self.target, self.config, self.progress = model, target, config, progress
+    def __init__(self, model: nn.Module, target: ImageTarget, config: TrainConfig, progress: bool = True,
+                 weights: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None) -> None:
+        self.model, self.target, self.config, self.progress, self.weights = model, target, config, progress, weights
         self.device = target.values.device
         self.sampler = CoordinateSampler(target.coords, target.values, config.batch_size, seed=config.seed)
         self.step = 0
@@ -208,7 +214,7 @@ class Trainer:
                 paused = self._before_step()
                 coords, values = self.sampler.next_batch()
                 with self.precision():
-                    loss = nn.functional.mse_loss(self.step_model(coords), values)
+                    loss = nn.functional.mse_loss(self.forward(coords), values)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 self.optimizer.step()
@@ -239,9 +245,15 @@ class Trainer:
         started = time.perf_counter()
         rows = slice(0, self.sampler.batch_size)
         with self.precision():
-            nn.functional.mse_loss(self.step_model(self.target.coords[rows]), self.target.values[rows]).backward()
+            nn.functional.mse_loss(self.forward(self.target.coords[rows]), self.target.values[rows]).backward()
         self.model.zero_grad(set_to_none=True)
         return time.perf_counter() - started
+
+    def forward(self, coords: torch.Tensor, compiled: bool = True) -> torch.Tensor:
+        """The model's outputs as training sees them (through ``weights`` when there is one)."""
+        if self.weights is not None:
+            return functional_call(self.model, self.weights(self.model), (coords,))
+        return (self.step_model if compiled else self.model)(coords)
 
     def precision(self) -> contextlib.AbstractContextManager:
         """The numeric precision of a training step (TrainConfig.precision)."""
@@ -284,12 +296,13 @@ class Trainer:
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         fused = self.device.type in ("cpu", "cuda")
-        return torch.optim.Adam(self.model.parameters(), lr=learning_rate(self.fraction_done(), self.config), fused=fused)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=learning_rate(self.fraction_done(), self.config), fused=fused)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Full-image PSNR (dB, [0, 1] scale, unclipped); keeps the best weights."""
-        prediction = predict(self.model, self.target.coords)
+        prediction = predict(self.model, self.target.coords, forward=lambda coords: self.forward(coords, compiled=False))
         mse = nn.functional.mse_loss(prediction, self.target.values).item()
         _check_converging(mse, self.step, "full-image error")
         value = psnr_from_mse(mse, 2.0)  # values span [-1, 1]: peak-to-peak 2

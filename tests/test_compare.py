@@ -5,13 +5,12 @@ import subprocess
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import photo_crop
 from kanimg.cli import main
-from kanimg.compare import compare, param_count, widths_for_params
+from kanimg.comparison import compare, param_count, widths_for_params
 from kanimg.errors import KanimgError
 from kanimg.train import Trainer
 
@@ -44,7 +43,7 @@ def test_compare_folder_writes_every_output_and_skips_finished_runs(photos, tmp_
     assert "Mean over images" in (out / "results.md").read_text()
     assert len((out / "results.csv").read_text().strip().splitlines()) == 5
     # a second run with the same request trains nothing
-    with mock.patch("kanimg.compare.fit_image", side_effect=AssertionError("should have been skipped")):
+    with mock.patch("kanimg.comparison.fit_image", side_effect=AssertionError("should have been skipped")):
         again = compare(photos, TINY, out, steps=15, progress=False)
     assert [r["psnr"] for r in again.records] == [r["psnr"] for r in result.records]
 
@@ -63,7 +62,7 @@ def test_interrupted_comparison_resumes_where_it_stopped(photos, tmp_path):
     with mock.patch.object(Trainer, "_before_step", before):
         first = compare(image, TINY, out, steps=20, progress=False)
     assert first.interrupted and [r["model"] for r in first.records] == ["kan"]
-    from kanimg import compare as compare_module
+    from kanimg import comparison as compare_module
 
     real_fit = compare_module.fit_image
 
@@ -72,7 +71,7 @@ def test_interrupted_comparison_resumes_where_it_stopped(photos, tmp_path):
         assert kwargs["model"] == "mlp" and kwargs["resume"] is not None  # kan skipped, mlp resumed
         return real_fit(*args, **kwargs)
 
-    with mock.patch("kanimg.compare.fit_image", spy):
+    with mock.patch("kanimg.comparison.fit_image", spy):
         second = compare(image, TINY, out, steps=20, progress=False)
     assert state["calls"] == 1 and not second.interrupted
     assert [r["steps"] for r in second.records] == [20, 20]
@@ -122,7 +121,7 @@ def test_a_killed_run_of_a_comparison_is_resumed_from_its_staged_checkpoint(phot
     staging.mkdir()
     shutil.copy(run / "checkpoint.pt", staging / "checkpoint.pt")
     shutil.rmtree(run)
-    from kanimg import compare as compare_module
+    from kanimg import comparison as compare_module
 
     real_fit, calls = compare_module.fit_image, []
 
@@ -130,7 +129,7 @@ def test_a_killed_run_of_a_comparison_is_resumed_from_its_staged_checkpoint(phot
         calls.append(kwargs.get("resume"))
         return real_fit(*args, **kwargs)
 
-    with mock.patch("kanimg.compare.fit_image", spy):
+    with mock.patch("kanimg.comparison.fit_image", spy):
         again = compare(photos / "face.png", ["mlp"], out, steps=10, progress=False)
     assert calls == [True] and again.records[0]["finished"]
     assert json.loads((run / "metrics.json").read_text())["resumed_from_step"] == 10

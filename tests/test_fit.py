@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import photo_crop
 from kanimg.cli import main
-from kanimg.fit import fit_image
+from kanimg.fitting import fit_image
 from kanimg.io import load_image
 from kanimg.metrics import psnr
 from kanimg.models import build_model
@@ -295,7 +295,7 @@ def kill_9_during(script: str, staged: Path) -> int:
 def test_kill_9_loses_at_most_a_checkpoint_period_and_resume_continues(photo32, tmp_path, capsys):
     out = tmp_path / "run"
     staged = tmp_path / ".run.partial" / "checkpoint.pt"
-    step = kill_9_during(f"from kanimg.fit import fit_image; fit_image({str(photo32)!r}, model='mlp', spec={{'widths': [2, 16, 3]}}, "
+    step = kill_9_during(f"from kanimg.fitting import fit_image; fit_image({str(photo32)!r}, model='mlp', spec={{'widths': [2, 16, 3]}}, "
                          f"train={{'steps': 10**7, 'eval_every': 50}}, out={str(out)!r}, progress=False, checkpoint_seconds=0.2)",
                          staged)
     assert not out.exists()
@@ -313,7 +313,7 @@ def test_kill_9_loses_at_most_a_checkpoint_period_and_resume_continues(photo32, 
 def test_a_killed_extension_of_a_finished_run_is_not_lost_to_its_older_checkpoint(photo32, tmp_path, capsys):
     run = small_fit(tmp_path, photo32)  # finished at step 20
     staged = tmp_path / ".run.partial" / "checkpoint.pt"
-    step = kill_9_during(f"from kanimg.fit import fit_image; fit_image(resume={str(run / 'checkpoint.pt')!r}, "
+    step = kill_9_during(f"from kanimg.fitting import fit_image; fit_image(resume={str(run / 'checkpoint.pt')!r}, "
                          f"train={{'steps': 10**7}}, progress=False, checkpoint_seconds=0.2)", staged)
     assert step > 20 and json.loads((run / "metrics.json").read_text())["steps_done"] == 20  # the finished run is intact
     assert run_cli("fit", "--resume", run / "checkpoint.pt", "--steps", "25", "-q") == 2  # the older checkpoint, by name
@@ -354,7 +354,7 @@ def test_a_kan_checkpoint_from_before_ridge_directions_rebuilds_the_kan_it_was(p
 
 
 def test_a_fit_that_names_no_steps_trains_longer_on_a_larger_image(photo32, tmp_path):
-    from kanimg.fit import MAX_DEFAULT_STEPS, steps_for_image, train_config_for
+    from kanimg.fitting import MAX_DEFAULT_STEPS, steps_for_image, train_config_for
 
     assert steps_for_image(32, 32) == steps_for_image(256, 256) == 2000
     assert steps_for_image(512, 512) == 4000  # twice the side, twice the steps
@@ -368,7 +368,7 @@ def test_a_fit_that_names_no_steps_trains_longer_on_a_larger_image(photo32, tmp_
     assert train_config_for("kan", {}, device=cuda).batch_size == 16 * train_config_for("kan", {}).batch_size
     assert train_config_for("kan", {"batch_size": 512}, device=cuda).batch_size == 512
     assert train_config_for("kan", {"batch_size": None}, device=torch.device("cpu")).batch_size == 4096
-    with mock.patch("kanimg.fit.steps_for_image", return_value=7) as rule:  # fit asks the rule with the image's size
+    with mock.patch("kanimg.fitting.steps_for_image", return_value=7) as rule:  # fit asks the rule with the image's size
         result = fit_image(photo32, model="mlp", spec={"widths": [2, 8, 3]}, out=tmp_path / "run", progress=False)
     rule.assert_called_once_with(32, 32)
     assert result.metrics["steps_done"] == 7

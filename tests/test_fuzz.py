@@ -4,7 +4,6 @@ import struct
 import zlib
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -80,7 +80,7 @@ def test_hashgrid_model_fits_and_refuses_bad_options():
 
 
 def test_fitting_sizes_the_finest_level_to_the_image():
-    from kanimg.fit import model_spec_for
+    from kanimg.fitting import model_spec_for
 
     assert model_spec_for("hashgrid", {}, 3, (300, 500))["finest_resolution"] == 500
     assert model_spec_for("hashgrid", {"finest_resolution": 64}, 3, (300, 500))["finest_resolution"] == 64

@@ -56,7 +56,7 @@ def test_rff_frequencies_have_the_requested_scale():
 
 
 def test_default_kan_grids_follow_the_image_size():
-    from kanimg.fit import model_spec_for
+    from kanimg.fitting import model_spec_for
 
     assert model_spec_for("kan", {}, 3, (256, 256))["grids"] == [128, 20, 20, 20]
     assert model_spec_for("kan", {"widths": [2, 8, 1]}, 1, (400, 600))["grids"] == [300, 20]

@@ -126,3 +126,15 @@ def test_a_compiled_kan_on_cuda_keeps_the_triton_kernel_and_eager_numbers():
     assert rel_err(compiled, eager) < 1e-5
     for p, g in zip(kan.parameters(), grads):
         assert rel_err(p.grad, g) < 1e-4
+
+
+def test_the_self_test_passes_the_kernels_and_catches_a_wrong_one(kernels, monkeypatch):
+    """Before the layer uses the Triton kernels on a GPU it runs them once against the PyTorch
+    path; a kernel that computes something else is refused (the layer then keeps the PyTorch path)."""
+    from kanimg.nn.packed_spline import self_test
+
+    self_test(kernels, DEVICE)
+    real = kernels.forward
+    monkeypatch.setattr(kernels, "forward", lambda *args: real(*args) * 1.001)
+    with pytest.raises(RuntimeError, match="self-test mismatch"):
+        self_test(kernels, DEVICE)

@@ -3,19 +3,16 @@ quantised weights and the gradient passes straight through the rounding to the f
 weights (straight-through estimator), so the network settles where rounding costs least."""
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from ..metrics import psnr_from_mse
-from ..sampling import CoordinateSampler, ImageTarget
-from ..train import COSINE_FLOOR
+from ..sampling import ImageTarget
+from ..train import Trainer, TrainConfig
 from .quantize import QuantConfig, fake_quantize
 from .tensors import fold_spline_scales, slots, stored_parameters
 
@@ -59,30 +56,28 @@ def quantized_psnr(model: nn.Module, target: ImageTarget, quant: QuantConfig | S
 def finetune_quantized(model: nn.Module, target: ImageTarget, quant: QuantConfig | Sequence[QuantConfig], config: QATConfig,
                        progress: bool = False) -> float:
     """Fine-tune ``model`` in place for ``quant`` (one config, or one per stored tensor);
-    returns the best quantised PSNR reached.
+    returns the best quantised PSNR reached (the model keeps those weights).
 
-    KAN spline scales are folded into the coefficients first (the stored form).
+    KAN spline scales are folded into the coefficients first (the stored form) and stay
+    frozen. The training loop is kanimg's Trainer, running the model on its fake-quantised
+    stored tensors (its parameter-transform hook).
     """
     fold_spline_scales(model)
-    best_psnr = quantized_psnr(model, target, quant)
-    if config.steps <= 0 or all(q.is_float16 for q in per_tensor(model, quant)):
-        return best_psnr
-    best_state = copy.deepcopy(model.state_dict())
-    params = stored_parameters(model)
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    sampler = CoordinateSampler(target.coords, target.values, config.batch_size, seed=config.seed)
-    for step in tqdm(range(config.steps), disable=not progress, desc="quantisation-aware fine-tuning", leave=False, unit="step"):
-        progress_frac = step / max(1, config.steps - 1)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress_frac)))
-        coords, values = sampler.next_batch()
-        loss = nn.functional.mse_loss(functional_call(model, quantized_params(model, quant), (coords,)), values)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            value = quantized_psnr(model, target, quant)
-            if value > best_psnr:
-                best_psnr, best_state = value, copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    return best_psnr
+    quants = per_tensor(model, quant)
+    if config.steps <= 0 or all(q.is_float16 for q in quants):
+        return quantized_psnr(model, target, quants)
+    stored = {id(p) for p in stored_parameters(model)}
+    frozen = [p for p in model.parameters() if id(p) not in stored and p.requires_grad]
+    train = TrainConfig(steps=config.steps, lr=config.lr, batch_size=config.batch_size, eval_every=config.eval_every,
+                        seed=config.seed, schedule="cosine")
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        trainer = Trainer(model, target, train, progress=progress, weights=lambda m: quantized_params(m, quants))
+        trainer.evaluate()  # the quantised model before fine-tuning is a candidate too
+        trainer.train()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    model.load_state_dict(trainer.best_state)
+    return trainer.best_psnr

@@ -23,12 +23,11 @@ from scipy.interpolate import PchipInterpolator
 from tqdm.auto import tqdm
 
 from ..errors import KanimgError
-from ..io import ImageData, load_image
+from ..io import ImageData, list_images, load_image
 from .bd import bd_psnr, bd_rate
 from .codecs import CLASSIC, NEURAL, Point, get_codec, measure, run_sweep
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif")
 REFERENCE = "jpeg"
 
 
@@ -84,23 +83,6 @@ class RDResult:
     descriptions: dict[str, str]
 
 
-def find_images(path: Path) -> list[Path]:
-    """``path`` itself, or the image files directly inside a folder (sorted).
-
-    Raises:
-        KanimgError: missing path, or a folder without images.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise KanimgError(f"{path}: no such file or folder")
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise KanimgError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    return files
-
-
 class PointCache:
     """The finished network points of an RD experiment, one JSON file each beside its .kimg
     file, so an interrupted experiment (Ctrl-C, kill -9) continues where it stopped: a point is
@@ -141,7 +123,7 @@ class PointCache:
 def run_rd(path: Path, config: RDConfig, progress: bool = True, cache: PointCache | None = None) -> RDResult:
     """Measure every codec of ``config`` on the image (or the folder of images) at ``path``;
     network points found in ``cache`` are reused and new ones are added to it."""
-    files = find_images(path)
+    files = list_images(path)
     images: list[ImageData] = [load_image(f) for f in files]
     codecs = {name: get_codec(name, {**config.neural, "progress": False} if name in NEURAL else None) for name in config.codec_names}
     for image in images:  # refuse unsupported images before hours of fitting

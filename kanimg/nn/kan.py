@@ -24,8 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .bspline import (SPLINE_ORDER, cox_de_boor, padded_knots, spline_features, spline_features_input_grad,
-                      uniform_knots)
+from .bspline import (SPLINE_ORDER, cox_de_boor, padded_knots, uniform_knots)
 from .packed_spline import packed_spline
 
 GRID_KINDS = ("uniform", "percentile")

@@ -17,12 +17,13 @@ differentiable PyTorch ops.
 import functools
 import os
 import threading
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .bspline import spline_features, spline_features_input_grad
+from .bspline import padded_knots, spline_features, spline_features_input_grad
 from .kernel import cpu_kernel
 
 # Layers with at most this many outputs use the C++ kernel's narrow path (no materialised F).
@@ -55,12 +56,42 @@ def fused_path(device_type: str, dtype: torch.dtype) -> bool:
 
 @functools.cache
 def _triton():
-    """The Triton kernels module, or None where Triton is missing."""
+    """The Triton kernels module, or None where Triton is missing or its kernels fail their
+    self-test on this GPU (then the PyTorch path runs, with a warning)."""
     try:
         from . import triton_kan
-    except ImportError:
+
+        self_test(triton_kan, "cuda")
+    except Exception as exc:  # ImportError, a compile error, a wrong result: all mean the PyTorch path
+        if not isinstance(exc, ImportError):
+            warnings.warn(f"kanimg: Triton KAN kernels unavailable ({str(exc).splitlines()[0][:200]}); using the PyTorch path")
         return None
     return triton_kan
+
+
+def self_test(kernels, device: str) -> None:
+    """Run the kernels once on a small layer of each knot kind against the PyTorch path; raise
+    on any difference beyond float32 rounding. Kernels that were never compiled on this GPU
+    model must not silently train a wrong network."""
+    generator = torch.Generator().manual_seed(0)
+    for uniform in (True, False):
+        n_in, n_out, grid = 3, 5, 6
+        x = (torch.rand(67, n_in, generator=generator) * 3 - 1.5).to(device)
+        weight = torch.randn(n_in * (grid + 4), n_out, generator=generator).to(device)
+        lo, inv_h = torch.full((n_in,), -1.0, device=device), torch.full((n_in,), grid / 2.0, device=device)
+        knots = None
+        if not uniform:
+            steps = torch.rand(n_in, grid + 6, generator=generator) + 0.3
+            knots = padded_knots((torch.cat([torch.zeros(n_in, 1), steps.cumsum(1)], 1) - 4.0) / 2).to(device)
+        grad_out = torch.randn(67, n_out, generator=generator).to(device)
+        got = (kernels.forward(x, weight, lo, inv_h, grid, knots),
+               *kernels.backward(grad_out, x, weight, lo, inv_h, grid, knots))
+        want = (spline_features(x, lo, inv_h, grid, knots) @ weight,
+                *_torch_backward(grad_out, x, weight, lo, inv_h, grid, knots, True, True))
+        for a, b in zip(got, want):
+            if not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max())):
+                raise RuntimeError(f"self-test mismatch ({'uniform' if uniform else 'general'} knots): "
+                                   f"max difference {float((a - b).abs().max()):.3g}")
 
 
 # ---------------------------------------------------------------------------- the PyTorch path

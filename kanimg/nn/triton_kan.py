@@ -82,7 +82,6 @@ def _basis(x, lo, inv_h, knots_row, G, UNIFORM: tl.constexpr, SEARCH_STEPS: tl.c
             low = tl.where(active & (t_mid <= x), mid, low)
             high = tl.where(active & (t_mid > x), mid, high)
         k = tl.where(inside, low, 3)
-        t_m3 = tl.load(real + k - 3)
         t_m2 = tl.load(real + k - 2)
         t_m1 = tl.load(real + k - 1)
         t_0 = tl.load(real + k)

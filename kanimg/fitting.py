@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import KanimgError
 from .export import (error_map, load_checkpoint, plot_curves, save_checkpoint, save_rgb8, versions, write_json)
 from .files import RunFolder, staging_folder
-from .io import ImageData, load_image, quantize, save_png
-from .metrics import lpips_distance, psnr, ssim
+from .io import ImageData, load_image, save_png
+from .metrics import reconstruction_metrics
 from .models import build_model, get_entry, param_count
 from .render import render
 from .sampling import COORDINATES, ImageTarget
@@ -187,6 +186,8 @@ def fit_image(
         _refuse_changes({"--model": (model, config["model"]["name"]), "--coords": (coords, config["coords"]),
                          "--grey": (grey or None, config["grey"])}, checkpoint)
         model, grey, coords = config["model"]["name"], config["grey"], config["coords"]
+        if image is None and config["image"]["path"] is None:
+            raise KanimgError(f"{checkpoint}: this run was fitted from an array, not a file; give the image to resume it")
         image = image if image is not None else config["image"]["path"]
         own_run = run_folder_of(checkpoint)
         out = Path(out) if out is not None else own_run
@@ -217,11 +218,7 @@ def fit_image(
         cfg = TrainConfig.from_dict({**saved["train"], **{k: v for k, v in overrides.items() if k in CHANGEABLE_ON_RESUME}})
     check_model_size(model, spec, cfg)
     folder = RunFolder(Path(out) if out is not None else Path("runs") / f"{data.name}-{model}", "fit", replace=replace)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        net = build_model(model, **spec).to(dev)
-    target = ImageTarget(data.pixels, coords, dev)
-    trainer = Trainer(net, target, cfg, progress=progress)
+    trainer = new_trainer(model, spec, cfg, data, coords, dev, progress)
     if state is not None:
         try:
             trainer.load_state_dict(_to_device(state["trainer"], dev))
@@ -229,11 +226,7 @@ def fit_image(
         except (KeyError, TypeError, ValueError, RuntimeError, KanimgError) as exc:
             raise KanimgError(f"{checkpoint}: its training state does not fit its model ({_first_line(exc)})") from None
 
-    config = {
-        "model": net.spec, "train": cfg.to_dict(), "device": str(dev), "grey": grey, "coords": coords,
-        "image": {"path": str(image_path.resolve()), "name": data.name, "height": data.height, "width": data.width,
-                  "channels": data.channels, "mode": data.mode, "bit_depth": data.bit_depth},
-    }
+    config = run_config(trainer, data, str(image_path.resolve()), grey, coords)
     with folder as staging:
         _settle_leftover(folder, checkpoint, force)
         periodic = PeriodicCheckpoint(staging / "checkpoint.pt", config, checkpoint_seconds)
@@ -252,6 +245,25 @@ def fit_image(
         resumed_from = None if state is None else int(state["trainer"]["step"])
         metrics = _export(staging, data, trainer, config, time.perf_counter() - started, interrupted, resumed_from)
     return FitResult(folder.final, metrics, interrupted)
+
+
+def new_trainer(model: str, spec: dict[str, Any], cfg: TrainConfig, data: ImageData, coords: str, device: torch.device,
+                progress: bool) -> Trainer:
+    """A Trainer of a freshly built ``model`` on ``data``, its initialisation seeded by ``cfg.seed``
+    (without touching the caller's random state)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        net = build_model(model, **spec).to(device)
+    return Trainer(net, ImageTarget(data.pixels, coords, device), cfg, progress=progress)
+
+
+def run_config(trainer: Trainer, data: ImageData, image_path: str | None, grey: bool, coords: str) -> dict:
+    """What a run folder and its checkpoints record about how the run was made."""
+    return {
+        "model": trainer.model.spec, "train": trainer.config.to_dict(), "device": str(trainer.device), "grey": grey, "coords": coords,
+        "image": {"path": image_path, "name": data.name, "height": data.height, "width": data.width,
+                  "channels": data.channels, "mode": data.mode, "bit_depth": data.bit_depth},
+    }
 
 
 class PeriodicCheckpoint:
@@ -358,19 +370,11 @@ def _export(folder: Path, data: ImageData, trainer: Trainer, config: dict, wall:
     """Render the best weights and write every output of the run into ``folder``."""
     best = best_model(trainer.state_dict(), trainer.device)
     recon = render(best, data.height, data.width, config["coords"], trainer.device)
-    ints = quantize(recon, data.bit_depth)
     save_png(folder / "reconstruction.png", recon, data.bit_depth)
     save_rgb8(folder / "error.png", error_map(data.pixels, recon))
-    lpips_value, lpips_note = lpips_distance(data.pixels, recon)
+    metrics = reconstruction_metrics(data.pixels, recon, data.bit_depth)
     params = sum(p.numel() for p in best.parameters())
     steps_done = trainer.step
-    metrics = {
-        "psnr": psnr(data.pixels, recon),
-        "psnr_png": psnr(data.pixels, ints.astype(np.float32) / float(2**data.bit_depth - 1)),  # as load_image reads it
-        "ssim": ssim(data.pixels, recon),
-        "lpips": lpips_value,
-        "lpips_note": lpips_note,
-    }
     result = {
         "image": config["image"]["path"],
         "model": best.spec,

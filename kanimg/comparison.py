@@ -21,19 +21,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from .errors import KanimgError
 from .export import atomic_write_bytes, error_map
 from .files import OutputLock, atomic_path, check_replaceable, check_writable, read_marker, staging_folder, write_marker
-from .fit import ResumeMismatch, fit_image, latest_checkpoint, model_spec_for
+from .fitting import ResumeMismatch, fit_image, latest_checkpoint, model_spec_for
 from .gallery import (describe_protocol, file_data_uri, gallery_png, html_page, mean_records, png_data_uri, psnr_time_svg,
                       write_tables)
-from .io import load_image
+from .io import list_images, load_image
 from .models import get_entry, param_count
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"}
 
 
 @dataclass(frozen=True)
@@ -71,19 +69,6 @@ class CompareResult:
     out: Path
     records: list[dict] = field(default_factory=list)
     interrupted: bool = False
-
-
-def list_images(path: Path) -> list[Path]:
-    """The image itself, or the image files of a folder (sorted, not recursive)."""
-    path = Path(path)
-    if not path.exists():
-        raise KanimgError(f"{path}: no such file or folder")
-    if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not images:
-            raise KanimgError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-        return images
-    return [path]
 
 
 def widths_for_params(name: str, channels: int, target: int, size: tuple[int, int] | None = None) -> dict[str, Any]:

@@ -1,11 +1,12 @@
-"""The ``compress``, ``decode`` and ``rd`` verbs; each only parses and calls the library."""
+"""``kanimg compress``, ``decode`` and ``rd``: the .kimg codec and rate–distortion curves."""
 from __future__ import annotations
 
 import argparse
 import shlex
 import sys
 from pathlib import Path
-from ..cli import comma_list
+
+from .types import comma_list
 
 DEFAULT_BPPS = "0.1,0.2,0.3,0.5,1.0"
 
@@ -29,7 +30,7 @@ def _network_config(args: argparse.Namespace) -> dict:
     return options
 
 
-def add_commands(sub) -> None:
+def add(sub) -> None:
     """Register the compression verbs on the main parser's subparsers."""
     comp = sub.add_parser("compress", help="fit a network to an image, quantise and entropy-code it into a .kimg file")
     comp.add_argument("image", type=Path)
@@ -63,8 +64,8 @@ def add_commands(sub) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .api import compress_file
-    from .neural import CompressConfig
+    from ..compress.api import compress_file
+    from ..compress.neural import CompressConfig
 
     out = args.out or Path(f"{args.image.stem}.kimg")
     config = CompressConfig(model=args.model, progress=not args.quiet, **_network_config(args))
@@ -76,7 +77,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from .api import decode_file
+    from ..compress.api import decode_file
 
     out = args.out or args.file.with_name(f"{args.file.stem}-decoded.png")
     d = decode_file(args.file, out, force=args.force)
@@ -86,8 +87,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_rd(args: argparse.Namespace) -> int:
-    from .rd import RDConfig
-    from .report import rd_to_folder
+    from ..compress.rd import RDConfig
+    from ..compress.report import rd_to_folder
 
     out = args.out or Path(f"rd-{args.images.stem or args.images.resolve().name}")
     config = RDConfig(models=args.models, codecs=args.codecs, bpps=args.bpp, neural=_network_config(args))

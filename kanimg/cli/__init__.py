@@ -1,0 +1,88 @@
+"""Command line: one subcommand per verb, one module per verb; each only parses and calls the library.
+
+Errors the user can fix are one line on stderr and exit status 2; Ctrl-C exits 130 after
+saving what a run has so far.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Sequence
+
+import torch
+
+from .. import __version__
+from ..errors import KanimgError
+from . import compare, compress, fit, render
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as KanimgError-style single lines (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"kanimg: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kanimg", description="Fit images with deep Kolmogorov–Arnold Networks and compare them with SIREN, RFF and MLP.")
+    parser.add_argument("--version", action="version", version=f"kanimg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for verb in (fit, render, compress, compare):
+        verb.add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (already printed as one line), --help, --version
+        return int(exc.code or 0)
+    _setup_logging(quiet=getattr(args, "quiet", False))
+    previous = _on_sigterm(_raise_interrupt)  # `kill` saves like Ctrl-C
+    try:
+        return args.func(args)
+    except KanimgError as exc:
+        print(f"kanimg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kanimg: interrupted", file=sys.stderr)
+        return 130
+    except (MemoryError, torch.OutOfMemoryError):
+        print("kanimg: error: out of memory; try a smaller --batch-size or model", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a disk that filled up or a folder that became read-only mid-run
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"kanimg: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    finally:
+        _on_sigterm(previous)
+
+
+def _setup_logging(quiet: bool) -> None:
+    """kanimg's own log lines (e.g. the one-time kernel build) on stderr, nothing from others."""
+    log = logging.getLogger("kanimg")
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not any(getattr(h, "kanimg_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("kanimg: %(message)s"))
+        handler.kanimg_cli = True
+        log.addHandler(handler)
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler where possible (main thread only); returns the previous one."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

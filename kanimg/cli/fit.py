@@ -1,0 +1,71 @@
+"""``kanimg fit``: fit one image and write its run folder."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from .types import execution_flags, grid_schedule, int_list
+
+
+def add(sub) -> None:
+    from ..models import model_names
+
+    fit = sub.add_parser("fit", help="fit one image and export reconstruction, metrics, checkpoint, plots")
+    fit.add_argument("image", nargs="?", help="image file (default: the bundled photograph)")
+    m = fit.add_argument_group("model")
+    m.add_argument("--model", choices=model_names(), metavar="NAME",
+                   help=f"model family {', '.join(model_names(False))} (default: kan), or one of the KAN paper's "
+                        f"presets {', '.join(n for n in model_names() if n not in model_names(False))}")
+    m.add_argument("--widths", type=int_list("--widths"), help="layer widths from 2 (x, y) to the channel count, e.g. 2,64,64,3")
+    m.add_argument("--grids", type=int_list("--grids"), help="KAN: grid intervals per layer, e.g. 64,10,10")
+    m.add_argument("--directions", type=int, help="KAN: the first layer sees (x, y) along K evenly spaced directions (default 8; 0 = x and y alone)")
+    m.add_argument("--grid-kind", choices=["uniform", "percentile"], help="KAN: where grid updates put the knots (default: percentile)")
+    m.add_argument("--omega0", type=float, help="SIREN: frequency factor ω0 (default 30)")
+    m.add_argument("--scale", type=float, help="RFF: standard deviation of the Fourier frequencies (default 20)")
+    m.add_argument("--features", dest="num_features", type=int, help="RFF: number of Fourier frequencies (default 256)")
+    t = fit.add_argument_group("training (defaults depend on the model family)")
+    t.add_argument("--steps", type=int, help="optimisation steps (default 2000 up to 256×256 pixels, then 2000·√(pixels/65,536), at most 20,000)")
+    t.add_argument("--lr", type=float, help="initial learning rate")
+    t.add_argument("--batch-size", type=int, help="pixels per step; 0 = whole image")
+    t.add_argument("--schedule", choices=["cosine", "constant", "staged"], help="LR schedule; staged = the paper's 3 stages lr, lr/10, lr/100")
+    t.add_argument("--grid-update-every", type=int, help="KAN: refit grids every N steps …")
+    t.add_argument("--grid-update-until", type=int, help="… during the first M steps of each stage")
+    t.add_argument("--grid-schedule", type=grid_schedule, help="KAN: extend grids at steps, e.g. '1000:20,10,10;3000:50,10,10'")
+    t.add_argument("--eval-every", type=int, help="full-image evaluation period in steps (best weights are kept)")
+    t.add_argument("--seed", type=int, help="random seed (default 0)")
+    execution_flags(t)
+    o = fit.add_argument_group("data and output")
+    o.add_argument("--grey", action="store_true", help="fit the luminance only")
+    o.add_argument("--coords", choices=["centers", "linspace"], help="pixel coordinates: pixel centres (default) or the paper's linspace(-1, 1, N)")
+    o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    o.add_argument("-o", "--out", type=Path, help="run folder (default: runs/<image>-<model>)")
+    o.add_argument("--force", action="store_true", help="replace an existing run folder")
+    o.add_argument("--resume", nargs="?", const=True, type=Path, metavar="CHECKPOINT",
+                   help="continue a run: alone, from the latest checkpoint of the -o folder (also after a crash or kill -9); "
+                        "or from this checkpoint or run folder. Only --steps (to extend it), --eval-every and --compile may change")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    fit.set_defaults(func=cmd_fit)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from ..fitting import fit_image
+
+    spec = {"widths": args.widths, "grids": args.grids, "grid_kind": args.grid_kind, "directions": args.directions, "omega0": args.omega0,
+            "scale": args.scale, "num_features": args.num_features}
+    train = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "schedule": args.schedule,
+             "grid_update_every": args.grid_update_every, "grid_update_until": args.grid_update_until,
+             "grid_schedule": args.grid_schedule, "eval_every": args.eval_every, "seed": args.seed, "precision": args.precision,
+             "compile": args.compile}
+    result = fit_image(args.image, model=args.model, spec=spec, train=train, out=args.out, force=args.force,
+                       resume=args.resume, device=args.device, grey=args.grey, coords=args.coords, progress=not args.quiet)
+    m = result.metrics
+    lp = f"{m['metrics']['lpips']:.4f}" if m["metrics"]["lpips"] is not None else "n/a"
+    print(f"{result.out}: PSNR {m['metrics']['psnr']:.2f} dB (PNG {m['metrics']['psnr_png']:.2f}), SSIM {m['metrics']['ssim']:.4f}, "
+          f"LPIPS {lp}, {m['params']:,} params, {m['steps_done']} steps in {m['train_seconds']:.1f} s on {m['device']}")
+    if result.interrupted:
+        print(f"kanimg: interrupted at step {m['steps_done']}; results so far are in {result.out}. "
+              f"Resume with: kanimg fit -o {shlex.quote(str(result.out))} --resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,44 @@
+"""``kanimg render``: a checkpoint evaluated at any resolution."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import KanimgError
+from .types import size
+
+
+def add(sub) -> None:
+    ren = sub.add_parser("render", help="evaluate a checkpoint at any resolution")
+    ren.add_argument("checkpoint", type=Path)
+    ren.add_argument("--size", type=size, help="WIDTHxHEIGHT (default: the fitted image's size)")
+    ren.add_argument("-o", "--out", type=Path, help="output PNG (default: render-WxH.png beside the checkpoint)")
+    ren.add_argument("--force", action="store_true", help="replace an existing output file")
+    ren.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ren.set_defaults(func=cmd_render)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from ..export import load_checkpoint
+    from ..files import check_writable
+    from ..fitting import best_model, resolve_device
+    from ..io import MAX_PIXELS, save_png
+    from ..render import render
+
+    payload = load_checkpoint(args.checkpoint)
+    image = payload["config"]["image"]
+    width, height = args.size or (image["width"], image["height"])
+    if width * height > MAX_PIXELS:
+        raise KanimgError(f"--size {width}x{height} is {width * height / 1e6:.0f} megapixels, over the limit of {MAX_PIXELS / 1e6:.0f}")
+    out = args.out or args.checkpoint.parent / f"render-{width}x{height}.png"
+    if out.is_dir():
+        raise KanimgError(f"{out} is a folder; give a file name with -o")
+    if out.exists() and not args.force:
+        raise KanimgError(f"{out} already exists; pass --force to overwrite it")
+    check_writable(out.parent)
+    device = resolve_device(args.device)
+    model = best_model(payload["trainer"], device)
+    pixels = render(model, height, width, payload["config"]["coords"], device)
+    save_png(out, pixels, image["bit_depth"])
+    print(f"{out}: {width}x{height}, {pixels.shape[2]} channel(s), {image['bit_depth']}-bit")
+    return 0
