@@ -157,7 +157,7 @@ HARNESS = """<!DOCTYPE html><html><body><iframe id="page" src="index.html" width
 <script>
 document.getElementById('page').onload = () => {  // fires after every image in the page loaded
   const doc = document.getElementById('page').contentDocument;
-  const images = Array.from(doc.images);
+  const images = Array.from(doc.querySelectorAll('img:not([id^=viewer])'));  // the viewer's two stay empty until opened
   const decoded = images.map(img => img.complete && img.naturalWidth > 0 ? 1 : 0);
   const rows = Array.from(doc.querySelectorAll('table')).map(t => t.tBodies[0].rows.length);
   doc.querySelector('table th:nth-child(2)').click();  // sort by PSNR: rows stay, order changes
@@ -167,13 +167,12 @@ document.getElementById('page').onload = () => {  // fires after every image in 
 </script></body></html>"""
 
 
-def test_html_report_renders_in_headless_chromium(photos, tmp_path):
+def run_harness(out: Path, harness: str, tmp_path: Path) -> dict:
+    """Open ``harness`` (beside out/index.html) in headless Chromium; its script's JSON result."""
     browser = chromium()
     if browser is None:
         pytest.skip("Chromium is not installed (Debian package 'chromium')")
-    out = tmp_path / "cmp"
-    compare(photos, TINY, out, steps=10, progress=False)
-    (out / "harness.html").write_text(HARNESS)
+    (out / "harness.html").write_text(harness)
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom", (out / "harness.html").as_uri()]
@@ -184,13 +183,66 @@ def test_html_report_renders_in_headless_chromium(photos, tmp_path):
     quote = dom[start - 1]
     import html as html_module
 
-    result = json.loads(html_module.unescape(dom[start : dom.index(quote, start)]))
+    return json.loads(html_module.unescape(dom[start : dom.index(quote, start)]))
+
+
+def test_html_report_renders_in_headless_chromium(photos, tmp_path):
+    if chromium() is None:
+        pytest.skip("Chromium is not installed (Debian package 'chromium')")
+    out = tmp_path / "cmp"
+    compare(photos, TINY, out, steps=10, progress=False)
+    result = run_harness(out, HARNESS, tmp_path)
     # per image: original + (reconstruction, error map) per model + the gallery PNG
     assert result["images"] == 2 * (1 + 2 * len(TINY) + 1)
     assert result["decoded"] == result["images"]
     assert result["rows"] == [len(TINY), len(TINY), len(TINY)]  # mean table, then one per image
     psnrs = [float(v) for v in result["sorted"]]
     assert psnrs == sorted(psnrs, reverse=True)
+
+
+VIEWER_HARNESS = """<!DOCTYPE html><html><body><iframe id="page" src="index.html" width="1000" height="700"></iframe>
+<script>
+document.getElementById('page').onload = () => {
+  const win = document.getElementById('page').contentWindow, doc = win.document, part = id => doc.getElementById(id);
+  const result = {hiddenAtFirst: part('viewer').hidden};
+  const recon = doc.querySelectorAll('img[data-original]')[1];  // the second model of the first image
+  recon.click();
+  const before = part('viewer-before'), after = part('viewer-after'), layers = part('viewer-layers');
+  result.open = !part('viewer').hidden;
+  result.beforeIsOriginal = before.src === part(recon.dataset.original).src;
+  result.afterIsReconstruction = after.src === recon.src;
+  result.sameContainer = before.parentElement === layers && after.parentElement === layers;
+  const slider = part('viewer-split');
+  slider.value = 30; slider.dispatchEvent(new win.Event('input'));
+  result.clip = before.style.clipPath;
+  const scaleOf = () => parseFloat(/scale\\(([^)]+)\\)/.exec(layers.style.transform)[1]);
+  const fitted = scaleOf(), stage = part('viewer-stage').getBoundingClientRect();
+  part('viewer-stage').dispatchEvent(new win.WheelEvent('wheel', {deltaY: -100, clientX: stage.left + 50, clientY: stage.top + 50, bubbles: true, cancelable: true}));
+  result.zoom = scaleOf() / fitted;
+  const moved = layers.style.transform;
+  part('viewer-stage').dispatchEvent(new win.MouseEvent('mousedown', {clientX: 100, clientY: 100, bubbles: true}));
+  win.dispatchEvent(new win.MouseEvent('mousemove', {clientX: 140, clientY: 90}));
+  win.dispatchEvent(new win.MouseEvent('mouseup', {}));
+  result.panned = layers.style.transform !== moved && scaleOf() / fitted === result.zoom;
+  win.dispatchEvent(new win.KeyboardEvent('keydown', {key: 'Escape'}));
+  result.closed = part('viewer').hidden;
+  document.body.setAttribute('data-result', JSON.stringify(result));
+};
+</script></body></html>"""
+
+
+def test_a_reconstruction_opens_against_its_original_with_slider_zoom_and_pan(photos, tmp_path):
+    """Click a reconstruction: the viewer shows it under its original, one container (so zoom
+    and pan stay in step), the slider clips the original, the wheel zooms, a drag pans, Esc closes."""
+    if chromium() is None:
+        pytest.skip("Chromium is not installed (Debian package 'chromium')")
+    out = tmp_path / "cmp"
+    compare(photos / "face.png", TINY, out, steps=5, progress=False)
+    result = run_harness(out, VIEWER_HARNESS, tmp_path)
+    assert result["hiddenAtFirst"] and result["open"] and result["closed"]
+    assert result["beforeIsOriginal"] and result["afterIsReconstruction"] and result["sameContainer"]
+    assert result["clip"] == "inset(0px 70% 0px 0px)"
+    assert result["zoom"] == pytest.approx(1.25) and result["panned"]
 
 
 def test_paper_quick_preset_trains_every_family_with_the_recipe(tmp_path):
