@@ -84,11 +84,15 @@ def self_test(kernels, device: str) -> None:
             steps = torch.rand(n_in, grid + 6, generator=generator) + 0.3
             knots = padded_knots((torch.cat([torch.zeros(n_in, 1), steps.cumsum(1)], 1) - 4.0) / 2).to(device)
         grad_out = torch.randn(67, n_out, generator=generator).to(device)
-        got = (kernels.forward(x, weight, lo, inv_h, grid, knots),
-               *kernels.backward(grad_out, x, weight, lo, inv_h, grid, knots))
-        want = (spline_features(x, lo, inv_h, grid, knots) @ weight,
-                *_torch_backward(grad_out, x, weight, lo, inv_h, grid, knots, True, True))
-        for a, b in zip(got, want):
+        with torch.autocast(torch.device(device).type, enabled=False):
+            got = (kernels.forward(x, weight, lo, inv_h, grid, knots),
+                   *kernels.backward(grad_out, x, weight, lo, inv_h, grid, knots))
+            # the reference in float64, so TF32 matmuls (a user's setting, or --precision tf32) cannot fail it
+            x64, w64, lo64, inv_h64, g64 = (t.double() for t in (x, weight, lo, inv_h, grad_out))
+            knots64 = None if knots is None else knots.double()
+            want = (spline_features(x64, lo64, inv_h64, grid, knots64) @ w64,
+                    *_torch_backward(g64, x64, w64, lo64, inv_h64, grid, knots64, True, True))
+        for a, b in zip((t.double() for t in got), want):
             if not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max())):
                 raise RuntimeError(f"self-test mismatch ({'uniform' if uniform else 'general'} knots): "
                                    f"max difference {float((a - b).abs().max()):.3g}")
@@ -147,7 +151,7 @@ def _fused_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lo: Tensor, inv
 
 @_fused_backward.register_fake
 def _(grad_out, x, weight, lo, inv_h, knots, grid_size, need_x, need_w):
-    return x.new_empty(x.shape if need_x else (0,)), x.new_empty(weight.shape if need_w else (0,))
+    return x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,))
 
 
 def _setup_context(ctx, inputs, output) -> None:

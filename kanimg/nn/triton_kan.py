@@ -227,6 +227,7 @@ def _knots_arg(x: Tensor, knots: Tensor | None) -> Tensor:
 
 def forward(x: Tensor, weight: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int, knots: Tensor | None) -> Tensor:
     """F(x) @ weight for float32 x (B, I), weight (I + I·(G+3), O); knots None = uniform grid."""
+    x, weight = x.contiguous(), weight.contiguous()  # the kernels index row-major
     batch, n_in = x.shape
     n_out = weight.shape[1]
     out = x.new_empty(batch, n_out)
@@ -240,6 +241,7 @@ def forward(x: Tensor, weight: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int, knots: Tensor | None,
              need_x: bool = True, need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """(dL/dx, dL/dW) of :func:`forward`; either is None when not asked for."""
+    x, weight = x.contiguous(), weight.contiguous()  # the kernels index row-major; so do the gradients made here
     batch, n_in = x.shape
     grad_x = torch.empty_like(x) if need_x else x.new_empty(1)
     grad_w = torch.zeros_like(weight) if need_w else x.new_empty(1)
