@@ -32,7 +32,7 @@ from .compress.neural import CompressConfig, compress_image
 from .errors import KanimgError
 from .files import RunFolder
 from .fitting import _export, best_model, check_model_size, model_spec_for, new_trainer, resolve_device, run_config, train_config_for
-from .io import MAX_PIXELS, ImageData, load_image
+from .io import MAX_PIXELS, ImageData, load_image, to_grey
 from .metrics import reconstruction_metrics
 from .models import get_entry
 from .render import render
@@ -41,7 +41,6 @@ from .train import Trainer, TrainConfig
 
 ImageLike = Union[str, os.PathLike, np.ndarray, torch.Tensor, "PIL.Image.Image"]  # noqa: F821
 _MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as load_image's grey
 
 
 def as_image(image: ImageLike, grey: bool = False, name: str = "array") -> ImageData:
@@ -77,8 +76,7 @@ def as_image(image: ImageLike, grey: bool = False, name: str = "array") -> Image
         raise KanimgError(f"unsupported image dtype {array.dtype}; use uint8, uint16 or floats in [0, 1]")
     mode = _MODES[pixels.shape[2]]
     if grey and mode != "L":
-        pixels = pixels[..., :3] @ _LUMA[:, None] if mode in ("RGB", "RGBA") else pixels[..., :1]
-        mode = "L"
+        pixels, mode = to_grey(pixels, mode), "L"
     return ImageData(np.ascontiguousarray(pixels), mode, depth, name)
 
 
@@ -159,8 +157,7 @@ def fit(image: ImageLike, model: str = "kan", *, steps: int | None = None, devic
         trainer.train()
     except KeyboardInterrupt:
         interrupted = True
-        if not trainer.history.eval_step or trainer.history.eval_step[-1] != trainer.step:
-            trainer.evaluate()
+        trainer.evaluate_if_stale()
     return Fit(data, trainer, run_config(trainer, data, path, grey, coords), time.perf_counter() - started, interrupted)
 
 

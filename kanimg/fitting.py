@@ -236,8 +236,7 @@ def fit_image(
             trainer.train(on_step=periodic)
         except KeyboardInterrupt:
             interrupted = True
-            if not trainer.history.eval_step or trainer.history.eval_step[-1] != trainer.step:
-                trainer.evaluate()
+            trainer.evaluate_if_stale()
         except KanimgError:
             if checkpoint is None or checkpoint.parent != folder.staging:
                 folder.clear()  # a diverged run: its checkpoints are not worth resuming (one it resumed from stays)

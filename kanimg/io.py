@@ -118,8 +118,7 @@ def load_image(path: str | os.PathLike, grey: bool = False, max_pixels: int = MA
         raise KanimgError(f"{path}: cannot decode image ({exc})") from None
     pixels = _orient(array, orientation).astype(np.float32) / float(2**depth - 1)
     if grey and mode != "L":
-        pixels = _luminance(pixels[..., :3]) if mode in ("RGB", "RGBA") else pixels[..., :1]
-        mode = "L"
+        pixels, mode = to_grey(pixels, mode), "L"
     return ImageData(np.ascontiguousarray(pixels), mode, depth, path.stem)
 
 
@@ -210,9 +209,12 @@ def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
     return ops[orientation](array) if orientation in ops else array
 
 
-def _luminance(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R 601-2 luma, the weights Pillow's convert("L") uses."""
-    return (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+def to_grey(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """(H, W, 1) luminance of float pixels in ``mode``, dropping alpha: ITU-R 601-2 luma (the
+    weights Pillow's convert("L") uses) for colour, the grey channel itself for "L"/"LA"."""
+    if mode in ("RGB", "RGBA"):
+        return (pixels[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+    return pixels[..., :1]
 
 
 def quantize(pixels: np.ndarray, bit_depth: int = 8) -> np.ndarray:

@@ -315,6 +315,12 @@ class Trainer:
             self.best_spec = copy.deepcopy(getattr(self.model, "spec", None))
         return value
 
+    def evaluate_if_stale(self) -> None:
+        """Evaluate unless the last evaluation was at this step (after an interruption, so the
+        best weights account for the training done since)."""
+        if not self.history.eval_step or self.history.eval_step[-1] != self.step:
+            self.evaluate()
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """Everything needed to continue exactly where training stopped (tensors and plain types)."""
