@@ -41,10 +41,11 @@ from kanimg.compress.bitstream import decode_image, decode_model, encode_model
 from kanimg.compress.entropy import general_purpose_sizes
 from kanimg.compress.quantize import QuantConfig, quantize_tensor
 from kanimg.compress.tensors import stored_arrays
-from kanimg.compress.rd import RDConfig, machine
+from kanimg.compress.rd import RDConfig
 from kanimg.compress.report import rd_to_folder
-from kanimg.export import versions, write_json
-from kanimg.fitting import default_image
+from kanimg.files import write_json
+from kanimg.io import default_image
+from kanimg.results import machine, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHOTO_SOURCE = "motorcycle_left.png"
@@ -93,18 +94,24 @@ def time_decodes(folder: Path, repeats: int = 3) -> list[dict]:
 def float32_screening(data: bytes) -> dict:
     """How far the float32 evaluation is from float64 (in 8-bit levels), how many pixels the
     decoder re-evaluates in float64, and whether the screened result equals float64 rounding."""
-    import copy
-
-    from kanimg.compress.bitstream import ROUNDING_GUARD, render, render_integers
+    from kanimg.compress import bitstream
     from kanimg.io import quantize
+    from kanimg.sampling import chunks
 
     decoded = decode_model(data)
-    exact = render(decoded.model, decoded.image)
-    fast = render(copy.deepcopy(decoded.model).float(), decoded.image)
+    image = decoded.image
+    fast_grid, exact_grid = bitstream.evaluators(decoded)  # the decoder's own evaluations (float32 coordinates rounded from float64)
+
+    def whole(evaluate) -> np.ndarray:
+        index = torch.arange(image.pixels)
+        parts = chunks(image.pixels, bitstream.tile_pixels(decoded.model.spec))
+        return torch.cat([evaluate(index[part], torch.float64) for part in parts]).numpy().reshape(image.height, image.width, -1)
+
+    exact, fast = whole(exact_grid), whole(fast_grid)
     scaled = np.clip(fast, 0, 1) * 255
-    near = (np.abs(scaled - np.floor(scaled) - 0.5) < ROUNDING_GUARD).any(axis=2)
+    near = (np.abs(scaled - np.floor(scaled) - 0.5) < bitstream.ROUNDING_GUARD).any(axis=2)
     return {"max_float32_error_levels": float(np.abs(fast - exact).max() * 255), "rescreened_fraction": float(near.mean()),
-            "equals_float64_rounding": bool(np.array_equal(render_integers(decoded), quantize(exact, 8)))}
+            "equals_float64_rounding": bool(np.array_equal(bitstream.render_integers(decoded), quantize(exact, 8)))}
 
 
 def entropy_ablation(path: Path) -> dict:

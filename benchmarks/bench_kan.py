@@ -257,8 +257,8 @@ def main(argv=None) -> int:
 
 def fit_psnr(variant: str, steps: int, device: torch.device) -> float:
     """Best full-image PSNR of the default KAN on the bundled photograph after ``steps`` steps."""
-    from kanimg.fitting import default_image, model_spec_for, train_config_for
-    from kanimg.io import load_image
+    from kanimg.fitting import model_spec_for, train_config_for
+    from kanimg.io import default_image, load_image
     from kanimg.models import build_model
     from kanimg.sampling import ImageTarget
     from kanimg.train import Trainer

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+import kanimg
 from kanimg.comparison import compare
-from kanimg.export import versions
-from kanimg.fitting import default_image, fit_image
+from kanimg.io import default_image
+from kanimg.results import versions
 
 CROP = 256
 # name: (scikit-image loader, or "bundled"), every one a photograph
@@ -172,8 +173,8 @@ def tune(out: Path, budgets: list[float], families: list[str], quiet: bool) -> d
                     if (run / "metrics.json").exists():
                         metrics = json.loads((run / "metrics.json").read_text())
                     else:
-                        metrics = fit_image(image, model=family, spec=spec, train={**train, "budget_seconds": budget, "eval_every": 100},
-                                            out=run, progress=not quiet).metrics
+                        kanimg.fit(image, family, out=run, progress=not quiet, **spec, **train, budget_seconds=budget, eval_every=100)
+                        metrics = json.loads((run / "metrics.json").read_text())
                     records.append({"set": "tune", "budget": budget, "candidate": label, "family": family, "spec": spec,
                                     "train": train, "image": image.stem, "seed": 0, "psnr": metrics["metrics"]["psnr"],
                                     "steps": metrics["steps_done"]})

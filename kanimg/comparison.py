@@ -23,13 +23,15 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import KanimgError
-from .export import atomic_write_bytes, error_map
-from .files import OutputLock, atomic_path, check_replaceable, check_writable, read_marker, staging_folder, write_marker
-from .fitting import ResumeMismatch, fit_image, latest_checkpoint, model_spec_for
-from .gallery import (describe_protocol, file_data_uri, gallery_png, html_page, mean_records, png_data_uri, psnr_time_svg,
-                      write_tables)
+from .checkpoints import latest_checkpoint
+from .files import (OutputLock, atomic_path, atomic_write_bytes, check_replaceable, check_writable, read_marker, staging_folder,
+                    write_marker)
+from .fitting import ResumeMismatch, fit, model_spec_for
+from .gallery import file_data_uri, html_page, png_data_uri
 from .io import list_images, load_image
 from .models import get_entry, param_count
+from .plots import error_map, gallery_png, psnr_time_svg
+from .results import COMPARE_COLUMNS, describe_protocol, mean_records, record_table, results_payload, write_results
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +191,24 @@ def _compare(images, models, out, chosen, protocol, steps, budget_seconds, match
             records.append(record)
             recons.append(load_image(out / record["run"] / "reconstruction.png").pixels)
         sections.append(_image_outputs(out, image.stem, data.pixels, records, recons, crop, protocol))
-    means = mean_records(result.records) if len(images) > 1 else None
-    write_tables(out, result.records, means, protocol)
+    means = mean_records(result.records)
+    write_results(out, results_payload("compare", protocol, result.records, means), markdown=_markdown(result.records, means, protocol),
+                  csv_keys=["image", *[k for k, _, _ in COMPARE_COLUMNS], "family", "protocol"])
     title = f"kanimg comparison: {', '.join(models)}"
     with atomic_path(out / "index.html") as tmp:
-        Path(tmp).write_text(html_page(title, sections, means, protocol), encoding="utf-8")
+        Path(tmp).write_text(html_page(title, sections, means if len(images) > 1 else None, protocol), encoding="utf-8")
     return result
+
+
+def _markdown(records: list[dict], means: list[dict], protocol: dict) -> str:
+    """results.md: a table per image, and the means when there are several images."""
+    md = [f"Protocol: {describe_protocol(protocol)}.", ""]
+    images = list(dict.fromkeys(r["image"] for r in records))
+    for image in images:
+        md += [f"### {image}", "", record_table([r for r in records if r["image"] == image]), ""]
+    if len(images) > 1:
+        md += ["### Mean over images", "", record_table(means), ""]
+    return "\n".join(md)
 
 
 def _protocol(preset, steps, budget_seconds, match_params) -> dict:
@@ -229,20 +243,20 @@ def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: st
     if done and not json.loads(metrics_file.read_text())["interrupted"] and not staging_folder(folder).exists():
         log.info("%s on %s: finished earlier, skipped", name, stem)
         return run_record(folder, out), False
-    options = dict(model=name, spec=request["spec"], train=request["train"], out=folder, force=True, device=device,
-                   grey=request["grey"], coords=request["coords"], progress=progress)
-    fit = None
+    options = dict(out=folder, force=True, device=device, grey=request["grey"], coords=request["coords"], progress=progress,
+                   **request["spec"], **request["train"])
+    result = None
     if latest_checkpoint(folder) is not None:  # interrupted, killed, or asked for more steps
         try:
             log.info("%s on %s: resuming", name, stem)
-            fit = fit_image(image, resume=True, **options)
+            result = fit(image, name, resume=True, **options)
         except ResumeMismatch as exc:
             log.info("%s on %s: fitting anew (%s)", name, stem, exc)
-    if fit is None:
+    if result is None:
         log.info("%s on %s: fitting", name, stem)
-        fit = fit_image(image, **options)
+        result = fit(image, name, **options)
     atomic_write_bytes(marker, json.dumps(request, indent=2).encode())
-    if fit.interrupted:
+    if result.interrupted:
         return {}, True
     return run_record(folder, out), False
 

@@ -1,50 +1,44 @@
-"""Fit one image end to end: decode → build → train → render → measure → export a run folder.
+"""Fit one image: decode → build → train → render → measure, in memory or into a run folder.
 
-This is the library behind ``kanimg fit``; ``fit_image`` can be called from Python as well.
+``fit`` is ``kanimg.fit`` and what ``kanimg fit`` and ``kanimg compare`` call: nothing is
+written unless a run folder (``out``) is given; then the run keeps periodic checkpoints in
+its staging folder, survives Ctrl-C and kill -9, and can be resumed.
+
+    >>> import numpy as np, kanimg
+    >>> image = np.linspace(0, 1, 16 * 16 * 3, dtype=np.float32).reshape(16, 16, 3)
+    >>> result = kanimg.fit(image, steps=20, widths=[2, 8, 3], grids=[8, 4], progress=False)
+    >>> result.reconstruction.shape, result.metrics["psnr"] > 20
+    ((16, 16, 3), True)
+    >>> result.render(size=(32, 24)).shape        # any size: (width, height)
+    (24, 32, 3)
 """
 from __future__ import annotations
 
 import logging
-import sys
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .errors import KanimgError
-from .export import (error_map, load_checkpoint, plot_curves, save_checkpoint, save_rgb8, versions, write_json)
-from .files import RunFolder, staging_folder
-from .io import ImageData, load_image, save_png
+from .checkpoints import (CHECKPOINT_SECONDS, PeriodicCheckpoint, best_model, checkpoint_payload, latest_checkpoint,
+                          load_checkpoint, run_folder_of, save_checkpoint)
+from .device import resolve_device
+from .errors import KanimgError, first_line
+from .files import RunFolder, staging_folder, write_json
+from .io import ImageData, ImageLike, as_image, default_image, save_png
 from .metrics import reconstruction_metrics
 from .models import build_model, get_entry, param_count
+from .plots import error_map, plot_curves, save_rgb8
 from .render import render
+from .results import versions
 from .sampling import COORDINATES, ImageTarget
 from .train import Trainer, TrainConfig
 
 log = logging.getLogger(__name__)
-DEFAULT_IMAGE_NAME = "astronaut.png"
-
-
-def default_image() -> Path:
-    """The bundled photograph: assets/ beside the package (source checkout or editable install),
-    else where setup.py's data_files put it (<prefix>/share/kanimg/assets)."""
-    for folder in (Path(__file__).resolve().parent.parent / "assets", Path(sys.prefix) / "share" / "kanimg" / "assets"):
-        if (folder / DEFAULT_IMAGE_NAME).is_file():
-            return folder / DEFAULT_IMAGE_NAME
-    raise KanimgError(f"the bundled image {DEFAULT_IMAGE_NAME} is missing from this installation; pass an image file")
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' → CUDA when available, else CPU; 'cuda' without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise KanimgError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
-    if name not in ("cpu", "cuda"):
-        raise KanimgError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    return torch.device(name)
 
 
 def model_spec_for(name: str, spec: dict[str, Any], channels: int, size: tuple[int, int] | None = None) -> dict[str, Any]:
@@ -109,16 +103,6 @@ def steps_for_image(height: int, width: int) -> int:
     return int(min(MAX_DEFAULT_STEPS, round(TrainConfig.steps * scale, -2)))
 
 
-@dataclass
-class FitResult:
-    out: Path
-    metrics: dict[str, Any]
-    interrupted: bool
-
-
-# A running fit writes a checkpoint into its staging folder this often (seconds of wall time),
-# so a kill -9 or a power cut loses at most this much training: ``--resume`` continues from it.
-CHECKPOINT_SECONDS = 30.0
 # Settings a resumed run may change; every other one it keeps (and a different value is refused).
 CHANGEABLE_ON_RESUME = ("steps", "eval_every", "compile")
 # Largest model fit() builds: parameters, gradients and two Adam moments take 16 bytes each.
@@ -126,124 +110,257 @@ MAX_PARAMETERS = 200_000_000
 
 
 class ResumeMismatch(KanimgError):
-    """``--resume`` was given settings that differ from the run it continues."""
+    """A resumed run was given settings that differ from the run it continues."""
 
 
-def fit_image(
-    image: str | Path | None = None,
-    *,
+@dataclass
+class Fit:
+    """A fitted image: the trained model, its reconstruction and scores, and how it was made.
+
+    ``out`` is the run folder when the fit wrote one (else None); ``interrupted`` is True when
+    Ctrl-C stopped training early (the result is the best reached so far).
+    """
+
+    image: ImageData
+    trainer: Trainer
+    config: dict
+    wall_seconds: float
+    interrupted: bool
+    out: Path | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The best evaluated network (as the run folder's checkpoint keeps it)."""
+        if "model" not in self._cache:
+            self._cache["model"] = best_model(self.trainer.state_dict(), self.trainer.device).eval()
+        return self._cache["model"]
+
+    @property
+    def reconstruction(self) -> np.ndarray:
+        """(H, W, C) float32 pixels of the model on the image's own grid (unclipped)."""
+        if "reconstruction" not in self._cache:
+            self._cache["reconstruction"] = self.render()
+        return self._cache["reconstruction"]
+
+    @property
+    def metrics(self) -> dict:
+        """psnr, psnr_png (of the exported PNG), ssim, lpips (None where its weights are missing)."""
+        if "metrics" not in self._cache:
+            self._cache["metrics"] = reconstruction_metrics(self.image.pixels, self.reconstruction, self.image.bit_depth)
+        return self._cache["metrics"]
+
+    @property
+    def history(self) -> dict:
+        """Training curves: step/loss every 10 steps, eval_step/eval_psnr/eval_seconds per evaluation."""
+        return dict(self.trainer.history.__dict__)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def render(self, size: tuple[int, int] | None = None) -> np.ndarray:
+        """The model on a width × height grid (default: the image's size), as (H, W, C) floats."""
+        width, height = size or (self.image.width, self.image.height)
+        return render(self.model, height, width, self.config["coords"], self.trainer.device)
+
+    def save(self, folder: str | os.PathLike, force: bool = False, resumed_from: int | None = None) -> Path:
+        """Write the run folder ``kanimg fit`` writes (reconstruction, error map, metrics.json,
+        curves, checkpoint); an existing folder only with ``force`` (and only one kanimg wrote)."""
+        run = RunFolder(Path(folder), "fit", replace=force)
+        with run as staging:
+            self.write(staging, resumed_from)
+        return run.final
+
+    def write(self, folder: Path, resumed_from: int | None = None) -> dict:
+        """Write every output of the run into the existing ``folder``; return metrics.json's payload."""
+        recon, metrics = self.reconstruction, self.metrics
+        save_png(folder / "reconstruction.png", recon, self.image.bit_depth)
+        save_rgb8(folder / "error.png", error_map(self.image.pixels, recon))
+        trainer, config = self.trainer, self.config
+        summary = {
+            "image": config["image"]["path"],
+            "model": self.model.spec,
+            "params": self.params,
+            "metrics": metrics,
+            "best_step": trainer.best_step,
+            "steps_done": trainer.step,
+            "interrupted": self.interrupted,
+            "resumed_from_step": resumed_from,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "train_seconds": round(trainer.train_seconds, 3),
+            "warmup_seconds": round(trainer.warmup_seconds, 3),
+            "steps_per_second": round(trainer.step / trainer.train_seconds, 3) if trainer.train_seconds > 0 else None,
+            "device": config["device"],
+            "seed": config["train"]["seed"],
+            "config": config,
+            "versions": versions(),
+            "history": trainer.history.__dict__,
+        }
+        write_json(folder / "metrics.json", summary)
+        title = f"{config['image']['name']} · {self.model.spec['name']} · {self.params:,} params · {metrics['psnr']:.2f} dB"
+        plot_curves(folder / "curves.png", trainer.history.__dict__, title)
+        save_checkpoint(folder / "checkpoint.pt", checkpoint_payload(config, trainer))
+        return summary
+
+
+def fit(
+    image: ImageLike | None = None,
     model: str | None = None,
-    spec: dict[str, Any] | None = None,
-    train: dict[str, Any] | None = None,
-    out: str | Path | None = None,
+    *,
+    steps: int | None = None,
+    out: str | os.PathLike | None = None,
+    resume: str | os.PathLike | bool | None = None,
     force: bool = False,
-    resume: str | Path | bool | None = None,
     device: str = "auto",
     grey: bool = False,
     coords: str | None = None,
     progress: bool = True,
     checkpoint_seconds: float = CHECKPOINT_SECONDS,
-) -> FitResult:
-    """Fit ``image`` with a registered model and write the run folder.
+    **options: Any,
+) -> Fit:
+    """Fit an image with a registered model (default "kan") and return the result.
 
     Args:
-        image: image file; None uses the bundled photograph (or, on resume, the checkpoint's image).
-        model, spec: registry name (default "kan") and model options (None values take the defaults).
-        train: TrainConfig fields to override (None values take the family's defaults).
-        out: run folder; default runs/<image>-<model>. Refused if it exists unless ``force``.
+        image: a file path, PIL image, (H, W[, C]) array or tensor (see :func:`kanimg.io.as_image`);
+            None = the bundled photograph, or on resume the image the run was fitted on.
+        steps: training steps (default: the family's, grown with the image size).
+        out: run folder to write (as ``kanimg fit``): periodic checkpoints while training,
+            every output at the end. Refused if it exists, unless ``force`` (and kanimg wrote
+            it). None = nothing is written (``result.save(folder)`` can write it later).
         resume: continue a run: True = from the latest checkpoint of ``out`` (its staging
-            folder's, after a crash or kill, else its finished one); a checkpoint file or a run
-            folder = from that. The run keeps its settings: only ``train["steps"]`` (to extend
-            it), ``train["eval_every"]`` and ``train["compile"]`` may change, and other values that differ are refused.
-            The run folder it continues is updated in place; another ``out`` needs ``force``.
+            folder's after a crash or kill, else its finished one); a checkpoint file or a run
+            folder = from that (``out`` defaults to that run's folder, updated in place). The run
+            keeps its settings: only ``steps`` (to extend it), ``eval_every`` and ``compile`` may
+            change; other values that differ raise ResumeMismatch.
         device: "auto", "cpu" or "cuda".
         grey: fit the luminance only.
-        coords: pixel coordinate convention, "centers" (default) or "linspace".
+        coords: pixel coordinates, "centers" (default) or "linspace".
         progress: show a progress bar.
-        checkpoint_seconds: period of the checkpoints written while training.
+        checkpoint_seconds: period of the checkpoints written into a run folder while training.
+        options: the model's options (e.g. ``widths``, ``grids``, ``directions``) and TrainConfig's
+            fields (e.g. ``lr``, ``batch_size``, ``budget_seconds``, ``precision``, ``compile``);
+            None or left out = the same defaults as ``kanimg fit``.
     Returns:
-        FitResult; ``interrupted`` is True when Ctrl-C stopped training early (the folder then
-        holds the best result so far and a checkpoint to resume from).
+        Fit; ``interrupted`` is True when Ctrl-C stopped training early (a run folder then holds
+        the best result so far and a checkpoint to resume from).
     Raises:
-        KanimgError: any problem with the inputs, detected before training starts; a diverged
-            run (nothing is kept); ResumeMismatch for settings that differ from a resumed run.
+        KanimgError: any problem with the inputs, found before training starts; a diverged run
+            (nothing is kept).
     """
     dev = resolve_device(device)
     state, checkpoint, replace = None, None, force
     if resume:
-        if resume is True:
-            if out is None:
-                out = Path("runs") / f"{Path(image).stem if image is not None else default_image().stem}-{model or 'kan'}"
-            checkpoint = latest_checkpoint(Path(out))
-            if checkpoint is None:
-                raise KanimgError(f"{out}: nothing to resume (no checkpoint in it or in {staging_folder(Path(out))})")
-        else:
-            checkpoint = Path(resume)
-            if checkpoint.is_dir():
-                checkpoint = latest_checkpoint(checkpoint) or checkpoint / "checkpoint.pt"
+        checkpoint, out = _resume_source(resume, out, image, model)
         state = load_checkpoint(checkpoint)
-        config = state["config"]
-        _refuse_changes({"--model": (model, config["model"]["name"]), "--coords": (coords, config["coords"]),
-                         "--grey": (grey or None, config["grey"])}, checkpoint)
-        model, grey, coords = config["model"]["name"], config["grey"], config["coords"]
-        if image is None and config["image"]["path"] is None:
+        saved = state["config"]
+        _refuse_changes({"model": (model, saved["model"]["name"]), "coords": (coords, saved["coords"]),
+                         "grey": (grey or None, saved["grey"])}, checkpoint)
+        model, grey, coords = saved["model"]["name"], saved["grey"], saved["coords"]
+        if image is None and saved["image"]["path"] is None:
             raise KanimgError(f"{checkpoint}: this run was fitted from an array, not a file; give the image to resume it")
-        image = image if image is not None else config["image"]["path"]
-        own_run = run_folder_of(checkpoint)
-        out = Path(out) if out is not None else own_run
-        replace = force or out.resolve() == own_run.resolve()  # continuing a run updates its own folder
+        image = image if image is not None else saved["image"]["path"]
+        replace = force or Path(out).resolve() == run_folder_of(checkpoint).resolve()  # continuing a run updates its own folder
     model, coords = model or "kan", coords or "centers"
+    model_options, train_options = _split_options(model, {k: v for k, v in {**options, "steps": steps}.items() if v is not None})
     if coords not in COORDINATES:
         raise KanimgError(f"unknown coordinate convention {coords!r}; choose from {', '.join(COORDINATES)}")
-    image_path = Path(image) if image is not None else default_image()
-    data = load_image(image_path, grey=grey)
-
+    source = Path(image) if isinstance(image, (str, os.PathLike)) else (default_image() if image is None else None)
+    data = as_image(source if source is not None else image, grey=grey)
     if state is None:
-        spec = model_spec_for(model, spec or {}, data.channels, (data.height, data.width))
-        cfg = train_config_for(model, train or {}, (data.height, data.width), dev)
+        spec = model_spec_for(model, model_options, data.channels, (data.height, data.width))
+        cfg = train_config_for(model, train_options, (data.height, data.width), dev)
     else:
-        saved = state["config"]
-        if [data.height, data.width, data.channels] != [saved["image"][k] for k in ("height", "width", "channels")]:
-            raise KanimgError(f"{image_path} is not the image {checkpoint} was trained on "
-                              f"({saved['image']['width']}x{saved['image']['height']}, {saved['image']['channels']} channels)")
-        saved_spec = {k: v for k, v in state["trainer"]["spec"].items() if k != "name"}
-        given = {k: v for k, v in (spec or {}).items() if v is not None}
-        resolved = model_spec_for(model, given, data.channels) if given else {}
-        overrides = {k: v for k, v in (train or {}).items() if v is not None}
-        wanted = TrainConfig.from_dict({**saved["train"], **overrides}).to_dict()
-        _refuse_changes({**{_flag(k): (resolved[k], saved_spec.get(k)) for k in given},
-                         **{_flag(k): (wanted[k], saved["train"][k]) for k in overrides if k not in CHANGEABLE_ON_RESUME}},
-                        checkpoint)
-        spec = saved_spec
-        cfg = TrainConfig.from_dict({**saved["train"], **{k: v for k, v in overrides.items() if k in CHANGEABLE_ON_RESUME}})
+        spec, cfg = _resumed_settings(state, checkpoint, data, model, model_options, train_options)
     check_model_size(model, spec, cfg)
-    folder = RunFolder(Path(out) if out is not None else Path("runs") / f"{data.name}-{model}", "fit", replace=replace)
+    folder = RunFolder(Path(out), "fit", replace=replace) if out is not None else None
     trainer = new_trainer(model, spec, cfg, data, coords, dev, progress)
     if state is not None:
         try:
             trainer.load_state_dict(_to_device(state["trainer"], dev))
             best_model(state["trainer"])  # the best weights are what the run exports: check them now, not after training
         except (KeyError, TypeError, ValueError, RuntimeError, KanimgError) as exc:
-            raise KanimgError(f"{checkpoint}: its training state does not fit its model ({_first_line(exc)})") from None
-
-    config = run_config(trainer, data, str(image_path.resolve()), grey, coords)
+            raise KanimgError(f"{checkpoint}: its training state does not fit its model ({first_line(exc)})") from None
+    config = run_config(trainer, data, str(source.resolve()) if source is not None else None, grey, coords)
+    if folder is None:
+        started = time.perf_counter()
+        interrupted = _train(trainer)
+        return Fit(data, trainer, config, time.perf_counter() - started, interrupted)
     with folder as staging:
         _settle_leftover(folder, checkpoint, force)
-        periodic = PeriodicCheckpoint(staging / "checkpoint.pt", config, checkpoint_seconds)
         started = time.perf_counter()
-        interrupted = False
         try:
-            trainer.train(on_step=periodic)
-        except KeyboardInterrupt:
-            interrupted = True
-            trainer.evaluate_if_stale()
+            interrupted = _train(trainer, PeriodicCheckpoint(staging / "checkpoint.pt", config, checkpoint_seconds))
         except KanimgError:
             if checkpoint is None or checkpoint.parent != folder.staging:
                 folder.clear()  # a diverged run: its checkpoints are not worth resuming (one it resumed from stays)
             raise
-        resumed_from = None if state is None else int(state["trainer"]["step"])
-        metrics = _export(staging, data, trainer, config, time.perf_counter() - started, interrupted, resumed_from)
-    return FitResult(folder.final, metrics, interrupted)
+        result = Fit(data, trainer, config, time.perf_counter() - started, interrupted, folder.final)
+        result.write(staging, None if state is None else int(state["trainer"]["step"]))
+    return result
+
+
+def _train(trainer: Trainer, on_step=None) -> bool:
+    """Train to the end; True when Ctrl-C stopped it (after evaluating what it reached)."""
+    try:
+        trainer.train(on_step=on_step)
+    except KeyboardInterrupt:
+        trainer.evaluate_if_stale()
+        return True
+    return False
+
+
+def default_run_folder(image: str | os.PathLike | None, model: str | None) -> Path:
+    """runs/<image stem>-<model>: where ``kanimg fit`` writes when not told."""
+    return Path("runs") / f"{Path(image).stem if image is not None else default_image().stem}-{model or 'kan'}"
+
+
+def _resume_source(resume: str | os.PathLike | bool, out: str | os.PathLike | None, image: Any, model: str | None
+                   ) -> tuple[Path, Path]:
+    """The checkpoint a resumed run continues from, and the folder it writes."""
+    if resume is True:
+        if out is None:
+            if image is not None and not isinstance(image, (str, os.PathLike)):
+                raise KanimgError("resume=True continues the run folder given as out; give it")
+            out = default_run_folder(image, model)
+        checkpoint = latest_checkpoint(Path(out))
+        if checkpoint is None:
+            raise KanimgError(f"{out}: nothing to resume (no checkpoint in it or in {staging_folder(Path(out))})")
+        return checkpoint, Path(out)
+    checkpoint = Path(resume)
+    if checkpoint.is_dir():
+        checkpoint = latest_checkpoint(checkpoint) or checkpoint / "checkpoint.pt"
+    return checkpoint, Path(out) if out is not None else run_folder_of(checkpoint)
+
+
+def _resumed_settings(state: dict, checkpoint: Path, data: ImageData, model: str, model_options: dict[str, Any],
+                      train_options: dict[str, Any]) -> tuple[dict[str, Any], TrainConfig]:
+    """A resumed run's model spec and training config: its own, with only the changeable
+    settings taken from the caller (other given values must equal the run's)."""
+    saved = state["config"]
+    if [data.height, data.width, data.channels] != [saved["image"][k] for k in ("height", "width", "channels")]:
+        raise KanimgError(f"the image is not the one {checkpoint} was trained on "
+                          f"({saved['image']['width']}x{saved['image']['height']}, {saved['image']['channels']} channels)")
+    saved_spec = {k: v for k, v in state["trainer"]["spec"].items() if k != "name"}
+    given = {k: v for k, v in model_options.items() if v is not None}
+    resolved = model_spec_for(model, given, data.channels) if given else {}
+    overrides = {k: v for k, v in train_options.items() if v is not None}
+    wanted = TrainConfig.from_dict({**saved["train"], **overrides}).to_dict()
+    _refuse_changes({**{k: (resolved[k], saved_spec.get(k)) for k in given},
+                     **{k: (wanted[k], saved["train"][k]) for k in overrides if k not in CHANGEABLE_ON_RESUME}}, checkpoint)
+    changed = {k: v for k, v in overrides.items() if k in CHANGEABLE_ON_RESUME}
+    return saved_spec, TrainConfig.from_dict({**saved["train"], **changed})
+
+
+def _split_options(model: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's options and TrainConfig's fields among ``options`` (unknown names refused)."""
+    model_keys = set(get_entry(model).defaults)
+    train_keys = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(options) - model_keys - train_keys)
+    if unknown:
+        raise KanimgError(f"unknown option(s) for {model}: {', '.join(unknown)} (model options: {', '.join(sorted(model_keys))}; "
+                          f"training options: {', '.join(sorted(train_keys))})")
+    return ({k: v for k, v in options.items() if k in model_keys}, {k: v for k, v in options.items() if k in train_keys})
 
 
 def new_trainer(model: str, spec: dict[str, Any], cfg: TrainConfig, data: ImageData, coords: str, device: torch.device,
@@ -265,41 +382,6 @@ def run_config(trainer: Trainer, data: ImageData, image_path: str | None, grey: 
     }
 
 
-class PeriodicCheckpoint:
-    """Trainer ``on_step`` hook: a checkpoint every ``seconds`` of wall time (atomic writes, so
-    a kill during one leaves the previous)."""
-
-    def __init__(self, path: Path, config: dict, seconds: float) -> None:
-        self.path, self.config, self.seconds = path, config, seconds
-        self.last = time.monotonic()
-
-    def __call__(self, trainer: Trainer) -> None:
-        if time.monotonic() - self.last >= self.seconds:
-            save_checkpoint(self.path, checkpoint_payload(self.config, trainer))
-            self.last = time.monotonic()
-
-
-def checkpoint_payload(config: dict, trainer: Trainer) -> dict:
-    return {"config": config, "trainer": trainer.state_dict(), "versions": versions()}
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    """The newest checkpoint of a run folder: its staging folder's (a run killed or still
-    training), else its finished one; None if it has neither."""
-    for candidate in (staging_folder(run) / "checkpoint.pt", Path(run) / "checkpoint.pt"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def run_folder_of(checkpoint: Path) -> Path:
-    """The run folder a checkpoint belongs to (also for one in a ``.NAME.partial`` staging folder)."""
-    folder = Path(checkpoint).parent
-    if folder.name.startswith(".") and folder.name.endswith(".partial"):
-        return folder.parent / folder.name[1 : -len(".partial")]
-    return folder
-
-
 def _settle_leftover(folder: RunFolder, checkpoint: Path | None, force: bool) -> None:
     """Decide about work an earlier, dead run left in the staging folder: keep it when it is
     what we resume, drop it when it holds no checkpoint or ``force`` says so, refuse otherwise."""
@@ -319,10 +401,11 @@ def _settle_leftover(folder: RunFolder, checkpoint: Path | None, force: bool) ->
 
 
 def _refuse_changes(pairs: dict[str, tuple[Any, Any]], checkpoint: Path) -> None:
-    """ResumeMismatch for the first flag whose given value differs from the resumed run's."""
-    for flag, (given, saved) in pairs.items():
+    """ResumeMismatch for the first option whose given value differs from the resumed run's
+    (named as its ``kanimg fit`` flag)."""
+    for option, (given, saved) in pairs.items():
         if given is not None and given != saved:
-            raise ResumeMismatch(f"{flag} {_show(given)} differs from the run in {checkpoint} ({_show(saved)}); a resumed run "
+            raise ResumeMismatch(f"{_flag(option)} {_show(given)} differs from the run in {checkpoint} ({_show(saved)}); a resumed run "
                                  f"keeps its settings (only --steps, --eval-every and --compile may change): start a new run with -o")
 
 
@@ -351,10 +434,6 @@ def _describe(spec: dict[str, Any]) -> str:
     return f"widths {_show(spec['widths'])}" + (f", grids {_show(spec['grids'])}" if "grids" in spec else "")
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-
-
 def _to_device(value: Any, dev: torch.device) -> Any:
     """Move a checkpoint's tensors (not RNG states, which live on the CPU) to ``dev``."""
     if isinstance(value, dict):
@@ -362,51 +441,3 @@ def _to_device(value: Any, dev: torch.device) -> Any:
     if isinstance(value, list):
         return [_to_device(v, dev) for v in value]
     return value.to(dev) if isinstance(value, torch.Tensor) else value
-
-
-def _export(folder: Path, data: ImageData, trainer: Trainer, config: dict, wall: float, interrupted: bool,
-            resumed_from: int | None) -> dict:
-    """Render the best weights and write every output of the run into ``folder``."""
-    best = best_model(trainer.state_dict(), trainer.device)
-    recon = render(best, data.height, data.width, config["coords"], trainer.device)
-    save_png(folder / "reconstruction.png", recon, data.bit_depth)
-    save_rgb8(folder / "error.png", error_map(data.pixels, recon))
-    metrics = reconstruction_metrics(data.pixels, recon, data.bit_depth)
-    params = sum(p.numel() for p in best.parameters())
-    steps_done = trainer.step
-    result = {
-        "image": config["image"]["path"],
-        "model": best.spec,
-        "params": params,
-        "metrics": metrics,
-        "best_step": trainer.best_step,
-        "steps_done": steps_done,
-        "interrupted": interrupted,
-        "resumed_from_step": resumed_from,
-        "wall_seconds": round(wall, 3),
-        "train_seconds": round(trainer.train_seconds, 3),
-        "warmup_seconds": round(trainer.warmup_seconds, 3),
-        "steps_per_second": round(steps_done / trainer.train_seconds, 3) if trainer.train_seconds > 0 else None,
-        "device": config["device"],
-        "seed": config["train"]["seed"],
-        "config": config,
-        "versions": versions(),
-        "history": trainer.history.__dict__,
-    }
-    write_json(folder / "metrics.json", result)
-    title = f"{config['image']['name']} · {best.spec['name']} · {params:,} params · {metrics['psnr']:.2f} dB"
-    plot_curves(folder / "curves.png", trainer.history.__dict__, title)
-    save_checkpoint(folder / "checkpoint.pt", checkpoint_payload(config, trainer))
-    return result
-
-
-def best_model(trainer_state: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The best evaluated model of a Trainer.state_dict() (the latest weights if none was
-    evaluated), rebuilt from its own spec since grids may have been extended after it."""
-    spec = dict(trainer_state["best_spec"] or trainer_state["spec"])
-    model = build_model(spec.pop("name"), **spec)
-    try:
-        model.load_state_dict(trainer_state["best_model"] or trainer_state["model"])
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise KanimgError(f"the checkpoint's weights do not fit its model ({_first_line(exc)})") from None
-    return model.to(device)

@@ -1,117 +1,19 @@
-"""Side-by-side comparison outputs: gallery PNG, self-contained HTML, results JSON/CSV/Markdown.
+"""The comparison's self-contained HTML page: sortable tables, the reconstructions as
+inline images, and a before/after viewer with synchronised zoom and pan.
 
 Everything here only reads what the runs wrote (records + image arrays); nothing trains.
-A record is one image × model result: model, psnr, ssim, lpips, params, seconds, protocol, …
 """
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import math
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from .export import write_json
-from .files import atomic_path, atomic_write_bytes
-
-TABLE_COLUMNS = [  # (record key, heading, format)
-    ("model", "model", "{}"),
-    ("psnr", "PSNR (dB)", "{:.2f}"),
-    ("psnr_png", "PSNR PNG (dB)", "{:.2f}"),
-    ("ssim", "SSIM", "{:.4f}"),
-    ("lpips", "LPIPS", "{:.4f}"),
-    ("params", "params", "{:,}"),
-    ("seconds", "train time (s)", "{:.1f}"),
-    ("steps", "steps", "{:,}"),
-    ("steps_per_second", "steps/s", "{:.1f}"),
-    ("device", "device", "{}"),
-]
-
-
-def fmt(value, spec: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return spec.format(value)
-
-
-def _display(pixels: np.ndarray) -> np.ndarray:
-    """(H, W, C) [0, 1] → something imshow shows as the image looks (grey, RGB; alpha dropped)."""
-    pixels = np.clip(pixels, 0, 1)
-    return pixels[..., 0] if pixels.shape[2] <= 2 else pixels[..., :3]
-
-
-def error_scale(original: np.ndarray, reconstructions: Sequence[np.ndarray]) -> float:
-    """One colour scale for every error map: the 99.5th percentile error over all models."""
-    errors = np.concatenate([np.abs(np.clip(r, 0, 1) - original).mean(axis=2).ravel() for r in reconstructions])
-    return float(max(np.percentile(errors, 99.5), 1e-3))
-
-
-def gallery_png(path: Path, original: np.ndarray, records: list[dict], reconstructions: list[np.ndarray],
-                title: str, crop: tuple[int, int, int, int] | None = None) -> None:
-    """Original + labelled reconstructions, a row of error maps on one shared scale, and an
-    optional zoomed crop (x, y, width, height) of each."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    n = len(records) + 1
-    rows = 3 if crop else 2
-    height, width = original.shape[:2]
-    panel = 2.6
-    fig = Figure(figsize=(panel * n, panel * rows * height / width + 0.9), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, n, squeeze=False)
-    vmax = error_scale(original, reconstructions)
-    grey = original.shape[2] <= 2
-    images = [original, *reconstructions]
-    labels = ["original"] + [f"{r['model']}\n{r['params']:,} params · {fmt(r['psnr'], '{:.2f}')} dB" for r in records]
-    for col, (img, label) in enumerate(zip(images, labels)):
-        ax = axes[0, col]
-        ax.imshow(_display(img), cmap="gray" if grey else None, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(label, fontsize=8)
-        if crop:
-            ax.add_patch(Rectangle((crop[0] - 0.5, crop[1] - 0.5), crop[2], crop[3], fill=False, ec="yellow", lw=1))
-            x, y, w, h = crop
-            zoom = axes[2, col]
-            zoom.imshow(_display(img[y : y + h, x : x + w]), cmap="gray" if grey else None, vmin=0, vmax=1, interpolation="nearest")
-        err_ax = axes[1, col]
-        if col == 0:
-            err_ax.text(0.5, 0.5, f"|error|, shared scale\n0 … {vmax:.3f}", ha="center", va="center", fontsize=8)
-        else:
-            shown = err_ax.imshow(np.abs(np.clip(img, 0, 1) - original).mean(axis=2), cmap="inferno", vmin=0, vmax=vmax,
-                                  interpolation="nearest")
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[1, 0].set_axis_off()
-    if len(records):
-        fig.colorbar(shown, ax=axes[1, :].tolist(), shrink=0.8, label="mean |error| per pixel")
-    fig.suptitle(title, fontsize=10)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-
-
-def psnr_time_svg(histories: dict[str, dict]) -> str:
-    """Inline SVG of full-image PSNR against training time, one line per model."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 3.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for model, hist in histories.items():
-        ax.plot(hist["eval_seconds"], hist["eval_psnr"], "o-", ms=2.5, lw=1.2, label=model)
-    ax.set(xlabel="training time (s)", ylabel="PSNR (dB)", title="PSNR against training time")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg")
-    svg = buf.getvalue()
-    return svg[svg.index("<svg") :]
+from .results import COMPARE_COLUMNS, describe_protocol, fmt
 
 
 def png_data_uri(pixels: np.ndarray) -> str:
@@ -129,11 +31,11 @@ def file_data_uri(path: Path) -> str:
 
 
 def _table_html(records: list[dict], table_id: str) -> str:
-    head = "".join(f"<th onclick=\"sortTable('{table_id}', {i})\">{html.escape(h)}</th>" for i, (_, h, _) in enumerate(TABLE_COLUMNS))
+    head = "".join(f"<th onclick=\"sortTable('{table_id}', {i})\">{html.escape(h)}</th>" for i, (_, h, _) in enumerate(COMPARE_COLUMNS))
     rows = []
     for r in records:
         cells = []
-        for key, _, spec in TABLE_COLUMNS:
+        for key, _, spec in COMPARE_COLUMNS:
             value = r.get(key)
             sort_key = value if isinstance(value, (int, float)) and value is not None and math.isfinite(value) else ""
             cells.append(f"<td data-sort=\"{html.escape(str(sort_key))}\">{html.escape(fmt(value, spec))}</td>")
@@ -250,52 +152,3 @@ def html_page(title: str, sections: list[dict], mean_records: list[dict] | None,
     parts.append(_VIEWER)
     parts.append("</body></html>")
     return "\n".join(parts)
-
-
-def describe_protocol(protocol: dict) -> str:
-    kind = protocol.get("kind")
-    if kind == "time":
-        return f"equal wall-clock, {protocol['budget_seconds']:g} s of training per model"
-    if kind == "params":
-        return f"equal parameter count, widths solved for {protocol['params']:,} parameters"
-    if kind == "preset":
-        return f"preset {protocol['preset']} (every model with the same recipe)"
-    return "equal steps, each family with its own best-known settings"
-
-
-def mean_records(records: list[dict]) -> list[dict]:
-    """Per-model means over images (metrics, params, seconds)."""
-    out = []
-    for model in dict.fromkeys(r["model"] for r in records):
-        rows = [r for r in records if r["model"] == model]
-        mean = {"model": model, "images": len(rows), "device": rows[0].get("device")}
-        for key in ("psnr", "psnr_png", "ssim", "lpips", "params", "seconds", "steps", "steps_per_second"):
-            values = [r[key] for r in rows if r.get(key) is not None]
-            mean[key] = (sum(values) / len(values) if values else None) if key != "params" else (round(sum(values) / len(values)) if values else None)
-        out.append(mean)
-    return out
-
-
-def markdown_table(records: list[dict]) -> str:
-    head = "| " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |"
-    sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(TABLE_COLUMNS))) + "|"
-    rows = ["| " + " | ".join(fmt(r.get(k), s) for k, _, s in TABLE_COLUMNS) + " |" for r in records]
-    return "\n".join([head, sep, *rows])
-
-
-def write_tables(folder: Path, records: list[dict], means: list[dict] | None, protocol: dict) -> None:
-    """results.json (one record per image × model), results.csv and results.md."""
-    write_json(folder / "results.json", {"protocol": protocol, "records": records, "mean": means})
-    keys = ["image", *[k for k, _, _ in TABLE_COLUMNS], "family", "protocol"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
-    writer.writeheader()
-    for r in records:
-        writer.writerow({**r, "protocol": describe_protocol(r["protocol"])})
-    atomic_write_bytes(folder / "results.csv", buf.getvalue().encode())
-    md = [f"Protocol: {describe_protocol(protocol)}.", ""]
-    for image in dict.fromkeys(r["image"] for r in records):
-        md += [f"### {image}", "", markdown_table([r for r in records if r["image"] == image]), ""]
-    if means:
-        md += ["### Mean over images", "", markdown_table(means), ""]
-    atomic_write_bytes(folder / "results.md", "\n".join(md).encode())

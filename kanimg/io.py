@@ -15,11 +15,14 @@ EXIF orientation is applied, so pixels are fitted the way viewers show them.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import KanimgError
@@ -120,6 +123,58 @@ def load_image(path: str | os.PathLike, grey: bool = False, max_pixels: int = MA
     if grey and mode != "L":
         pixels, mode = to_grey(pixels, mode), "L"
     return ImageData(np.ascontiguousarray(pixels), mode, depth, path.stem)
+
+
+# What kanimg.as_image accepts: a file path, a PIL image, an array or a tensor.
+ImageLike = Union[str, os.PathLike, np.ndarray, torch.Tensor, Image.Image]
+_MODES = {count: mode for mode, count in CHANNELS.items()}
+DEFAULT_IMAGE_NAME = "astronaut.png"
+
+
+def default_image() -> Path:
+    """The bundled photograph: assets/ beside the package (source checkout or editable install),
+    else where setup.py's data_files put it (<prefix>/share/kanimg/assets)."""
+    for folder in (Path(__file__).resolve().parent.parent / "assets", Path(sys.prefix) / "share" / "kanimg" / "assets"):
+        if (folder / DEFAULT_IMAGE_NAME).is_file():
+            return folder / DEFAULT_IMAGE_NAME
+    raise KanimgError(f"the bundled image {DEFAULT_IMAGE_NAME} is missing from this installation; pass an image file")
+
+
+def as_image(image: ImageLike, grey: bool = False, name: str = "array") -> ImageData:
+    """Any image a user holds, as kanimg's ImageData (float32 pixels in [0, 1]).
+
+    Accepts an image file path, a PIL image, or an (H, W) / (H, W, C) array or tensor with C
+    from 1 to 4: uint8 (8-bit), uint16 (16-bit), or floats in [0, 1] (kept at 16 bits).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image, grey=grey)
+    if hasattr(image, "getbands") and hasattr(image, "mode"):  # a PIL image
+        image = np.asarray(image.convert("RGBA" if "A" in image.getbands() else ("L" if image.mode in ("1", "L", "I", "I;16") else "RGB")))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise KanimgError(f"cannot read an image from a {type(image).__name__}; give a path, a PIL image, an array or a tensor")
+    array = image[..., None] if image.ndim == 2 else image
+    if array.ndim != 3 or array.shape[2] not in _MODES:
+        raise KanimgError(f"an image array must be (H, W) or (H, W, C) with 1 to 4 channels, got shape {tuple(image.shape)}")
+    height, width = array.shape[:2]
+    if height == 0 or width == 0:
+        raise KanimgError(f"the image is empty ({width}x{height})")
+    if height * width > MAX_PIXELS:
+        raise KanimgError(f"{width}x{height} is {height * width / 1e6:.0f} megapixels, over the limit of {MAX_PIXELS / 1e6:.0f}")
+    if array.dtype == np.uint8 or array.dtype == np.uint16:
+        depth = 8 if array.dtype == np.uint8 else 16
+        pixels = array.astype(np.float32) / float(2**depth - 1)
+    elif np.issubdtype(array.dtype, np.floating):
+        pixels, depth = array.astype(np.float32), 16
+        if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+            raise KanimgError("float image values must be finite and in [0, 1]")
+    else:
+        raise KanimgError(f"unsupported image dtype {array.dtype}; use uint8, uint16 or floats in [0, 1]")
+    mode = _MODES[pixels.shape[2]]
+    if grey and mode != "L":
+        pixels, mode = to_grey(pixels, mode), "L"
+    return ImageData(np.ascontiguousarray(pixels), mode, depth, name)
 
 
 def _decode(path: Path, im: Image.Image) -> tuple[np.ndarray, str, int]:

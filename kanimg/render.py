@@ -1,16 +1,26 @@
-"""Chunked full-grid inference: a fitted model evaluated at any resolution in flat memory."""
+"""The one renderer: a model evaluated on a pixel grid, at any resolution, in any dtype, in flat memory.
+
+:func:`render` serves fits, checkpoints and the .kimg decoder alike (the decoder drives a
+:class:`GridEvaluator` tile by tile, in float32 and float64).
+"""
 from __future__ import annotations
 
-from typing import Callable
+import copy
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .sampling import chunks, pixel_coords, to_pixels
+from .errors import KanimgError
+from .io import MAX_PIXELS
+from .nn.bspline import spline_features
+from .nn.kan import KAN
+from .sampling import axis_coords, chunks
 
 EVAL_CHUNK = 1 << 16  # pixels per forward pass (CPU: larger chunks were no faster)
 GPU_EVAL_CHUNK = 1 << 18  # on CUDA: fewer, fuller launches; a few hundred MB of activations
+TABLE_VALUES = 1 << 24  # spline features per piece of a KAN's first-layer tables (as kimg.TILE_VALUES)
 
 
 def eval_chunk(device: torch.device | str) -> int:
@@ -33,17 +43,128 @@ def predict(model: nn.Module, coords: Tensor, chunk: int | None = None, forward:
         model.train(was_training)
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's (floating) parameters, float32 for a model without any."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def separable(model: nn.Module) -> bool:
+    """Whether the model is a KAN whose first layer sees x and y alone on uniform knots, so that
+    each of its units is f(x) + g(y) and can be tabulated per axis (:class:`GridEvaluator`)."""
+    return (isinstance(model, KAN) and model.directions == 0 and model.layers[0].in_features == 2
+            and model.layers[0].has_uniform_knots)
+
+
+def axis_table(layer: nn.Module, feature: int, values: Tensor, table_values: int = TABLE_VALUES) -> Tensor:
+    """Σ over one input feature's edges of a KAN layer (uniform knots) at ``values``: (N,) → (N, O),
+    computed ``table_values`` spline features at a time."""
+    lo, inv_h = layer._grid_lo_inv_h()
+    spline = layer.spline_scale[:, feature, None] * layer.spline_weight[:, feature, :]  # (O, G+3)
+    weight = torch.cat([layer.base_weight[:, feature, None], spline], dim=1).t()  # (G+4, O)
+    step = max(1, table_values // weight.shape[0])
+    return torch.cat([spline_features(values[part, None], lo[feature : feature + 1], inv_h[feature : feature + 1],
+                                      layer.grid_size) @ weight for part in chunks(values.shape[0], step)])
+
+
+class GridEvaluator:
+    """A model at row-major pixel indices of an H×W grid, in the model's own dtype, on ``device``
+    (where the model must be).
+
+    A KAN whose first layer sees x and y alone (:func:`separable`) has first-layer units
+    f(x) + g(y): they are evaluated once on the W + H distinct coordinates and broadcast — free,
+    however fine the grid — and only the deeper layers run per pixel. Any other model runs per
+    pixel on the pixels' coordinates.
+
+    Args:
+        coords_dtype: the dtype the axis coordinates are computed in before rounding to the
+            model's (default: the model's). The .kimg decoder's float32 screening uses float64.
+        table_values: spline features per piece of the first-layer tables (memory only).
+    """
+
+    def __init__(self, model: nn.Module, height: int, width: int, convention: str = "centers",
+                 device: torch.device | str | None = None, coords_dtype: torch.dtype | None = None,
+                 table_values: int = TABLE_VALUES) -> None:
+        self.model, self.height, self.width = model, height, width
+        self.dtype = model_dtype(model)
+        coords_dtype = coords_dtype or self.dtype
+        self.xs = axis_coords(width, convention, device, coords_dtype).to(self.dtype)
+        self.ys = axis_coords(height, convention, device, coords_dtype).to(self.dtype)
+        self.separable = separable(model)
+        if self.separable:
+            with torch.no_grad():
+                first = model.layers[0]
+                self.fx = axis_table(first, 0, self.xs, table_values)  # (W, O)
+                self.fy = axis_table(first, 1, self.ys, table_values)  # (H, O)
+
+    @torch.no_grad()
+    def __call__(self, index: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Values (model output + 1)/2 in [0, 1] (unclipped) at row-major pixel ``index`` (N,) on
+        the evaluator's device: (N, C), the outputs converted to ``dtype`` (default: the model's)
+        before the mapping."""
+        index = index.to(self.xs.device)
+        row, col = index // self.width, index % self.width
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.separable:
+                hidden = self.fy[row] + self.fx[col]
+                for layer in self.model.layers[1:]:
+                    hidden = layer(hidden)
+            else:
+                hidden = self.model(torch.stack([self.xs[col], self.ys[row]], dim=1))
+        finally:
+            self.model.train(was_training)
+        return (hidden.to(dtype or self.dtype) + 1) / 2
+
+
 @torch.no_grad()
 def render(model: nn.Module, height: int, width: int, convention: str = "centers",
-           device: torch.device | str = "cpu", chunk: int | None = None) -> np.ndarray:
-    """(H, W, C) float pixels in [0, 1] (unclipped) of the model on an H×W pixel grid.
+           device: torch.device | str = "cpu", chunk: int | None = None, dtype: torch.dtype | None = None,
+           pixels: Sequence[int] | np.ndarray | Tensor | None = None) -> np.ndarray:
+    """Pixels in [0, 1] (unclipped) of the model on an H×W pixel grid: (H, W, C), or (len(pixels), C)
+    at the row-major indices ``pixels`` only.
 
-    Coordinates are generated a band of rows at a time, so memory stays flat however large
-    the render; only the output image itself is held.
+    ``dtype`` (default: the model's parameter dtype) is the evaluation dtype; another one
+    evaluates a copy of the model converted to it (the model itself is left as it is). The
+    result is numpy in that dtype (at least float32). ``chunk`` pixels (default:
+    :func:`eval_chunk`) are evaluated at a time, so memory stays flat however large the
+    render; only the output itself is held.
+
+    Raises:
+        KanimgError: a grid outside 1x1 … MAX_PIXELS (the output must fit in memory).
+        IndexError: a pixel index outside the grid.
     """
+    if width < 1 or height < 1:
+        raise KanimgError(f"cannot render {width}x{height}: an image needs at least 1x1 pixels")
+    if width * height > MAX_PIXELS:
+        raise KanimgError(f"cannot render {width}x{height}: {width * height / 1e6:,.0f} megapixels, over the limit of "
+                          f"{MAX_PIXELS / 1e6:.0f}")
+    if dtype is not None and dtype != model_dtype(model):
+        model = copy.deepcopy(model).to(dtype)
+    evaluate = GridEvaluator(model, height, width, convention, device)
+    out_dtype = torch.promote_types(evaluate.dtype, torch.float32)
     chunk = chunk or eval_chunk(device)
-    bands = [
-        predict(model, pixel_coords(height, width, convention, device, rows), chunk).cpu()
-        for rows in chunks(height, max(1, chunk // width))
-    ]
-    return to_pixels(torch.cat(bands), height, width)
+    count = height * width
+    if pixels is None:
+        band = max(1, chunk // width) * width  # whole rows at a time
+        parts = (torch.arange(part.start, part.stop, device=device) for part in chunks(count, band))
+    else:
+        index = (pixels.to("cpu", torch.long) if isinstance(pixels, Tensor)
+                 else torch.as_tensor(np.asarray(pixels, dtype=np.int64))).reshape(-1)
+        if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < count:
+            raise IndexError(f"pixel indices must lie in [0, {count}) for a {width}x{height} grid")
+        parts = (index[part] for part in chunks(index.shape[0], chunk))
+    out = None
+    start = 0
+    for part in parts:
+        values = evaluate(part, out_dtype).cpu()
+        if out is None:
+            out = torch.empty((count if pixels is None else len(index), values.shape[1]), dtype=out_dtype)
+        out[start : start + values.shape[0]] = values
+        start += values.shape[0]
+    if out is None:  # no pixels asked for: the output width is unknown without a forward pass
+        out = evaluate(torch.zeros(1, dtype=torch.long), out_dtype).cpu()[:0]
+    return out.reshape(height, width, -1).numpy() if pixels is None else out.numpy()

@@ -20,20 +20,21 @@ from torch import Tensor
 COORDINATES = ("centers", "linspace")
 
 
-def axis_coords(n: int, convention: str, device: torch.device | str | None = None) -> Tensor:
-    """n coordinates in [-1, 1] along one axis."""
+def axis_coords(n: int, convention: str, device: torch.device | str | None = None,
+                dtype: torch.dtype = torch.float32) -> Tensor:
+    """n coordinates in [-1, 1] along one axis, computed in ``dtype``."""
     if convention == "centers":
-        return (2 * torch.arange(n, device=device, dtype=torch.float32) + 1) / n - 1
+        return (2 * torch.arange(n, device=device, dtype=dtype) + 1) / n - 1
     if convention == "linspace":
-        return torch.linspace(-1, 1, n, device=device) if n > 1 else torch.zeros(1, device=device)
+        return torch.linspace(-1, 1, n, device=device, dtype=dtype) if n > 1 else torch.zeros(1, device=device, dtype=dtype)
     raise ValueError(f"unknown coordinate convention {convention!r}; choose from {COORDINATES}")
 
 
 def pixel_coords(height: int, width: int, convention: str = "centers", device: torch.device | str | None = None,
-                 rows: slice = slice(None)) -> Tensor:
+                 rows: slice = slice(None), dtype: torch.dtype = torch.float32) -> Tensor:
     """(H·W, 2) coordinates (x, y) of every pixel in row-major order (of image ``rows`` only)."""
-    ys = axis_coords(height, convention, device)[rows]
-    xs = axis_coords(width, convention, device)
+    ys = axis_coords(height, convention, device, dtype)[rows]
+    xs = axis_coords(width, convention, device, dtype)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
     return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
 
@@ -95,7 +96,7 @@ class ImageTarget:
     """An image as training data: every pixel's coordinates and its colour on one device.
 
     Colours are mapped from [0, 1] to [-1, 1] (value = 2·pixel - 1), the range the KAN paper
-    trains on (p/128 - 1) and SIREN's reference code uses; :func:`to_pixels` maps back.
+    trains on (p/128 - 1) and SIREN's reference code uses; :mod:`kanimg.render` maps back.
 
     Args:
         pixels: (H, W, C) float in [0, 1].
@@ -108,8 +109,3 @@ class ImageTarget:
         self.coords = pixel_coords(self.height, self.width, convention, device)  # (N, 2)
         values = torch.as_tensor(pixels, dtype=torch.float32, device=device).reshape(-1, self.channels)
         self.values = values * 2 - 1  # (N, C) in [-1, 1]
-
-
-def to_pixels(values: Tensor, height: int, width: int):
-    """Model outputs (H·W, C) in [-1, 1] to (H, W, C) float numpy pixels in [0, 1] (unclipped)."""
-    return ((values.detach().float().cpu() + 1) / 2).reshape(height, width, -1).numpy()

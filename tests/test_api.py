@@ -8,18 +8,19 @@ import torch
 from PIL import Image
 
 import kanimg
-import kanimg.api
+import kanimg.fitting
 from conftest import photo_crop
 from kanimg.cli import main as cli_main
+from kanimg.compress import api as codec_api
 from kanimg.errors import KanimgError
-from kanimg.fitting import fit_image
 from kanimg.io import load_image
 
 TINY = {"widths": [2, 8, 3], "grids": [8, 4]}
 
 
 def test_the_documented_examples_run():
-    assert doctest.testmod(kanimg.api, optionflags=doctest.ELLIPSIS).failed == 0
+    for module in (kanimg.fitting, codec_api):
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
 
 
 def test_every_kind_of_image_becomes_the_same_pixels(tmp_path):
@@ -81,11 +82,17 @@ def test_fit_on_an_array_returns_the_model_and_saves_the_cli_run_folder(tmp_path
     result.save(tmp_path / "run", force=True)
 
 
-def test_fit_from_python_and_from_the_cli_library_train_alike(photo32, tmp_path):
-    """One trainer: the same image, model, seed and steps give the same PSNR either way."""
-    api = kanimg.fit(photo32, steps=25, progress=False, **TINY)
-    files = fit_image(photo32, model="kan", spec=TINY, train={"steps": 25}, out=tmp_path / "run", progress=False)
-    assert api.metrics["psnr"] == pytest.approx(files.metrics["metrics"]["psnr"], abs=1e-9)
+def test_fit_in_memory_and_into_a_run_folder_train_alike(photo32, tmp_path):
+    """One fit: the same image, model, seed and steps give the same PSNR in memory, into a run
+    folder, and through the CLI (which calls kanimg.fit)."""
+    memory = kanimg.fit(photo32, steps=25, progress=False, **TINY)
+    files = kanimg.fit(photo32, steps=25, progress=False, out=tmp_path / "run", **TINY)
+    assert files.out == tmp_path / "run" and memory.out is None
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert memory.metrics["psnr"] == pytest.approx(saved["metrics"]["psnr"], abs=1e-9) == pytest.approx(files.metrics["psnr"], abs=1e-9)
+    assert cli_main(["fit", str(photo32), "-o", str(tmp_path / "cli"), "--steps", "25", "--widths", "2,8,3", "--grids", "8,4", "-q"]) == 0
+    cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert cli["metrics"]["psnr"] == pytest.approx(saved["metrics"]["psnr"], abs=1e-9)
 
 
 def test_unknown_options_name_the_ones_there_are():

@@ -36,6 +36,9 @@ def test_compare_folder_writes_every_output_and_skips_finished_runs(photos, tmp_
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["records"]) == 4 and [m["model"] for m in saved["mean"]] == TINY
+    assert saved["kind"] == "compare" and saved["protocol"] == {"kind": "steps", "steps": 15} and {"machine", "versions"} <= set(saved)
+    kan = [r["psnr"] for r in saved["records"] if r["model"] == "kan"]
+    assert saved["mean"][0]["psnr"] == pytest.approx(sum(kan) / 2) and saved["mean"][0]["images"] == 2
     for record in saved["records"]:
         for key in ("model", "psnr", "ssim", "lpips", "params", "seconds", "protocol"):
             assert key in record
@@ -43,7 +46,7 @@ def test_compare_folder_writes_every_output_and_skips_finished_runs(photos, tmp_
     assert "Mean over images" in (out / "results.md").read_text()
     assert len((out / "results.csv").read_text().strip().splitlines()) == 5
     # a second run with the same request trains nothing
-    with mock.patch("kanimg.comparison.fit_image", side_effect=AssertionError("should have been skipped")):
+    with mock.patch("kanimg.comparison.fit", side_effect=AssertionError("should have been skipped")):
         again = compare(photos, TINY, out, steps=15, progress=False)
     assert [r["psnr"] for r in again.records] == [r["psnr"] for r in result.records]
 
@@ -64,14 +67,14 @@ def test_interrupted_comparison_resumes_where_it_stopped(photos, tmp_path):
     assert first.interrupted and [r["model"] for r in first.records] == ["kan"]
     from kanimg import comparison as compare_module
 
-    real_fit = compare_module.fit_image
+    real_fit = compare_module.fit
 
     def spy(*args, **kwargs):
         state["calls"] += 1
-        assert kwargs["model"] == "mlp" and kwargs["resume"] is not None  # kan skipped, mlp resumed
+        assert args[1] == "mlp" and kwargs["resume"] is not None  # kan skipped, mlp resumed
         return real_fit(*args, **kwargs)
 
-    with mock.patch("kanimg.comparison.fit_image", spy):
+    with mock.patch("kanimg.comparison.fit", spy):
         second = compare(image, TINY, out, steps=20, progress=False)
     assert state["calls"] == 1 and not second.interrupted
     assert [r["steps"] for r in second.records] == [20, 20]
@@ -123,13 +126,13 @@ def test_a_killed_run_of_a_comparison_is_resumed_from_its_staged_checkpoint(phot
     shutil.rmtree(run)
     from kanimg import comparison as compare_module
 
-    real_fit, calls = compare_module.fit_image, []
+    real_fit, calls = compare_module.fit, []
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("resume"))
         return real_fit(*args, **kwargs)
 
-    with mock.patch("kanimg.comparison.fit_image", spy):
+    with mock.patch("kanimg.comparison.fit", spy):
         again = compare(photos / "face.png", ["mlp"], out, steps=10, progress=False)
     assert calls == [True] and again.records[0]["finished"]
     assert json.loads((run / "metrics.json").read_text())["resumed_from_step"] == 10

@@ -189,28 +189,38 @@ def test_cli_refuses_damaged_files_with_one_line(tmp_path, capsys):
 
 
 def test_screened_decode_equals_rounding_the_float64_network():
-    from kanimg.compress.bitstream import render, render_integers
+    from kanimg.compress.bitstream import render_integers
     from kanimg.io import quantize
+    from kanimg.render import render
+
+    def float64_render(decoded):
+        img = decoded.image
+        return render(decoded.model, img.height, img.width, img.coords, dtype=torch.float64)
 
     model = trained_like("kan", seed=3)
     decoded = decode_model(encode_model(model, ImageInfo(40, 56, 3), QuantConfig(9)))
-    reference = quantize(render(decoded.model, decoded.image), 8)  # float64 everywhere
+    reference = quantize(float64_render(decoded), 8)  # float64 everywhere
     assert np.array_equal(render_integers(decoded), reference)
     siren = decode_model(encode_model(trained_like("siren"), ImageInfo(40, 56, 3), QuantConfig(16)))
-    assert np.array_equal(render_integers(siren), quantize(render(siren.model, siren.image), 8))
+    assert np.array_equal(render_integers(siren), quantize(float64_render(siren), 8))
 
 
 @pytest.mark.parametrize("name", ["kan", "siren"])
 def test_rendering_chosen_pixels_in_small_tiles_gives_exactly_those_pixels_of_the_whole_image(name, monkeypatch):
     from kanimg.compress import bitstream
+    from kanimg.render import render
 
     decoded = decode_model(encode_model(trained_like(name), ImageInfo(40, 56, 3), QuantConfig(9 if name == "kan" else 16)))
-    whole = bitstream.render(decoded.model, decoded.image).reshape(-1, 3)
+    img = decoded.image
+    whole = render(decoded.model, img.height, img.width, img.coords, dtype=torch.float64)
+    assert whole.dtype == np.float64 and whole.shape == (40, 56, 3)
+    whole = whole.reshape(-1, 3)
     integers = bitstream.render_integers(decoded)
     monkeypatch.setattr(bitstream, "TILE_VALUES", 100)  # tiles of a few pixels; KAN first-layer tables in pieces
     assert bitstream.tile_pixels(decoded.model.spec) < 10
     chosen = np.random.default_rng(0).choice(40 * 56, size=300, replace=False)
-    np.testing.assert_allclose(bitstream.render(decoded.model, decoded.image, chosen), whole[chosen], rtol=0, atol=1e-12)
+    subset = render(decoded.model, img.height, img.width, img.coords, chunk=7, dtype=torch.float64, pixels=chosen)
+    np.testing.assert_allclose(subset, whole[chosen], rtol=0, atol=1e-12)
     assert np.array_equal(bitstream.render_integers(decoded), integers)
 
 

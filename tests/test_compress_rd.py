@@ -109,6 +109,17 @@ def test_rd_on_a_folder_gives_per_image_and_mean_curves(tmp_path):
         assert mean["bpp"] == pytest.approx([(per["a"]["results"]["bpp"][k] + per["b"]["results"]["bpp"][k]) / 2 for k in range(n)])
     assert (out / "rd-a.png").stat().st_size > 0 and (out / "rd-b.png").stat().st_size > 0
     assert "per image" in (out / "results.md").read_text()
+    # the schema every experiment writes (kanimg.results): a record per image × codec × point, each codec's mean curve
+    assert results["kind"] == "rd" and results["protocol"]["kind"] == "rd" and results["protocol"]["bpp_targets"] == [5.0]
+    for image in ("a", "b"):
+        for name in ("kan", "jpeg", "webp"):
+            points = results["codecs"][name]["per_image"][image]["results"]
+            rows = [r for r in results["records"] if r["image"] == image and r["codec"] == name]
+            assert [r["bpp"] for r in rows] == points["bpp"] and [r["psnr"] for r in rows] == points["psnr"]
+    for name in ("kan", "jpeg", "webp"):
+        assert [m["psnr"] for m in results["mean"] if m["codec"] == name] == results["codecs"][name]["results"]["psnr"]
+    assert {"machine", "versions"} <= set(results)
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 1 + len(results["records"])
 
 
 def test_an_interrupted_rd_keeps_its_network_points_and_continues(crop, tmp_path):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import photo_crop
 from kanimg.cli import main
-from kanimg.fitting import fit_image
+from kanimg import fit
 from kanimg.io import load_image
 from kanimg.metrics import psnr
 from kanimg.models import build_model
@@ -75,8 +75,7 @@ def test_grey_and_alpha_images_keep_their_channels(tmp_path):
     Image.fromarray(photo_crop(16, "L")).save(grey)
     Image.fromarray(photo_crop(16, "RGBA")).save(rgba)
     for path, mode in ((grey, "L"), (rgba, "RGBA")):
-        result = fit_image(path, model="mlp", spec={"widths": [2, 8, {"L": 1, "RGBA": 4}[mode]]}, train={"steps": 5},
-                           out=tmp_path / f"run-{mode}", progress=False)
+        result = fit(path, "mlp", widths=[2, 8, {"L": 1, "RGBA": 4}[mode]], steps=5, out=tmp_path / f"run-{mode}", progress=False)
         assert Image.open(result.out / "reconstruction.png").mode == mode
 
 
@@ -93,22 +92,21 @@ def interrupt_at(step):
 
 
 def test_resume_after_interruption_continues_steps_and_loss(photo32, tmp_path):
-    options = dict(model="kan", spec={"widths": [2, 8, 8, 3], "grids": [8, 4, 4]},
-                   train={"steps": 80, "eval_every": 20, "lr": 1e-2, "batch_size": 256}, progress=False)
-    straight = fit_image(photo32, out=tmp_path / "straight", **options)
+    options = dict(model="kan", widths=[2, 8, 8, 3], grids=[8, 4, 4], steps=80, eval_every=20, lr=1e-2, batch_size=256, progress=False)
+    straight = fit(photo32, out=tmp_path / "straight", **options)
     with interrupt_at(50):
-        stopped = fit_image(photo32, out=tmp_path / "resumed", **options)
-    assert stopped.interrupted and stopped.metrics["steps_done"] == 50
+        stopped = fit(photo32, out=tmp_path / "resumed", **options)
+    assert stopped.interrupted and stopped.trainer.step == 50
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
-    resumed = fit_image(resume=tmp_path / "resumed" / "checkpoint.pt", progress=False)
-    assert not resumed.interrupted and resumed.metrics["steps_done"] == 80
-    a, b = straight.metrics["history"], resumed.metrics["history"]
+    resumed = fit(resume=tmp_path / "resumed" / "checkpoint.pt", progress=False)
+    assert not resumed.interrupted and resumed.trainer.step == 80 and resumed.out == tmp_path / "resumed"
+    a, b = straight.history, resumed.history
     assert b["step"] == a["step"]  # the step count continued, no restart from 0
     # same batches and optimiser state after the resume: the loss curve continues exactly
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)
     # extending a finished run with more steps
-    longer = fit_image(resume=tmp_path / "resumed" / "checkpoint.pt", train={"steps": 100}, progress=False)
-    assert longer.metrics["steps_done"] == 100
+    longer = fit(resume=tmp_path / "resumed" / "checkpoint.pt", steps=100, progress=False)
+    assert longer.trainer.step == 100 and json.loads((tmp_path / "resumed" / "metrics.json").read_text())["steps_done"] == 100
 
 
 def bad_invocations(tmp_path, photo):
@@ -155,9 +153,8 @@ def test_bad_input_is_one_line_nonzero_and_leaves_nothing(photo32, tmp_path, cap
 
 
 def test_widths_written_for_grey_get_one_output_per_channel(photo32, tmp_path):
-    result = fit_image(photo32, model="kan", spec={"widths": [2, 8, 1], "grids": [8, 4]}, train={"steps": 5},
-                       out=tmp_path / "run", progress=False)
-    assert result.metrics["model"]["widths"] == [2, 8, 3]
+    result = fit(photo32, "kan", widths=[2, 8, 1], grids=[8, 4], steps=5, progress=False)
+    assert result.model.spec["widths"] == [2, 8, 3]
 
 
 def test_ctrl_c_in_a_real_process_saves_a_resumable_run(photo32, tmp_path):
@@ -295,8 +292,8 @@ def kill_9_during(script: str, staged: Path) -> int:
 def test_kill_9_loses_at_most_a_checkpoint_period_and_resume_continues(photo32, tmp_path, capsys):
     out = tmp_path / "run"
     staged = tmp_path / ".run.partial" / "checkpoint.pt"
-    step = kill_9_during(f"from kanimg.fitting import fit_image; fit_image({str(photo32)!r}, model='mlp', spec={{'widths': [2, 16, 3]}}, "
-                         f"train={{'steps': 10**7, 'eval_every': 50}}, out={str(out)!r}, progress=False, checkpoint_seconds=0.2)",
+    step = kill_9_during(f"from kanimg import fit; fit({str(photo32)!r}, 'mlp', widths=[2, 16, 3], "
+                         f"steps=10**7, eval_every=50, out={str(out)!r}, progress=False, checkpoint_seconds=0.2)",
                          staged)
     assert not out.exists()
     # a new run does not silently throw the killed one away ...
@@ -313,8 +310,8 @@ def test_kill_9_loses_at_most_a_checkpoint_period_and_resume_continues(photo32, 
 def test_a_killed_extension_of_a_finished_run_is_not_lost_to_its_older_checkpoint(photo32, tmp_path, capsys):
     run = small_fit(tmp_path, photo32)  # finished at step 20
     staged = tmp_path / ".run.partial" / "checkpoint.pt"
-    step = kill_9_during(f"from kanimg.fitting import fit_image; fit_image(resume={str(run / 'checkpoint.pt')!r}, "
-                         f"train={{'steps': 10**7}}, progress=False, checkpoint_seconds=0.2)", staged)
+    step = kill_9_during(f"from kanimg import fit; fit(resume={str(run / 'checkpoint.pt')!r}, "
+                         f"steps=10**7, progress=False, checkpoint_seconds=0.2)", staged)
     assert step > 20 and json.loads((run / "metrics.json").read_text())["steps_done"] == 20  # the finished run is intact
     assert run_cli("fit", "--resume", run / "checkpoint.pt", "--steps", "25", "-q") == 2  # the older checkpoint, by name
     assert "interrupted run at step" in capsys.readouterr().err and staged.exists()
@@ -326,7 +323,7 @@ def test_a_killed_extension_of_a_finished_run_is_not_lost_to_its_older_checkpoin
 def test_every_family_round_trips_through_its_checkpoint(name, photo32, tmp_path):
     spec, train, _ = FITS[name]
     run = tmp_path / name
-    fit_image(photo32, model=name, spec=spec, train={**train, "steps": 8, "eval_every": 4}, out=run, progress=False)
+    fit(photo32, name, **spec, **{**train, "steps": 8, "eval_every": 4}, out=run, progress=False)
     assert run_cli("render", run / "checkpoint.pt", "-o", tmp_path / "again.png") == 0
     assert np.array_equal(load_image(tmp_path / "again.png").pixels, load_image(run / "reconstruction.png").pixels)
 
@@ -336,7 +333,7 @@ def test_a_kan_checkpoint_from_before_ridge_directions_rebuilds_the_kan_it_was(p
     an x-y KAN and must render and resume as one, not as today's default."""
     spec, train, _ = FITS["kan"]
     run = tmp_path / "xy"
-    fit_image(photo32, model="kan", spec={**spec, "directions": 0}, train={**train, "steps": 8, "eval_every": 4}, out=run, progress=False)
+    fit(photo32, "kan", **{**spec, "directions": 0}, **{**train, "steps": 8, "eval_every": 4}, out=run, progress=False)
     payload = torch.load(run / "checkpoint.pt", weights_only=True)
     assert payload["trainer"]["spec"]["directions"] == 0
 
@@ -369,16 +366,16 @@ def test_a_fit_that_names_no_steps_trains_longer_on_a_larger_image(photo32, tmp_
     assert train_config_for("kan", {"batch_size": 512}, device=cuda).batch_size == 512
     assert train_config_for("kan", {"batch_size": None}, device=torch.device("cpu")).batch_size == 4096
     with mock.patch("kanimg.fitting.steps_for_image", return_value=7) as rule:  # fit asks the rule with the image's size
-        result = fit_image(photo32, model="mlp", spec={"widths": [2, 8, 3]}, out=tmp_path / "run", progress=False)
+        result = fit(photo32, "mlp", widths=[2, 8, 3], progress=False)
     rule.assert_called_once_with(32, 32)
-    assert result.metrics["steps_done"] == 7
+    assert result.trainer.step == 7
 
 
 def test_a_checkpoint_of_a_renamed_model_still_renders(photo32, tmp_path):
     """kan-ridge8 became the default kan: its checkpoints are rebuilt under the new name."""
     spec, train, _ = FITS["kan"]
     run = tmp_path / "ridge"
-    fit_image(photo32, model="kan", spec={**spec, "directions": 8}, train={**train, "steps": 8, "eval_every": 4}, out=run, progress=False)
+    fit(photo32, "kan", **{**spec, "directions": 8}, **{**train, "steps": 8, "eval_every": 4}, out=run, progress=False)
     payload = torch.load(run / "checkpoint.pt", weights_only=True)
     trainer = payload["trainer"]
     old = {**payload, "config": {**payload["config"], "model": {**payload["config"]["model"], "name": "kan-ridge8"}},

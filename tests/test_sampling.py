@@ -47,6 +47,24 @@ def test_coordinate_conventions():
         axis_coords(3, "corners")
 
 
+@pytest.mark.parametrize("n", [1, 2, 37])
+@pytest.mark.parametrize("convention", ["centers", "linspace"])
+def test_axis_coordinates_in_float64_are_the_decoders_and_float32_stays_as_it_was(convention, n):
+    """float64: the values the .kimg decoder has always used (bit for bit); the float32 default
+    is computed in float32 as before (not float64 rounded, which differs in the last bit)."""
+    if convention == "centers":
+        decoder = (2 * torch.arange(n, dtype=torch.float64) + 1) / n - 1
+        single = (2 * torch.arange(n, dtype=torch.float32) + 1) / n - 1
+    else:
+        decoder = torch.linspace(-1, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+        single = torch.linspace(-1, 1, n, dtype=torch.float32) if n > 1 else torch.zeros(1)
+    double = axis_coords(n, convention, dtype=torch.float64)
+    assert double.dtype == torch.float64 and torch.equal(double, decoder)
+    assert axis_coords(n, convention).dtype == torch.float32 and torch.equal(axis_coords(n, convention), single)
+    xy = pixel_coords(n, 3, convention, dtype=torch.float64)
+    assert xy.dtype == torch.float64 and torch.equal(xy[:, 1], decoder.repeat_interleave(3))
+
+
 class _XY(torch.nn.Module):
     """A 'model' that returns its coordinates: renders show where pixels sample the image."""
 

@@ -34,7 +34,7 @@ def add(sub) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..comparison import compare
-    from ..gallery import markdown_table
+    from ..results import record_table
 
     if args.crop is not None and (len(args.crop) != 4 or min(args.crop) < 0 or min(args.crop[2:]) < 1):
         raise KanimgError("--crop takes X,Y,WIDTH,HEIGHT with a positive size, e.g. 96,64,48,48")
@@ -45,6 +45,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if result.interrupted:
         print("kanimg: interrupted; run the same command again to continue (finished models are skipped)", file=sys.stderr)
         return 130
-    print(markdown_table(result.records))
+    print(record_table(result.records))
     print(f"\n{args.out / 'index.html'}, {args.out / 'results.json'}, gallery-*.png in {args.out}")
     return 0

@@ -9,6 +9,11 @@ from pathlib import Path
 from .types import execution_flags, grid_schedule, int_list
 
 
+MODEL_OPTIONS = ("widths", "grids", "grid_kind", "directions", "omega0", "scale", "num_features")
+TRAIN_OPTIONS = ("steps", "lr", "batch_size", "schedule", "grid_update_every", "grid_update_until", "grid_schedule", "eval_every",
+                 "seed", "precision", "compile")
+
+
 def add(sub) -> None:
     from ..models import model_names
 
@@ -50,22 +55,19 @@ def add(sub) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from ..fitting import fit_image
+    from ..fitting import default_run_folder, fit
 
-    spec = {"widths": args.widths, "grids": args.grids, "grid_kind": args.grid_kind, "directions": args.directions, "omega0": args.omega0,
-            "scale": args.scale, "num_features": args.num_features}
-    train = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "schedule": args.schedule,
-             "grid_update_every": args.grid_update_every, "grid_update_until": args.grid_update_until,
-             "grid_schedule": args.grid_schedule, "eval_every": args.eval_every, "seed": args.seed, "precision": args.precision,
-             "compile": args.compile}
-    result = fit_image(args.image, model=args.model, spec=spec, train=train, out=args.out, force=args.force,
-                       resume=args.resume, device=args.device, grey=args.grey, coords=args.coords, progress=not args.quiet)
+    options = {key: getattr(args, key) for key in MODEL_OPTIONS + TRAIN_OPTIONS}
+    out = args.out if args.out is not None or args.resume not in (None, True) else default_run_folder(args.image, args.model)
+    result = fit(args.image, args.model, out=out, resume=args.resume, force=args.force, device=args.device, grey=args.grey,
+                 coords=args.coords, progress=not args.quiet, **options)
     m = result.metrics
-    lp = f"{m['metrics']['lpips']:.4f}" if m["metrics"]["lpips"] is not None else "n/a"
-    print(f"{result.out}: PSNR {m['metrics']['psnr']:.2f} dB (PNG {m['metrics']['psnr_png']:.2f}), SSIM {m['metrics']['ssim']:.4f}, "
-          f"LPIPS {lp}, {m['params']:,} params, {m['steps_done']} steps in {m['train_seconds']:.1f} s on {m['device']}")
+    lp = f"{m['lpips']:.4f}" if m["lpips"] is not None else "n/a"
+    t = result.trainer
+    print(f"{result.out}: PSNR {m['psnr']:.2f} dB (PNG {m['psnr_png']:.2f}), SSIM {m['ssim']:.4f}, LPIPS {lp}, "
+          f"{result.params:,} params, {t.step} steps in {t.train_seconds:.1f} s on {t.device}")
     if result.interrupted:
-        print(f"kanimg: interrupted at step {m['steps_done']}; results so far are in {result.out}. "
+        print(f"kanimg: interrupted at step {t.step}; results so far are in {result.out}. "
               f"Resume with: kanimg fit -o {shlex.quote(str(result.out))} --resume", file=sys.stderr)
         return 130
     return 0

@@ -19,17 +19,15 @@ def add(sub) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from ..export import load_checkpoint
+    from ..checkpoints import best_model, load_checkpoint
+    from ..device import resolve_device
     from ..files import check_writable
-    from ..fitting import best_model, resolve_device
-    from ..io import MAX_PIXELS, save_png
+    from ..io import save_png
     from ..render import render
 
     payload = load_checkpoint(args.checkpoint)
     image = payload["config"]["image"]
     width, height = args.size or (image["width"], image["height"])
-    if width * height > MAX_PIXELS:
-        raise KanimgError(f"--size {width}x{height} is {width * height / 1e6:.0f} megapixels, over the limit of {MAX_PIXELS / 1e6:.0f}")
     out = args.out or args.checkpoint.parent / f"render-{width}x{height}.png"
     if out.is_dir():
         raise KanimgError(f"{out} is a folder; give a file name with -o")

@@ -1,14 +1,46 @@
-"""File in, file out: what the ``compress`` and ``decode`` verbs do."""
+"""The codec from Python and from the command line: ``kanimg.compress`` / ``kanimg.decode``
+(images and bytes in memory) and the ``compress`` / ``decode`` verbs (file in, file out).
+
+    >>> import numpy as np, kanimg
+    >>> image = np.linspace(0, 1, 16 * 16 * 3, dtype=np.float32).reshape(16, 16, 3)
+    >>> data = kanimg.compress(image, bpp=8.0, steps=20, qat_steps=0)
+    >>> kanimg.decode(data).shape
+    (16, 16, 3)
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ..errors import KanimgError
 from ..files import atomic_write_bytes, check_writable
-from ..io import load_image, save_png
+from ..io import ImageLike, as_image, load_image, save_png
 from .bitstream import DecodedImage, decode_image
 from .kimg import MAX_FILE_BYTES
 from .neural import CompressConfig, CompressResult, compress_image
+
+
+def compress(image: ImageLike, bpp: float, **options: Any) -> bytes:
+    """The .kimg bytes of ``image`` at about ``bpp`` bits per pixel (header included).
+
+    ``options`` are CompressConfig's fields (``model``, ``steps``, ``qat_steps``, ``bits``, …).
+    """
+    try:
+        config = CompressConfig(**options)
+    except TypeError as exc:
+        raise KanimgError(f"unknown compression option ({exc})") from None
+    return compress_image(as_image(image), bpp, config).data
+
+
+def decode(data: bytes | str | os.PathLike) -> np.ndarray:
+    """The pixels of a .kimg file (its bytes or its path) as (H, W, C) float64 in [0, 1]; the
+    same numbers on every machine."""
+    if isinstance(data, (str, os.PathLike)):
+        data = read_kimg_bytes(Path(data))
+    return decode_image(bytes(data)).pixels
 
 
 def _check_output(out: Path, force: bool) -> None:

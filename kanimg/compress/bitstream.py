@@ -20,6 +20,7 @@ from ..errors import KanimgError
 from ..io import quantize as to_integers
 from ..models import build_model
 from ..nn.bspline import SPLINE_ORDER
+from ..render import GridEvaluator
 from ..sampling import chunks
 from . import kimg
 from .entropy import cost_bits, decode_streams, encode_streams, fit_model
@@ -167,55 +168,6 @@ def decode_model(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> DecodedMo
     return DecodedModel(model.eval(), parsed.image, quant, [t.bits for t in parsed.tensors])
 
 
-def axis64(n: int, convention: str) -> torch.Tensor:
-    """n float64 pixel coordinates along one axis (as :func:`kanimg.sampling.axis_coords`)."""
-    if convention == "centers":
-        return (2 * torch.arange(n, dtype=torch.float64) + 1) / n - 1
-    return torch.linspace(-1, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
-
-
-def _edges(layer: nn.Module, feature: int, values: torch.Tensor) -> torch.Tensor:
-    """Σ over one input feature's edges of a KAN layer: (N,) values → (N, O)."""
-    from ..nn.bspline import spline_features
-
-    lo, inv_h = layer._grid_lo_inv_h()
-    spline = layer.spline_scale[:, feature, None] * layer.spline_weight[:, feature, :]  # (O, G+3)
-    weight = torch.cat([layer.base_weight[:, feature, None], spline], dim=1).t()  # (G+4, O)
-    step = max(1, TILE_VALUES // weight.shape[0])
-    return torch.cat([spline_features(values[part, None], lo[feature : feature + 1], inv_h[feature : feature + 1],
-                                      layer.grid_size) @ weight for part in chunks(values.shape[0], step)])
-
-
-class Evaluator:
-    """A decoded network at any pixels, in the model's dtype on the CPU.
-
-    A KAN's first layer is a sum of one function of x and one of y, so it is evaluated once on
-    the W + H distinct coordinates and broadcast — free, however fine its grid; only the deeper
-    layers run per pixel.
-    """
-
-    def __init__(self, model: nn.Module, image: ImageInfo) -> None:
-        self.model, self.image = model, image
-        self.dtype = next(model.parameters()).dtype
-        self.xs = axis64(image.width, image.coords).to(self.dtype)
-        self.ys = axis64(image.height, image.coords).to(self.dtype)
-        if hasattr(model, "layers"):
-            first = model.layers[0]
-            self.fx, self.fy = _edges(first, 0, self.xs), _edges(first, 1, self.ys)  # (W, O), (H, O)
-
-    @torch.no_grad()
-    def __call__(self, index: torch.Tensor) -> torch.Tensor:
-        """Values in [0, 1] (float64, unclipped) at the row-major pixel ``index`` (N,): (N, C)."""
-        row, col = index // self.image.width, index % self.image.width
-        if hasattr(self.model, "layers"):
-            hidden = self.fy[row] + self.fx[col]
-            for layer in self.model.layers[1:]:
-                hidden = layer(hidden)
-        else:
-            hidden = self.model(torch.stack([self.xs[col], self.ys[row]], dim=1))
-        return (hidden.to(torch.float64) + 1) / 2
-
-
 def tile_pixels(spec: dict) -> int:
     """Pixels per tile of a decoder evaluating ``spec``: TILE_VALUES // (the widest layer's
     activations or spline features), so memory stays flat (128 MB of float64) whatever the
@@ -225,23 +177,25 @@ def tile_pixels(spec: dict) -> int:
     return max(1, TILE_VALUES // max(widths + features))
 
 
-@torch.no_grad()
-def render(model: nn.Module, image: ImageInfo, pixels: np.ndarray | None = None) -> np.ndarray:
-    """Float64 values in [0, 1] (unclipped) of ``model`` at every pixel, (H, W, C), or at the
-    row-major ``pixels`` indices only, (len(pixels), C); computed in the model's dtype on the CPU."""
-    evaluate = Evaluator(model, image)
-    index = torch.arange(image.pixels) if pixels is None else torch.from_numpy(np.asarray(pixels, dtype=np.int64))
-    step = tile_pixels(model.spec)
-    values = torch.cat([evaluate(index[part]) for part in chunks(index.shape[0], step)]).numpy()
-    return values.reshape(image.height, image.width, -1) if pixels is None else values
-
-
 # A pixel is rounded from the float32 evaluation only when it lies at least this far (in
 # integer levels) from a rounding boundary: float32 errors are at most ~0.012 levels at 8 bits
 # (measured against float64 on every rd file: docs/compression.md), so such pixels round the
 # same everywhere; the rest (4 % per channel, ~12 % of RGB pixels) are recomputed in float64,
 # whose differences (~1e-13 levels) only matter exactly at a boundary.
 ROUNDING_GUARD = 0.02
+
+
+def evaluators(decoded: DecodedModel) -> tuple[GridEvaluator, GridEvaluator]:
+    """(fast, exact): the decoded network on its image's pixel grid in float32 (8-bit images;
+    16-bit ones: the float64 evaluator itself) and in float64, as :func:`render_integers`
+    evaluates it. The coordinates are the float64 ones, rounded to float32 for the fast one;
+    first-layer tables are built TILE_VALUES spline features at a time."""
+    img, model = decoded.image, decoded.model
+    exact = GridEvaluator(model, img.height, img.width, img.coords, "cpu", torch.float64, TILE_VALUES)
+    if img.bit_depth > 8:
+        return exact, exact
+    fast = GridEvaluator(copy.deepcopy(model).to(torch.float32), img.height, img.width, img.coords, "cpu", torch.float64, TILE_VALUES)
+    return fast, exact
 
 
 @torch.no_grad()
@@ -256,18 +210,17 @@ def render_integers(decoded: DecodedModel) -> np.ndarray:
         KanimgError: the network's output is not finite (a crafted or damaged file).
     """
     img, model = decoded.image, decoded.model
-    exact = Evaluator(model, img)
-    fast = Evaluator(copy.deepcopy(model).to(torch.float32), img) if img.bit_depth <= 8 else exact
+    fast, exact = evaluators(decoded)
     top = float(2**img.bit_depth - 1)
     out = np.empty((img.pixels, img.channels), dtype=np.uint8 if img.bit_depth <= 8 else np.uint16)
     for part in chunks(img.pixels, tile_pixels(model.spec)):
         index = torch.arange(part.start, part.stop)
-        values = fast(index).numpy()
+        values = fast(index, torch.float64).numpy()
         if fast is not exact:
             scaled = np.clip(values, 0.0, 1.0) * top
             near = (np.abs(scaled - np.floor(scaled) - 0.5) < ROUNDING_GUARD).any(axis=1)
             if near.any():
-                values[near] = exact(index[torch.from_numpy(near)]).numpy()
+                values[near] = exact(index[torch.from_numpy(near)], torch.float64).numpy()
         if not np.isfinite(values).all():
             raise KanimgError("malformed .kimg file: the network's output is not finite")
         out[part] = to_integers(values, img.bit_depth)

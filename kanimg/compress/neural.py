@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import KanimgError
-from ..fitting import resolve_device
+from ..device import resolve_device
 from ..io import ImageData
 from ..metrics import psnr
 from ..models import build_model

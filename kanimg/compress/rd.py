@@ -1,8 +1,9 @@
 """Rate–distortion experiments: every codec on every image, per-image and mean curves,
 PSNR at the target bit rates, comparisons at equal bpp, and BD metrics against JPEG.
 
-    result = run_rd(Path("photo.png"), RDConfig(models=["kan", "siren"], bpps=[0.1, 0.3, 1.0]))
-    write_report(result, Path("rd-photo"))
+    rd_to_folder(Path("photo.png"), Path("rd-photo"), RDConfig(models=["kan", "siren"], bpps=[0.1, 0.3, 1.0]))
+
+(kanimg.compress.report writes the folder.)
 """
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import platform
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import KanimgError
 from ..io import ImageData, list_images, load_image
+from ..results import results_payload
 from .bd import bd_psnr, bd_rate
 from .codecs import CLASSIC, NEURAL, Point, get_codec, measure, run_sweep
 
@@ -111,8 +111,7 @@ class PointCache:
             return None
 
     def save(self, key: dict[str, Any], point: Point, data: bytes) -> None:
-        from ..export import write_json
-        from ..files import atomic_write_bytes
+        from ..files import atomic_write_bytes, write_json
 
         self.folder.mkdir(parents=True, exist_ok=True)
         stem = self._stem(key)
@@ -204,30 +203,12 @@ def bd_against(ref_bpp: Sequence[float], ref_psnr: Sequence[float], bpp: Sequenc
     return {"bd_rate_percent": bd_rate(ref_bpp, ref_psnr, bpp, psnr), "bd_psnr_db": bd_psnr(ref_bpp, ref_psnr, bpp, psnr)}
 
 
-def machine() -> dict[str, Any]:
-    import torch
-
-    return {"platform": platform.platform(), "processor": _cpu_name(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def summarise(result: RDResult) -> dict[str, Any]:
-    """The results.json payload: per codec its mean curve and per-image curves (CompressAI
-    layout: name, description, results{bpp, psnr, …}), PSNR at the targets, BD vs JPEG, and
-    the network points compared with every other codec at the same bpp."""
-    from ..export import versions
-
+    """The results.json payload (kanimg.results' schema): a record per image × codec × point,
+    the mean curve of each codec as its mean records; beside them, per codec its mean and
+    per-image curves (CompressAI layout: name, description, results{bpp, psnr, …}), PSNR at
+    the targets, BD vs JPEG, and the network points compared with every other codec at the
+    same bpp."""
     config = result.config
     codecs: dict[str, Any] = {}
     for name in config.codec_names:
@@ -253,17 +234,24 @@ def summarise(result: RDResult) -> dict[str, Any]:
                 img: bd_against(ref["per_image"][img]["results"]["bpp"], ref["per_image"][img]["results"]["psnr"],
                                 entry["per_image"][img]["results"]["bpp"], entry["per_image"][img]["results"]["psnr"])
                 for img in entry["per_image"]}
-    return {
-        "name": "kanimg rate-distortion",
-        "images": [{"name": i.name, "path": i.path, "width": i.width, "height": i.height, "channels": i.channels} for i in result.images],
-        "bpp_targets": config.bpps,
-        "reference": REFERENCE,
-        "codecs": codecs,
-        "comparisons": comparisons(result),
-        "config": {"models": config.models, "codecs": config.codecs, "neural": config.neural},
-        "machine": machine(),
-        "versions": versions(),
-    }
+    protocol = {"kind": "rd", "bpp_targets": config.bpps, "reference": REFERENCE, "models": config.models, "codecs": config.codecs,
+                "neural": config.neural}
+    records = [{"image": img.name, "codec": name, **_point_record(point)} for img in result.images for name in config.codec_names
+               for point in img.points[name]]
+    mean = [{"codec": name, "images": len(result.images), "bpp": b, "psnr": p}
+            for name, entry in codecs.items() for b, p in zip(entry["results"]["bpp"], entry["results"]["psnr"])]
+    return results_payload(
+        "rd", protocol, records, mean,
+        name="kanimg rate-distortion",
+        images=[{"name": i.name, "path": i.path, "width": i.width, "height": i.height, "channels": i.channels} for i in result.images],
+        bpp_targets=config.bpps, reference=REFERENCE, codecs=codecs, comparisons=comparisons(result),
+        config={"models": config.models, "codecs": config.codecs, "neural": config.neural},
+    )
+
+
+def _point_record(point: Point) -> dict[str, Any]:
+    return {"setting": point.setting, "bpp": point.bpp, "psnr": point.psnr, "bytes": point.bytes,
+            "encode_seconds": point.encode_seconds, "decode_seconds": point.decode_seconds, **point.info}
 
 
 def _curve(points: Sequence[Point]) -> dict[str, list]:

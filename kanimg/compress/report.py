@@ -1,18 +1,21 @@
-"""What an RD experiment writes: results.json (CompressAI-like), results.md, the RD plot(s)
-and the networks' .kimg bitstreams, all built in a staging folder and moved into place."""
+"""What an RD experiment writes: results.json/csv/md (kanimg.results' schema, with CompressAI-
+style curves), the RD plot(s) and the networks' .kimg bitstreams, all built in a staging
+folder and moved into place."""
 from __future__ import annotations
 
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from ..export import write_json
-from ..files import RunFolder, atomic_path, atomic_write_bytes
+from ..files import RunFolder, atomic_write_bytes
+from ..plots import plot_rd
+from ..results import markdown_table, write_results
 from .codecs import NEURAL
 from .rd import REFERENCE, PointCache, RDConfig, RDResult, run_rd, summarise
 
-MARKERS = {"kan": "o", "siren": "s", "jpeg": "^", "webp": "v", "avif": "D"}
+CSV_KEYS = ["image", "codec", "setting", "bpp", "psnr", "bytes", "encode_seconds", "decode_seconds", "psnr_float",
+            "psnr_quantized_no_qat", "quant", "params"]
 
 
 def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, progress: bool = True,
@@ -35,9 +38,7 @@ def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, p
 
 
 def write_report(result: RDResult, summary: dict[str, Any], folder: Path) -> None:
-    write_json(folder / "results.json", summary)
-    with atomic_path(folder / "results.md") as tmp:
-        Path(tmp).write_text(markdown(summary), encoding="utf-8")
+    write_results(folder, summary, csv_keys=CSV_KEYS, markdown=markdown(summary))
     names = list(summary["codecs"])
     title = ", ".join(i["name"] for i in summary["images"])
     mean = {n: summary["codecs"][n]["results"] for n in names}
@@ -56,28 +57,6 @@ def write_report(result: RDResult, summary: dict[str, Any], folder: Path) -> Non
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
-def plot_rd(path: Path, curves: dict[str, dict], title: str, targets: Sequence[float]) -> None:
-    """PSNR against bpp, one curve per codec (matplotlib object API, no global state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    top = max(targets) * 1.15
-    for name, curve in curves.items():
-        pairs = sorted((b, p) for b, p in zip(curve["bpp"], curve["psnr"]) if b <= top)
-        if pairs:
-            ax.plot([b for b, _ in pairs], [p for _, p in pairs], marker=MARKERS.get(name, "."), ms=4, lw=1.4, label=name)
-    for target in targets:
-        ax.axvline(target, color="0.85", lw=0.8, zorder=0)
-    ax.set(xlabel="bits per pixel (file size × 8 / pixels)", ylabel="PSNR (dB, decoded 8-bit image)", title=title, xlim=(0, top))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -102,8 +81,7 @@ def markdown(summary: dict[str, Any]) -> str:
               "Classic codecs: PSNR interpolated at the target bpp (monotone cubic in log-rate; — = outside the "
               "qualities' range). Networks: the file fitted for the target, with the bpp it reached in brackets. "
               f"BD metrics against {REFERENCE.upper()} over the common range of the mean curves (— = fewer than 4 points or no overlap).", ""]
-    header = "| codec | " + " | ".join(f"{t:g} bpp" for t in targets) + " | BD-rate vs JPEG | BD-PSNR vs JPEG |"
-    lines += [header, "|" + "---|" * (len(targets) + 3)]
+    rows = []
     for name, entry in codecs.items():
         if name in NEURAL:
             res = entry["results"]
@@ -114,13 +92,14 @@ def markdown(summary: dict[str, Any]) -> str:
         bd_cells = ["reference", ""] if name == REFERENCE else (
             [_fmt(bd["bd_rate_percent"], 1, True) + (" %" if bd["bd_rate_percent"] is not None else ""),
              _fmt(bd["bd_psnr_db"], 2, True) + (" dB" if bd["bd_psnr_db"] is not None else "")] if bd else ["—", "—"])
-        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(bd_cells) + " |")
-    others = [n for n in codecs]
+        rows.append([name, *cells, *bd_cells])
+    lines.append(markdown_table(["codec", *(f"{t:g} bpp" for t in targets), "BD-rate vs JPEG", "BD-PSNR vs JPEG"], rows))
+    others = list(codecs)
     if summary["comparisons"]:
         lines += ["", "## Networks against every codec at the same bpp", "",
                   "Each network file against the other codecs' PSNR interpolated at exactly its bpp (difference in brackets: "
-                  "positive = the network is better).", "",
-                  "| image | codec | bpp | PSNR | " + " | ".join(others) + " |", "|" + "---|" * (4 + len(others))]
+                  "positive = the network is better).", ""]
+        rows = []
         for row in summary["comparisons"]:
             cells = []
             for other in others:
@@ -129,29 +108,33 @@ def markdown(summary: dict[str, Any]) -> str:
                 else:
                     v, d = row["others"].get(other), row["delta"].get(other)
                     cells.append("—" if v is None else f"{v:.2f} ({d:+.2f})")
-            lines.append(f"| {row['image']} | {row['codec']} | {row['bpp']:.3f} | {row['psnr']:.2f} | " + " | ".join(cells) + " |")
+            rows.append([row["image"], row["codec"], f"{row['bpp']:.3f}", f"{row['psnr']:.2f}", *cells])
+        lines.append(markdown_table(["image", "codec", "bpp", "PSNR", *others], rows))
     neural = [n for n in codecs if n in NEURAL]
     if neural:
         lines += ["", "## Networks: PSNR before and after quantisation", "",
                   "float = the trained network before quantisation; quantised = straight after quantisation; "
-                  "decoded = from the .kimg file (after quantisation-aware fine-tuning), the number plotted.", "",
-                  "| image | codec | target | bpp | numbers | model | quantisation | float | quantised | decoded | decode s |",
-                  "|" + "---|" * 11]
+                  "decoded = from the .kimg file (after quantisation-aware fine-tuning), the number plotted.", ""]
+        rows = []
         for name in neural:
             for img, entry in codecs[name]["per_image"].items():
                 r = entry["results"]
                 for k, setting in enumerate(r["setting"]):
                     spec = r["spec"][k]
                     model = "widths " + ",".join(map(str, spec["widths"])) + (f"; grids {','.join(map(str, spec['grids']))}" if "grids" in spec else "")
-                    lines.append(f"| {img} | {name} | {setting.split()[1]} | {r['bpp'][k]:.4f} | {r['params'][k]:,} | {model} | {r['quant'][k]} | "
-                                 f"{r['psnr_float'][k]:.2f} | {r['psnr_quantized_no_qat'][k]:.2f} | {r['psnr'][k]:.2f} | {r['decode_seconds'][k]:.2f} |")
+                    rows.append([img, name, setting.split()[1], f"{r['bpp'][k]:.4f}", f"{r['params'][k]:,}", model, r["quant"][k],
+                                 f"{r['psnr_float'][k]:.2f}", f"{r['psnr_quantized_no_qat'][k]:.2f}", f"{r['psnr'][k]:.2f}",
+                                 f"{r['decode_seconds'][k]:.2f}"])
+        lines.append(markdown_table(["image", "codec", "target", "bpp", "numbers", "model", "quantisation", "float", "quantised",
+                                     "decoded", "decode s"], rows))
     if len(images) > 1 and REFERENCE in codecs:
-        lines += ["", "## BD metrics against JPEG per image", "", "| codec | " + " | ".join(i["name"] for i in images) + " |",
-                  "|" + "---|" * (1 + len(images))]
+        lines += ["", "## BD metrics against JPEG per image", ""]
+        rows = []
         for name, entry in codecs.items():
             if name == REFERENCE or "bd_vs_jpeg" not in entry:
                 continue
             cells = [f"{_fmt(b['bd_rate_percent'], 1, True)} % / {_fmt(b['bd_psnr_db'], 2, True)} dB"
                      for b in (entry["bd_vs_jpeg"]["per_image"][i["name"]] for i in images)]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            rows.append([name, *cells])
+        lines.append(markdown_table(["codec", *(i["name"] for i in images)], rows))
     return "\n".join(lines) + "\n"

@@ -1,0 +1,118 @@
+"""Many processes, one experiment: torch.distributed under torchrun.
+
+``torchrun --standalone --nproc-per-node N -m kanimg compare|rd …`` starts N copies of the
+command. Each knows its place from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE); the list of work (image × model runs, image × network × bit-rate points)
+is the same in every copy, and rank r takes items r, r + N, r + 2N, …; rank 0 checks the
+output folder before any work and merges at the end. torch.distributed carries the little
+that travels (who ran what, whether the folder was accepted); nothing here sends or
+schedules anything itself. With no torchrun around, a command is one rank of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import KanimgError
+
+T = TypeVar("T")
+# How long a rank waits for the others at a meeting point: a comparison's ranks meet only at
+# the start and the end, so one rank may wait for hours while another still trains.
+MEETING_TIMEOUT = datetime.timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the command's processes."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: Sequence[T]) -> list[tuple[int, T]]:
+        """This rank's (index, item) pairs of ``items``: every size-th one from its rank on."""
+        return [(i, item) for i, item in enumerate(items) if i % self.size == self.rank]
+
+
+def from_environment() -> World:
+    """The world torchrun describes in the environment (one process without it)."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    except ValueError:
+        raise KanimgError("torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK) holds something that is not a number") from None
+    if size < 1 or not 0 <= rank < size or not 0 <= local_rank < max(local_size, 1):
+        raise KanimgError(f"inconsistent torchrun environment: RANK {rank} of WORLD_SIZE {size}, LOCAL_RANK {local_rank}")
+    return World(rank, size, local_rank, max(local_size, 1))
+
+
+def world() -> World:
+    """The world of the process group this process has joined (one process if none)."""
+    if dist.is_available() and dist.is_initialized():
+        return from_environment()
+    return World()
+
+
+@contextlib.contextmanager
+def joined() -> Iterator[World]:
+    """Join torchrun's process group for the length of a command, when there is one.
+
+    Each rank gets its own GPU (LOCAL_RANK) when there are GPUs, else an equal share of the
+    machine's CPU threads. The group uses gloo: only small Python objects travel.
+    """
+    here = from_environment()
+    if here.size == 1 or dist.is_initialized():
+        yield world() if here.size > 1 else here
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(here.local_rank % torch.cuda.device_count())
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // here.local_size))
+    dist.init_process_group("gloo", timeout=MEETING_TIMEOUT)
+    try:
+        yield here
+    finally:
+        dist.destroy_process_group()
+
+
+def main_first(place: World, action: Callable[[], T]) -> T:
+    """Run ``action`` on rank 0 while the others wait; every rank gets its result (it must
+    pickle), or raises the KanimgError it raised — so a refused folder stops every rank."""
+    if place.size == 1:
+        return action()
+    box: list[Any] = [None]
+    if place.is_main:
+        try:
+            box = [("ok", action())]
+        except KanimgError as exc:
+            box = [("error", str(exc))]
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise KanimgError(value)
+    return value
+
+
+def gather(place: World, value: T) -> list[T]:
+    """Every rank's ``value``, in rank order, on rank 0 (an empty list elsewhere); a meeting
+    point: it returns when every rank has got here."""
+    if place.size == 1:
+        return [value]
+    values: list[Any] | None = [None] * place.size if place.is_main else None
+    dist.gather_object(value, values, dst=0)
+    return values if place.is_main else []
