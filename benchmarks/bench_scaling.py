@@ -1,14 +1,16 @@
-"""How `kanimg compare` scales over processes: the same comparison (photos × models, equal
-steps) run by one process and by torchrun with N processes on this machine.
+"""How kanimg scales over processes on this machine: one process against torchrun with N.
 
-    python benchmarks/bench_scaling.py -o runs/bench-scaling                 # 2 processes, 4 photos × kan, rff
+    python benchmarks/bench_scaling.py -o runs/bench-scaling                 # compare: 4 photos × kan, rff, 2 processes
     python benchmarks/bench_scaling.py --processes 2 --steps 300 --photos 2  # a quicker look
+    python benchmarks/bench_scaling.py --fit IMAGE --steps 1000              # one data-parallel fit
 
-One process uses every CPU thread; under torchrun each of the N processes gets 1/N of them
-(kanimg.distributed), so on one CPU the total compute is the same and the speed-up measures
-how much better N narrower processes use it than one wide one. Prints wall times, speed-up,
-efficiency (speed-up / N), training steps per second summed over runs, and mean PSNR of
-both; writes benchmarks/results/bench_scaling.json.
+compare: the same comparison (photos × models, equal steps), its runs shared out among the
+ranks. fit: one model trained data-parallel (each rank computes 1/N of every batch), against
+one process: steps per second and the training time each needed to reach the PSNR both
+reached. One process uses every CPU thread; under torchrun each of the N processes gets 1/N of
+them (kanimg.distributed), so on one CPU the total compute is the same and the speed-up
+measures how much better N narrower processes use it than one wide one. Prints the figures
+and writes benchmarks/results/bench_scaling[-fit].json.
 """
 from __future__ import annotations
 
@@ -44,6 +46,41 @@ def summary(folder: Path, wall: float) -> dict:
             "mean_psnr": statistics.mean(r["psnr"] for r in records), "ranks": sorted({r["rank"] for r in records})}
 
 
+def time_to(history: dict, psnr: float) -> float | None:
+    """Training seconds at the first evaluation that reached ``psnr``."""
+    return next((t for t, p in zip(history["eval_seconds"], history["eval_psnr"]) if p >= psnr), None)
+
+
+def bench_fit(args: argparse.Namespace, stamp: str) -> int:
+    common = ["fit", str(args.fit), "--steps", str(args.steps), "--eval-every", str(max(1, args.steps // 20)), "-q"]
+    runs = {}
+    for label, launcher in (("one_process", [sys.executable, "-m", "kanimg"]),
+                            ("torchrun", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                          f"--nproc-per-node={args.processes}", "-m", "kanimg"])):
+        out = args.out / f"fit-{label}-{stamp}"
+        wall = timed([*launcher, *common, "-o", str(out)])
+        metrics = json.loads((out / "metrics.json").read_text())
+        runs[label] = {"wall_seconds": wall, "train_seconds": metrics["train_seconds"], "steps_per_second": metrics["steps_per_second"],
+                       "psnr": metrics["metrics"]["psnr"], "world_size": metrics["world_size"], "history": metrics["history"]}
+    both = min(r["psnr"] for r in runs.values())
+    for row in runs.values():
+        row["seconds_to_common_psnr"] = time_to(row.pop("history"), both - 0.05)
+    one, many = runs["one_process"], runs["torchrun"]
+    speedup = one["train_seconds"] / many["train_seconds"]
+    result = {"image": str(args.fit), "steps": args.steps, "processes": args.processes, "cpu_count": os.cpu_count(), **runs,
+              "common_psnr": both, "step_speedup": speedup, "efficiency": speedup / args.processes,
+              "machine": machine(), "versions": versions()}
+    print(f"kanimg fit {args.fit.name}, {args.steps} steps, 1 process vs torchrun × {args.processes} on {os.cpu_count()} CPUs")
+    for label, row in (("1 process", one), (f"torchrun × {args.processes}", many)):
+        reached = row["seconds_to_common_psnr"]
+        print(f"  {label:14s} {row['steps_per_second']:6.1f} steps/s  train {row['train_seconds']:6.1f} s  wall {row['wall_seconds']:6.1f} s  "
+              f"PSNR {row['psnr']:.2f} dB  {both - 0.05:.2f} dB after {reached if reached is None else round(reached, 1)} s")
+    print(f"  step speed-up {speedup:.2f}×, efficiency {speedup / args.processes:.2f}")
+    RESULTS.mkdir(exist_ok=True)
+    write_json(RESULTS / "bench_scaling-fit.json", result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--out", type=Path, default=Path("runs/bench-scaling"))
@@ -51,10 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=4, help="how many of inr_bench's evaluation crops")
     parser.add_argument("--models", default="kan,rff")
     parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--fit", type=Path, help="measure one data-parallel fit of this image instead of a comparison")
     args = parser.parse_args(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.fit:
+        return bench_fit(args, stamp)
     names = dict(list(EVAL.items())[: args.photos])
     photos = write_photos(args.out / "photos", names, crop=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     common = ["compare", str(photos), "--models", args.models, "--steps", str(args.steps), "-q"]
     one_out, many_out = args.out / f"one-{stamp}", args.out / f"torchrun{args.processes}-{stamp}"
     one = summary(one_out, timed([sys.executable, "-m", "kanimg", *common, "-o", str(one_out)]))

@@ -10,6 +10,9 @@ Protocols (each record says which one it ran under):
 
 Each image × model is an ordinary ``kanimg fit`` run folder under ``OUT/runs/``; a run that
 finished with the same request is skipped, an interrupted one is resumed from its checkpoint.
+Under torchrun the runs are shared out among the ranks (kanimg.distributed); rank 0 checks
+the folder first and writes every table and page at the end, the same as one process would,
+each record saying which rank ran it.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from . import distributed
 from .errors import KanimgError
 from .checkpoints import latest_checkpoint
 from .files import (OutputLock, atomic_path, atomic_write_bytes, check_replaceable, check_writable, read_marker, staging_folder,
@@ -144,9 +148,16 @@ def compare(
     execution = {**({"precision": precision} if precision else {}), **({"compile": True} if compile else {})}
     out = Path(out)
     request = {"images": [str(i.resolve()) for i in images], "models": models, "protocol": protocol, "seed": seed}
-    with _output_folder(out, request, force):
-        return _compare(images, models, out, chosen, protocol, steps, budget_seconds, match_params, seed, execution, device, crop,
-                        progress)
+    place = distributed.world()
+    with contextlib.ExitStack() as stack:
+        def claim_folder() -> list[Path]:
+            stack.enter_context(_output_folder(out, request, force))
+            (out / "runs").mkdir(exist_ok=True)
+            return [_prepare_image(image, chosen, out) for image in images]
+
+        prepared = distributed.main_first(place, claim_folder)  # rank 0 holds the folder's lock until the end
+        return _compare(images, prepared, models, out, chosen, protocol, steps, budget_seconds, match_params, seed, execution,
+                        device, crop, progress, place)
 
 
 @contextlib.contextmanager
@@ -172,28 +183,43 @@ def _output_folder(out: Path, request: dict, force: bool) -> Iterator[None]:
         yield
 
 
-def _compare(images, models, out, chosen, protocol, steps, budget_seconds, match_params, seed, execution, device, crop,
-             progress) -> CompareResult:
-    (out / "runs").mkdir(exist_ok=True)
-    result = CompareResult(out)
+def _compare(images, prepared, models, out, chosen, protocol, steps, budget_seconds, match_params, seed, execution, device, crop,
+             progress, place: distributed.World) -> CompareResult:
+    """Run this rank's share of the image × model runs; on rank 0, once every rank is done,
+    read every run's record and write the tables, galleries and page."""
+    jobs = [(k, name) for k in range(len(images)) for name in models]
+    loaded: dict[int, Any] = {}
+    ran: dict[tuple[int, str], int] = {}
+    interrupted = False
+    for _, (k, name) in place.share(jobs):
+        if k not in loaded:
+            loaded[k] = load_image(prepared[k], grey=chosen.grey if chosen else False)
+        request = _request(name, loaded[k], protocol, chosen, steps, budget_seconds, match_params, seed, execution)
+        with distributed.alone():  # each run is this rank's own
+            stopped = _run(prepared[k], images[k].stem, name, request, out, device, progress)
+        if stopped:
+            interrupted = True
+            break
+        ran[(k, name)] = place.rank
+    reports = distributed.gather(place, (ran, interrupted))  # every rank waits here for the others
+    result = CompareResult(out, interrupted=interrupted)
+    if not place.is_main:
+        return result
+    ranks = {job: rank for done, _ in reports for job, rank in done.items()}
+    result.interrupted = any(stopped for _, stopped in reports)
+    result.records = [{**run_record(out / "runs" / images[k].stem / name, out), "rank": ranks[(k, name)]}
+                      for k, name in jobs if (k, name) in ranks]
+    if result.interrupted:
+        return result
     sections = []
-    for image in images:
-        prepared = _prepare_image(image, chosen, out)
-        data = load_image(prepared, grey=chosen.grey if chosen else False)
-        records, recons = [], []
-        for name in models:
-            request = _request(name, data, protocol, chosen, steps, budget_seconds, match_params, seed, execution)
-            record, interrupted = _run(prepared, image.stem, name, request, out, device, progress)
-            if interrupted:
-                result.interrupted = True
-                return result
-            result.records.append(record)
-            records.append(record)
-            recons.append(load_image(out / record["run"] / "reconstruction.png").pixels)
-        sections.append(_image_outputs(out, image.stem, data.pixels, records, recons, crop, protocol))
+    for k, image in enumerate(images):
+        records = [r for r in result.records if r["image"] == image.stem]
+        recons = [load_image(out / r["run"] / "reconstruction.png").pixels for r in records]
+        original = loaded[k].pixels if k in loaded else load_image(prepared[k], grey=chosen.grey if chosen else False).pixels
+        sections.append(_image_outputs(out, image.stem, original, records, recons, crop, protocol))
     means = mean_records(result.records)
     write_results(out, results_payload("compare", protocol, result.records, means), markdown=_markdown(result.records, means, protocol),
-                  csv_keys=["image", *[k for k, _, _ in COMPARE_COLUMNS], "family", "protocol"])
+                  csv_keys=["image", *[k for k, _, _ in COMPARE_COLUMNS], "family", "rank", "protocol"])
     title = f"kanimg comparison: {', '.join(models)}"
     with atomic_path(out / "index.html") as tmp:
         Path(tmp).write_text(html_page(title, sections, means if len(images) > 1 else None, protocol), encoding="utf-8")
@@ -234,15 +260,15 @@ def _request(name, data, protocol, preset, steps, budget_seconds, match_params, 
     return {"spec": spec, "train": {**train, "seed": seed, **execution}, "grey": False, "coords": "centers", "protocol": protocol}
 
 
-def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: str, progress: bool) -> tuple[dict, bool]:
-    """Fit one model (or reuse / resume its earlier run) and return its record."""
+def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: str, progress: bool) -> bool:
+    """Fit one model (or reuse / resume its earlier run); True when Ctrl-C stopped it."""
     folder = out / "runs" / stem / name
     marker = folder / "compare-request.json"
     metrics_file = folder / "metrics.json"
     done = metrics_file.exists() and marker.exists() and json.loads(marker.read_text()) == request
     if done and not json.loads(metrics_file.read_text())["interrupted"] and not staging_folder(folder).exists():
         log.info("%s on %s: finished earlier, skipped", name, stem)
-        return run_record(folder, out), False
+        return False
     options = dict(out=folder, force=True, device=device, grey=request["grey"], coords=request["coords"], progress=progress,
                    **request["spec"], **request["train"])
     result = None
@@ -256,9 +282,7 @@ def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: st
         log.info("%s on %s: fitting", name, stem)
         result = fit(image, name, **options)
     atomic_write_bytes(marker, json.dumps(request, indent=2).encode())
-    if result.interrupted:
-        return {}, True
-    return run_record(folder, out), False
+    return result.interrupted
 
 
 def run_record(folder: Path, out: Path) -> dict:

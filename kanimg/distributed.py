@@ -59,11 +59,27 @@ def from_environment() -> World:
     return World(rank, size, local_rank, max(local_size, 1))
 
 
+_alone = 0  # depth of alone() blocks
+
+
 def world() -> World:
-    """The world of the process group this process has joined (one process if none)."""
-    if dist.is_available() and dist.is_initialized():
+    """The world of the process group this process has joined (one process if none, or
+    inside :func:`alone`)."""
+    if dist.is_available() and dist.is_initialized() and not _alone:
         return from_environment()
     return World()
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Within this block the process is a world of one: the runs a rank takes from a shared-out
+    experiment (compare, rd) train on their own, not data-parallel with the other ranks."""
+    global _alone
+    _alone += 1
+    try:
+        yield
+    finally:
+        _alone -= 1
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 ``fit`` is ``kanimg.fit`` and what ``kanimg fit`` and ``kanimg compare`` call: nothing is
 written unless a run folder (``out``) is given; then the run keeps periodic checkpoints in
-its staging folder, survives Ctrl-C and kill -9, and can be resumed.
+its staging folder, survives Ctrl-C and kill -9, and can be resumed. Under torchrun every rank
+trains the same model data-parallel (kanimg.train) and rank 0 alone writes the run folder.
 
     >>> import numpy as np, kanimg
     >>> image = np.linspace(0, 1, 16 * 16 * 3, dtype=np.float32).reshape(16, 16, 3)
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoints import (CHECKPOINT_SECONDS, PeriodicCheckpoint, best_model, checkpoint_payload, latest_checkpoint,
                           load_checkpoint, run_folder_of, save_checkpoint)
 from .device import resolve_device
@@ -192,6 +194,7 @@ class Fit:
             "warmup_seconds": round(trainer.warmup_seconds, 3),
             "steps_per_second": round(trainer.step / trainer.train_seconds, 3) if trainer.train_seconds > 0 else None,
             "device": config["device"],
+            "world_size": config.get("world_size", 1),
             "seed": config["train"]["seed"],
             "config": config,
             "versions": versions(),
@@ -282,12 +285,15 @@ def fit(
         except (KeyError, TypeError, ValueError, RuntimeError, KanimgError) as exc:
             raise KanimgError(f"{checkpoint}: its training state does not fit its model ({first_line(exc)})") from None
     config = run_config(trainer, data, str(source.resolve()) if source is not None else None, grey, coords)
-    if folder is None:
+    place = trainer.place
+    if folder is None or not place.is_main:  # other ranks than 0 train along and write nothing
+        if folder is not None:
+            distributed.main_first(place, lambda: None)  # rank 0 has claimed the folder
         started = time.perf_counter()
         interrupted = _train(trainer)
         return Fit(data, trainer, config, time.perf_counter() - started, interrupted)
     with folder as staging:
-        _settle_leftover(folder, checkpoint, force)
+        distributed.main_first(place, lambda: _settle_leftover(folder, checkpoint, force))
         started = time.perf_counter()
         try:
             interrupted = _train(trainer, PeriodicCheckpoint(staging / "checkpoint.pt", config, checkpoint_seconds))
@@ -301,11 +307,13 @@ def fit(
 
 
 def _train(trainer: Trainer, on_step=None) -> bool:
-    """Train to the end; True when Ctrl-C stopped it (after evaluating what it reached)."""
+    """Train to the end; True when Ctrl-C stopped it (after evaluating what it reached; under
+    torchrun the ranks may stop at different steps, so the last evaluation stands)."""
     try:
         trainer.train(on_step=on_step)
     except KeyboardInterrupt:
-        trainer.evaluate_if_stale()
+        if trainer.place.size == 1:
+            trainer.evaluate_if_stale()
         return True
     return False
 
@@ -377,6 +385,7 @@ def run_config(trainer: Trainer, data: ImageData, image_path: str | None, grey: 
     """What a run folder and its checkpoints record about how the run was made."""
     return {
         "model": trainer.model.spec, "train": trainer.config.to_dict(), "device": str(trainer.device), "grey": grey, "coords": coords,
+        "world_size": trainer.place.size,
         "image": {"path": image_path, "name": data.name, "height": data.height, "width": data.width,
                   "channels": data.channels, "mode": data.mode, "bit_depth": data.bit_depth},
     }

@@ -46,15 +46,21 @@ class CoordinateSampler:
     last one smaller when it does not divide), so every pixel is visited exactly once per
     epoch. A batch size of 0 or ≥ the pixel count gives the full image every step.
 
+    Data-parallel training (``share`` = (rank, world size)): every rank draws the same
+    permutation and takes every size-th pixel of each batch, so the ranks' batches together
+    are exactly the one-process batch of ``batch_size`` pixels.
+
     Args:
         coords: (N, 2) coordinates on the training device.
         values: (N, C) target values on the same device.
-        batch_size: pixels per step.
+        batch_size: pixels per step (all ranks together).
         seed: seeds the sampler's own generator (not the global RNG).
+        share: (rank, world size) of data-parallel training; (0, 1) alone.
     """
 
-    def __init__(self, coords: Tensor, values: Tensor, batch_size: int, seed: int = 0) -> None:
+    def __init__(self, coords: Tensor, values: Tensor, batch_size: int, seed: int = 0, share: tuple[int, int] = (0, 1)) -> None:
         self.coords, self.values = coords, values
+        self.rank, self.ranks = share
         self.n = coords.shape[0]
         self.batch_size = self.n if batch_size <= 0 else min(batch_size, self.n)
         self.generator = torch.Generator(device=coords.device)
@@ -66,15 +72,20 @@ class CoordinateSampler:
         while True:
             yield self.next_batch()
 
-    def next_batch(self) -> tuple[Tensor, Tensor]:
+    def next_batch(self, whole: bool = False) -> tuple[Tensor, Tensor]:
+        """This rank's share of the next batch (the whole batch with ``whole``, e.g. for grid
+        updates, which every rank must compute alike)."""
         if self.batch_size == self.n:
-            return self.coords, self.values
-        if self.perm is None or self.pos >= self.n:
-            self.perm = torch.randperm(self.n, generator=self.generator, device=self.coords.device)
-            self.pos = 0
-        idx = self.perm[self.pos : self.pos + self.batch_size]
-        self.pos += idx.numel()
-        return self.coords[idx], self.values[idx]
+            idx = None
+        else:
+            if self.perm is None or self.pos >= self.n:
+                self.perm = torch.randperm(self.n, generator=self.generator, device=self.coords.device)
+                self.pos = 0
+            idx = self.perm[self.pos : self.pos + self.batch_size]
+            self.pos += idx.numel()
+        if self.ranks > 1 and not whole:
+            idx = torch.arange(self.rank, self.n, self.ranks, device=self.coords.device) if idx is None else idx[self.rank :: self.ranks]
+        return (self.coords, self.values) if idx is None else (self.coords[idx], self.values[idx])
 
     def state_dict(self) -> dict:
         """Where the sampler is, so that a resumed run draws the same batches."""

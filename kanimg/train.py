@@ -2,6 +2,11 @@
 
 Reads top to bottom: TrainConfig → learning_rate() → Trainer.train(). One step is one batch;
 evaluation on the full image every ``eval_every`` steps keeps the best weights.
+
+Under torchrun (kanimg.distributed) the same loop is data-parallel: each rank computes its
+share of every batch, DistributedDataParallel averages the gradients, grid updates see the
+whole batch on every rank (so the knots are the same everywhere), evaluations add up the
+ranks' shares of the image, and a time budget follows the slowest rank's clock.
 """
 from __future__ import annotations
 
@@ -13,10 +18,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import KanimgError
 from .metrics import psnr_from_mse
 from .render import predict
@@ -176,7 +184,11 @@ class Trainer:
                  weights: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None) -> None:
         self.model, self.target, self.config, self.progress, self.weights = model, target, config, progress, weights
         self.device = target.values.device
-        self.sampler = CoordinateSampler(target.coords, target.values, config.batch_size, seed=config.seed)
+        self.place = distributed.world()
+        if self.place.size > 1 and (config.compile or weights is not None):
+            raise KanimgError("data-parallel training (torchrun) runs eager, without --compile or a weight transform")
+        self.sampler = CoordinateSampler(target.coords, target.values, config.batch_size, seed=config.seed,
+                                         share=(self.place.rank, self.place.size))
         self.step = 0
         self.stage, self.stage_start = 0, 0  # current stage and the step it began at
         self.train_seconds = 0.0
@@ -185,8 +197,8 @@ class Trainer:
         self.best_state: dict | None = None
         self.best_spec: dict | None = None
         self.warmup_seconds = 0.0  # outside train_seconds: see warm_up
-        # The training steps' forward: the model itself, or its compiled graph (evaluations
-        # always run the model itself, whose batch sizes vary).
+        # The training steps' forward: the model itself, or its compiled graph (under torchrun:
+        # the model in DistributedDataParallel, see _new_optimizer).
         self.step_model = torch.compile(model, fullgraph=True) if config.compile else model
         self.optimizer = self._new_optimizer()
 
@@ -220,6 +232,8 @@ class Trainer:
                 self.optimizer.step()
                 self.step += 1
                 self.train_seconds += time.perf_counter() - t0 - paused
+                if self.place.size > 1 and cfg.budget_seconds > 0:
+                    self.train_seconds = self._slowest(self.train_seconds)  # every rank stops at the same step
                 last = self.fraction_done() >= 1
                 if self.step % LOG_EVERY == 0 or last:
                     value = loss.item()
@@ -243,7 +257,7 @@ class Trainer:
         training, not that; nor ``torch.compile``'s compilation. Changes nothing: no optimiser
         step, no sampler draw, gradients dropped."""
         started = time.perf_counter()
-        rows = slice(0, self.sampler.batch_size)
+        rows = slice(0, max(1, self.sampler.batch_size // self.place.size))
         with self.precision():
             nn.functional.mse_loss(self.forward(self.target.coords[rows]), self.target.values[rows]).backward()
         self.model.zero_grad(set_to_none=True)
@@ -280,7 +294,7 @@ class Trainer:
                 self.model.spec["grids"] = list(self.model.grids)
                 self.optimizer = self._new_optimizer()  # parameters changed shape
         if grid_update_due(step - self.stage_start, cfg) and hasattr(self.model, "update_grids"):
-            coords, _ = self.sampler.next_batch()
+            coords, _ = self.sampler.next_batch(whole=True)
             self.model.update_grids(coords)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(progress, cfg)
@@ -295,15 +309,33 @@ class Trainer:
         return tuple((getattr(m, "grid_size", None), getattr(m, "has_uniform_knots", None)) for m in self.model.modules())
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh Adam over the model's parameters (at the start, a stage change, a grid
+        extension); under torchrun also a fresh DistributedDataParallel around the model, whose
+        parameters may have changed shape."""
+        if self.place.size > 1:
+            ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] if self.device.type == "cuda" else None
+            self.step_model = DistributedDataParallel(self.model, device_ids=ids)
         fused = self.device.type in ("cpu", "cuda")
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=learning_rate(self.fraction_done(), self.config), fused=fused)
 
+    def _slowest(self, seconds: float) -> float:
+        """The largest of the ranks' ``seconds`` (every rank gets it)."""
+        value = torch.tensor([seconds], dtype=torch.float64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return float(value)
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Full-image PSNR (dB, [0, 1] scale, unclipped); keeps the best weights."""
-        prediction = predict(self.model, self.target.coords, forward=lambda coords: self.forward(coords, compiled=False))
-        mse = nn.functional.mse_loss(prediction, self.target.values).item()
+        """Full-image PSNR (dB, [0, 1] scale, unclipped); keeps the best weights. Under torchrun
+        each rank predicts its share of the pixels and the squared errors are added up."""
+        n = self.target.values.shape[0]
+        rows = slice(self.place.rank * n // self.place.size, (self.place.rank + 1) * n // self.place.size)
+        prediction = predict(self.model, self.target.coords[rows], forward=lambda coords: self.forward(coords, compiled=False))
+        squared = torch.stack([nn.functional.mse_loss(prediction, self.target.values[rows], reduction="sum").double().cpu()])
+        if self.place.size > 1:
+            dist.all_reduce(squared)
+        mse = squared.item() / self.target.values.numel()
         _check_converging(mse, self.step, "full-image error")
         value = psnr_from_mse(mse, 2.0)  # values span [-1, 1]: peak-to-peak 2
         self.history.eval_step.append(self.step)

@@ -30,6 +30,20 @@ def test_sampler_state_round_trip_draws_the_same_batches():
         assert torch.equal(a.next_batch()[0], b.next_batch()[0])
 
 
+@pytest.mark.parametrize("batch_size", [10, 0])
+def test_data_parallel_shares_make_up_exactly_the_one_process_batch(batch_size):
+    coords = pixel_coords(13, 17)
+    values = torch.arange(13 * 17, dtype=torch.float32)[:, None]
+    alone = CoordinateSampler(coords, values, batch_size, seed=3)
+    ranks = [CoordinateSampler(coords, values, batch_size, seed=3, share=(r, 3)) for r in range(3)]
+    for _ in range(30):  # across epochs
+        whole = alone.next_batch()[1][:, 0]
+        parts = [sampler.next_batch()[1][:, 0] for sampler in ranks]
+        assert torch.equal(torch.sort(torch.cat(parts)).values, torch.sort(whole).values)
+        assert max(p.numel() for p in parts) - min(p.numel() for p in parts) <= 1
+    assert torch.equal(ranks[1].next_batch(whole=True)[0], alone.next_batch()[0])  # grid updates: the whole batch everywhere
+
+
 def test_full_batch_when_batch_size_is_zero_or_large():
     coords, values = pixel_coords(4, 4), torch.rand(16, 1)
     for bs in (0, 16, 1000):

@@ -1,7 +1,8 @@
 """Command line: one subcommand per verb, one module per verb; each only parses and calls the library.
 
 Errors the user can fix are one line on stderr and exit status 2; Ctrl-C exits 130 after
-saving what a run has so far.
+saving what a run has so far. Under torchrun (``torchrun … -m kanimg fit|compare|rd …``) every
+copy joins the process group first (kanimg.distributed); only rank 0 prints the results.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .. import __version__
+from .. import __version__, distributed
 from ..errors import KanimgError
 from . import compare, compress, fit, render
 
@@ -40,10 +41,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors (already printed as one line), --help, --version
         return int(exc.code or 0)
-    _setup_logging(quiet=getattr(args, "quiet", False))
     previous = _on_sigterm(_raise_interrupt)  # `kill` saves like Ctrl-C
     try:
-        return args.func(args)
+        with distributed.joined() as place:
+            _setup_logging(quiet=getattr(args, "quiet", False), place=place)
+            if place.size > 1 and args.command not in DISTRIBUTED_VERBS:
+                raise KanimgError(f"kanimg {args.command} runs in one process; under torchrun only {', '.join(DISTRIBUTED_VERBS)} "
+                                  f"share their work among processes")
+            if not place.is_main:
+                args.quiet = True  # one progress bar and one printout: rank 0's
+            return args.func(args)
     except KanimgError as exc:
         print(f"kanimg: error: {exc}", file=sys.stderr)
         return 2
@@ -61,15 +68,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         _on_sigterm(previous)
 
 
-def _setup_logging(quiet: bool) -> None:
-    """kanimg's own log lines (e.g. the one-time kernel build) on stderr, nothing from others."""
+DISTRIBUTED_VERBS = ("fit", "compare", "rd")
+
+
+def _setup_logging(quiet: bool, place: distributed.World = distributed.World()) -> None:
+    """kanimg's own log lines (e.g. the one-time kernel build) on stderr, nothing from others;
+    under torchrun each line says its rank."""
     log = logging.getLogger("kanimg")
     log.setLevel(logging.WARNING if quiet else logging.INFO)
-    if not any(getattr(h, "kanimg_cli", False) for h in log.handlers):
+    prefix = f"kanimg[rank {place.rank}]" if place.size > 1 else "kanimg"
+    handler = next((h for h in log.handlers if getattr(h, "kanimg_cli", False)), None)
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("kanimg: %(message)s"))
         handler.kanimg_cli = True
         log.addHandler(handler)
+    handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
 
 
 def _on_sigterm(handler):

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import distributed
 from ..errors import KanimgError
 from .types import execution_flags, int_list
 
@@ -42,6 +43,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      match_params=args.match_params, preset=args.preset, device=args.device, force=args.force, seed=args.seed,
                      precision=args.precision, compile=bool(args.compile),
                      crop=tuple(args.crop) if args.crop else None, progress=not args.quiet)
+    if not distributed.world().is_main:
+        return 130 if result.interrupted else 0  # rank 0 reports
     if result.interrupted:
         print("kanimg: interrupted; run the same command again to continue (finished models are skipped)", file=sys.stderr)
         return 130

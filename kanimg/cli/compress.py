@@ -99,7 +99,9 @@ def cmd_rd(args: argparse.Namespace) -> int:
         print("kanimg: interrupted; every finished network point is kept: run the same command again to continue",
               file=sys.stderr)
         return 130
-    print(f"{out}: results.json, results.md, rd.png")
+    if not summary:  # another rank than 0 under torchrun: rank 0 reports
+        return 0
+    print(f"{out}: results.json, results.csv, results.md, rd.png")
     for name, entry in summary["codecs"].items():
         bd = entry.get("bd_vs_jpeg")
         bd_text = (f"; vs JPEG BD-rate {bd['bd_rate_percent']:+.1f} %, BD-PSNR {bd['bd_psnr_db']:+.2f} dB"

@@ -61,6 +61,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None or args.resume not in (None, True) else default_run_folder(args.image, args.model)
     result = fit(args.image, args.model, out=out, resume=args.resume, force=args.force, device=args.device, grey=args.grey,
                  coords=args.coords, progress=not args.quiet, **options)
+    if result.out is None:  # another rank than 0 under torchrun: rank 0 reports
+        return 130 if result.interrupted else 0
     m = result.metrics
     lp = f"{m['lpips']:.4f}" if m["lpips"] is not None else "n/a"
     t = result.trainer

@@ -21,6 +21,7 @@ import numpy as np
 from scipy.interpolate import PchipInterpolator
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import KanimgError
 from ..io import ImageData, list_images, load_image
 from ..results import results_payload
@@ -119,15 +120,32 @@ class PointCache:
         write_json(stem.with_suffix(".json"), {"key": key, "point": asdict(point)})  # last: the point is complete
 
 
-def run_rd(path: Path, config: RDConfig, progress: bool = True, cache: PointCache | None = None) -> RDResult:
-    """Measure every codec of ``config`` on the image (or the folder of images) at ``path``;
-    network points found in ``cache`` are reused and new ones are added to it."""
+def _experiment(path: Path, config: RDConfig) -> tuple[list[Path], list[ImageData], dict[str, Any]]:
+    """The images and codecs of an experiment, every image checked against every codec (before
+    hours of fitting)."""
     files = list_images(path)
     images: list[ImageData] = [load_image(f) for f in files]
     codecs = {name: get_codec(name, {**config.neural, "progress": False} if name in NEURAL else None) for name in config.codec_names}
-    for image in images:  # refuse unsupported images before hours of fitting
+    for image in images:
         for codec in codecs.values():
             codec.check(image)
+    return files, images, codecs
+
+
+def fit_network_points(path: Path, config: RDConfig, cache: PointCache, place: distributed.World) -> None:
+    """This rank's share of the experiment's network points (image × network × target bpp),
+    fitted into ``cache``; run_rd then finds them there."""
+    _, images, codecs = _experiment(path, config)
+    work = [(image, name, bpp) for image in images for name in config.models for bpp in sorted(config.bpps)]
+    for _, (image, name, bpp) in place.share(work):
+        with distributed.alone():  # each point is this rank's own fit
+            _run_neural(codecs[name], image, [bpp], [], cache, config.neural, rank=place.rank)
+
+
+def run_rd(path: Path, config: RDConfig, progress: bool = True, cache: PointCache | None = None) -> RDResult:
+    """Measure every codec of ``config`` on the image (or the folder of images) at ``path``;
+    network points found in ``cache`` are reused and new ones are added to it."""
+    files, images, codecs = _experiment(path, config)
     results = []
     bar = tqdm(total=len(images) * len(codecs), disable=not progress, unit="curve", desc="rate–distortion", leave=False)
     try:
@@ -151,8 +169,9 @@ def run_rd(path: Path, config: RDConfig, progress: bool = True, cache: PointCach
 
 
 def _run_neural(codec, image: ImageData, bpps: Sequence[float], bitstreams: list[bytes], cache: PointCache | None,
-                options: dict[str, Any]) -> list[Point]:
-    """A network codec's points (one fit per target, ascending), keeping each point's .kimg bytes."""
+                options: dict[str, Any], rank: int = 0) -> list[Point]:
+    """A network codec's points (one fit per target, ascending), keeping each point's .kimg
+    bytes; a point measured here records ``rank`` as the one that fitted it."""
     points = []
     for bpp in sorted(bpps):
         key = PointCache.key(image, codec.name, bpp, options)
@@ -164,6 +183,7 @@ def _run_neural(codec, image: ImageData, bpps: Sequence[float], bitstreams: list
             started = time.perf_counter()
             encoded = next(codec.sweep(image, [bpp]))
             point, data = measure(codec, image, encoded, time.perf_counter() - started), encoded.data
+            point.info["rank"] = rank
             if cache is not None:
                 cache.save(key, point, data)
         points.append(point)
@@ -251,7 +271,7 @@ def summarise(result: RDResult) -> dict[str, Any]:
 
 def _point_record(point: Point) -> dict[str, Any]:
     return {"setting": point.setting, "bpp": point.bpp, "psnr": point.psnr, "bytes": point.bytes,
-            "encode_seconds": point.encode_seconds, "decode_seconds": point.decode_seconds, **point.info}
+            "encode_seconds": point.encode_seconds, "decode_seconds": point.decode_seconds, "rank": 0, **point.info}
 
 
 def _curve(points: Sequence[Point]) -> dict[str, list]:

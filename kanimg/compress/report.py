@@ -3,19 +3,21 @@ style curves), the RD plot(s) and the networks' .kimg bitstreams, all built in a
 folder and moved into place."""
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from .. import distributed
 from ..files import RunFolder, atomic_write_bytes
 from ..plots import plot_rd
 from ..results import markdown_table, write_results
 from .codecs import NEURAL
-from .rd import REFERENCE, PointCache, RDConfig, RDResult, run_rd, summarise
+from .rd import REFERENCE, PointCache, RDConfig, RDResult, fit_network_points, run_rd, summarise
 
 CSV_KEYS = ["image", "codec", "setting", "bpp", "psnr", "bytes", "encode_seconds", "decode_seconds", "psnr_float",
-            "psnr_quantized_no_qat", "quant", "params"]
+            "psnr_quantized_no_qat", "quant", "params", "rank"]
 
 
 def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, progress: bool = True,
@@ -26,8 +28,19 @@ def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, p
     when everything is written. Every finished network point is kept at once in the staging
     folder (``.NAME.partial/points``), so the same command after Ctrl-C or a kill continues
     where it stopped. Returns the results.json payload.
+
+    Under torchrun the network points are shared out among the ranks (each fits its share
+    into the staging folder's points); rank 0 then measures the classic codecs and writes
+    everything, the same as one process would (other ranks return an empty dict).
     """
-    with RunFolder(Path(out), "rd", replace=force) as staging:
+    place = distributed.world()
+    with contextlib.ExitStack() as stack:
+        staging = distributed.main_first(place, lambda: stack.enter_context(RunFolder(Path(out), "rd", replace=force)))
+        if place.size > 1:
+            fit_network_points(Path(path), config, PointCache(staging / "points"), place)
+            distributed.gather(place, None)  # every rank's points are in the cache
+        if not place.is_main:
+            return {}
         result = run_rd(Path(path), config, progress=progress, cache=PointCache(staging / "points"))
         summary = summarise(result)
         if command:

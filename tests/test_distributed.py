@@ -1,0 +1,122 @@
+"""fit, compare and rd over processes under torchrun (gloo, 2 CPU processes): a data-parallel
+fit that trains one model like one process does; comparisons and RD sweeps whose runs are
+shared out, each done once by the rank its record names, with the outputs one process writes."""
+import json
+import subprocess
+import sys
+from contextlib import contextmanager
+from unittest import mock
+
+import pytest
+from PIL import Image
+
+from conftest import photo_crop
+from kanimg import distributed
+from kanimg.cli import main
+
+
+def torchrun(*args, processes=2):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "kanimg",
+               *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture
+def three_photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, box in (("face", (180, 60)), ("suit", (150, 180)), ("sky", (20, 20))):
+        Image.fromarray(photo_crop(16, box=box)).save(folder / f"{name}.png")
+    return folder
+
+
+def test_each_rank_takes_every_size_th_item():
+    items = list("abcdefg")
+    shares = [distributed.World(rank, 3).share(items) for rank in range(3)]
+    assert sorted(i for share in shares for i, _ in share) == list(range(7))
+    assert [item for _, item in shares[1]] == ["b", "e"]
+    assert distributed.World().share(items) == list(enumerate(items))
+
+
+def test_a_comparison_on_two_ranks_writes_what_one_process_writes(three_photos, tmp_path):
+    options = ["--models", "mlp,rff", "--steps", "6", "-q"]
+    two = torchrun("compare", three_photos, "-o", tmp_path / "two", *options)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main(["compare", str(three_photos), "-o", str(tmp_path / "one"), *options]) == 0
+    one, both = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    runs = [(r["image"], r["model"]) for r in one["records"]]
+    assert [(r["image"], r["model"]) for r in both["records"]] == runs and len(runs) == 6
+    assert [r["rank"] for r in one["records"]] == [0] * 6
+    assert [r["rank"] for r in both["records"]] == [0, 1, 0, 1, 0, 1]  # run k on rank k mod 2
+    for a, b in zip(one["records"], both["records"]):
+        assert set(a) == set(b) and b["steps"] == 6 and b["psnr"] == pytest.approx(a["psnr"], abs=0.05)
+    for image, model in runs:  # each run trained once, from step 0
+        metrics = json.loads((tmp_path / "two" / "runs" / image / model / "metrics.json").read_text())
+        assert metrics["resumed_from_step"] is None and metrics["steps_done"] == 6
+    listing = {name: sorted(p.name for p in (tmp_path / name).iterdir()) for name in ("one", "two")}
+    assert listing["one"] == listing["two"] and "index.html" in listing["two"]
+    assert [m["model"] for m in both["mean"]] == ["mlp", "rff"]
+
+
+def test_rate_distortion_on_two_ranks_shares_the_network_points(tmp_path):
+    options = ["--models", "kan", "--codecs", "jpeg", "--bpp", "4,8", "--steps", "15", "--qat-steps", "0", "-q"]
+    folder = tmp_path / "photo"
+    folder.mkdir()
+    Image.fromarray(photo_crop(32)).save(folder / "face.png")  # one image: 2 network points, one per rank
+    two = torchrun("rd", folder, "-o", tmp_path / "two", *options)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main(["rd", str(folder), "-o", str(tmp_path / "one"), *options]) == 0
+    one, both = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert [(r["image"], r["codec"], r["setting"]) for r in both["records"]] == [(r["image"], r["codec"], r["setting"]) for r in one["records"]]
+    assert [r["rank"] for r in both["records"] if r["codec"] == "kan"] == [0, 1]
+    assert {r["rank"] for r in one["records"]} == {0} and {r["rank"] for r in both["records"] if r["codec"] == "jpeg"} == {0}
+    assert sorted(p.name for p in (tmp_path / "two" / "kimg").iterdir()) == sorted(p.name for p in (tmp_path / "one" / "kimg").iterdir())
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_verbs_that_do_not_share_work_are_refused_under_torchrun(three_photos, tmp_path, capsys):
+    @contextmanager
+    def two_ranks():
+        yield distributed.World(0, 2)
+
+    with mock.patch("kanimg.distributed.joined", two_ranks):
+        assert main(["compress", str(three_photos / "face.png"), "-o", str(tmp_path / "a.kimg"), "--bpp", "8", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kanimg: error: kanimg compress runs in one process") and err.count("\n") == 1
+    assert not (tmp_path / "a.kimg").exists()
+
+
+FIT = """
+import sys
+import torch
+from kanimg import distributed, fit
+
+with distributed.joined() as place:
+    result = fit(sys.argv[1], "kan", out=sys.argv[2], progress=False, widths=[2, 8, 8, 3], grids=[8, 4, 4], steps=60, lr=1e-2,
+                 batch_size=256, eval_every=20, grid_update_every=10, grid_update_until=30, grid_schedule=[[40, [12, 6, 6]]])
+    torch.save({**result.trainer.model.state_dict(), "step": result.trainer.step}, f"{sys.argv[3]}/rank{place.rank}.pt")
+"""
+
+
+def test_a_fit_on_two_ranks_trains_one_model_like_one_process_at_the_same_total_batch(three_photos, tmp_path):
+    """DistributedDataParallel with grid updates and an extension: the ranks end with the same
+    parameters and knots; rank 0 writes the run folder; the PSNR is that of one process."""
+    import torch
+
+    import kanimg
+
+    script = tmp_path / "fit_two.py"
+    script.write_text(FIT)
+    image = three_photos / "face.png"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+                           str(image), str(tmp_path / "two"), str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 60 and ranks[0]["layers.0.knots"].shape[1] == 12 + 7
+    for key, value in ranks[0].items():
+        assert (torch.equal(value, ranks[1][key]) if isinstance(value, torch.Tensor) else value == ranks[1][key]), key
+    one = kanimg.fit(image, "kan", out=tmp_path / "one", progress=False, widths=[2, 8, 8, 3], grids=[8, 4, 4], steps=60, lr=1e-2,
+                     batch_size=256, eval_every=20, grid_update_every=10, grid_update_until=30, grid_schedule=[[40, [12, 6, 6]]])
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and json.loads((tmp_path / "one" / "metrics.json").read_text())["world_size"] == 1
+    assert two["steps_done"] == 60 and abs(two["metrics"]["psnr"] - one.metrics["psnr"]) < 0.5
