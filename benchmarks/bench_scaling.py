@@ -31,6 +31,22 @@ from kanimg.results import machine, versions
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def launchers(processes: int) -> dict[str, list[str]]:
+    """The command prefixes of the two ways to run kanimg: one process, torchrun with N."""
+    return {"one_process": [sys.executable, "-m", "kanimg"],
+            "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "kanimg"]}
+
+
+def report(title: str, rows: dict[str, dict], columns: str, speedup: float, processes: int, name: str, result: dict) -> None:
+    """Print one line per way of running (``columns`` formatted with its row) and write the JSON."""
+    print(title)
+    for label, row in zip(("1 process", f"torchrun × {processes}"), rows.values()):
+        print(f"  {label:14s} " + columns.format(**row))
+    print(f"  speed-up {speedup:.2f}×, efficiency {speedup / processes:.2f}")
+    RESULTS.mkdir(exist_ok=True)
+    write_json(RESULTS / name, result)
+
+
 def timed(command: list[str]) -> float:
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -54,9 +70,7 @@ def time_to(history: dict, psnr: float) -> float | None:
 def bench_fit(args: argparse.Namespace, stamp: str) -> int:
     common = ["fit", str(args.fit), "--steps", str(args.steps), "--eval-every", str(max(1, args.steps // 20)), "-q"]
     runs = {}
-    for label, launcher in (("one_process", [sys.executable, "-m", "kanimg"]),
-                            ("torchrun", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                          f"--nproc-per-node={args.processes}", "-m", "kanimg"])):
+    for label, launcher in launchers(args.processes).items():
         out = args.out / f"fit-{label}-{stamp}"
         wall = timed([*launcher, *common, "-o", str(out)])
         metrics = json.loads((out / "metrics.json").read_text())
@@ -65,19 +79,14 @@ def bench_fit(args: argparse.Namespace, stamp: str) -> int:
     both = min(r["psnr"] for r in runs.values())
     for row in runs.values():
         row["seconds_to_common_psnr"] = time_to(row.pop("history"), both - 0.05)
-    one, many = runs["one_process"], runs["torchrun"]
-    speedup = one["train_seconds"] / many["train_seconds"]
+    speedup = runs["one_process"]["train_seconds"] / runs["torchrun"]["train_seconds"]
     result = {"image": str(args.fit), "steps": args.steps, "processes": args.processes, "cpu_count": os.cpu_count(), **runs,
               "common_psnr": both, "step_speedup": speedup, "efficiency": speedup / args.processes,
               "machine": machine(), "versions": versions()}
-    print(f"kanimg fit {args.fit.name}, {args.steps} steps, 1 process vs torchrun × {args.processes} on {os.cpu_count()} CPUs")
-    for label, row in (("1 process", one), (f"torchrun × {args.processes}", many)):
-        reached = row["seconds_to_common_psnr"]
-        print(f"  {label:14s} {row['steps_per_second']:6.1f} steps/s  train {row['train_seconds']:6.1f} s  wall {row['wall_seconds']:6.1f} s  "
-              f"PSNR {row['psnr']:.2f} dB  {both - 0.05:.2f} dB after {reached if reached is None else round(reached, 1)} s")
-    print(f"  step speed-up {speedup:.2f}×, efficiency {speedup / args.processes:.2f}")
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "bench_scaling-fit.json", result)
+    report(f"kanimg fit {args.fit.name}, {args.steps} steps, 1 process vs torchrun × {args.processes} on {os.cpu_count()} CPUs, "
+           f"time to {both - 0.05:.2f} dB", runs,
+           "{steps_per_second:6.1f} steps/s  train {train_seconds:6.1f} s  wall {wall_seconds:6.1f} s  PSNR {psnr:.2f} dB  "
+           "reached after {seconds_to_common_psnr} s", speedup, args.processes, "bench_scaling-fit.json", result)
     return 0
 
 
@@ -96,21 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     names = dict(list(EVAL.items())[: args.photos])
     photos = write_photos(args.out / "photos", names, crop=True)
     common = ["compare", str(photos), "--models", args.models, "--steps", str(args.steps), "-q"]
-    one_out, many_out = args.out / f"one-{stamp}", args.out / f"torchrun{args.processes}-{stamp}"
-    one = summary(one_out, timed([sys.executable, "-m", "kanimg", *common, "-o", str(one_out)]))
-    many = summary(many_out, timed([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    f"--nproc-per-node={args.processes}", "-m", "kanimg", *common, "-o", str(many_out)]))
-    speedup = one["wall_seconds"] / many["wall_seconds"]
+    runs = {}
+    for label, launcher in launchers(args.processes).items():
+        out = args.out / f"compare-{label}-{stamp}"
+        runs[label] = summary(out, timed([*launcher, *common, "-o", str(out)]))
+    speedup = runs["one_process"]["wall_seconds"] / runs["torchrun"]["wall_seconds"]
     result = {"processes": args.processes, "cpu_count": os.cpu_count(), "photos": list(names), "models": args.models.split(","),
-              "steps": args.steps, "one_process": one, "torchrun": many, "speedup": speedup, "efficiency": speedup / args.processes,
+              "steps": args.steps, **runs, "speedup": speedup, "efficiency": speedup / args.processes,
               "machine": machine(), "versions": versions()}
-    print(f"{len(names)} photos × {args.models} at {args.steps} steps on {os.cpu_count()} CPUs")
-    for label, row in (("1 process", one), (f"torchrun × {args.processes}", many)):
-        print(f"  {label:14s} wall {row['wall_seconds']:7.1f} s  {row['steps_per_wall_second']:6.1f} steps/s  "
-              f"train {row['train_seconds']:7.1f} s  mean PSNR {row['mean_psnr']:.2f} dB  ranks {row['ranks']}")
-    print(f"  speed-up {speedup:.2f}×, efficiency {speedup / args.processes:.2f}")
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "bench_scaling.json", result)
+    report(f"{len(names)} photos × {args.models} at {args.steps} steps on {os.cpu_count()} CPUs", runs,
+           "wall {wall_seconds:7.1f} s  {steps_per_wall_second:6.1f} steps/s  train {train_seconds:7.1f} s  "
+           "mean PSNR {mean_psnr:.2f} dB  ranks {ranks}", speedup, args.processes, "bench_scaling.json", result)
     return 0
 
 

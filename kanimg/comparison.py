@@ -191,16 +191,19 @@ def _compare(images, prepared, models, out, chosen, protocol, steps, budget_seco
     loaded: dict[int, Any] = {}
     ran: dict[tuple[int, str], int] = {}
     interrupted = False
-    for _, (k, name) in place.share(jobs):
-        if k not in loaded:
-            loaded[k] = load_image(prepared[k], grey=chosen.grey if chosen else False)
-        request = _request(name, loaded[k], protocol, chosen, steps, budget_seconds, match_params, seed, execution)
-        with distributed.alone():  # each run is this rank's own
-            stopped = _run(prepared[k], images[k].stem, name, request, out, device, progress)
-        if stopped:
-            interrupted = True
-            break
-        ran[(k, name)] = place.rank
+    try:
+        for _, (k, name) in place.share(jobs):
+            if k not in loaded:
+                loaded[k] = load_image(prepared[k], grey=chosen.grey if chosen else False)
+            request = _request(name, loaded[k], protocol, chosen, steps, budget_seconds, match_params, seed, execution)
+            with distributed.alone():  # each run is this rank's own
+                stopped = _run(prepared[k], images[k].stem, name, request, out, device, progress)
+            if stopped:
+                interrupted = True
+                break
+            ran[(k, name)] = place.rank
+    except KeyboardInterrupt:  # between runs: what finished stays finished, and the ranks still meet
+        interrupted = True
     reports = distributed.gather(place, (ran, interrupted))  # every rank waits here for the others
     result = CompareResult(out, interrupted=interrupted)
     if not place.is_main:

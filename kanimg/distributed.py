@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -66,7 +67,8 @@ def world() -> World:
     """The world of the process group this process has joined (one process if none, or
     inside :func:`alone`)."""
     if dist.is_available() and dist.is_initialized() and not _alone:
-        return from_environment()
+        here = from_environment()
+        return World(dist.get_rank(), dist.get_world_size(), here.local_rank, here.local_size)
     return World()
 
 
@@ -87,7 +89,8 @@ def joined() -> Iterator[World]:
     """Join torchrun's process group for the length of a command, when there is one.
 
     Each rank gets its own GPU (LOCAL_RANK) when there are GPUs, else an equal share of the
-    machine's CPU threads. The group uses gloo: only small Python objects travel.
+    machine's CPU threads. CPU tensors and Python objects travel by gloo, CUDA tensors (a
+    data-parallel fit's gradients on GPUs) by NCCL.
     """
     here = from_environment()
     if here.size == 1 or dist.is_initialized():
@@ -95,9 +98,11 @@ def joined() -> Iterator[World]:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(here.local_rank % torch.cuda.device_count())
+        backend = "cpu:gloo,cuda:nccl"
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // here.local_size))
-    dist.init_process_group("gloo", timeout=MEETING_TIMEOUT)
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=MEETING_TIMEOUT)
     try:
         yield here
     finally:
@@ -106,19 +111,21 @@ def joined() -> Iterator[World]:
 
 def main_first(place: World, action: Callable[[], T]) -> T:
     """Run ``action`` on rank 0 while the others wait; every rank gets its result (it must
-    pickle), or raises the KanimgError it raised — so a refused folder stops every rank."""
+    pickle), or fails as rank 0 did — so a refused folder stops every rank with its line."""
     if place.size == 1:
         return action()
     box: list[Any] = [None]
     if place.is_main:
         try:
             box = [("ok", action())]
-        except KanimgError as exc:
-            box = [("error", str(exc))]
-            dist.broadcast_object_list(box, src=0)
+        except BaseException as exc:
+            message = str(exc) if isinstance(exc, KanimgError) else f"rank 0 failed ({type(exc).__name__}: {exc})"
+            dist.broadcast_object_list([("interrupted" if isinstance(exc, KeyboardInterrupt) else "error", message)], src=0)
             raise
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
+    if kind == "interrupted":
+        raise KeyboardInterrupt
     if kind == "error":
         raise KanimgError(value)
     return value
@@ -132,3 +139,40 @@ def gather(place: World, value: T) -> list[T]:
     values: list[Any] | None = [None] * place.size if place.is_main else None
     dist.gather_object(value, values, dst=0)
     return values if place.is_main else []
+
+
+class Stop:
+    """Whether Ctrl-C or SIGTERM has asked this process to stop (see :func:`deferred_interrupts`)."""
+
+    requested = False
+
+
+@contextlib.contextmanager
+def deferred_interrupts(place: World) -> Iterator[Stop]:
+    """In data-parallel training, Ctrl-C and SIGTERM only set ``Stop.requested``; the ranks
+    then agree (:func:`agree`) to stop at the same step, never inside a collective. A single
+    process keeps the usual KeyboardInterrupt."""
+    stop = Stop()
+    if place.size == 1:
+        yield stop
+        return
+
+    def request(signum, frame) -> None:
+        stop.requested = True
+
+    try:
+        previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = {}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def agree(values: Sequence[float]) -> list[float]:
+    """The largest of each value over the ranks (every rank gets them): one small all-reduce."""
+    tensor = torch.tensor(list(values), dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()

@@ -15,6 +15,7 @@ trains the same model data-parallel (kanimg.train) and rank 0 alone writes the r
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -194,7 +195,7 @@ class Fit:
             "warmup_seconds": round(trainer.warmup_seconds, 3),
             "steps_per_second": round(trainer.step / trainer.train_seconds, 3) if trainer.train_seconds > 0 else None,
             "device": config["device"],
-            "world_size": config.get("world_size", 1),
+            "world_size": config["world_size"],
             "seed": config["train"]["seed"],
             "config": config,
             "versions": versions(),
@@ -285,35 +286,39 @@ def fit(
         except (KeyError, TypeError, ValueError, RuntimeError, KanimgError) as exc:
             raise KanimgError(f"{checkpoint}: its training state does not fit its model ({first_line(exc)})") from None
     config = run_config(trainer, data, str(source.resolve()) if source is not None else None, grey, coords)
-    place = trainer.place
-    if folder is None or not place.is_main:  # other ranks than 0 train along and write nothing
-        if folder is not None:
-            distributed.main_first(place, lambda: None)  # rank 0 has claimed the folder
+    if folder is None:
         started = time.perf_counter()
         interrupted = _train(trainer)
         return Fit(data, trainer, config, time.perf_counter() - started, interrupted)
-    with folder as staging:
-        distributed.main_first(place, lambda: _settle_leftover(folder, checkpoint, force))
+    place = trainer.place
+    with contextlib.ExitStack() as stack:
+        def claim_folder() -> Path:
+            staging = stack.enter_context(folder)
+            _settle_leftover(folder, checkpoint, force)
+            return staging
+
+        staging = distributed.main_first(place, claim_folder)  # under torchrun rank 0 alone writes the run folder
         started = time.perf_counter()
         try:
-            interrupted = _train(trainer, PeriodicCheckpoint(staging / "checkpoint.pt", config, checkpoint_seconds))
+            interrupted = _train(trainer, PeriodicCheckpoint(staging / "checkpoint.pt", config, checkpoint_seconds)
+                                 if place.is_main else None)
         except KanimgError:
-            if checkpoint is None or checkpoint.parent != folder.staging:
+            if place.is_main and (checkpoint is None or checkpoint.parent != folder.staging):
                 folder.clear()  # a diverged run: its checkpoints are not worth resuming (one it resumed from stays)
             raise
-        result = Fit(data, trainer, config, time.perf_counter() - started, interrupted, folder.final)
-        result.write(staging, None if state is None else int(state["trainer"]["step"]))
+        result = Fit(data, trainer, config, time.perf_counter() - started, interrupted, folder.final if place.is_main else None)
+        if place.is_main:
+            result.write(staging, None if state is None else int(state["trainer"]["step"]))
     return result
 
 
 def _train(trainer: Trainer, on_step=None) -> bool:
     """Train to the end; True when Ctrl-C stopped it (after evaluating what it reached; under
-    torchrun the ranks may stop at different steps, so the last evaluation stands)."""
+    torchrun every rank stops at the same step, see Trainer.train)."""
     try:
         trainer.train(on_step=on_step)
     except KeyboardInterrupt:
-        if trainer.place.size == 1:
-            trainer.evaluate_if_stale()
+        trainer.evaluate_if_stale()
         return True
     return False
 

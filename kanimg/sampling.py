@@ -31,9 +31,9 @@ def axis_coords(n: int, convention: str, device: torch.device | str | None = Non
 
 
 def pixel_coords(height: int, width: int, convention: str = "centers", device: torch.device | str | None = None,
-                 rows: slice = slice(None), dtype: torch.dtype = torch.float32) -> Tensor:
-    """(H·W, 2) coordinates (x, y) of every pixel in row-major order (of image ``rows`` only)."""
-    ys = axis_coords(height, convention, device, dtype)[rows]
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """(H·W, 2) coordinates (x, y) of every pixel in row-major order."""
+    ys = axis_coords(height, convention, device, dtype)
     xs = axis_coords(width, convention, device, dtype)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
     return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
@@ -67,6 +67,7 @@ class CoordinateSampler:
         self.generator.manual_seed(seed)
         self.perm: Tensor | None = None
         self.pos = 0
+        self.whole_count = 0
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         while True:
@@ -78,11 +79,12 @@ class CoordinateSampler:
         if self.batch_size == self.n:
             idx = None
         else:
-            if self.perm is None or self.pos >= self.n:
+            if self.perm is None or self.n - self.pos < self.ranks:  # (a tail too short to give every rank a pixel is skipped)
                 self.perm = torch.randperm(self.n, generator=self.generator, device=self.coords.device)
                 self.pos = 0
             idx = self.perm[self.pos : self.pos + self.batch_size]
             self.pos += idx.numel()
+        self.whole_count = self.n if idx is None else idx.numel()  # pixels in the batch, all ranks together
         if self.ranks > 1 and not whole:
             idx = torch.arange(self.rank, self.n, self.ranks, device=self.coords.device) if idx is None else idx[self.rank :: self.ranks]
         return (self.coords, self.values) if idx is None else (self.coords[idx], self.values[idx])

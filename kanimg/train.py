@@ -221,32 +221,35 @@ class Trainer:
         total = None if cfg.budget_seconds > 0 else cfg.steps
         bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True, leave=False)
         try:
-            while self.fraction_done() < 1:
-                t0 = time.perf_counter()
-                paused = self._before_step()
-                coords, values = self.sampler.next_batch()
-                with self.precision():
-                    loss = nn.functional.mse_loss(self.forward(coords), values)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                self.optimizer.step()
-                self.step += 1
-                self.train_seconds += time.perf_counter() - t0 - paused
-                if self.place.size > 1 and cfg.budget_seconds > 0:
-                    self.train_seconds = self._slowest(self.train_seconds)  # every rank stops at the same step
-                last = self.fraction_done() >= 1
-                if self.step % LOG_EVERY == 0 or last:
-                    value = loss.item()
-                    _check_converging(value, self.step, "loss")
-                    self.history.step.append(self.step)
-                    self.history.loss.append(value)
-                    bar.set_postfix(loss=f"{value:.2e}", psnr=f"{psnr_from_mse(value, 2.0):.2f}",
-                                    best=f"{self.best_psnr:.2f}", refresh=False)
-                bar.update(1)
-                if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
-                    self.evaluate()
-                if on_step is not None:
-                    on_step(self)
+            with distributed.deferred_interrupts(self.place) as stop:
+                while self.fraction_done() < 1:
+                    t0 = time.perf_counter()
+                    paused = self._before_step()
+                    coords, values = self.sampler.next_batch()
+                    with self.precision():
+                        loss = self._loss(coords, values)
+                        self.optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                    self.optimizer.step()
+                    self.step += 1
+                    self.train_seconds += time.perf_counter() - t0 - paused
+                    if self.place.size > 1:  # the ranks agree on the clock (a budget ends at one step) and on stopping
+                        self.train_seconds, stopping = distributed.agree([self.train_seconds, stop.requested])
+                        if stopping:
+                            raise KeyboardInterrupt
+                    last = self.fraction_done() >= 1
+                    if self.step % LOG_EVERY == 0 or last:
+                        value = self._global(loss.detach())
+                        _check_converging(value, self.step, "loss")
+                        self.history.step.append(self.step)
+                        self.history.loss.append(value)
+                        bar.set_postfix(loss=f"{value:.2e}", psnr=f"{psnr_from_mse(value, 2.0):.2f}",
+                                        best=f"{self.best_psnr:.2f}", refresh=False)
+                    bar.update(1)
+                    if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                        self.evaluate()
+                    if on_step is not None:
+                        on_step(self)
         finally:
             bar.close()
 
@@ -319,11 +322,22 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=learning_rate(self.fraction_done(), self.config), fused=fused)
 
-    def _slowest(self, seconds: float) -> float:
-        """The largest of the ranks' ``seconds`` (every rank gets it)."""
-        value = torch.tensor([seconds], dtype=torch.float64)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return float(value)
+    def _loss(self, coords: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The batch's MSE. Under torchrun a rank's share counts as its part of the whole batch's
+        mean (times the world size, which DDP's gradient averaging divides out), so every pixel
+        weighs the same whatever the shares' sizes."""
+        if self.place.size == 1:
+            return nn.functional.mse_loss(self.forward(coords), values)
+        squared = nn.functional.mse_loss(self.forward(coords), values, reduction="sum")
+        return squared * (self.place.size / (self.sampler.whole_count * values.shape[1]))
+
+    def _global(self, loss: torch.Tensor) -> float:
+        """The whole batch's loss from a rank's :meth:`_loss` (itself in a single process)."""
+        if self.place.size == 1:
+            return loss.item()
+        total = loss.double().cpu().reshape(1)
+        dist.all_reduce(total)
+        return total.item() / self.place.size
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -331,8 +345,10 @@ class Trainer:
         each rank predicts its share of the pixels and the squared errors are added up."""
         n = self.target.values.shape[0]
         rows = slice(self.place.rank * n // self.place.size, (self.place.rank + 1) * n // self.place.size)
-        prediction = predict(self.model, self.target.coords[rows], forward=lambda coords: self.forward(coords, compiled=False))
-        squared = torch.stack([nn.functional.mse_loss(prediction, self.target.values[rows], reduction="sum").double().cpu()])
+        squared = torch.zeros(1, dtype=torch.float64)
+        if rows.stop > rows.start:
+            prediction = predict(self.model, self.target.coords[rows], forward=lambda coords: self.forward(coords, compiled=False))
+            squared += nn.functional.mse_loss(prediction, self.target.values[rows], reduction="sum").double().cpu()
         if self.place.size > 1:
             dist.all_reduce(squared)
         mse = squared.item() / self.target.values.numel()

@@ -30,7 +30,7 @@ def test_sampler_state_round_trip_draws_the_same_batches():
         assert torch.equal(a.next_batch()[0], b.next_batch()[0])
 
 
-@pytest.mark.parametrize("batch_size", [10, 0])
+@pytest.mark.parametrize("batch_size", [12, 0])  # 221 pixels: epochs end in a batch of 5, or one whole-image batch
 def test_data_parallel_shares_make_up_exactly_the_one_process_batch(batch_size):
     coords = pixel_coords(13, 17)
     values = torch.arange(13 * 17, dtype=torch.float32)[:, None]
@@ -42,6 +42,15 @@ def test_data_parallel_shares_make_up_exactly_the_one_process_batch(batch_size):
         assert torch.equal(torch.sort(torch.cat(parts)).values, torch.sort(whole).values)
         assert max(p.numel() for p in parts) - min(p.numel() for p in parts) <= 1
     assert torch.equal(ranks[1].next_batch(whole=True)[0], alone.next_batch()[0])  # grid updates: the whole batch everywhere
+
+
+def test_no_rank_gets_an_empty_share():
+    """221 pixels in batches of 10 end an epoch with 1 pixel: too few for 3 ranks, so it is skipped."""
+    coords, values = pixel_coords(13, 17), torch.rand(221, 1)
+    ranks = [CoordinateSampler(coords, values, 10, seed=3, share=(r, 3)) for r in range(3)]
+    for _ in range(60):
+        sizes = [sampler.next_batch()[0].shape[0] for sampler in ranks]
+        assert min(sizes) >= 3 and ranks[0].whole_count == 10
 
 
 def test_full_batch_when_batch_size_is_zero_or_large():

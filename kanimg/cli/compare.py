@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .. import distributed
+from ..device import DEVICES
 from ..errors import KanimgError
 from .types import execution_flags, int_list
 
@@ -24,7 +25,7 @@ def add(sub) -> None:
     cmp.add_argument("--steps", type=int, help="training steps per model (default 2000; with --preset, overrides its length)")
     cmp.add_argument("--crop", type=int_list("--crop"), metavar="X,Y,W,H", help="add a zoomed crop of this region to the gallery")
     cmp.add_argument("--seed", type=int, default=0, help="seed of every model's initialisation and pixel sampling (default 0)")
-    cmp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cmp.add_argument("--device", default="auto", choices=DEVICES)
     execution_flags(cmp)
     cmp.add_argument("-o", "--out", type=Path, default=Path("runs/compare"),
                      help="output folder (default: runs/compare); the same command again continues it, reusing finished runs")

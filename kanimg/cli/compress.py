@@ -6,6 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..device import DEVICES
 from .types import comma_list
 
 DEFAULT_BPPS = "0.1,0.2,0.3,0.5,1.0"
@@ -19,7 +20,7 @@ def _network_options(parser: argparse.ArgumentParser) -> None:
                                                 "the most bits that fit the budget, SIREN float16 (COIN)")
     g.add_argument("--per-channel", action="store_true", help="one quantisation step per output channel (default: per tensor)")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device (decoding is always CPU)")
+    g.add_argument("--device", default="auto", choices=DEVICES, help="training device (decoding is always CPU)")
 
 
 def _network_config(args: argparse.Namespace) -> dict:

@@ -6,8 +6,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..device import DEVICES
 from .types import execution_flags, grid_schedule, int_list
-
 
 MODEL_OPTIONS = ("widths", "grids", "grid_kind", "directions", "omega0", "scale", "num_features")
 TRAIN_OPTIONS = ("steps", "lr", "batch_size", "schedule", "grid_update_every", "grid_update_until", "grid_schedule", "eval_every",
@@ -44,7 +44,7 @@ def add(sub) -> None:
     o = fit.add_argument_group("data and output")
     o.add_argument("--grey", action="store_true", help="fit the luminance only")
     o.add_argument("--coords", choices=["centers", "linspace"], help="pixel coordinates: pixel centres (default) or the paper's linspace(-1, 1, N)")
-    o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    o.add_argument("--device", default="auto", choices=DEVICES)
     o.add_argument("-o", "--out", type=Path, help="run folder (default: runs/<image>-<model>)")
     o.add_argument("--force", action="store_true", help="replace an existing run folder")
     o.add_argument("--resume", nargs="?", const=True, type=Path, metavar="CHECKPOINT",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..device import DEVICES
 from ..errors import KanimgError
 from .types import size
 
@@ -14,7 +15,7 @@ def add(sub) -> None:
     ren.add_argument("--size", type=size, help="WIDTHxHEIGHT (default: the fitted image's size)")
     ren.add_argument("-o", "--out", type=Path, help="output PNG (default: render-WxH.png beside the checkpoint)")
     ren.add_argument("--force", action="store_true", help="replace an existing output file")
-    ren.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ren.add_argument("--device", default="auto", choices=DEVICES)
     ren.set_defaults(func=cmd_render)
 
 

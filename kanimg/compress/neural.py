@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from ..errors import KanimgError
+from .. import distributed
 from ..device import resolve_device
+from ..errors import KanimgError
 from ..io import ImageData
 from ..metrics import psnr
 from ..models import build_model
@@ -118,7 +119,13 @@ def _float_model_psnr(model: torch.nn.Module, image: ImageData, info: ImageInfo)
 
 
 def compress_image(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
-    """Fit, quantise and code ``image`` into about ``bpp`` bits per pixel (see CompressResult)."""
+    """Fit, quantise and code ``image`` into about ``bpp`` bits per pixel (see CompressResult);
+    one process's work, also inside a torchrun world."""
+    with distributed.alone():
+        return _compress(image, bpp, config)
+
+
+def _compress(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
     if not (bpp > 0 and math.isfinite(bpp)):
         raise KanimgError(f"--bpp must be a positive number of bits per pixel, got {bpp}")
     info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)

@@ -134,12 +134,19 @@ def _experiment(path: Path, config: RDConfig) -> tuple[list[Path], list[ImageDat
 
 def fit_network_points(path: Path, config: RDConfig, cache: PointCache, place: distributed.World) -> None:
     """This rank's share of the experiment's network points (image × network × target bpp),
-    fitted into ``cache``; run_rd then finds them there."""
+    fitted into ``cache``; run_rd then finds them there. Returns when every rank is done;
+    raises KeyboardInterrupt on rank 0 when any rank was interrupted."""
     _, images, codecs = _experiment(path, config)
     work = [(image, name, bpp) for image in images for name in config.models for bpp in sorted(config.bpps)]
-    for _, (image, name, bpp) in place.share(work):
-        with distributed.alone():  # each point is this rank's own fit
-            _run_neural(codecs[name], image, [bpp], [], cache, config.neural, rank=place.rank)
+    stopped = False
+    try:
+        for _, (image, name, bpp) in place.share(work):
+            with distributed.alone():  # each point is this rank's own fit
+                _run_neural(codecs[name], image, [bpp], [], cache, config.neural, rank=place.rank)
+    except KeyboardInterrupt:  # finished points are in the cache; the ranks still meet
+        stopped = True
+    if any(distributed.gather(place, stopped)) or (stopped and not place.is_main):
+        raise KeyboardInterrupt
 
 
 def run_rd(path: Path, config: RDConfig, progress: bool = True, cache: PointCache | None = None) -> RDResult:

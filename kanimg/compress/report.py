@@ -37,8 +37,7 @@ def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, p
     with contextlib.ExitStack() as stack:
         staging = distributed.main_first(place, lambda: stack.enter_context(RunFolder(Path(out), "rd", replace=force)))
         if place.size > 1:
-            fit_network_points(Path(path), config, PointCache(staging / "points"), place)
-            distributed.gather(place, None)  # every rank's points are in the cache
+            fit_network_points(Path(path), config, PointCache(staging / "points"), place)  # every rank's points in the cache
         if not place.is_main:
             return {}
         result = run_rd(Path(path), config, progress=progress, cache=PointCache(staging / "points"))
