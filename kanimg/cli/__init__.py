@@ -52,17 +52,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.quiet = True  # one progress bar and one printout: rank 0's
             return args.func(args)
     except KanimgError as exc:
-        print(f"kanimg: error: {exc}", file=sys.stderr)
+        print(f"{_speaker()}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kanimg: interrupted", file=sys.stderr)
+        print(f"{_speaker()}: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, torch.OutOfMemoryError):
-        print("kanimg: error: out of memory; try a smaller --batch-size or model", file=sys.stderr)
+        print(f"{_speaker()}: error: out of memory; try a smaller --batch-size or model", file=sys.stderr)
         return 2
     except OSError as exc:  # a disk that filled up or a folder that became read-only mid-run
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"kanimg: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"{_speaker()}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     finally:
         _on_sigterm(previous)
@@ -71,12 +71,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 DISTRIBUTED_VERBS = ("fit", "compare", "rd")
 
 
+def _speaker() -> str:
+    """Who says a line: "kanimg", or under torchrun "kanimg[rank R]" (every rank reports its own)."""
+    try:
+        place = distributed.from_environment()
+    except KanimgError:
+        return "kanimg"
+    return f"kanimg[rank {place.rank}]" if place.size > 1 else "kanimg"
+
+
 def _setup_logging(quiet: bool, place: distributed.World = distributed.World()) -> None:
     """kanimg's own log lines (e.g. the one-time kernel build) on stderr, nothing from others;
     under torchrun each line says its rank."""
     log = logging.getLogger("kanimg")
     log.setLevel(logging.WARNING if quiet else logging.INFO)
-    prefix = f"kanimg[rank {place.rank}]" if place.size > 1 else "kanimg"
+    prefix = _speaker() if place.size > 1 else "kanimg"
     handler = next((h for h in log.handlers if getattr(h, "kanimg_cli", False)), None)
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
