@@ -176,3 +176,13 @@ def agree(values: Sequence[float]) -> list[float]:
     tensor = torch.tensor(list(values), dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.tolist()
+
+
+def total(place: World, value: float | torch.Tensor) -> float:
+    """The sum of a number over the ranks (every rank gets it; the number itself in one process)."""
+    value = float(value)
+    if place.size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.item()

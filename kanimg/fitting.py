@@ -167,12 +167,12 @@ class Fit:
         width, height = size or (self.image.width, self.image.height)
         return render(self.model, height, width, self.config["coords"], self.trainer.device)
 
-    def save(self, folder: str | os.PathLike, force: bool = False, resumed_from: int | None = None) -> Path:
+    def save(self, folder: str | os.PathLike, force: bool = False) -> Path:
         """Write the run folder ``kanimg fit`` writes (reconstruction, error map, metrics.json,
         curves, checkpoint); an existing folder only with ``force`` (and only one kanimg wrote)."""
         run = RunFolder(Path(folder), "fit", replace=force)
         with run as staging:
-            self.write(staging, resumed_from)
+            self.write(staging)
         return run.final
 
     def write(self, folder: Path, resumed_from: int | None = None) -> dict:
@@ -349,19 +349,18 @@ def _resume_source(resume: str | os.PathLike | bool, out: str | os.PathLike | No
 def _resumed_settings(state: dict, checkpoint: Path, data: ImageData, model: str, model_options: dict[str, Any],
                       train_options: dict[str, Any]) -> tuple[dict[str, Any], TrainConfig]:
     """A resumed run's model spec and training config: its own, with only the changeable
-    settings taken from the caller (other given values must equal the run's)."""
+    settings taken from the caller's options (None values already dropped; other given values
+    must equal the run's)."""
     saved = state["config"]
     if [data.height, data.width, data.channels] != [saved["image"][k] for k in ("height", "width", "channels")]:
-        raise KanimgError(f"the image is not the one {checkpoint} was trained on "
+        raise KanimgError(f"{data.name} is not the image {checkpoint} was trained on "
                           f"({saved['image']['width']}x{saved['image']['height']}, {saved['image']['channels']} channels)")
     saved_spec = {k: v for k, v in state["trainer"]["spec"].items() if k != "name"}
-    given = {k: v for k, v in model_options.items() if v is not None}
-    resolved = model_spec_for(model, given, data.channels) if given else {}
-    overrides = {k: v for k, v in train_options.items() if v is not None}
-    wanted = TrainConfig.from_dict({**saved["train"], **overrides}).to_dict()
-    _refuse_changes({**{k: (resolved[k], saved_spec.get(k)) for k in given},
-                     **{k: (wanted[k], saved["train"][k]) for k in overrides if k not in CHANGEABLE_ON_RESUME}}, checkpoint)
-    changed = {k: v for k, v in overrides.items() if k in CHANGEABLE_ON_RESUME}
+    resolved = model_spec_for(model, model_options, data.channels) if model_options else {}
+    wanted = TrainConfig.from_dict({**saved["train"], **train_options}).to_dict()
+    _refuse_changes({**{k: (resolved[k], saved_spec.get(k)) for k in model_options},
+                     **{k: (wanted[k], saved["train"][k]) for k in train_options if k not in CHANGEABLE_ON_RESUME}}, checkpoint)
+    changed = {k: v for k, v in train_options.items() if k in CHANGEABLE_ON_RESUME}
     return saved_spec, TrainConfig.from_dict({**saved["train"], **changed})
 
 

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
@@ -333,11 +332,7 @@ class Trainer:
 
     def _global(self, loss: torch.Tensor) -> float:
         """The whole batch's loss from a rank's :meth:`_loss` (itself in a single process)."""
-        if self.place.size == 1:
-            return loss.item()
-        total = loss.double().cpu().reshape(1)
-        dist.all_reduce(total)
-        return total.item() / self.place.size
+        return distributed.total(self.place, loss) / self.place.size
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -345,13 +340,11 @@ class Trainer:
         each rank predicts its share of the pixels and the squared errors are added up."""
         n = self.target.values.shape[0]
         rows = slice(self.place.rank * n // self.place.size, (self.place.rank + 1) * n // self.place.size)
-        squared = torch.zeros(1, dtype=torch.float64)
+        squared = 0.0
         if rows.stop > rows.start:
             prediction = predict(self.model, self.target.coords[rows], forward=lambda coords: self.forward(coords, compiled=False))
-            squared += nn.functional.mse_loss(prediction, self.target.values[rows], reduction="sum").double().cpu()
-        if self.place.size > 1:
-            dist.all_reduce(squared)
-        mse = squared.item() / self.target.values.numel()
+            squared = nn.functional.mse_loss(prediction, self.target.values[rows], reduction="sum").item()
+        mse = distributed.total(self.place, squared) / self.target.values.numel()
         _check_converging(mse, self.step, "full-image error")
         value = psnr_from_mse(mse, 2.0)  # values span [-1, 1]: peak-to-peak 2
         self.history.eval_step.append(self.step)

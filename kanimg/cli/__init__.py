@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = _on_sigterm(_raise_interrupt)  # `kill` saves like Ctrl-C
     try:
         with distributed.joined() as place:
-            _setup_logging(quiet=getattr(args, "quiet", False), place=place)
+            _setup_logging(quiet=getattr(args, "quiet", False))
             if place.size > 1 and args.command not in DISTRIBUTED_VERBS:
                 raise KanimgError(f"kanimg {args.command} runs in one process; under torchrun only {', '.join(DISTRIBUTED_VERBS)} "
                                   f"share their work among processes")
@@ -80,12 +80,12 @@ def _speaker() -> str:
     return f"kanimg[rank {place.rank}]" if place.size > 1 else "kanimg"
 
 
-def _setup_logging(quiet: bool, place: distributed.World = distributed.World()) -> None:
+def _setup_logging(quiet: bool) -> None:
     """kanimg's own log lines (e.g. the one-time kernel build) on stderr, nothing from others;
     under torchrun each line says its rank."""
     log = logging.getLogger("kanimg")
     log.setLevel(logging.WARNING if quiet else logging.INFO)
-    prefix = _speaker() if place.size > 1 else "kanimg"
+    prefix = _speaker()
     handler = next((h for h in log.handlers if getattr(h, "kanimg_cli", False)), None)
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
