@@ -33,12 +33,14 @@ from .device import resolve_device
 from .errors import KanimgError, first_line
 from .files import RunFolder, staging_folder, write_json
 from .io import ImageData, ImageLike, as_image, default_image, save_png
+from .mapped import MappedImage, open_image
 from .metrics import reconstruction_metrics
 from .models import build_model, get_entry, param_count
 from .plots import error_map, plot_curves, save_rgb8
 from .render import render
 from .results import versions
-from .sampling import COORDINATES, ImageTarget
+from .sampling import COORDINATES, ImageTarget, MappedTarget
+from .streamed import stream_outputs
 from .train import Trainer, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -121,10 +123,12 @@ class Fit:
     """A fitted image: the trained model, its reconstruction and scores, and how it was made.
 
     ``out`` is the run folder when the fit wrote one (else None); ``interrupted`` is True when
-    Ctrl-C stopped training early (the result is the best reached so far).
+    Ctrl-C stopped training early (the result is the best reached so far). An image file over
+    kanimg.mapped.STREAM_PIXELS is a MappedImage: its reconstruction is too large to return,
+    and its outputs and scores are streamed (kanimg.streamed).
     """
 
-    image: ImageData
+    image: ImageData | MappedImage
     trainer: Trainer
     config: dict
     wall_seconds: float
@@ -143,6 +147,9 @@ class Fit:
     def reconstruction(self) -> np.ndarray:
         """(H, W, C) float32 pixels of the model on the image's own grid (unclipped)."""
         if "reconstruction" not in self._cache:
+            if isinstance(self.image, MappedImage):
+                raise KanimgError(f"{self.image.name} is {self.image.width}x{self.image.height}, too large to hold its reconstruction: "
+                                  f"save() writes it to reconstruction.png, render(size=...) gives a smaller one")
             self._cache["reconstruction"] = self.render()
         return self._cache["reconstruction"]
 
@@ -150,7 +157,10 @@ class Fit:
     def metrics(self) -> dict:
         """psnr, psnr_png (of the exported PNG), ssim, lpips (None where its weights are missing)."""
         if "metrics" not in self._cache:
-            self._cache["metrics"] = reconstruction_metrics(self.image.pixels, self.reconstruction, self.image.bit_depth)
+            if isinstance(self.image, MappedImage):
+                self._cache["metrics"] = stream_outputs(self.model, self.image, self.config["coords"], self.trainer.device)
+            else:
+                self._cache["metrics"] = reconstruction_metrics(self.image.pixels, self.reconstruction, self.image.bit_depth)
         return self._cache["metrics"]
 
     @property
@@ -177,9 +187,12 @@ class Fit:
 
     def write(self, folder: Path, resumed_from: int | None = None) -> dict:
         """Write every output of the run into the existing ``folder``; return metrics.json's payload."""
-        recon, metrics = self.reconstruction, self.metrics
-        save_png(folder / "reconstruction.png", recon, self.image.bit_depth)
-        save_rgb8(folder / "error.png", error_map(self.image.pixels, recon))
+        if isinstance(self.image, MappedImage):  # streamed: the images and the scores in one pass
+            self._cache["metrics"] = stream_outputs(self.model, self.image, self.config["coords"], self.trainer.device, folder)
+        else:
+            save_png(folder / "reconstruction.png", self.reconstruction, self.image.bit_depth)
+            save_rgb8(folder / "error.png", error_map(self.image.pixels, self.reconstruction))
+        metrics = self.metrics
         trainer, config = self.trainer, self.config
         summary = {
             "image": config["image"]["path"],
@@ -270,7 +283,7 @@ def fit(
     if coords not in COORDINATES:
         raise KanimgError(f"unknown coordinate convention {coords!r}; choose from {', '.join(COORDINATES)}")
     source = Path(image) if isinstance(image, (str, os.PathLike)) else (default_image() if image is None else None)
-    data = as_image(source if source is not None else image, grey=grey)
+    data = open_image(source, grey) if source is not None else as_image(image, grey=grey)
     if state is None:
         spec = model_spec_for(model, model_options, data.channels, (data.height, data.width))
         cfg = train_config_for(model, train_options, (data.height, data.width), dev)
@@ -375,14 +388,15 @@ def _split_options(model: str, options: dict[str, Any]) -> tuple[dict[str, Any],
     return ({k: v for k, v in options.items() if k in model_keys}, {k: v for k, v in options.items() if k in train_keys})
 
 
-def new_trainer(model: str, spec: dict[str, Any], cfg: TrainConfig, data: ImageData, coords: str, device: torch.device,
-                progress: bool) -> Trainer:
-    """A Trainer of a freshly built ``model`` on ``data``, its initialisation seeded by ``cfg.seed``
-    (without touching the caller's random state)."""
+def new_trainer(model: str, spec: dict[str, Any], cfg: TrainConfig, data: ImageData | MappedImage, coords: str,
+                device: torch.device, progress: bool) -> Trainer:
+    """A Trainer of a freshly built ``model`` on ``data`` (streamed when it is a MappedImage), its
+    initialisation seeded by ``cfg.seed`` (without touching the caller's random state)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         net = build_model(model, **spec).to(device)
-    return Trainer(net, ImageTarget(data.pixels, coords, device), cfg, progress=progress)
+    target = MappedTarget(data, coords, device) if isinstance(data, MappedImage) else ImageTarget(data.pixels, coords, device)
+    return Trainer(net, target, cfg, progress=progress)
 
 
 def run_config(trainer: Trainer, data: ImageData, image_path: str | None, grey: bool, coords: str) -> dict:

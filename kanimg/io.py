@@ -109,8 +109,8 @@ def load_image(path: str | os.PathLike, grey: bool = False, max_pixels: int = MA
                 if width * height > max_pixels:
                     raise KanimgError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the "
                                       f"limit of {max_pixels / 1e6:.0f} (possible decompression bomb)")
-                orientation = im.getexif().get(0x0112, 1)
                 array, mode, depth = _decode(path, im)
+                orientation = im.getexif().get(0x0112, 1)  # after decoding: Pillow applies a TIFF's itself and drops the tag
     except KanimgError:
         raise
     except UnidentifiedImageError:
@@ -268,7 +268,8 @@ def to_grey(pixels: np.ndarray, mode: str) -> np.ndarray:
     """(H, W, 1) luminance of float pixels in ``mode``, dropping alpha: ITU-R 601-2 luma (the
     weights Pillow's convert("L") uses) for colour, the grey channel itself for "L"/"LA"."""
     if mode in ("RGB", "RGBA"):
-        return (pixels[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+        red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]  # elementwise: the same pixel gives the same grey in any array
+        return (red * np.float32(0.299) + green * np.float32(0.587) + blue * np.float32(0.114))[..., None]
     return pixels[..., :1]
 
 
@@ -288,13 +289,23 @@ def save_png(path: str | os.PathLike, pixels: np.ndarray, bit_depth: int = 8) ->
     path = Path(path)
     ints = quantize(pixels, bit_depth)
     channels = ints.shape[2]
-    with atomic_path(path) as tmp:
-        if bit_depth == 8:
+    if bit_depth == 8:
+        with atomic_path(path) as tmp:
             Image.fromarray(ints[..., 0] if channels == 1 else ints).save(tmp, format="PNG")
-        else:
-            import png  # pypng: Pillow cannot write 16-bit colour
+    else:  # Pillow cannot write 16-bit colour
+        save_png_rows(path, ints.shape[0], ints.shape[1], channels, bit_depth, iter(ints))
 
-            writer = png.Writer(ints.shape[1], ints.shape[0], greyscale=channels <= 2, alpha=channels in (2, 4), bitdepth=16)
-            with open(tmp, "wb") as f:
-                writer.write(f, ints.reshape(ints.shape[0], -1))
 
+def save_png_rows(path: str | os.PathLike, height: int, width: int, channels: int, bit_depth: int, rows) -> None:
+    """Write a PNG atomically from an iterable of its rows or row bands, (W, C) or (rows, W, C)
+    unsigned integers of ``bit_depth`` bits, without holding the image (pypng streams them)."""
+    import png  # pypng
+
+    def flat_rows():
+        for part in rows:
+            yield from np.asarray(part).reshape(-1, width * channels)
+
+    writer = png.Writer(width, height, greyscale=channels <= 2, alpha=channels in (2, 4), bitdepth=bit_depth)
+    with atomic_path(Path(path)) as tmp:
+        with open(tmp, "wb") as f:
+            writer.write(f, flat_rows())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,6 +43,33 @@ def ssim(reference: np.ndarray, test: np.ndarray) -> float:
     if win < 3:
         return float("nan")
     return float(structural_similarity(ref, tst, data_range=1.0, channel_axis=-1, win_size=win))
+
+
+SSIM_WINDOW = 7
+
+
+def ssim_in_bands(reference: Callable[[int, int], np.ndarray], test: Callable[[int, int], np.ndarray], height: int,
+                  band_rows: int) -> float:
+    """:func:`ssim` of two (H, W, C) images read as row bands (``reference(start, stop)`` gives
+    rows start … stop - 1), never holding either: each band is read with the 3 rows of context
+    the 7×7 window needs, and the mean runs over the same pixels as scikit-image's (all but a
+    3-pixel border), so the value equals the whole-image one up to rounding. NaN when the
+    image is under 7 pixels high or wide."""
+    from skimage.metrics import structural_similarity
+
+    pad = SSIM_WINDOW // 2
+    total, count = 0.0, 0
+    for start in range(pad, height - pad, max(1, band_rows)):
+        stop = min(start + band_rows, height - pad)
+        ref, tst = reference(start - pad, stop + pad), test(start - pad, stop + pad)
+        if ref.shape[1] < SSIM_WINDOW:
+            break
+        for channel in range(ref.shape[2]):  # one at a time: SSIM's float64 temporaries are ~15 copies of its input
+            _, local = structural_similarity(ref[..., channel].astype(np.float64), np.clip(tst[..., channel], 0, 1).astype(np.float64),
+                                             data_range=1.0, win_size=SSIM_WINDOW, full=True)
+            inner = local[pad:-pad, pad:-pad]
+            total, count = total + float(inner.sum(dtype=np.float64)), count + inner.size
+    return total / count if count else float("nan")
 
 
 def lpips_backbone_path() -> Path:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .errors import KanimgError
 from .io import MAX_PIXELS
+from .mapped import MAX_STREAM_PIXELS, MAX_STREAM_SIDE
 from .nn.bspline import spline_features
 from .nn.kan import KAN
 from .sampling import axis_coords, chunks
@@ -120,6 +121,42 @@ class GridEvaluator:
         return (hidden.to(dtype or self.dtype) + 1) / 2
 
 
+def check_render_size(height: int, width: int, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse a grid outside 1x1 … ``max_pixels`` (sides up to MAX_STREAM_SIDE) in one line."""
+    if width < 1 or height < 1:
+        raise KanimgError(f"cannot render {width}x{height}: an image needs at least 1x1 pixels")
+    if width * height > max_pixels or max(width, height) > MAX_STREAM_SIDE:
+        raise KanimgError(f"cannot render {width}x{height}: {width * height / 1e6:,.0f} megapixels, over the limit of "
+                          f"{max_pixels / 1e6:,.0f} (sides up to {MAX_STREAM_SIDE:,})")
+
+
+def _evaluator(model: nn.Module, height: int, width: int, convention: str, device: torch.device | str,
+               dtype: torch.dtype | None, max_pixels: int) -> tuple[GridEvaluator, torch.dtype]:
+    """The GridEvaluator of a render (of a copy of the model converted to ``dtype`` if that differs)
+    and the render's output dtype, after checking the grid size."""
+    check_render_size(height, width, max_pixels)
+    if dtype is not None and dtype != model_dtype(model):
+        model = copy.deepcopy(model).to(dtype)
+    evaluate = GridEvaluator(model, height, width, convention, device)
+    return evaluate, torch.promote_types(evaluate.dtype, torch.float32)
+
+
+@torch.no_grad()
+def render_bands(model: nn.Module, height: int, width: int, convention: str = "centers",
+                 device: torch.device | str = "cpu", chunk: int | None = None, dtype: torch.dtype | None = None
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """The model on an H×W pixel grid as bands of whole rows, top to bottom: (first row,
+    (rows, W, C) numpy pixels in [0, 1], unclipped), about ``chunk`` pixels (default
+    :func:`eval_chunk`) each, so an image larger than memory can be rendered to a file
+    (up to MAX_STREAM_PIXELS). ``dtype`` as in :func:`render`."""
+    evaluate, out_dtype = _evaluator(model, height, width, convention, device, dtype, MAX_STREAM_PIXELS)
+    rows = max(1, (chunk or eval_chunk(device)) // width)
+    for start in range(0, height, rows):
+        stop = min(start + rows, height)
+        index = torch.arange(start * width, stop * width, device=device)
+        yield start, evaluate(index, out_dtype).cpu().numpy().reshape(stop - start, width, -1)
+
+
 @torch.no_grad()
 def render(model: nn.Module, height: int, width: int, convention: str = "centers",
            device: torch.device | str = "cpu", chunk: int | None = None, dtype: torch.dtype | None = None,
@@ -131,40 +168,26 @@ def render(model: nn.Module, height: int, width: int, convention: str = "centers
     evaluates a copy of the model converted to it (the model itself is left as it is). The
     result is numpy in that dtype (at least float32). ``chunk`` pixels (default:
     :func:`eval_chunk`) are evaluated at a time, so memory stays flat however large the
-    render; only the output itself is held.
+    render; only the output itself is held (larger images: :func:`render_bands`).
 
     Raises:
         KanimgError: a grid outside 1x1 … MAX_PIXELS (the output must fit in memory).
         IndexError: a pixel index outside the grid.
     """
-    if width < 1 or height < 1:
-        raise KanimgError(f"cannot render {width}x{height}: an image needs at least 1x1 pixels")
-    if width * height > MAX_PIXELS:
-        raise KanimgError(f"cannot render {width}x{height}: {width * height / 1e6:,.0f} megapixels, over the limit of "
-                          f"{MAX_PIXELS / 1e6:.0f}")
-    if dtype is not None and dtype != model_dtype(model):
-        model = copy.deepcopy(model).to(dtype)
-    evaluate = GridEvaluator(model, height, width, convention, device)
-    out_dtype = torch.promote_types(evaluate.dtype, torch.float32)
-    chunk = chunk or eval_chunk(device)
-    count = height * width
     if pixels is None:
-        band = max(1, chunk // width) * width  # whole rows at a time
-        parts = (torch.arange(part.start, part.stop, device=device) for part in chunks(count, band))
-    else:
-        index = (pixels.to("cpu", torch.long) if isinstance(pixels, Tensor)
-                 else torch.as_tensor(np.asarray(pixels, dtype=np.int64))).reshape(-1)
-        if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < count:
-            raise IndexError(f"pixel indices must lie in [0, {count}) for a {width}x{height} grid")
-        parts = (index[part] for part in chunks(index.shape[0], chunk))
-    out = None
-    start = 0
-    for part in parts:
-        values = evaluate(part, out_dtype).cpu()
-        if out is None:
-            out = torch.empty((count if pixels is None else len(index), values.shape[1]), dtype=out_dtype)
-        out[start : start + values.shape[0]] = values
-        start += values.shape[0]
-    if out is None:  # no pixels asked for: the output width is unknown without a forward pass
-        out = evaluate(torch.zeros(1, dtype=torch.long), out_dtype).cpu()[:0]
-    return out.reshape(height, width, -1).numpy() if pixels is None else out.numpy()
+        check_render_size(height, width)
+        out = None
+        for start, band in render_bands(model, height, width, convention, device, chunk, dtype):
+            out = np.empty((height, width, band.shape[2]), band.dtype) if out is None else out
+            out[start : start + band.shape[0]] = band
+        return out
+    evaluate, out_dtype = _evaluator(model, height, width, convention, device, dtype, MAX_PIXELS)
+    count = height * width
+    index = (pixels.to("cpu", torch.long) if isinstance(pixels, Tensor)
+             else torch.as_tensor(np.asarray(pixels, dtype=np.int64))).reshape(-1)
+    if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < count:
+        raise IndexError(f"pixel indices must lie in [0, {count}) for a {width}x{height} grid")
+    parts = [evaluate(index[part], out_dtype).cpu() for part in chunks(index.shape[0], chunk or eval_chunk(device))]
+    if not parts:  # no pixels asked for: the output width is unknown without a forward pass
+        parts = [evaluate(torch.zeros(1, dtype=torch.long), out_dtype).cpu()[:0]]
+    return torch.cat(parts).numpy()

@@ -17,6 +17,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from .errors import KanimgError
+
 COORDINATES = ("centers", "linspace")
 
 
@@ -122,3 +124,100 @@ class ImageTarget:
         self.coords = pixel_coords(self.height, self.width, convention, device)  # (N, 2)
         values = torch.as_tensor(pixels, dtype=torch.float32, device=device).reshape(-1, self.channels)
         self.values = values * 2 - 1  # (N, C) in [-1, 1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def count(self) -> int:
+        return self.values.shape[0]
+
+    def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Coordinates and values of the pixels at row-major ``index``."""
+        return self.coords[index], self.values[index]
+
+    def share(self, rank: int = 0, ranks: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """Rank ``rank`` of ``ranks``'s part of every pixel (one contiguous slice), for evaluations."""
+        rows = slice(rank * self.count // ranks, (rank + 1) * self.count // ranks)
+        if rows.stop > rows.start:
+            yield self.coords[rows], self.values[rows]
+
+    def sampler(self, batch_size: int, seed: int = 0, share: tuple[int, int] = (0, 1)) -> CoordinateSampler:
+        return CoordinateSampler(self.coords, self.values, batch_size, seed, share)
+
+
+BAND_PIXELS = 1 << 16  # pixels a streamed target reads per evaluation band (whole rows; ~100 bytes a pixel while in use)
+
+
+class MappedTarget:
+    """A :class:`kanimg.mapped.MappedImage` as training data: colours are read from the map when
+    a batch or an evaluation band needs them and coordinates are computed from the pixel
+    indices, so nothing is held per pixel (an ImageTarget holds 4·(2 + C) bytes a pixel).
+    Same interface as :class:`ImageTarget`; batches are drawn with replacement
+    (:class:`RandomPixelSampler`)."""
+
+    def __init__(self, image, convention: str = "centers", device: torch.device | str = "cpu") -> None:
+        self.image = image
+        self.height, self.width, self.channels = image.height, image.width, image.channels
+        self.convention = convention
+        self.xs = axis_coords(self.width, convention, device)
+        self.ys = axis_coords(self.height, convention, device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.xs.device
+
+    @property
+    def count(self) -> int:
+        return self.height * self.width
+
+    def coords_at(self, index: Tensor) -> Tensor:
+        """(N, 2) coordinates of row-major pixel ``index``, equal to :func:`pixel_coords`' rows."""
+        index = index.to(self.device)
+        return torch.stack([self.xs[index % self.width], self.ys[index // self.width]], dim=1)
+
+    def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        values = torch.from_numpy(self.image.take(index.cpu().numpy())).to(self.device)
+        return self.coords_at(index), values * 2 - 1
+
+    def share(self, rank: int = 0, ranks: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """Rank ``rank`` of ``ranks``'s rows of the image, read in bands of whole rows."""
+        first, last = rank * self.height // ranks, (rank + 1) * self.height // ranks
+        band = max(1, BAND_PIXELS // self.width)
+        for start in range(first, last, band):
+            stop = min(start + band, last)
+            values = torch.from_numpy(self.image.rows(start, stop)).to(self.device).reshape(-1, self.channels)
+            yield self.coords_at(torch.arange(start * self.width, stop * self.width)), values * 2 - 1
+
+    def sampler(self, batch_size: int, seed: int = 0, share: tuple[int, int] = (0, 1)) -> "RandomPixelSampler":
+        return RandomPixelSampler(self, batch_size, seed, share)
+
+
+class RandomPixelSampler:
+    """Random minibatches of a streamed target, drawn with replacement: a permutation of every
+    pixel (CoordinateSampler's epochs) would itself take 8 bytes a pixel. Indices are sorted
+    within a batch, so reads from the map run forward. Same interface as CoordinateSampler,
+    the same data-parallel shares (every rank draws the same batch and takes every size-th
+    pixel of it)."""
+
+    def __init__(self, target: MappedTarget, batch_size: int, seed: int = 0, share: tuple[int, int] = (0, 1)) -> None:
+        if batch_size <= 0:
+            raise KanimgError(f"a streamed {target.width}x{target.height} image trains on batches of pixels; "
+                              f"batch size 0 (the whole image every step) is refused")
+        self.target, (self.rank, self.ranks) = target, share
+        self.batch_size = min(batch_size, target.count)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed)
+        self.whole_count = 0
+
+    def next_batch(self, whole: bool = False) -> tuple[Tensor, Tensor]:
+        index = torch.randint(self.target.count, (self.batch_size,), generator=self.generator).sort().values
+        self.whole_count = index.numel()
+        return self.target.batch(index if whole else index[self.rank :: self.ranks])
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -27,7 +27,7 @@ from . import distributed
 from .errors import KanimgError
 from .metrics import psnr_from_mse
 from .render import predict
-from .sampling import CoordinateSampler, ImageTarget
+from .sampling import ImageTarget, MappedTarget
 
 SCHEDULES = ("cosine", "constant", "staged")
 # fp32: full precision; tf32: float32 matmuls may use TensorFloat-32 (CUDA Ampere and later;
@@ -170,7 +170,7 @@ class Trainer:
     Args:
         model: maps (N, 2) coordinates to (N, C) values; KANs (``update_grids``,
             ``extend_grids``) get grid updates.
-        target: the image as coordinates and values.
+        target: the image as coordinates and values (in memory, or streamed from a map).
         config: how to train.
         progress: show a tqdm bar with live loss and PSNR.
         weights: a parameter transform: ``weights(model)`` gives the tensors (by parameter
@@ -179,15 +179,14 @@ class Trainer:
             through it. Parameters with ``requires_grad`` False are not optimised.
     """
 
-    def __init__(self, model: nn.Module, target: ImageTarget, config: TrainConfig, progress: bool = True,
+    def __init__(self, model: nn.Module, target: ImageTarget | MappedTarget, config: TrainConfig, progress: bool = True,
                  weights: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None) -> None:
         self.model, self.target, self.config, self.progress, self.weights = model, target, config, progress, weights
-        self.device = target.values.device
+        self.device = target.device
         self.place = distributed.world()
         if self.place.size > 1 and (config.compile or weights is not None):
             raise KanimgError("data-parallel training (torchrun) runs eager, without --compile or a weight transform")
-        self.sampler = CoordinateSampler(target.coords, target.values, config.batch_size, seed=config.seed,
-                                         share=(self.place.rank, self.place.size))
+        self.sampler = target.sampler(config.batch_size, seed=config.seed, share=(self.place.rank, self.place.size))
         self.step = 0
         self.stage, self.stage_start = 0, 0  # current stage and the step it began at
         self.train_seconds = 0.0
@@ -259,9 +258,9 @@ class Trainer:
         training, not that; nor ``torch.compile``'s compilation. Changes nothing: no optimiser
         step, no sampler draw, gradients dropped."""
         started = time.perf_counter()
-        rows = slice(0, max(1, self.sampler.batch_size // self.place.size))
+        coords, values = self.target.batch(torch.arange(max(1, self.sampler.batch_size // self.place.size)))
         with self.precision():
-            nn.functional.mse_loss(self.forward(self.target.coords[rows]), self.target.values[rows]).backward()
+            nn.functional.mse_loss(self.forward(coords), values).backward()
         self.model.zero_grad(set_to_none=True)
         return time.perf_counter() - started
 
@@ -338,13 +337,11 @@ class Trainer:
     def evaluate(self) -> float:
         """Full-image PSNR (dB, [0, 1] scale, unclipped); keeps the best weights. Under torchrun
         each rank predicts its share of the pixels and the squared errors are added up."""
-        n = self.target.values.shape[0]
-        rows = slice(self.place.rank * n // self.place.size, (self.place.rank + 1) * n // self.place.size)
         squared = 0.0
-        if rows.stop > rows.start:
-            prediction = predict(self.model, self.target.coords[rows], forward=lambda coords: self.forward(coords, compiled=False))
-            squared = nn.functional.mse_loss(prediction, self.target.values[rows], reduction="sum").item()
-        mse = distributed.total(self.place, squared) / self.target.values.numel()
+        for coords, values in self.target.share(self.place.rank, self.place.size):
+            prediction = predict(self.model, coords, forward=lambda part: self.forward(part, compiled=False))
+            squared += nn.functional.mse_loss(prediction, values, reduction="sum").item()
+        mse = distributed.total(self.place, squared) / (self.target.count * self.target.channels)
         _check_converging(mse, self.step, "full-image error")
         value = psnr_from_mse(mse, 2.0)  # values span [-1, 1]: peak-to-peak 2
         self.history.eval_step.append(self.step)

@@ -23,12 +23,14 @@ def cmd_render(args: argparse.Namespace) -> int:
     from ..checkpoints import best_model, load_checkpoint
     from ..device import resolve_device
     from ..files import check_writable
-    from ..io import save_png
-    from ..render import render
+    from ..render import check_render_size
+    from ..mapped import MAX_STREAM_PIXELS
+    from ..streamed import render_png
 
     payload = load_checkpoint(args.checkpoint)
     image = payload["config"]["image"]
     width, height = args.size or (image["width"], image["height"])
+    check_render_size(height, width, MAX_STREAM_PIXELS)
     out = args.out or args.checkpoint.parent / f"render-{width}x{height}.png"
     if out.is_dir():
         raise KanimgError(f"{out} is a folder; give a file name with -o")
@@ -37,7 +39,6 @@ def cmd_render(args: argparse.Namespace) -> int:
     check_writable(out.parent)
     device = resolve_device(args.device)
     model = best_model(payload["trainer"], device)
-    pixels = render(model, height, width, payload["config"]["coords"], device)
-    save_png(out, pixels, image["bit_depth"])
-    print(f"{out}: {width}x{height}, {pixels.shape[2]} channel(s), {image['bit_depth']}-bit")
+    channels = render_png(model, height, width, payload["config"]["coords"], device, out, image["bit_depth"])
+    print(f"{out}: {width}x{height}, {channels} channel(s), {image['bit_depth']}-bit")
     return 0
