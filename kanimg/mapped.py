@@ -3,10 +3,10 @@ at pixel indices.
 
 A 20,000 × 20,000 RGB photo is 4.8 GB as float32 but 1.2 GB as bytes, and mapped from disk
 a process holds only the pages it reads. Uncompressed TIFF/BigTIFF files are mapped as they
-are (tifffile.memmap); compressed or tiled TIFFs and PNGs are decoded once, tile by tile or
-row by row, into an unnamed temporary file (gone when the process ends, kill -9 included)
-that is then mapped. Other formats have no streaming decoder here and keep the in-memory
-limit (io.MAX_PIXELS).
+are (tifffile.memmap); non-interlaced PNGs are decoded once, row by row, into an unnamed
+temporary file (gone when the process ends, kill -9 included) that is then mapped. Other
+formats and layouts (compressed TIFF, interlaced PNG …) are decoded into memory as before, up
+to io.MAX_PIXELS.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import IO
 import numpy as np
 
 from .errors import KanimgError
-from .io import CHANNELS, ImageData, _orient, load_image, to_grey
+from .io import CHANNELS, MAX_PIXELS, ImageData, _orient, load_image, to_grey
 
 # Images with more pixels than this are streamed (fit reads them through a MappedImage) rather
 # than decoded into float32 pixels: 16.8 megapixels, whose float32 RGB pixels and coordinates
@@ -145,9 +145,10 @@ def streamed_size(path: str | os.PathLike) -> tuple[int, int] | None:
         if path.suffix.lower() == ".png":
             import png  # pypng
 
-            reader = png.Reader(filename=str(path))
-            reader.preamble()
-            return reader.height, reader.width
+            with open(path, "rb") as f:
+                reader = png.Reader(file=f)
+                reader.preamble()
+                return reader.height, reader.width
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
@@ -159,11 +160,21 @@ def streamed_size(path: str | os.PathLike) -> tuple[int, int] | None:
 
 def open_image(path: str | os.PathLike, grey: bool = False) -> ImageData | MappedImage:
     """An image file as fit reads it: decoded into floats (:func:`kanimg.io.load_image`) up to
-    STREAM_PIXELS, mapped (:func:`open_mapped`) above that for PNG and TIFF files."""
+    STREAM_PIXELS, mapped (:func:`open_mapped`) above that for PNG and TIFF files of a layout
+    that streams (else decoded into memory up to io.MAX_PIXELS, refused above)."""
     size = streamed_size(path)
-    if size is not None and size[0] * size[1] > STREAM_PIXELS:
+    if size is None or size[0] * size[1] <= STREAM_PIXELS:
+        return load_image(path, grey=grey)
+    try:
         return open_mapped(path, grey)
-    return load_image(path, grey=grey)
+    except NotStreamable as exc:
+        if size[0] * size[1] <= MAX_PIXELS:
+            return load_image(path, grey=grey)
+        raise KanimgError(f"{exc}; convert it to an uncompressed TIFF or a non-interlaced PNG to fit it streamed") from None
+
+
+class NotStreamable(KanimgError):
+    """A PNG or TIFF whose layout the streaming reader does not handle."""
 
 
 def open_mapped(path: str | os.PathLike, grey: bool = False) -> MappedImage:
@@ -212,35 +223,43 @@ def scratch_image(shape: tuple[int, int, int], bit_depth: int, name: str, folder
         raise KanimgError(f"{purpose} needs {size / 2**30:.1f} GiB of temporary space in {folder}, which has "
                           f"{free / 2**30:.1f} GiB free (set TMPDIR to a larger disk)")
     file = tempfile.TemporaryFile(dir=folder)
+    if hasattr(os, "posix_fallocate"):  # reserve the space now: a full disk later would kill the process (SIGBUS)
+        os.posix_fallocate(file.fileno(), 0, size)
     samples = np.memmap(file, dtype=dtype, mode="w+", shape=shape)
     return MappedImage(samples, _MODES[shape[2]], bit_depth, name, file=file)
 
 
 def _map_png(path: Path) -> MappedImage:
-    """Decode a PNG row by row (pypng) into a temporary map; palettes and tRNS expanded."""
+    """Decode a non-interlaced PNG row by row (pypng) into a temporary map; palettes (and their
+    transparency) expanded as Pillow does."""
     import png  # pypng
 
-    reader = png.Reader(filename=str(path))
-    reader.preamble()
-    _check_size(path, reader.height, reader.width)
-    width, height, rows, info = reader.asDirect()
-    planes, depth = info["planes"], info["bitdepth"]
-    image = scratch_image((height, width, planes), 16 if depth > 8 else 8, path.stem, purpose=f"{path}: decoding it")
-    top = 2**image.bit_depth - 1
-    count = 0
-    for count, row in enumerate(rows, start=1):
-        values = np.asarray(row, dtype=np.uint32)
-        if depth not in (8, 16):  # 1, 2, 4 bits (or an sBIT-reduced depth): rescale to the full range
-            values = (values * top + (2**depth - 1) // 2) // (2**depth - 1)
-        image.write_rows(count - 1, values.reshape(1, width, planes))
+    with open(path, "rb") as f:
+        reader = png.Reader(file=f)
+        reader.preamble()
+        _check_size(path, reader.height, reader.width)
+        if reader.interlace:
+            raise NotStreamable(f"{path}: an interlaced PNG cannot be read row by row")
+        if reader.sbit is not None or (reader.trns is not None and not reader.colormap):
+            raise NotStreamable(f"{path}: a PNG with sBIT or a non-palette tRNS chunk is not streamed (read as Pillow does)")
+        width, height, rows, info = reader.asDirect()
+        planes, depth = info["planes"], info["bitdepth"]
+        image = scratch_image((height, width, planes), 16 if depth > 8 else 8, path.stem, purpose=f"{path}: decoding it")
+        top = 2**image.bit_depth - 1
+        count = 0
+        for count, row in enumerate(rows, start=1):
+            values = np.asarray(row, dtype=np.uint32)
+            if depth not in (8, 16):  # 1, 2, 4 bits: rescale to the full range
+                values = (values * top + (2**depth - 1) // 2) // (2**depth - 1)
+            image.write_rows(count - 1, values.reshape(1, width, planes))
     if count != height:
         raise KanimgError(f"{path}: cannot decode image (truncated: {count} of {height} rows)")
     return image
 
 
 def _map_tiff(path: Path) -> MappedImage:
-    """Map a TIFF's first image: in place when uncompressed and contiguous, else decoded into a
-    temporary map segment by segment (tifffile)."""
+    """Map a TIFF's first image in place: uncompressed, contiguous, grey or RGB samples (with
+    unassociated alpha) of 8 or 16 bits. Other layouts are NotStreamable."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
@@ -249,16 +268,20 @@ def _map_tiff(path: Path) -> MappedImage:
         series = tif.series[0]
         shape, dtype, axes = tuple(series.shape), np.dtype(series.dtype), series.axes
         orientation = int(page.tags.valueof(274, 1) or 1)
+        layout = (int(page.compression), int(page.photometric), int(page.planarconfig), tuple(np.atleast_1d(page.extrasamples)))
     if dtype not in (np.uint8, np.uint16):
-        raise KanimgError(f"{path}: unsupported TIFF sample type {dtype} (8- or 16-bit unsigned integers)")
-    if axes not in ("YX", "YXS") or (len(shape) == 3 and shape[2] > 4):
-        raise KanimgError(f"{path}: unsupported TIFF layout {axes} {shape} (a single image, 1 to 4 interleaved channels)")
-    depth, channels = 8 if dtype == np.uint8 else 16, shape[2] if len(shape) == 3 else 1
+        raise NotStreamable(f"{path}: unsupported TIFF sample type {dtype} (8- or 16-bit unsigned integers)")
+    compression, photometric, planar, extra = layout
+    if compression != 1 or photometric not in (1, 2) or planar != 1 or 1 in extra or axes not in ("YX", "YXS") \
+            or (len(shape) == 3 and shape[2] > 4):
+        raise NotStreamable(f"{path}: a TIFF is streamed only uncompressed, grey or RGB, interleaved, without premultiplied "
+                            f"alpha (this one: compression {compression}, photometric {photometric}, {axes} {shape})")
+    channels = shape[2] if len(shape) == 3 else 1
     try:
-        image = MappedImage(tifffile.memmap(path, mode="r").reshape(shape[0], shape[1], channels), _MODES[channels], depth,
-                            path.stem, file=open(path, "rb"))
-    except ValueError:  # compressed, tiled or scattered strips: decode once
-        image = scratch_image((shape[0], shape[1], channels), depth, path.stem, purpose=f"{path}: decoding it")
-        tifffile.imread(path, series=0, out=image.samples.reshape(shape))
+        samples = tifffile.memmap(path, mode="r")
+    except ValueError:
+        raise NotStreamable(f"{path}: its strips are not stored contiguously, so it cannot be mapped") from None
+    image = MappedImage(samples.reshape(shape[0], shape[1], channels), _MODES[channels], 8 if dtype == np.uint8 else 16,
+                        path.stem, file=open(path, "rb"))
     image.samples = _orient(image.samples, orientation)  # a view: nothing is copied
     return image

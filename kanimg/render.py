@@ -150,11 +150,14 @@ def render_bands(model: nn.Module, height: int, width: int, convention: str = "c
     :func:`eval_chunk`) each, so an image larger than memory can be rendered to a file
     (up to MAX_STREAM_PIXELS). ``dtype`` as in :func:`render`."""
     evaluate, out_dtype = _evaluator(model, height, width, convention, device, dtype, MAX_STREAM_PIXELS)
-    rows = max(1, (chunk or eval_chunk(device)) // width)
+    chunk = chunk or eval_chunk(device)
+    rows = max(1, chunk // width)
     for start in range(0, height, rows):
         stop = min(start + rows, height)
-        index = torch.arange(start * width, stop * width, device=device)
-        yield start, evaluate(index, out_dtype).cpu().numpy().reshape(stop - start, width, -1)
+        first = start * width  # (a row wider than a chunk is evaluated in pieces)
+        parts = [evaluate(torch.arange(first + part.start, first + part.stop, device=device), out_dtype).cpu()
+                 for part in chunks((stop - start) * width, chunk)]
+        yield start, torch.cat(parts).numpy().reshape(stop - start, width, -1)
 
 
 @torch.no_grad()
