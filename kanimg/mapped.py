@@ -55,6 +55,7 @@ class MappedImage:
     grey: bool = False
     file: IO[bytes] | None = field(default=None, repr=False)  # the open file under ``samples``' map
     _unreleased: int = field(default=0, repr=False)
+    _origin: int | None = field(default=None, repr=False)  # file offset of samples[0, 0, 0], found on the first take
 
     @property
     def height(self) -> int:
@@ -83,15 +84,17 @@ class MappedImage:
         row, col = np.divmod(np.asarray(index, dtype=np.int64), self.width)
         if self.file is None:
             return self._floats(self.samples[row, col])
+        if self._origin is None:
+            self._origin = _file_origin(self.samples)
         stride_row, stride_col, _ = self.samples.strides
-        offsets = (_file_origin(self.samples) + row * stride_row + col * stride_col).tolist()
+        offsets = (self._origin + row * stride_row + col * stride_col).tolist()
         size, fd = self.samples.shape[2] * self.samples.itemsize, self.file.fileno()
         data = b"".join([os.pread(fd, size, offset) for offset in offsets])
         return self._floats(np.frombuffer(data, self.samples.dtype).reshape(row.size, -1))
 
     def write_rows(self, start: int, samples: np.ndarray) -> None:
         """Store integer ``samples`` (rows, W, C) from row ``start`` on (a writable map, e.g. a
-        :func:`scratch_map`)."""
+        :func:`scratch_image`)."""
         self.samples[start : start + samples.shape[0]] = samples
         self._read(samples.nbytes)
 
@@ -281,7 +284,5 @@ def _map_tiff(path: Path) -> MappedImage:
         samples = tifffile.memmap(path, mode="r")
     except ValueError:
         raise NotStreamable(f"{path}: its strips are not stored contiguously, so it cannot be mapped") from None
-    image = MappedImage(samples.reshape(shape[0], shape[1], channels), _MODES[channels], 8 if dtype == np.uint8 else 16,
-                        path.stem, file=open(path, "rb"))
-    image.samples = _orient(image.samples, orientation)  # a view: nothing is copied
-    return image
+    oriented = _orient(samples.reshape(shape[0], shape[1], channels), orientation)  # a view: nothing is copied
+    return MappedImage(oriented, _MODES[channels], 8 if dtype == np.uint8 else 16, path.stem, file=open(path, "rb"))
