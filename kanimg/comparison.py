@@ -82,6 +82,8 @@ def widths_for_params(name: str, channels: int, target: int, size: tuple[int, in
     parameter count is closest to ``target`` (depth, grids and other options unchanged)."""
     spec = model_spec_for(name, {}, channels, size)
     depth = len(spec["widths"]) - 2
+    if depth == 0:
+        raise KanimgError(f"{name} has no hidden layer whose width could match {target:,} parameters; give it hidden widths")
 
     def count(width: int) -> int:
         return param_count(name, {**spec, "widths": [2] + [width] * depth + [channels]})

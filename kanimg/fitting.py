@@ -69,13 +69,13 @@ def model_spec_for(name: str, spec: dict[str, Any], channels: int, size: tuple[i
         kind = {1: "grey", 2: "grey+alpha", 3: "RGB", 4: "RGBA"}[channels]
         raise KanimgError(f"widths end in {widths[-1]} but the image has {channels} channel(s) ({kind}): end them in {channels}")
     if entry.for_image is not None and size is not None:
-        for key, value in entry.for_image(widths, *size).items():
+        for key, value in entry.for_image({**entry.default_spec(), **spec}, *size).items():
             if key not in spec and entry.defaults[key] is None:
                 spec[key] = value
     return spec
 
 
-# A GPU is far from busy at the CPU's batch sizes (4,096–16,384 pixels): on CUDA a batch size the
+# A GPU is far from busy at the CPU's batch sizes (2,048–16,384 pixels): on CUDA a batch size the
 # user did not choose is this many times the family's default (capped by the image's pixel count
 # in the sampler), so a step sees more pixels at about the same time per step.
 GPU_BATCH_FACTOR = 16

@@ -5,9 +5,9 @@ the registry records the fully resolved spec on the model (``model.spec``) so a 
 can rebuild it. Each entry also carries its family's best-known training defaults (learning
 rate, batch size), used unless the user overrides them.
 
-    >>> model = build_model("kan", widths=[2, 128, 1], grids=[100, 10])
-    >>> model.spec
-    {'name': 'kan', 'widths': [2, 128, 1], 'grids': [100, 10], 'grid_range': [-1.0, 1.0], 'grid_kind': 'percentile', 'directions': 8}
+    >>> model = build_model("kan", widths=[2, 3])
+    >>> model.spec["grids"], model.spec["levels"], model.spec["finest_resolution"]
+    ([16], 16, 256)
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import KanimgError
-from .nn import KAN, MLP, FourierFeatureMLP, HashGrid, Siren
+from .nn import KAN, MLP, FourierFeatureMLP, HashGrid, HashGridEncoding, Siren
 from .nn.kan import GRID_KINDS
 
 
@@ -34,8 +34,8 @@ class ModelEntry:
     defaults: dict[str, Any]
     train_defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
-    # options sized to the image, (widths, height, width) -> {option: value}, for those whose default is None
-    for_image: Callable[[list[int], int, int], dict[str, Any]] | None = None
+    # options sized to the image, (spec, height, width) -> {option: value}, for those whose default is None
+    for_image: Callable[[dict[str, Any], int, int], dict[str, Any]] | None = None
 
     def default_spec(self) -> dict[str, Any]:
         return {k: _plain(v) for k, v in self.defaults.items()}
@@ -45,7 +45,7 @@ _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register(name: str, train_defaults: dict[str, Any] | None = None, description: str = "",
-             for_image: Callable[[list[int], int, int], dict[str, Any]] | None = None):
+             for_image: Callable[[dict[str, Any], int, int], dict[str, Any]] | None = None):
     """Decorator: register ``fn(**spec) -> nn.Module`` under ``name``."""
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -57,13 +57,15 @@ def register(name: str, train_defaults: dict[str, Any] | None = None, descriptio
     return wrap
 
 
-def register_variant(name: str, family: str, description: str, **defaults: Any) -> None:
-    """Register ``name`` as ``family`` with other default options (e.g. a paper's preset)."""
+def register_variant(name: str, family: str, description: str, train_defaults: dict[str, Any] | None = None, **defaults: Any) -> None:
+    """Register ``name`` as ``family`` with other default options (e.g. a paper's preset) and,
+    if given, other training defaults (else the family's)."""
     base = _REGISTRY[family]
     unknown = set(defaults) - set(base.defaults)
     if unknown:
         raise ValueError(f"{family} has no option {unknown}")
-    _add(ModelEntry(name, family, base.build, {**base.defaults, **defaults}, base.train_defaults, description, base.for_image))
+    _add(ModelEntry(name, family, base.build, {**base.defaults, **defaults}, dict(train_defaults or base.train_defaults), description,
+                    base.for_image))
 
 
 def _add(entry: ModelEntry) -> None:
@@ -107,9 +109,9 @@ def build_model(name: str, **spec: Any) -> nn.Module:
 
 # Options a family gained after kanimg first wrote checkpoints, with the value that rebuilds a
 # model saved before them as it was trained: a new default must never change an old model.
-OPTIONS_ADDED_LATER = {"kan": {"directions": 0}}
+OPTIONS_ADDED_LATER = {"kan": {"directions": 0, "levels": 0}}
 # Registered names that were renamed: old checkpoints name the entry they were trained as.
-RENAMED = {"kan-ridge8": "kan"}  # 8 ridge directions became the default KAN
+RENAMED = {"kan-ridge8": "kan-ridge"}
 
 
 def saved_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -150,41 +152,74 @@ def _positive(name: str, value: float) -> float:
 
 # ----------------------------------------------------------------------------- families
 
-# Default KAN grids: the first layer sees the coordinates and needs fine grids for detail;
-# deeper layers compose, coarser grids suffice there (the paper's 100 / 10 pattern). Measured
-# on 256² and 600×400 photos (1,500 steps): a first grid of about half the image's longer
-# side beat smaller ones (e.g. 32.3 vs 30.8 dB with 256 vs 128 on the 600×400 image), and
-# hidden grids of 20 beat 10 (42.7 vs 39.8 dB on the 256² image).
-FIRST_GRID, HIDDEN_GRID = 128, 20
+# Default KAN grids on coordinates: the first layer sees the coordinates and needs fine grids for
+# detail; deeper layers compose, coarser grids suffice there (the paper's 100 / 10 pattern).
+# Measured on 256² and 600×400 photos (1,500 steps): a first grid of about half the image's
+# longer side beat smaller ones (e.g. 32.3 vs 30.8 dB with 256 vs 128 on the 600×400 image), and
+# hidden grids of 20 beat 10 (42.7 vs 39.8 dB on the 256² image). A KAN on a hash encoding sees
+# learned features instead, whose detail lives in the encoding's tables: ENCODED_GRID intervals
+# (the tuning sweep's winner, docs/benchmark.md).
+FIRST_GRID, HIDDEN_GRID, ENCODED_GRID = 128, 20, 16
 MAX_GRID = 4096  # intervals per layer: far above any useful grid, and bounds what a file or flag can ask for
 
 
-def kan_grids_for(widths: list[int], height: int | None = None, width: int | None = None) -> list[int]:
-    """Default grid sizes of a KAN with ``widths`` fitted to an image of this size."""
+def kan_grids_for(widths: list[int], height: int | None = None, width: int | None = None, encoded: bool = False) -> list[int]:
+    """Default grid sizes of a KAN with ``widths`` (on a hash encoding if ``encoded``) fitted to an image of this size."""
+    if encoded:
+        return [ENCODED_GRID] * (len(widths) - 1)
     first = FIRST_GRID if height is None else int(min(512, max(16, round(max(height, width) / 2))))
     return [first] + [HIDDEN_GRID] * (len(widths) - 2)
 
 
-@register("kan", train_defaults={"lr": 2e-2, "batch_size": 4096}, description="deep KAN, cubic B-spline edges + SiLU base",
-          for_image=lambda widths, height, width: {"grids": kan_grids_for(widths, height, width)})
+def _hash_options(levels: int, features: int, log2_table_size: int, base_resolution: int, finest: int) -> list[int]:
+    """A hash encoding's options checked (one line for a bad one) and as ints."""
+    for option, value, top in (("levels", levels, 64), ("features", features, 64), ("log2_table_size", log2_table_size, 24),
+                               ("base_resolution", base_resolution, 1 << 16), ("finest_resolution", finest, 1 << 16)):
+        if int(value) != value or not 1 <= value <= top:
+            raise KanimgError(f"{option} must be an integer from 1 to {top}, got {value}")
+    if finest < base_resolution:
+        raise KanimgError(f"finest_resolution ({finest}) must be at least base_resolution ({base_resolution})")
+    return [int(levels), int(features), int(log2_table_size), int(base_resolution), int(finest)]
+
+
+def _sized_to_image(spec: dict[str, Any], height: int, width: int) -> dict[str, Any]:
+    """A KAN's grids (and its encoding's finest resolution) for an image of height × width."""
+    encoded = spec["levels"] > 0
+    return {"grids": kan_grids_for(spec["widths"], height, width, encoded), **({"finest_resolution": max(height, width)} if encoded else {})}
+
+
+# The default KAN: a multiresolution hash encoding (as the hashgrid baseline's) read out by one
+# KAN layer, its grid refitted to the features every 25 steps in the first 500. Training
+# defaults are the tuning sweep's winners; at 30 s on 8 photos it was not tuned on it led the
+# tuned hash grid (the same encoding with its ReLU MLP) by 3.7 dB (docs/benchmark.md).
+@register("kan", train_defaults={"lr": 6e-2, "batch_size": 8192, "grid_update_every": 25, "grid_update_until": 500},
+          description="KAN on a multiresolution hash encoding, cubic B-spline edges + SiLU base", for_image=_sized_to_image)
 def kan(
-    widths: tuple[int, ...] = (2, 64, 64, 64, 1),
+    widths: tuple[int, ...] = (2, 1),
     grids: tuple[int, ...] | int | None = None,
     grid_range: tuple[float, float] = (-1.0, 1.0),
     grid_kind: str = "percentile",
-    directions: int = 8,
+    directions: int = 0,
+    levels: int = 16,
+    features: int = 2,
+    log2_table_size: int = 16,
+    base_resolution: int = 16,
+    finest_resolution: int | None = None,
 ) -> nn.Module:
-    """Deep KAN with one grid size per layer (an int applies to every layer; None: see kan_grids_for).
+    """KAN with one grid size per layer (an int applies to every layer; None: see kan_grids_for).
 
-    Grids start uniform on ``grid_range``; ``grid_kind`` is where grid updates put the knots:
-    at sample quantiles ("percentile", pykan's choice and the measured winner, docs/kan-grids.md)
-    or evenly over the sample range ("uniform"). ``directions``: the first layer sees (x, y)
-    along this many evenly spaced directions (0: x and y alone, every first-layer unit then is
-    f(x) + g(y)); 8 beat x and y alone by 1.1 dB at 30 s and 1.5–4.9 dB at 120 s on held-out
-    photos (docs/benchmark.md)."""
+    Its first layer sees a multiresolution hash encoding of (x, y) (``levels`` × ``features``
+    values, options as the hashgrid family's; finest_resolution None: 256, or the image's
+    longer side when fitting), or with ``levels`` 0 the coordinates themselves: along
+    ``directions`` evenly spaced directions (0: x and y alone, every first-layer unit then is
+    f(x) + g(y)). Grids start uniform on ``grid_range``; ``grid_kind`` is where grid updates put
+    the knots: at sample quantiles ("percentile", pykan's choice and the measured winner,
+    docs/kan-grids.md) or evenly over the sample range ("uniform")."""
     widths = _check_widths(widths)
+    if int(levels) != levels or levels < 0:
+        raise KanimgError(f"levels must be an integer from 0 (no hash encoding) to 64, got {levels}")
     if grids is None:
-        grids = kan_grids_for(widths)
+        grids = kan_grids_for(widths, encoded=levels > 0)
     grids = [grids] * (len(widths) - 1) if isinstance(grids, int) else list(grids)
     if len(grids) != len(widths) - 1:
         raise KanimgError(f"grids has {len(grids)} entries but widths {widths} has {len(widths) - 1} layers; give one grid size per layer")
@@ -196,7 +231,16 @@ def kan(
         raise KanimgError(f"grid_kind must be one of {', '.join(GRID_KINDS)}, got {grid_kind!r}")
     if int(directions) != directions or not 0 <= directions <= 256:
         raise KanimgError(f"directions must be an integer from 0 to 256, got {directions}")
-    return KAN(widths, [int(g) for g in grids], grid_range, grid_kind, int(directions))
+    encoding = None
+    if levels:
+        if directions:
+            raise KanimgError("ridge directions apply to a KAN on the coordinates: give levels 0 (or use kan-ridge) with directions")
+        finest = 256 if finest_resolution is None else finest_resolution
+        encoding = HashGridEncoding(*_hash_options(levels, features, log2_table_size, base_resolution, finest))
+    model = KAN(widths, [int(g) for g in grids], grid_range, grid_kind, int(directions), encoding)
+    if encoding is not None:
+        model.finest_resolution = int(finest)
+    return model
 
 
 # Training defaults and default options of siren, mlp, rff and hashgrid: the winners of the
@@ -224,8 +268,8 @@ def rff(widths: tuple[int, ...] = (2, 256, 256, 256, 1), scale: float = 20.0, nu
     return FourierFeatureMLP(widths, _positive("scale", scale), int(_positive("num_features", num_features)))
 
 
-@register("hashgrid", train_defaults={"lr": 1e-2, "batch_size": 16384}, description="multiresolution hash encoding + ReLU MLP",
-          for_image=lambda widths, height, width: {"finest_resolution": max(height, width)})
+@register("hashgrid", train_defaults={"lr": 1e-2, "batch_size": 2048}, description="multiresolution hash encoding + ReLU MLP",
+          for_image=lambda spec, height, width: {"finest_resolution": max(height, width)})
 def hashgrid(
     widths: tuple[int, ...] = (2, 64, 64, 1),
     levels: int = 16,
@@ -241,16 +285,15 @@ def hashgrid(
     if widths[0] != 2:
         raise KanimgError(f"hashgrid takes 2-D coordinates: widths must start with 2, got {widths}")
     finest = 256 if finest_resolution is None else finest_resolution
-    for option, value, top in (("levels", levels, 64), ("features", features, 64), ("log2_table_size", log2_table_size, 24),
-                               ("base_resolution", base_resolution, 1 << 16), ("finest_resolution", finest, 1 << 16)):
-        if int(value) != value or not 1 <= value <= top:
-            raise KanimgError(f"{option} must be an integer from 1 to {top}, got {value}")
-    if finest < base_resolution:
-        raise KanimgError(f"finest_resolution ({finest}) must be at least base_resolution ({base_resolution})")
-    return HashGrid(widths, int(levels), int(features), int(log2_table_size), int(base_resolution), int(finest))
+    return HashGrid(widths, *_hash_options(levels, features, log2_table_size, base_resolution, finest))
 
 
-register_variant("kan-xy", "kan", "deep KAN whose first layer sees x and y alone (no ridge directions)", directions=0)
+# KANs on the coordinates themselves (the default KAN before the hash encoding; 12–14 dB behind
+# it at equal time, docs/benchmark.md), trained as tuned for them.
+COORDINATE_KAN = {"widths": (2, 64, 64, 64, 1), "levels": 0}
+COORDINATE_KAN_TRAINING = {"lr": 2e-2, "batch_size": 4096}
+register_variant("kan-ridge", "kan", "deep KAN on (x, y) along 8 ridge directions", COORDINATE_KAN_TRAINING, **COORDINATE_KAN, directions=8)
+register_variant("kan-xy", "kan", "deep KAN whose first layer sees x and y alone", COORDINATE_KAN_TRAINING, **COORDINATE_KAN)
 
 
 # ----------------------------------------------------------------------------- the KAN paper's presets
@@ -259,7 +302,7 @@ register_variant("kan-xy", "kan", "deep KAN whose first layer sees x and y alone
 # paper's grey image) follows the image's channels when fitting.
 _HIDDEN = {"1": 128, "2": 404}
 register_variant("kan2", "kan", "KAN2 of the KAN paper: [2,128×4,1], G=[100,10,10,10,10], percentile grid updates (pykan)",
-                 widths=(2, 128, 128, 128, 128, 1), grids=(100, 10, 10, 10, 10), grid_kind="percentile", directions=0)
+                 COORDINATE_KAN_TRAINING, widths=(2, 128, 128, 128, 128, 1), grids=(100, 10, 10, 10, 10), grid_kind="percentile", levels=0)
 for _size, _width in _HIDDEN.items():
     _widths = (2, _width, _width, _width, _width, 1)
     register_variant(f"siren{_size}", "siren", f"SIREN{_size} of the KAN paper: [2,{_width}×4,1]", widths=_widths)

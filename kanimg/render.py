@@ -55,7 +55,7 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 def separable(model: nn.Module) -> bool:
     """Whether the model is a KAN whose first layer sees x and y alone on uniform knots, so that
     each of its units is f(x) + g(y) and can be tabulated per axis (:class:`GridEvaluator`)."""
-    return (isinstance(model, KAN) and model.directions == 0 and model.layers[0].in_features == 2
+    return (isinstance(model, KAN) and model.encoding is None and model.directions == 0 and model.layers[0].in_features == 2
             and model.layers[0].has_uniform_knots)
 
 

@@ -65,7 +65,7 @@ def test_bench_codec_measures_the_stored_form_before_finetuning():
     image = ImageData(pixels=pixels.astype(np.float32), mode="RGB", bit_depth=8, name="tiny")
 
     torch.manual_seed(0)
-    model = build_model("kan", widths=[2, 6, 4, 3], grids=[8, 4, 4], directions=0)
+    model = build_model("kan", widths=[2, 6, 4, 3], grids=[8, 4, 4], directions=0, levels=0)
     Trainer(model, ImageTarget(image.pixels), TrainConfig(steps=100, lr=2e-2), progress=False).train()
     with torch.no_grad():  # same function, scales far from 1: folding changes what is quantised
         for layer in model.layers:
@@ -116,3 +116,18 @@ def test_inr_bench_tuning_sweep_tries_every_candidate(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "tune.json").read_text())
     assert sorted(result["summary"]["tune"]["0.2"]) == ["mlp#0", "mlp#1", "rff#0", "rff#1"]
     assert {r["train"].get("lr") for r in result["records"] if r["family"] == "mlp"} == {None, 3e-3}
+
+
+def test_kan_heads_trains_every_readout_of_the_same_encoding(tmp_path, monkeypatch, capsys):
+    import sys
+
+    heads = load("kan_heads")
+    monkeypatch.setattr(sys.modules["inr_bench"], "CROP", 24)
+    assert heads.main(["--steps", "4", "--photos", "coffee", "-o", str(tmp_path / "heads"), "--json", str(tmp_path / "heads.json")]) == 0
+    records = {r["head"]: r for r in json.loads((tmp_path / "heads.json").read_text())["records"]}
+    assert list(records) == list(heads.HEADS)
+    linear, mlp, kan = records["linear"], records["ReLU MLP [64, 64] (hashgrid)"], records["one KAN layer (kan)"]
+    # one encoding (16 levels × 2 features), three readouts: 32·3 + 3, the MLP's, 3 KAN edges per feature
+    assert mlp["params"] - linear["params"] == (32 * 64 + 64) + (64 * 64 + 64) + (64 * 3 + 3) - (32 * 3 + 3)
+    assert kan["params"] > linear["params"]
+    assert "| one KAN layer (kan) |" in capsys.readouterr().out

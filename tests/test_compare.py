@@ -87,7 +87,7 @@ def test_equal_time_protocol_gives_each_model_the_budget(photos, tmp_path):
         assert r["seconds"] >= 0.4 and r["steps"] >= 1  # trained until the budget was spent (no upper bound: machines vary)
 
 
-@pytest.mark.parametrize("name", ["kan", "siren", "mlp", "rff", "kan2", "siren2"])
+@pytest.mark.parametrize("name", ["kan-ridge", "siren", "mlp", "rff", "kan2", "siren2"])
 def test_match_params_solves_widths_close_to_the_target(name):
     spec = widths_for_params(name, 3, 100_000)
     count = param_count(name, spec)
@@ -95,6 +95,11 @@ def test_match_params_solves_widths_close_to_the_target(name):
     one_wider = param_count(name, {**spec, "widths": [2] + [width + 1] * (len(spec["widths"]) - 2) + [3]})
     assert abs(count - 100_000) <= (one_wider - count)  # as close as integer widths allow
     assert spec["widths"][0] == 2 and spec["widths"][-1] == 3
+
+
+def test_match_params_refuses_a_model_without_hidden_width_in_one_line():
+    with pytest.raises(KanimgError, match="kan has no hidden layer"):  # the default KAN: one layer on its encoding
+        widths_for_params("kan", 3, 100_000)
 
 
 def test_an_output_folder_holding_something_else_is_refused(photos, tmp_path, capsys):

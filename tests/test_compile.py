@@ -12,8 +12,8 @@ from kanimg.nn.bspline import padded_knots
 from kanimg.nn.packed_spline import fused_path
 
 SMALL = {  # small specs of every family, so tracing is quick
-    "kan": {"widths": [2, 12, 12, 3], "grids": [16, 5, 5]},
-    "kan-xy": {"widths": [2, 12, 3], "grids": [16, 5]},
+    "kan": {"widths": [2, 12, 3], "grids": [8, 5], "levels": 4, "log2_table_size": 8, "finest_resolution": 64},
+    "kan-ridge": {"widths": [2, 12, 12, 3], "grids": [16, 5, 5]},
     "siren": {"widths": [2, 16, 16, 3]},
     "mlp": {"widths": [2, 16, 16, 3]},
     "rff": {"widths": [2, 16, 16, 3], "num_features": 8},
@@ -40,7 +40,7 @@ def close(a, b, tol=1e-5):
 
 
 def test_every_family_has_a_small_spec_here():
-    assert set(model_names(variants=False)) | {"kan-xy"} == set(SMALL)
+    assert set(model_names(variants=False)) | {"kan-ridge"} == set(SMALL)
 
 
 @pytest.mark.parametrize("path", ["torch", "kernel"])

@@ -24,7 +24,7 @@ def trained_like(name: str, seed: int = 0):
     """A model with non-trivial weights (smooth random splines, as training leaves them)."""
     torch.manual_seed(seed)
     if name == "kan":
-        model = build_model("kan", widths=[2, 6, 5, 3], grids=[12, 4, 4], grid_kind="uniform", directions=0)
+        model = build_model("kan", widths=[2, 6, 5, 3], grids=[12, 4, 4], grid_kind="uniform", directions=0, levels=0)
         with torch.no_grad():
             for layer in model.layers:
                 layer.spline_weight.copy_(torch.cumsum(torch.randn_like(layer.spline_weight) * 0.1, dim=-1))
@@ -82,7 +82,7 @@ def test_kan_grid_ranges_survive_the_round_trip():
 
 
 def test_percentile_knots_are_refused_clearly():
-    model = build_model("kan", widths=[2, 4, 3], grids=[6, 4], grid_kind="percentile", directions=0)
+    model = build_model("kan", widths=[2, 4, 3], grids=[6, 4], grid_kind="percentile", directions=0, levels=0)
     model.update_grids(torch.rand(500, 2) ** 3 * 2 - 1)  # skewed samples: uneven knots
     with pytest.raises(KanimgError, match="only uniform KAN grids"):
         encode_model(model, ImageInfo(8, 8, 3), QuantConfig(10))

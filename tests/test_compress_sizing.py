@@ -68,7 +68,7 @@ def fitted_crop_model():
     """A small KAN trained briefly on a 32×32 photo crop (scales folded), its ImageInfo and target."""
     target = ImageTarget(photo_crop(32).astype(np.float32) / 255)
     torch.manual_seed(0)
-    model = build_model("kan", widths=[2, 8, 4, 4, 3], grids=[12, 4, 4, 4], directions=0)
+    model = build_model("kan", widths=[2, 8, 4, 4, 3], grids=[12, 4, 4, 4], directions=0, levels=0)
     trainer = Trainer(model, target, TrainConfig(steps=100, lr=2e-2, batch_size=0, eval_every=100), progress=False)
     trainer.train()
     fold_spline_scales(model)

@@ -328,17 +328,22 @@ def test_every_family_round_trips_through_its_checkpoint(name, photo32, tmp_path
     assert np.array_equal(load_image(tmp_path / "again.png").pixels, load_image(run / "reconstruction.png").pixels)
 
 
-def test_a_kan_checkpoint_from_before_ridge_directions_rebuilds_the_kan_it_was(photo32, tmp_path):
-    """The default KAN gained ridge directions; a checkpoint whose specs predate the option is
-    an x-y KAN and must render and resume as one, not as today's default."""
+@pytest.mark.parametrize("directions", [0, 8])
+def test_a_kan_checkpoint_from_before_new_kan_options_rebuilds_the_kan_it_was(photo32, tmp_path, directions):
+    """The default KAN gained ridge directions, then a hash encoding; a checkpoint whose specs
+    predate those options is the KAN on coordinates it was trained as (x-y without
+    ``directions``, ridge without ``levels``) and must render and resume as one, not as
+    today's default."""
     spec, train, _ = FITS["kan"]
     run = tmp_path / "xy"
-    fit(photo32, "kan", **{**spec, "directions": 0}, **{**train, "steps": 8, "eval_every": 4}, out=run, progress=False)
+    fit(photo32, "kan", **{**spec, "directions": directions, "levels": 0}, **{**train, "steps": 8, "eval_every": 4}, out=run,
+        progress=False)
     payload = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert payload["trainer"]["spec"]["directions"] == 0
+    assert payload["trainer"]["spec"]["directions"] == directions
+    later = {"levels", "features", "log2_table_size", "base_resolution", "finest_resolution"} | ({"directions"} if directions == 0 else set())
 
     def without_directions(spec):
-        return {k: v for k, v in spec.items() if k != "directions"}
+        return {k: v for k, v in spec.items() if k not in later}
 
     trainer = payload["trainer"]
     old = {**payload, "config": {**payload["config"], "model": without_directions(payload["config"]["model"])},
@@ -347,7 +352,8 @@ def test_a_kan_checkpoint_from_before_ridge_directions_rebuilds_the_kan_it_was(p
     assert run_cli("render", tmp_path / "old.pt", "-o", tmp_path / "old.png") == 0
     assert np.array_equal(load_image(tmp_path / "old.png").pixels, load_image(run / "reconstruction.png").pixels)
     assert run_cli("fit", "--resume", tmp_path / "old.pt", "-o", tmp_path / "resumed", "--steps", 12, "-q") == 0
-    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["model"]["directions"] == 0
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["model"]
+    assert (resumed["directions"], resumed["levels"]) == (directions, 0)
 
 
 def test_a_fit_that_names_no_steps_trains_longer_on_a_larger_image(photo32, tmp_path):
@@ -364,7 +370,8 @@ def test_a_fit_that_names_no_steps_trains_longer_on_a_larger_image(photo32, tmp_
     cuda = torch.device("cuda")
     assert train_config_for("kan", {}, device=cuda).batch_size == 16 * train_config_for("kan", {}).batch_size
     assert train_config_for("kan", {"batch_size": 512}, device=cuda).batch_size == 512
-    assert train_config_for("kan", {"batch_size": None}, device=torch.device("cpu")).batch_size == 4096
+    assert train_config_for("kan", {"batch_size": None}, device=torch.device("cpu")).batch_size == 8192
+    assert train_config_for("kan-ridge", {}).batch_size == 4096  # a variant's own training defaults
     with mock.patch("kanimg.fitting.steps_for_image", return_value=7) as rule:  # fit asks the rule with the image's size
         result = fit(photo32, "mlp", widths=[2, 8, 3], progress=False)
     rule.assert_called_once_with(32, 32)
@@ -372,10 +379,10 @@ def test_a_fit_that_names_no_steps_trains_longer_on_a_larger_image(photo32, tmp_
 
 
 def test_a_checkpoint_of_a_renamed_model_still_renders(photo32, tmp_path):
-    """kan-ridge8 became the default kan: its checkpoints are rebuilt under the new name."""
+    """kan-ridge8 became kan, then kan-ridge: its checkpoints are rebuilt under today's name."""
     spec, train, _ = FITS["kan"]
     run = tmp_path / "ridge"
-    fit(photo32, "kan", **{**spec, "directions": 8}, **{**train, "steps": 8, "eval_every": 4}, out=run, progress=False)
+    fit(photo32, "kan", **{**spec, "directions": 8, "levels": 0}, **{**train, "steps": 8, "eval_every": 4}, out=run, progress=False)
     payload = torch.load(run / "checkpoint.pt", weights_only=True)
     trainer = payload["trainer"]
     old = {**payload, "config": {**payload["config"], "model": {**payload["config"]["model"], "name": "kan-ridge8"}},

@@ -23,7 +23,7 @@ FUZZ = settings(max_examples=800, deadline=None, suppress_health_check=[HealthCh
 
 def valid_files() -> list[bytes]:
     torch.manual_seed(0)
-    kan = build_model("kan", widths=[2, 4, 3], grids=[6, 3], grid_kind="uniform", directions=0)
+    kan = build_model("kan", widths=[2, 4, 3], grids=[6, 3], grid_kind="uniform", directions=0, levels=0)
     with torch.no_grad():
         for layer in kan.layers:
             layer.spline_weight.normal_(0, 0.3)

@@ -195,11 +195,14 @@ def test_a_streamed_fit_writes_and_scores_what_an_in_memory_fit_does(tmp_path, m
     expected = reconstruction_metrics(pixels, floats, 8)
     got = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
     assert got["psnr"] == pytest.approx(expected["psnr"], abs=1e-9)
-    assert got["psnr_png"] == pytest.approx(expected["psnr_png"], abs=1e-9)
+    # the PNG: rendered in bands, whose other matmul blockings move values by ~1e-7 and may
+    # tip one onto the next 8-bit step
+    assert got["psnr_png"] == pytest.approx(expected["psnr_png"], abs=1e-3)
     assert got["ssim"] == pytest.approx(expected["ssim"], abs=1e-3)  # of the exported PNG (rounding only)
     assert got["lpips"] is None and "streamed" in got["lpips_note"]
     exported = load_image(tmp_path / "run" / "reconstruction.png").pixels
-    assert np.array_equal(exported, np.round(np.clip(floats, 0, 1) * 255) / 255)
+    steps = np.abs(exported - np.round(np.clip(floats, 0, 1) * 255) / 255) * 255
+    assert steps.max() <= 1 + 1e-6 and np.count_nonzero(steps > 0.5) <= 3
     assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / "error.png")), error_map(pixels, exported))
     # resumed in two halves = trained at once (the sampler's state travels in the checkpoint)
     options["schedule"] = "constant"  # (a cosine schedule depends on the total steps)

@@ -15,7 +15,7 @@ H, W = 13, 29  # not square, so rows and columns cannot be confused
 def random_kan(seed: int = 0, **options) -> torch.nn.Module:
     """A small KAN with random (not initial) weights: every edge matters."""
     torch.manual_seed(seed)
-    model = build_model("kan", widths=[2, 6, 5, 3], grids=[12, 4, 4], **options)
+    model = build_model("kan", widths=[2, 6, 5, 3], grids=[12, 4, 4], **{"levels": 0, "directions": 8, **options})
     with torch.no_grad():
         for layer in model.layers:
             layer.base_weight.normal_()

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..device import DEVICES
 from .types import execution_flags, grid_schedule, int_list
 
-MODEL_OPTIONS = ("widths", "grids", "grid_kind", "directions", "omega0", "scale", "num_features")
+MODEL_OPTIONS = ("widths", "grids", "grid_kind", "levels", "directions", "omega0", "scale", "num_features")
 TRAIN_OPTIONS = ("steps", "lr", "batch_size", "schedule", "grid_update_every", "grid_update_until", "grid_schedule", "eval_every",
                  "seed", "precision", "compile")
 
@@ -25,7 +25,8 @@ def add(sub) -> None:
                         f"presets {', '.join(n for n in model_names() if n not in model_names(False))}")
     m.add_argument("--widths", type=int_list("--widths"), help="layer widths from 2 (x, y) to the channel count, e.g. 2,64,64,3")
     m.add_argument("--grids", type=int_list("--grids"), help="KAN: grid intervals per layer, e.g. 64,10,10")
-    m.add_argument("--directions", type=int, help="KAN: the first layer sees (x, y) along K evenly spaced directions (default 8; 0 = x and y alone)")
+    m.add_argument("--levels", type=int, help="KAN: levels of the hash encoding its first layer sees (default 16; 0 = the coordinates)")
+    m.add_argument("--directions", type=int, help="KAN on the coordinates (--levels 0): the first layer sees (x, y) along K evenly spaced directions (kan-ridge: 8)")
     m.add_argument("--grid-kind", choices=["uniform", "percentile"], help="KAN: where grid updates put the knots (default: percentile)")
     m.add_argument("--omega0", type=float, help="SIREN: frequency factor ω0 (default 30)")
     m.add_argument("--scale", type=float, help="RFF: standard deviation of the Fourier frequencies (default 20)")

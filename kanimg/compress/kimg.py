@@ -247,7 +247,7 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
     ranges: list[np.ndarray | None] = []
     if name == "kan":
         spec["grids"] = [r.varint(MAX_GRID, "grid size") for _ in range(layers)]
-        spec["directions"] = 0  # the format holds KANs on x and y
+        spec["directions"] = spec["levels"] = 0  # the format holds KANs on x and y
         _check(min(spec["grids"]) >= 1, f"grid sizes {spec['grids']}")
         for n_in in widths[:-1]:
             flag = r.unpack("<B")

@@ -62,7 +62,7 @@ def kan_spec(width: int, image: ImageInfo) -> dict:
     low, high = KAN_FIRST_GRID_RANGE
     first = int(min(high, max(low, round(KAN_FIRST_GRID_PER_PIXEL * max(image.height, image.width)))))
     return {"name": "kan", "widths": [2, 2 * width, width, width, image.channels], "grids": [first] + [KAN_HIDDEN_GRID] * 3,
-            "grid_kind": "uniform", "directions": 0}  # .kimg stores a grid as its range, and KANs on x and y
+            "grid_kind": "uniform", "directions": 0, "levels": 0}  # .kimg stores a grid as its range, and KANs on x and y
 
 
 def coin_depth(params: float, channels: int = 3) -> int:

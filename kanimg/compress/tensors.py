@@ -41,8 +41,8 @@ def slots(spec: dict) -> list[Slot]:
     widths = spec["widths"]
     pairs = list(zip(widths[:-1], widths[1:]))
     if spec["name"] == "kan":
-        if spec.get("directions"):
-            raise KanimgError("a KAN on ridge directions cannot be stored in a .kimg file yet; compress with a plain KAN")
+        if spec.get("directions") or spec.get("levels"):
+            raise KanimgError("only a KAN on x and y can be stored in a .kimg file yet (not one on ridge directions or a hash encoding)")
         out = []
         for layer, ((i, o), g) in enumerate(zip(pairs, spec["grids"])):
             out.append(Slot(f"layers.{layer}.base_weight", (o, i)))

@@ -77,6 +77,7 @@ class HashGridEncoding(nn.Module):
                  finest_resolution: int = 256) -> None:
         super().__init__()
         self.levels, self.features = levels, features
+        self.out_features = levels * features
         table = 1 << log2_table_size
         resolutions = level_resolutions(levels, base_resolution, finest_resolution)
         sizes = [min(table, (n + 1) ** 2) for n in resolutions]

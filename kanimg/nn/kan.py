@@ -287,6 +287,9 @@ class KAN(nn.Module):
         directions: K > n_0 feeds the first layer K projections of the 2-D input onto evenly
             spaced directions (:func:`ridge_directions`) instead of x and y alone, so its edge
             functions are ridge functions along K directions rather than only f(x) + g(y).
+        encoding: a module mapping the (N, 2) input to (N, E) features that the first layer
+            sees instead (E = ``encoding.out_features``), e.g. a multiresolution hash encoding:
+            the first layer's edge functions then act on learned 2-D features.
     """
 
     def __init__(
@@ -296,14 +299,19 @@ class KAN(nn.Module):
         grid_range: Sequence[float] = (-1.0, 1.0),
         grid_kind: str = "uniform",
         directions: int = 0,
+        encoding: nn.Module | None = None,
     ) -> None:
         super().__init__()
         widths = [int(w) for w in widths]
         grids = [int(grids)] * (len(widths) - 1) if isinstance(grids, int) else [int(g) for g in grids]
+        if encoding is not None and directions:
+            raise ValueError("a KAN sees either an encoding of its input or ridge directions, not both")
         self.directions = directions if directions > widths[0] else 0
         if self.directions:
             self.register_buffer("projection", ridge_directions(self.directions))  # (2, K)
-        inputs = [self.directions or widths[0]] + widths[1:-1]
+        self.encoding = encoding
+        first = encoding.out_features if encoding is not None else self.directions or widths[0]
+        inputs = [first] + widths[1:-1]
         self.layers = nn.ModuleList(
             KANLayer(a, b, g, grid_range, grid_kind) for a, b, g in zip(inputs, widths[1:], grids)
         )
@@ -313,7 +321,9 @@ class KAN(nn.Module):
         return [layer.grid_size for layer in self.layers]
 
     def lift(self, x: Tensor) -> Tensor:
-        """The first layer's inputs: x itself, or its K ridge projections (N, K)."""
+        """The first layer's inputs: x itself, its K ridge projections (N, K) or its encoding (N, E)."""
+        if self.encoding is not None:
+            return self.encoding(x)
         if not self.directions:
             return x
         if torch.is_autocast_enabled(x.device.type):  # the coordinates keep full precision
