@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label:34s} {image.stem:8s} {result.metrics['psnr']:6.2f} dB {result.trainer.train_seconds:6.1f} s",
                   file=sys.stderr, flush=True)
     images = sorted({r["image"] for r in records})
-    lines = [f"| readout of the hash encoding | mean PSNR (dB) | " + " | ".join(images) + " | mean training (s) |",
+    lines = ["| readout of the hash encoding | mean PSNR (dB) | " + " | ".join(images) + " | mean training (s) |",
              "|---|---:|" + "---:|" * len(images) + "---:|"]
     for label in HEADS:
         rows = {r["image"]: r for r in records if r["head"] == label}
