@@ -234,7 +234,8 @@ def kan(
     encoding = None
     if levels:
         if directions:
-            raise KanimgError("ridge directions apply to a KAN on the coordinates: give levels 0 (or use kan-ridge) with directions")
+            raise KanimgError(f"ridge directions apply to a KAN on the coordinates: with directions {directions}, set levels 0 "
+                              f"(as kan-ridge does); with levels {levels}, set directions 0")
         finest = 256 if finest_resolution is None else finest_resolution
         encoding = HashGridEncoding(*_hash_options(levels, features, log2_table_size, base_resolution, finest))
     model = KAN(widths, [int(g) for g in grids], grid_range, grid_kind, int(directions), encoding)
