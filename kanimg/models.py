@@ -171,8 +171,9 @@ def kan_grids_for(widths: list[int], height: int | None = None, width: int | Non
     return [first] + [HIDDEN_GRID] * (len(widths) - 2)
 
 
-def _hash_options(levels: int, features: int, log2_table_size: int, base_resolution: int, finest: int) -> list[int]:
-    """A hash encoding's options checked (one line for a bad one) and as ints."""
+def _hash_options(levels: int, features: int, log2_table_size: int, base_resolution: int, finest: int | None) -> list[int]:
+    """A hash encoding's options checked (one line for a bad one) and as ints; finest None: 256."""
+    finest = 256 if finest is None else finest
     for option, value, top in (("levels", levels, 64), ("features", features, 64), ("log2_table_size", log2_table_size, 24),
                                ("base_resolution", base_resolution, 1 << 16), ("finest_resolution", finest, 1 << 16)):
         if int(value) != value or not 1 <= value <= top:
@@ -236,11 +237,11 @@ def kan(
         if directions:
             raise KanimgError(f"ridge directions apply to a KAN on the coordinates: with directions {directions}, set levels 0 "
                               f"(as kan-ridge does); with levels {levels}, set directions 0")
-        finest = 256 if finest_resolution is None else finest_resolution
-        encoding = HashGridEncoding(*_hash_options(levels, features, log2_table_size, base_resolution, finest))
+        options = _hash_options(levels, features, log2_table_size, base_resolution, finest_resolution)
+        encoding = HashGridEncoding(*options)
     model = KAN(widths, [int(g) for g in grids], grid_range, grid_kind, int(directions), encoding)
     if encoding is not None:
-        model.finest_resolution = int(finest)
+        model.finest_resolution = options[-1]
     return model
 
 
@@ -285,8 +286,7 @@ def hashgrid(
     widths = _check_widths(widths)
     if widths[0] != 2:
         raise KanimgError(f"hashgrid takes 2-D coordinates: widths must start with 2, got {widths}")
-    finest = 256 if finest_resolution is None else finest_resolution
-    return HashGrid(widths, *_hash_options(levels, features, log2_table_size, base_resolution, finest))
+    return HashGrid(widths, *_hash_options(levels, features, log2_table_size, base_resolution, finest_resolution))
 
 
 # KANs on the coordinates themselves (the default KAN before the hash encoding; 12–14 dB behind
