@@ -218,7 +218,7 @@ BOUNDED_FIT = textwrap.dedent("""
     import kanimg, kanimg.mapped as mapped
     mapped.STREAM_PIXELS = 1 << 20
     options = dict(steps=20, eval_every=10, grid_update_every=10, grid_update_until=15, widths=[2, 16, 3], grids=[32, 8],
-                   progress=False)
+                   levels=0, progress=False)  # a KAN on the coordinates: memory is the point, not the model
     kanimg.fit(sys.argv[1], out=sys.argv[3] + "-warm", **options)  # kernels, allocator pools, plotting: paid once
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = kanimg.fit(sys.argv[2], out=sys.argv[3], **options)
