@@ -12,6 +12,7 @@ rate, batch size), used unless the user overrides them.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -171,9 +172,11 @@ def kan_grids_for(widths: list[int], height: int | None = None, width: int | Non
     return [first] + [HIDDEN_GRID] * (len(widths) - 2)
 
 
-def _hash_options(levels: int, features: int, log2_table_size: int, base_resolution: int, finest: int | None) -> list[int]:
-    """A hash encoding's options checked (one line for a bad one) and as ints; finest None: 256."""
+def _hash_options(levels: int, features: int, log2_table_size: int | None, base_resolution: int, finest: int | None) -> list[int]:
+    """A hash encoding's options checked (one line for a bad one) and as ints; finest None: 256,
+    log2_table_size None: 16."""
     finest = 256 if finest is None else finest
+    log2_table_size = 16 if log2_table_size is None else log2_table_size
     for option, value, top in (("levels", levels, 64), ("features", features, 64), ("log2_table_size", log2_table_size, 24),
                                ("base_resolution", base_resolution, 1 << 16), ("finest_resolution", finest, 1 << 16)):
         if int(value) != value or not 1 <= value <= top:
@@ -183,10 +186,20 @@ def _hash_options(levels: int, features: int, log2_table_size: int, base_resolut
     return [int(levels), int(features), int(log2_table_size), int(base_resolution), int(finest)]
 
 
+# A hash encoding fitted to an image: its finest level has a cell per pixel, and each level's
+# table has at least as many entries as the image has pixels (2^16 up to 256×256, at most 2^19:
+# 2^16 entries left the finest levels of a 741×500 photo colliding 8 to 1). Measured on the
+# full-size tuning photos at 30 s (docs/benchmark.md): tables of 2^19 against 2^16 gained the
+# hash grid 4.8 dB and the KAN 0.9 dB.
+def encoding_for_image(height: int, width: int) -> dict[str, int]:
+    """The hash encoding's finest resolution and table size for an image of height × width."""
+    return {"finest_resolution": max(height, width), "log2_table_size": min(19, max(16, math.ceil(math.log2(height * width))))}
+
+
 def _sized_to_image(spec: dict[str, Any], height: int, width: int) -> dict[str, Any]:
-    """A KAN's grids (and its encoding's finest resolution) for an image of height × width."""
+    """A KAN's grids (and its encoding's size) for an image of height × width."""
     encoded = spec["levels"] > 0
-    return {"grids": kan_grids_for(spec["widths"], height, width, encoded), **({"finest_resolution": max(height, width)} if encoded else {})}
+    return {"grids": kan_grids_for(spec["widths"], height, width, encoded), **(encoding_for_image(height, width) if encoded else {})}
 
 
 # The default KAN: a multiresolution hash encoding (as the hashgrid baseline's) read out by one
@@ -203,15 +216,15 @@ def kan(
     directions: int = 0,
     levels: int = 16,
     features: int = 2,
-    log2_table_size: int = 16,
+    log2_table_size: int | None = None,
     base_resolution: int = 16,
     finest_resolution: int | None = None,
 ) -> nn.Module:
     """KAN with one grid size per layer (an int applies to every layer; None: see kan_grids_for).
 
     Its first layer sees a multiresolution hash encoding of (x, y) (``levels`` × ``features``
-    values, options as the hashgrid family's; finest_resolution None: 256, or the image's
-    longer side when fitting), or with ``levels`` 0 the coordinates themselves: along
+    values, options as the hashgrid family's; finest_resolution and log2_table_size None: 256
+    and 16, or sized to the image when fitting, see encoding_for_image), or with ``levels`` 0 the coordinates themselves: along
     ``directions`` evenly spaced directions (0: x and y alone, every first-layer unit then is
     f(x) + g(y)). Grids start uniform on ``grid_range``; ``grid_kind`` is where grid updates put
     the knots: at sample quantiles ("percentile", pykan's choice and the measured winner,
@@ -271,18 +284,19 @@ def rff(widths: tuple[int, ...] = (2, 256, 256, 256, 1), scale: float = 20.0, nu
 
 
 @register("hashgrid", train_defaults={"lr": 1e-2, "batch_size": 2048}, description="multiresolution hash encoding + ReLU MLP",
-          for_image=lambda spec, height, width: {"finest_resolution": max(height, width)})
+          for_image=lambda spec, height, width: encoding_for_image(height, width))
 def hashgrid(
     widths: tuple[int, ...] = (2, 64, 64, 1),
     levels: int = 16,
     features: int = 2,
-    log2_table_size: int = 16,
+    log2_table_size: int | None = None,
     base_resolution: int = 16,
     finest_resolution: int | None = None,
 ) -> nn.Module:
     """Multiresolution hash grid (Müller et al. 2022, instant-ngp) with a small ReLU MLP: L levels
     of F features, 2^log2_table_size entries per level, N_min = base_resolution cells per side up
-    to finest_resolution (None: 256, or the image's longer side when fitting)."""
+    to finest_resolution (both None: 2^16 and 256, or sized to the image when fitting, see
+    encoding_for_image)."""
     widths = _check_widths(widths)
     if widths[0] != 2:
         raise KanimgError(f"hashgrid takes 2-D coordinates: widths must start with 2, got {widths}")

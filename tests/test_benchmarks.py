@@ -30,6 +30,18 @@ def test_bench_kan_reports_every_variant(tmp_path, capsys):
     assert "x floor" in capsys.readouterr().out
 
 
+def test_bench_hashgrid_times_both_paths_of_both_families(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert load("bench_hashgrid").main(["--size", "40x60", "--steps", "1", "--rounds", "1", "--json", str(out)]) == 0
+    rows = {r["family"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"kan", "hashgrid"}
+    for row in rows.values():
+        assert row["fused_ms_per_step"] > 0 and row["torch_ms_per_step"] > 0 and row["finest_resolution"] == 60
+        assert row["log2_table_size"] == 16  # 2,400 pixels: the smallest default table
+    assert (rows["kan"]["batch_size"], rows["hashgrid"]["batch_size"]) == (8192, 2048)
+    assert "encoding as PyTorch ops" in capsys.readouterr().out
+
+
 def test_paper_table_puts_measured_next_to_paper(tmp_path, capsys):
     run = tmp_path / "run"
     for model, psnr, steps, interrupted in (("siren1", 30.0, 15000, False), ("kan2", 44.0, 3500, True)):

@@ -1,10 +1,20 @@
-"""The hash encoding against a direct dense-grid computation, its hashing, and the model."""
+"""The hash encoding against a direct dense-grid computation, its hashing, its fused CPU kernel
+against the PyTorch path, and the model."""
+
 import pytest
 import torch
 
 from kanimg.errors import KanimgError
 from kanimg.models import build_model
-from kanimg.nn.hashgrid import HASH_PRIME_Y, HashGridEncoding, level_resolutions
+from kanimg.nn.hashgrid import HASH_PRIME_Y, HashGridEncoding, interpolate, level_resolutions
+from kanimg.nn.kernel import cpu_kernel
+
+
+def paths():
+    """The PyTorch path, and the fused C++ kernel where it builds (chosen by KANIMG_NO_KERNEL)."""
+    yield pytest.param("1", id="torch")
+    if cpu_kernel() is not None:
+        yield pytest.param("0", id="kernel")
 
 
 def dense_reference(encoding: HashGridEncoding, x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +37,9 @@ def test_levels_grow_geometrically_from_the_coarsest_to_the_finest():
     assert all(1.8 < r < 2.2 for r in ratios)  # b = (512 / 4)^(1/7) = 2
 
 
-def test_collision_free_encoding_equals_bilinear_sampling_of_dense_grids():
+@pytest.mark.parametrize("no_kernel", paths())
+def test_collision_free_encoding_equals_bilinear_sampling_of_dense_grids(no_kernel, monkeypatch):
+    monkeypatch.setenv("KANIMG_NO_KERNEL", no_kernel)
     torch.manual_seed(0)
     encoding = HashGridEncoding(levels=5, features=3, log2_table_size=16, base_resolution=2, finest_resolution=60)
     assert not encoding.hashed.any()
@@ -41,6 +53,44 @@ def test_collision_free_encoding_equals_bilinear_sampling_of_dense_grids():
     (ours,) = torch.autograd.grad((encoding(x) * g).sum(), encoding.table)
     (theirs,) = torch.autograd.grad((dense_reference(encoding, x) * g).sum(), encoding.table)
     assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.skipif(cpu_kernel() is None, reason="the fused CPU kernel does not build here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_kernel_equals_the_pytorch_path_on_hashed_levels(dtype):
+    torch.manual_seed(1)
+    encoding = HashGridEncoding(levels=6, features=2, log2_table_size=9, base_resolution=3, finest_resolution=300).to(dtype)
+    assert encoding.hashed.any() and not encoding.hashed.all()
+    with torch.no_grad():
+        encoding.table.normal_()
+    x = torch.rand(3000, 2, dtype=dtype) * 2.4 - 1.2  # some points outside [-1, 1]², clamped by both
+    x[:4] = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [0.999999, 1.0]], dtype=dtype)
+    g = torch.randn(3000, 12, dtype=dtype)
+    reference = interpolate(encoding.table, *encoding.corners(x))  # the PyTorch path
+    (reference_grad,) = torch.autograd.grad((reference * g).sum(), encoding.table)
+    features = encoding(x)
+    (grad,) = torch.autograd.grad((features * g).sum(), encoding.table)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(features, reference, atol=tolerance)
+    assert torch.allclose(grad, reference_grad, atol=tolerance * 10)
+
+
+@pytest.mark.skipif(cpu_kernel() is None, reason="the fused CPU kernel does not build here")
+def test_fused_kernel_gives_the_same_bits_on_any_thread_count():
+    torch.manual_seed(2)
+    encoding = HashGridEncoding(levels=8, features=2, log2_table_size=10, base_resolution=4, finest_resolution=200)
+    x, g = torch.rand(5000, 2) * 2 - 1, torch.randn(5000, 16)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            features = encoding(x)
+            (grad,) = torch.autograd.grad((features * g).sum(), encoding.table)
+            results.append((features.detach(), grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(f, results[0][0]) and torch.equal(d, results[0][1]) for f, d in results[1:])
 
 
 def test_fine_levels_are_hashed_into_their_table():
@@ -79,8 +129,14 @@ def test_hashgrid_model_fits_and_refuses_bad_options():
             build_model("hashgrid", **bad)
 
 
-def test_fitting_sizes_the_finest_level_to_the_image():
+def test_fitting_sizes_the_finest_level_and_the_tables_to_the_image():
     from kanimg.fitting import model_spec_for
 
-    assert model_spec_for("hashgrid", {}, 3, (300, 500))["finest_resolution"] == 500
-    assert model_spec_for("hashgrid", {"finest_resolution": 64}, 3, (300, 500))["finest_resolution"] == 64
+    for family in ("hashgrid", "kan"):
+        spec = model_spec_for(family, {}, 3, (300, 500))
+        assert (spec["finest_resolution"], spec["log2_table_size"]) == (500, 18)  # 150,000 pixels ≤ 2^18 entries
+        assert model_spec_for(family, {}, 3, (256, 256))["log2_table_size"] == 16
+        assert model_spec_for(family, {}, 3, (3000, 4000))["log2_table_size"] == 19  # at most 2^19
+        chosen = model_spec_for(family, {"finest_resolution": 64, "log2_table_size": 12}, 3, (300, 500))
+        assert (chosen["finest_resolution"], chosen["log2_table_size"]) == (64, 12)
+    assert build_model("hashgrid").encoding.table.shape[0] <= 16 * 2**16  # unfitted: 2^16 entries per level

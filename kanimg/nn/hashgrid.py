@@ -8,8 +8,8 @@ densely where they fit in the level's table of T entries, else looked up by the 
 interpolation of its cell's four vertices at every level, concatenated (L · F values) and
 decoded by the MLP.
 
-Departures from the reference (tiny-cuda-nn): no fused kernels (a weighted gather and a
-scatter-add into a dense table gradient, :func:`interpolate`), float32 tables, and coordinates in [-1, 1]² mapped to the
+Departures from the reference (tiny-cuda-nn): fused kernels on CPU only (elsewhere a weighted
+gather and a scatter-add into a dense table gradient, :func:`interpolate`), float32 tables, and coordinates in [-1, 1]² mapped to the
 unit square with vertices on its border (so a level with N_l cells has exactly N_l + 1
 vertices per side).
 """
@@ -21,7 +21,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .kernel import cpu_kernel
 from .mlp import relu_mlp
+from .packed_spline import fused_path
 
 HASH_PRIME_Y = 2654435761  # π₂ of the paper's spatial hash; π₁ = 1
 INIT_SCALE = 1e-4  # table entries start in U(-1e-4, 1e-4), as in the paper
@@ -46,6 +48,43 @@ class _Interpolate(torch.autograd.Function):
         rows, weights = ctx.saved_tensors
         contributions = (weights[..., None] * grad[:, None, :]).reshape(-1, grad.shape[1])  # (N·K, F)
         return grad.new_zeros(ctx.entries, grad.shape[1]).index_add_(0, rows.reshape(-1), contributions), None, None
+
+
+# The fused C++ CPU kernels (csrc/hashgrid_cpu.cpp) as a torch custom op, so torch.compile sees
+# one opaque node instead of tracing into a pybind call; backward recomputes the corners from x.
+@torch.library.custom_op("kanimg::hash_encode", mutates_args=())
+def _fused_encode(x: Tensor, table: Tensor, resolution: Tensor, side: Tensor, size: Tensor, hashed: Tensor, offset: Tensor) -> Tensor:
+    return cpu_kernel().hash_encode(x.contiguous(), table.contiguous(), resolution, side, size, hashed, offset)
+
+
+@_fused_encode.register_fake
+def _(x, table, resolution, side, size, hashed, offset):
+    return x.new_empty(x.shape[0], resolution.shape[0] * table.shape[1])
+
+
+@torch.library.custom_op("kanimg::hash_encode_backward", mutates_args=())
+def _fused_encode_backward(grad: Tensor, x: Tensor, resolution: Tensor, side: Tensor, size: Tensor, hashed: Tensor, offset: Tensor,
+                           entries: int) -> Tensor:
+    return cpu_kernel().hash_encode_backward(grad, x.contiguous(), resolution, side, size, hashed, offset, entries)
+
+
+@_fused_encode_backward.register_fake
+def _(grad, x, resolution, side, size, hashed, offset, entries):
+    return grad.new_empty(entries, grad.shape[1] // resolution.shape[0])
+
+
+def _encode_setup_context(ctx, inputs, output) -> None:
+    x, table, *levels = inputs
+    ctx.save_for_backward(x, *levels)
+    ctx.entries = table.shape[0]
+
+
+def _encode_autograd(ctx, grad: Tensor):
+    x, *levels = ctx.saved_tensors
+    return None, torch.ops.kanimg.hash_encode_backward(grad, x, *levels, ctx.entries), None, None, None, None, None
+
+
+_fused_encode.register_autograd(_encode_autograd, setup_context=_encode_setup_context)
 
 
 def interpolate(table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
@@ -114,6 +153,8 @@ class HashGridEncoding(nn.Module):
         return rows, weights
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype == self.table.dtype and fused_path("cpu", x.dtype):
+            return torch.ops.kanimg.hash_encode(x, self.table, self.resolution, self.side, self.size, self.hashed, self.offset)
         return interpolate(self.table, *self.corners(x))
 
 

@@ -1,12 +1,12 @@
-"""Loads the fused C++ CPU kernel for the KAN layer, compiling it once per machine.
+"""Loads the fused C++ CPU kernels (the KAN layer's, the hash encoding's), compiling them once per machine.
 
 torch.utils.cpp_extension caches the build (under ~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR), so only the first use pays the ~1 minute compile. The build is tuned
 for the CPU it runs on (-march=native), so the cache is keyed on that CPU: a home folder or
 cache shared between machines never runs one machine's build on another (a SIGILL there
 would kill the process before any fallback could run). Without a working
-compiler, or with KANIMG_NO_KERNEL=1, the layer falls back to the pure-PyTorch functions in
-bspline.py, which compute the same thing more slowly.
+compiler, or with KANIMG_NO_KERNEL=1, the KAN layer and the hash encoding fall back to the
+pure-PyTorch functions in bspline.py and hashgrid.py, which compute the same thing more slowly.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("csrc") / "kan_cpu.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("kan_cpu.cpp", "hashgrid_cpu.cpp")]
 
 
 def _cpu_key() -> str:
@@ -56,7 +56,7 @@ def cpu_kernel() -> ModuleType | None:
             warnings.simplefilter("ignore")
             return cpp_extension.load(
                 name=_NAME,
-                sources=[str(_SOURCE)],
+                sources=[str(source) for source in _SOURCES],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,

@@ -345,7 +345,10 @@ std::vector<torch::Tensor> narrow_backward(torch::Tensor x, torch::Tensor sig, t
 
 }  // namespace
 
+void register_hashgrid(pybind11::module& m);  // hashgrid_cpu.cpp, built into the same module
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_hashgrid(m);
   m.def("features", &features, "writes the KAN feature rows [silu(x) | local cubic B-spline basis] into F");
   m.def("input_grad", &input_grad, "writes dL/dx from dL/dF for the KAN feature rows into gx");
   m.def("narrow_forward", &narrow_forward, "F(x) @ W without materialising F, for layers with few outputs");
