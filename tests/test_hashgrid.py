@@ -76,6 +76,16 @@ def test_fused_kernel_equals_the_pytorch_path_on_hashed_levels(dtype):
 
 
 @pytest.mark.skipif(cpu_kernel() is None, reason="the fused CPU kernel does not build here")
+def test_fused_kernel_never_reads_outside_the_table_for_non_finite_coordinates():
+    encoding = HashGridEncoding(levels=4, features=2, log2_table_size=8, base_resolution=4, finest_resolution=64)
+    x = torch.tensor([[float("nan"), 0.5], [0.2, float("inf")], [float("-inf"), float("nan")]])
+    corner = torch.tensor([[-1.0, 0.5], [0.2, 1.0], [-1.0, -1.0]])  # NaN reads as -1, ±inf as ±1
+    assert torch.equal(encoding(x), encoding(corner))
+    (grad,) = torch.autograd.grad(encoding(x).sum(), encoding.table)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.skipif(cpu_kernel() is None, reason="the fused CPU kernel does not build here")
 def test_fused_kernel_gives_the_same_bits_on_any_thread_count():
     torch.manual_seed(2)
     encoding = HashGridEncoding(levels=8, features=2, log2_table_size=10, base_resolution=4, finest_resolution=200)

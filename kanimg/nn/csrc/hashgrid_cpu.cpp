@@ -41,10 +41,17 @@ struct Levels {
   }
 };
 
+// x clamped to [-1, 1] as torch.clamp does, except that NaN goes to -1 (torch keeps it, and
+// the PyTorch path's lookup then fails): no coordinate can index outside the table.
+template <typename T>
+inline T clamp_unit(T v) {
+  return v >= T(-1) ? (v <= T(1) ? v : T(1)) : T(-1);
+}
+
 template <typename T>
 inline void unit_square(const T* x, T* ux, T* uy) {
-  *ux = (std::min(std::max(x[0], T(-1)), T(1)) + T(1)) / T(2);
-  *uy = (std::min(std::max(x[1], T(-1)), T(1)) + T(1)) / T(2);
+  *ux = (clamp_unit(x[0]) + T(1)) / T(2);
+  *uy = (clamp_unit(x[1]) + T(1)) / T(2);
 }
 
 struct LevelBuffers {
