@@ -166,7 +166,9 @@ def test_ctrl_c_in_a_real_process_saves_a_resumable_run(photo32, tmp_path):
 
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "kanimg", "fit", str(photo32), "--model", "mlp", "--widths", "2,32,3",
-                             "--steps", "1000000", "-o", str(out), "-q"], stderr=subprocess.PIPE, text=True)
+                             "--steps", "1000000", "-o", str(out), "-q"], stderr=subprocess.PIPE, text=True,
+                            # a suite started in the background (cmd &) inherits SIGINT ignored; a terminal's Ctrl-C is not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (tmp_path / ".run.partial").exists() and time.time() < deadline:  # training has started
         time.sleep(0.2)

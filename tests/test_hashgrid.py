@@ -10,11 +10,9 @@ from kanimg.nn.hashgrid import HASH_PRIME_Y, HashGridEncoding, interpolate, leve
 from kanimg.nn.kernel import cpu_kernel
 
 
-def paths():
+def paths() -> list:
     """The PyTorch path, and the fused C++ kernel where it builds (chosen by KANIMG_NO_KERNEL)."""
-    yield pytest.param("1", id="torch")
-    if cpu_kernel() is not None:
-        yield pytest.param("0", id="kernel")
+    return [pytest.param("1", id="torch")] + ([pytest.param("0", id="kernel")] if cpu_kernel() is not None else [])
 
 
 def dense_reference(encoding: HashGridEncoding, x: torch.Tensor) -> torch.Tensor:
