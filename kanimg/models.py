@@ -224,9 +224,9 @@ def kan(
 
     Its first layer sees a multiresolution hash encoding of (x, y) (``levels`` × ``features``
     values, options as the hashgrid family's; finest_resolution and log2_table_size None: 256
-    and 16, or sized to the image when fitting, see encoding_for_image), or with ``levels`` 0 the coordinates themselves: along
-    ``directions`` evenly spaced directions (0: x and y alone, every first-layer unit then is
-    f(x) + g(y)). Grids start uniform on ``grid_range``; ``grid_kind`` is where grid updates put
+    and 16, or sized to the image when fitting, see encoding_for_image), or with ``levels`` 0
+    the coordinates themselves: along ``directions`` evenly spaced directions (0: x and y
+    alone, every first-layer unit then is f(x) + g(y)). Grids start uniform on ``grid_range``; ``grid_kind`` is where grid updates put
     the knots: at sample quantiles ("percentile", pykan's choice and the measured winner,
     docs/kan-grids.md) or evenly over the sample range ("uniform")."""
     widths = _check_widths(widths)
