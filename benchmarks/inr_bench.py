@@ -51,14 +51,28 @@ CANDIDATES = {
             ({"grids": [16], "grid_kind": "uniform"}, {"lr": 6e-2, "batch_size": 8192}),
             ({"grids": [16], "grid_kind": "uniform"}, {"lr": 3e-2, "batch_size": 4096, "grid_update_every": 50}),
             ({"grids": [16]}, {"lr": 6e-2, "batch_size": 8192, "grid_update_until": 500}),
-            ({"grids": [16]}, {"lr": 3e-2, "batch_size": 4096, "grid_update_until": 1000})],
+            ({"grids": [16]}, {"lr": 3e-2, "batch_size": 4096, "grid_update_until": 1000}),
+            ({"grids": [16]}, {"lr": 6e-2, "batch_size": 8192, "grid_update_every": 0}),
+            ({"grids": [16]}, {"lr": 3e-2, "batch_size": 8192, "grid_update_every": 0}),
+            ({"grids": [16]}, {"lr": 6e-2, "batch_size": 4096, "grid_update_every": 0}),
+            ({"grids": [16]}, {"lr": 1e-1, "batch_size": 8192, "grid_update_every": 0}),
+            ({"grids": [16]}, {"lr": 6e-2, "batch_size": 8192, "grid_update_until": 100}),
+            ({"grids": [16]}, {"lr": 6e-2, "batch_size": 16384, "grid_update_every": 0}),
+            ({"grids": [32]}, {"lr": 6e-2, "batch_size": 8192, "grid_update_every": 0}),
+            ({"grids": [16]}, {"lr": 6e-2, "batch_size": 32768, "grid_update_every": 0}),
+            ({"grids": [16], "log2_table_size": 18}, {"lr": 6e-2, "batch_size": 16384, "grid_update_every": 0})],
     "kan-ridge": [({"directions": 0}, {"lr": 2e-2, "batch_size": 4096}), ({"directions": 0}, {"lr": 1e-2, "batch_size": 4096}),
                   ({"directions": 8}, {"lr": 2e-2, "batch_size": 4096}), ({"directions": 0}, {"lr": 2e-2, "batch_size": 8192})],
     "hashgrid": [({"log2_table_size": 14}, {"lr": 1e-2, "batch_size": 16384}), ({"log2_table_size": 14}, {"lr": 3e-2, "batch_size": 16384}),
                  ({"log2_table_size": 16}, {"lr": 1e-2, "batch_size": 16384}), ({"log2_table_size": 14}, {"lr": 1e-2, "batch_size": 65536}),
                  ({"log2_table_size": 16}, {"lr": 3e-2, "batch_size": 16384}), ({"log2_table_size": 16}, {"lr": 1e-2, "batch_size": 8192}),
                  ({"log2_table_size": 16}, {"lr": 3e-2, "batch_size": 8192}), ({"log2_table_size": 16}, {"lr": 1e-2, "batch_size": 4096}),
-                 ({"log2_table_size": 16}, {"lr": 1e-2, "batch_size": 2048}), ({"log2_table_size": 16}, {"lr": 1e-2, "batch_size": 1024})],
+                 ({"log2_table_size": 16}, {"lr": 1e-2, "batch_size": 2048}), ({"log2_table_size": 16}, {"lr": 1e-2, "batch_size": 1024}),
+                 ({"log2_table_size": 16}, {"lr": 2e-2, "batch_size": 2048}), ({"log2_table_size": 16}, {"lr": 5e-3, "batch_size": 2048}),
+                 ({"log2_table_size": 16}, {"lr": 2e-2, "batch_size": 4096}), ({"log2_table_size": 16}, {"lr": 5e-3, "batch_size": 1024}),
+                 ({"log2_table_size": 16}, {"lr": 2e-2, "batch_size": 1024}),
+                 ({"log2_table_size": 16}, {"lr": 3e-2, "batch_size": 4096}), ({"log2_table_size": 16}, {"lr": 2e-2, "batch_size": 8192}),
+                 ({"log2_table_size": 18}, {"lr": 2e-2, "batch_size": 4096})],
     "siren": [({"widths": [2, 256, 256, 256, 1]}, {"lr": 1e-4, "batch_size": 65536}),
               ({"widths": [2, 256, 256, 256, 1]}, {"lr": 3e-4, "batch_size": 16384}),
               ({"widths": [2, 256, 256, 256, 1]}, {"lr": 1e-4, "batch_size": 16384}),
@@ -175,14 +189,17 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def tune(out: Path, budgets: list[float], families: list[str], quiet: bool) -> dict:
-    """Every candidate of every family on the tuning photos at each budget (seed 0)."""
+def tune(out: Path, budgets: list[float], families: list[str], quiet: bool, only: set[str] | None = None) -> dict:
+    """Every candidate of every family (or those labelled in ``only``, e.g. kan#12) on the tuning
+    photos at each budget (seed 0)."""
     folder = write_photos(out / "photos", TUNE, crop=True)
     records = []
     for budget in budgets:
         for family in families:
             for index, (spec, train) in enumerate(CANDIDATES[family]):
                 label = f"{family}#{index}"
+                if only and label not in only:
+                    continue
                 for image in sorted(folder.glob("*.png")):
                     run = out / "runs" / f"{budget:g}s" / image.stem / label.replace("#", "-")
                     if (run / "metrics.json").exists():
@@ -203,20 +220,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="30,120,600", help="training seconds per model, comma-separated")
     parser.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (benchmark only)")
     parser.add_argument("--models", default=",".join(MODELS), help="models (benchmark) or families (--tune)")
+    parser.add_argument("--candidates", help="--tune: run only these candidates, comma-separated (e.g. kan#10,hashgrid#8: a new round)")
     parser.add_argument("--no-full", action="store_true", help="skip the full-size photos")
     parser.add_argument("--tune", action="store_true", help="run the tuning sweep instead of the benchmark")
     parser.add_argument("-o", "--out", type=Path, default=Path("runs/inr-bench"))
     parser.add_argument("--json", type=Path, help="results JSON (default: benchmarks/results/inr_bench[-tune].json)")
     parser.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
-                        help="train nothing: summarise and plot these benchmark results together (e.g. budgets run at different times)")
+                        help="train nothing: summarise and plot these benchmark results of --models together (e.g. budgets run at different times)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.from_json:
-        result, key, title = {"records": [r for p in args.from_json for r in json.loads(p.read_text())["records"]]}, "model", "Benchmark"
+        records = [r for p in args.from_json for r in json.loads(p.read_text())["records"] if r["model"] in models]
+        result, key, title = {"records": records}, "model", "Benchmark"
     elif args.tune:
-        result, key, title = tune(args.out, budgets, models, args.quiet), "candidate", "Tuning sweep"
+        result, key, title = tune(args.out, budgets, models, args.quiet, set(args.candidates.split(',')) if args.candidates else None), "candidate", "Tuning sweep"
     else:
         result, key, title = bench(args.out, budgets, [int(s) for s in args.seeds.split(",")], models, not args.no_full, args.quiet), "model", "Benchmark"
     summary = summarise(result["records"], key)

@@ -187,13 +187,20 @@ def _hash_options(levels: int, features: int, log2_table_size: int | None, base_
 
 
 # A hash encoding fitted to an image: its finest level has a cell per pixel, and each level's
-# table has at least as many entries as the image has pixels (2^16 up to 256×256, at most 2^19:
-# 2^16 entries left the finest levels of a 741×500 photo colliding 8 to 1). Measured on the
-# full-size tuning photos at 30 s (docs/benchmark.md): tables of 2^19 against 2^16 gained the
-# hash grid 4.8 dB and the KAN 0.9 dB.
-def encoding_for_image(height: int, width: int) -> dict[str, int]:
+# table holds ``entries_per_pixel`` entries per pixel of the image, rounded up to a power of two,
+# from 2^16 to at most 2^19 (2^16 entries left the finest levels of a 741×500 photo colliding 8
+# to 1). Measured at 30 s (docs/benchmark.md): on the full-size tuning photos tables of 2^19
+# against 2^16 gained the hash grid 4.8 dB and the KAN 0.9 dB; on the tuning crops 2^18 against
+# 2^16 (there it only makes the finest levels collision-free) scored +0.9 dB for the hash grid
+# and -12 dB for the KAN, both within the sweep's run-to-run noise: each family keeps what its
+# sweep chose, 4 entries per pixel for the hash grid and 1 for the KAN.
+MAX_LOG2_TABLE = 19
+
+
+def encoding_for_image(height: int, width: int, entries_per_pixel: int = 1) -> dict[str, int]:
     """The hash encoding's finest resolution and table size for an image of height × width."""
-    return {"finest_resolution": max(height, width), "log2_table_size": min(19, max(16, math.ceil(math.log2(height * width))))}
+    log2_size = math.ceil(math.log2(height * width * entries_per_pixel))
+    return {"finest_resolution": max(height, width), "log2_table_size": min(MAX_LOG2_TABLE, max(16, log2_size))}
 
 
 def _sized_to_image(spec: dict[str, Any], height: int, width: int) -> dict[str, Any]:
@@ -203,10 +210,11 @@ def _sized_to_image(spec: dict[str, Any], height: int, width: int) -> dict[str, 
 
 
 # The default KAN: a multiresolution hash encoding (as the hashgrid baseline's) read out by one
-# KAN layer, its grid refitted to the features every 25 steps in the first 500. Training
-# defaults are the tuning sweep's winners; at 30 s on 8 photos it was not tuned on it led the
-# tuned hash grid (the same encoding with its ReLU MLP) by 3.7 dB (docs/benchmark.md).
-@register("kan", train_defaults={"lr": 6e-2, "batch_size": 8192, "grid_update_every": 25, "grid_update_until": 500},
+# KAN layer on a fixed uniform grid. Training defaults are the tuning sweep's winners
+# (docs/benchmark.md): no grid refits, which under a clock cost more than they gave once the
+# encoding ran as a fused kernel (a refit takes ~0.3 s, and percentile knots take the kernel's
+# slower path); --grid-update-every 25 brings back the earlier refits in the first 500 steps.
+@register("kan", train_defaults={"lr": 6e-2, "batch_size": 16384, "grid_update_every": 0, "grid_update_until": 500},
           description="KAN on a multiresolution hash encoding, cubic B-spline edges + SiLU base", for_image=_sized_to_image)
 def kan(
     widths: tuple[int, ...] = (2, 1),
@@ -283,8 +291,8 @@ def rff(widths: tuple[int, ...] = (2, 256, 256, 256, 1), scale: float = 20.0, nu
     return FourierFeatureMLP(widths, _positive("scale", scale), int(_positive("num_features", num_features)))
 
 
-@register("hashgrid", train_defaults={"lr": 1e-2, "batch_size": 2048}, description="multiresolution hash encoding + ReLU MLP",
-          for_image=lambda spec, height, width: encoding_for_image(height, width))
+@register("hashgrid", train_defaults={"lr": 2e-2, "batch_size": 4096}, description="multiresolution hash encoding + ReLU MLP",
+          for_image=lambda spec, height, width: encoding_for_image(height, width, entries_per_pixel=4))
 def hashgrid(
     widths: tuple[int, ...] = (2, 64, 64, 1),
     levels: int = 16,

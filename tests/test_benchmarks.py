@@ -37,8 +37,11 @@ def test_bench_hashgrid_times_both_paths_of_both_families(tmp_path, capsys):
     assert set(rows) == {"kan", "hashgrid"}
     for row in rows.values():
         assert row["fused_ms_per_step"] > 0 and row["torch_ms_per_step"] > 0 and row["finest_resolution"] == 60
-        assert row["log2_table_size"] == 16  # 2,400 pixels: the smallest default table
-    assert (rows["kan"]["batch_size"], rows["hashgrid"]["batch_size"]) == (8192, 2048)
+        assert row["log2_table_size"] == 16  # 2,400 pixels (×4 for the hash grid): the smallest default table
+    from kanimg.models import get_entry
+
+    for family, row in rows.items():  # each at its own default batch
+        assert row["batch_size"] == get_entry(family).train_defaults["batch_size"]
     assert "encoding as PyTorch ops" in capsys.readouterr().out
 
 
@@ -116,6 +119,10 @@ def test_inr_bench_runs_every_budget_and_seed_and_summarises(tmp_path, monkeypat
                            "--json", str(tmp_path / "merged.json"), "-q"]) == 0
     assert json.loads((tmp_path / "merged.json").read_text())["summary"] == result["summary"]
     assert (tmp_path / "merged" / "psnr-vs-budget.png").stat().st_size > 0
+    # … and only the models asked for (a result file also holds earlier defaults under other names)
+    assert bench.main(["--from-json", str(tmp_path / "0.2.json"), "--models", "mlp", "-o", str(tmp_path / "mlp"),
+                       "--json", str(tmp_path / "mlp.json"), "-q"]) == 0
+    assert set(json.loads((tmp_path / "mlp.json").read_text())["summary"]["crops"]["0.2"]) == {"mlp"}
 
 
 def test_inr_bench_tuning_sweep_tries_every_candidate(tmp_path, monkeypatch):
@@ -128,6 +135,11 @@ def test_inr_bench_tuning_sweep_tries_every_candidate(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "tune.json").read_text())
     assert sorted(result["summary"]["tune"]["0.2"]) == ["mlp#0", "mlp#1", "rff#0", "rff#1"]
     assert {r["train"].get("lr") for r in result["records"] if r["family"] == "mlp"} == {None, 3e-3}
+
+    # a later round runs only the candidates it names
+    assert bench.main(["--tune", "--budgets", "0.2", "--models", "mlp,rff", "--candidates", "rff#1", "-o", str(tmp_path / "round"),
+                       "--json", str(tmp_path / "round.json"), "-q"]) == 0
+    assert list(json.loads((tmp_path / "round.json").read_text())["summary"]["tune"]["0.2"]) == ["rff#1"]
 
 
 def test_kan_heads_trains_every_readout_of_the_same_encoding(tmp_path, monkeypatch, capsys):

@@ -13,7 +13,7 @@ from kanimg.cli import main
 from kanimg import fit
 from kanimg.io import load_image
 from kanimg.metrics import psnr
-from kanimg.models import build_model
+from kanimg.models import build_model, get_entry
 from kanimg.sampling import ImageTarget
 from kanimg.train import Trainer, TrainConfig
 
@@ -372,7 +372,7 @@ def test_a_fit_that_names_no_steps_trains_longer_on_a_larger_image(photo32, tmp_
     cuda = torch.device("cuda")
     assert train_config_for("kan", {}, device=cuda).batch_size == 16 * train_config_for("kan", {}).batch_size
     assert train_config_for("kan", {"batch_size": 512}, device=cuda).batch_size == 512
-    assert train_config_for("kan", {"batch_size": None}, device=torch.device("cpu")).batch_size == 8192
+    assert train_config_for("kan", {"batch_size": None}, device=torch.device("cpu")).batch_size == get_entry("kan").train_defaults["batch_size"]
     assert train_config_for("kan-ridge", {}).batch_size == 4096  # a variant's own training defaults
     with mock.patch("kanimg.fitting.steps_for_image", return_value=7) as rule:  # fit asks the rule with the image's size
         result = fit(photo32, "mlp", widths=[2, 8, 3], progress=False)
