@@ -140,10 +140,11 @@ def test_hashgrid_model_fits_and_refuses_bad_options():
 def test_fitting_sizes_the_finest_level_and_the_tables_to_the_image():
     from kanimg.fitting import model_spec_for
 
-    for family, entries_per_pixel in (("hashgrid", 4), ("kan", 1)):
-        spec = model_spec_for(family, {}, 3, (300, 500))  # 150,000 pixels: 2^18 entries, 2^19 at most for 4 per pixel
-        assert (spec["finest_resolution"], spec["log2_table_size"]) == (500, 18 if entries_per_pixel == 1 else 19)
-        assert model_spec_for(family, {}, 3, (256, 256))["log2_table_size"] == 16 + entries_per_pixel.bit_length() - 1
+    # entries per pixel: hashgrid 4, kan 1; 150,000 pixels → 2^18 entries (×4: 2^20, capped at 2^19)
+    for family, log2_at_300x500, log2_at_256x256 in (("hashgrid", 19, 18), ("kan", 18, 16)):
+        spec = model_spec_for(family, {}, 3, (300, 500))
+        assert (spec["finest_resolution"], spec["log2_table_size"]) == (500, log2_at_300x500)
+        assert model_spec_for(family, {}, 3, (256, 256))["log2_table_size"] == log2_at_256x256
         assert model_spec_for(family, {}, 3, (40, 60))["log2_table_size"] == 16  # never below 2^16
         assert model_spec_for(family, {}, 3, (3000, 4000))["log2_table_size"] == 19  # at most 2^19
         chosen = model_spec_for(family, {"finest_resolution": 64, "log2_table_size": 12}, 3, (300, 500))
