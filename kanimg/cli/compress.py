@@ -37,7 +37,8 @@ def add(sub) -> None:
     comp.add_argument("image", type=Path)
     comp.add_argument("-o", "--out", type=Path, help="output .kimg file (default: <image name>.kimg here)")
     comp.add_argument("--bpp", type=float, default=0.3, help="bit budget in bits per pixel, header included (default 0.3)")
-    comp.add_argument("--model", default="kan", choices=["kan", "siren"], help="kan (default) or siren (COIN-style)")
+    comp.add_argument("--model", default="kan", choices=["kan", "siren", "latent"],
+                      help="kan (default), siren (COIN-style) or latent (latent grids + a small synthesis network, Cool-chic style)")
     _network_options(comp)
     comp.add_argument("--force", action="store_true", help="replace an existing output file")
     comp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -52,7 +53,7 @@ def add(sub) -> None:
     rd = sub.add_parser("rd", help="rate–distortion curves: networks against JPEG / WebP / AVIF, with BD metrics")
     rd.add_argument("images", type=Path, help="an image, or a folder of images (per-image and mean curves)")
     rd.add_argument("--models", type=comma_list(str, "--models", "kan,siren"), default=["kan", "siren"],
-                    help="network codecs: kan, siren (COIN-style); default kan,siren")
+                    help="network codecs: kan, siren (COIN-style), latent (latent grids); default kan,siren")
     rd.add_argument("--codecs", type=comma_list(str, "--codecs", "jpeg,webp,avif"), default=["jpeg", "webp", "avif"],
                     help="classic codecs: jpeg, webp, avif (default: all three)")
     rd.add_argument("--bpp", type=comma_list(float, "--bpp", DEFAULT_BPPS), default=[float(b) for b in DEFAULT_BPPS.split(",")],

@@ -23,7 +23,8 @@ from ..nn.bspline import SPLINE_ORDER
 from ..render import GridEvaluator
 from ..sampling import chunks
 from . import kimg
-from .entropy import cost_bits, decode_streams, encode_streams, fit_model
+from .entropy import StreamDecoder, cost_bits, encode_streams, fit_model
+from .latent import LatentImage, decode_latents, synthesise
 from .kimg import DECODE_LIMITS, MAX_TRANSFORM, TILE_VALUES, DecodeLimits, ImageInfo, KimgFile, TensorHeader
 from .quantize import QuantConfig, QuantizedTensor, quantize_tensor, round_float16
 from .tensors import grid_ranges, load_arrays, slots, stored_arrays
@@ -134,6 +135,7 @@ def decode_model(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> DecodedMo
     parsed = kimg.read(data, limits)
     spec, quant = parsed.spec, parsed.quant
     arrays: list[np.ndarray] = []
+    grids: list[np.ndarray] = []
     if quant.is_float16:
         values = np.frombuffer(parsed.payload, dtype="<f2").astype(np.float64)
         offset = 0
@@ -141,16 +143,19 @@ def decode_model(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> DecodedMo
             arrays.append(values[offset : offset + slot.size].reshape(slot.shape))
             offset += slot.size
     else:
-        lengths, ranges, models = [], [], []
+        decoder = StreamDecoder(parsed.payload)
+        grids, decoded, ranges, models = decode_latents(decoder, parsed.image, parsed.levels)
+        first_tensor_stream = len(decoded)
         for slot, header in zip(slots(spec), parsed.tensors):
             rows = slot.size // slot.shape[-1]
-            lengths += [rows] * header.transform + [rows * (slot.shape[-1] - header.transform)]
-            ranges += stream_limits(QuantConfig(header.bits).levels, header.transform)
+            lengths = [rows] * header.transform + [rows * (slot.shape[-1] - header.transform)]
+            tensor_ranges = stream_limits(QuantConfig(header.bits).levels, header.transform)
+            decoded += [decoder.decode(n, limit, model) for n, limit, model in zip(lengths, tensor_ranges, header.models)]
+            ranges += tensor_ranges
             models += header.models
-        decoded = decode_streams(parsed.payload, lengths, ranges, models)
         if encode_streams(decoded, ranges, models) != parsed.payload:  # the coder is deterministic: one payload per content
             raise KanimgError("malformed .kimg payload: bytes beyond the coded data, or not as this format codes it")
-        flat = iter(decoded)
+        flat = iter(decoded[first_tensor_stream:])
         for slot, header in zip(slots(spec), parsed.tensors):
             lead = slot.shape[:-1]
             streams = [next(flat).reshape(lead) for _ in range(header.transform)]
@@ -161,6 +166,13 @@ def decode_model(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> DecodedMo
             arrays.append(QuantizedTensor(ints, header.steps).dequantize())
     if not all(np.isfinite(a).all() for a in arrays):
         raise KanimgError("malformed .kimg file: weights that are not finite numbers")
+    if spec["name"] == "latent":
+        model = LatentImage(parsed.image.height, parsed.image.width, spec["widths"]).to(torch.float64)
+        load_arrays(model, arrays)
+        with torch.no_grad():
+            for latent, grid in zip(model.latents, grids):
+                latent.copy_(torch.from_numpy(grid.astype(np.float64))[None, None])
+        return DecodedModel(model.eval(), parsed.image, quant, [t.bits for t in parsed.tensors])
     options = {k: v for k, v in spec.items() if k != "name"}
     model = build_model(spec["name"], **options).to(torch.float64)
     load_arrays(model, arrays, [r if r is not None else np.array([[-1.0, 1.0]] * w, dtype=np.float32)
@@ -210,6 +222,11 @@ def render_integers(decoded: DecodedModel) -> np.ndarray:
         KanimgError: the network's output is not finite (a crafted or damaged file).
     """
     img, model = decoded.image, decoded.model
+    if model.spec["name"] == "latent":  # float64 throughout: cheap for a synthesis this small
+        values = synthesise(model.integer_latents(), stored_arrays(model), img.height, img.width)
+        if not np.isfinite(values).all():
+            raise KanimgError("malformed .kimg file: the network's output is not finite")
+        return to_integers((np.clip(values, -1, 1) + 1) / 2, img.bit_depth)
     fast, exact = evaluators(decoded)
     top = float(2**img.bit_depth - 1)
     out = np.empty((img.pixels, img.channels), dtype=np.uint8 if img.bit_depth <= 8 else np.uint16)

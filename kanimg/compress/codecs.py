@@ -153,11 +153,11 @@ class NeuralCodec(Codec):
 
 
 CLASSIC = ("jpeg", "webp", "avif")
-NEURAL = ("kan", "siren")
+NEURAL = ("kan", "siren", "latent")
 
 
 def get_codec(name: str, neural_options: dict[str, Any] | None = None) -> Codec:
-    """A codec by name: jpeg, webp, avif, kan or siren (COIN-style: float16 weights).
+    """A codec by name: jpeg, webp, avif, kan, siren (COIN-style: float16 weights) or latent.
 
     Raises:
         KanimgError: unknown name.
@@ -175,6 +175,7 @@ def get_codec(name: str, neural_options: dict[str, Any] | None = None) -> Codec:
         description = {
             "kan": "KAN, uniform n-bit weights with quantisation-aware fine-tuning, range-coded (.kimg)",
             "siren": "COIN-style SIREN (ω0 = 30), float16 weights (.kimg)",
+            "latent": "latent grids + ReLU synthesis (Cool-chic style), rate–distortion trained, range-coded (.kimg v3)",
         }[name]
         return NeuralCodec(name, description, config)
     raise KanimgError(f"unknown codec {name!r}; choose from {', '.join(CLASSIC + NEURAL)}")

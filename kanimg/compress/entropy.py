@@ -153,24 +153,31 @@ def encode_streams(streams: Sequence[np.ndarray], limits: Sequence[int], models:
     return encoder.get_compressed().astype("<u4").tobytes()
 
 
-def decode_streams(payload: bytes, lengths: Sequence[int], limits: Sequence[int], models: Sequence[StreamModel]) -> list[np.ndarray]:
-    """Inverse of :func:`encode_streams`, given each stream's length."""
-    import constriction
+class StreamDecoder:
+    """Decodes the streams of one payload in order, one call per stream, so a stream's model
+    may depend on what was decoded before it (context modelling)."""
 
-    if len(payload) % 4:
-        raise KanimgError("malformed .kimg payload: not a whole number of 32-bit words")
-    decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
-    out = []
-    for length, limit, model in zip(lengths, limits, models):
+    def __init__(self, payload: bytes) -> None:
+        import constriction
+
+        if len(payload) % 4:
+            raise KanimgError("malformed .kimg payload: not a whole number of 32-bit words")
+        self._decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
+
+    def decode(self, length: int, limit: int, model: StreamModel) -> np.ndarray:
         if length == 0:
-            out.append(np.zeros(0, dtype=np.int64))
-            continue
+            return np.zeros(0, dtype=np.int64)
         try:
-            symbols = decoder.decode(_categorical(model, limit), length)
+            symbols = self._decoder.decode(_categorical(model, limit), length)
         except Exception as exc:  # a payload that does not decode under its own models
             raise KanimgError(f"malformed .kimg payload ({exc})") from None
-        out.append(np.asarray(symbols, dtype=np.int64) - limit)
-    return out
+        return np.asarray(symbols, dtype=np.int64) - limit
+
+
+def decode_streams(payload: bytes, lengths: Sequence[int], limits: Sequence[int], models: Sequence[StreamModel]) -> list[np.ndarray]:
+    """Inverse of :func:`encode_streams`, given each stream's length."""
+    decoder = StreamDecoder(payload)
+    return [decoder.decode(length, limit, model) for length, limit, model in zip(lengths, limits, models)]
 
 
 def general_purpose_sizes(streams: Sequence[np.ndarray]) -> dict[str, int]:

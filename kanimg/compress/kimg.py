@@ -1,11 +1,15 @@
 """The .kimg container: a compressed image as bytes, parsed with ``struct`` only.
 
-Layout of format version 2 (docs/kimg-format.md has the full specification):
+Layout (docs/kimg-format.md has the full specification):
 
     magic "KIMG" · version u8 · image (height, width, channels, bit depth, coordinates)
-    · model (family, widths, KAN grids and grid ranges | SIREN ω0) · quantisation (float16
-    or integers, granularity) · per stored tensor: bits (in half bits; version 1: whole
-    bits), step sizes, transform, entropy models · payload · CRC-32 of every byte before it
+    · model (family, widths, KAN grids and grid ranges | SIREN ω0 | latent grids' entropy
+    models) · quantisation (float16 or integers, granularity) · per stored tensor: bits (in
+    half bits; version 1: whole bits), step sizes, transform, entropy models · payload
+    · CRC-32 of every byte before it
+
+A file carries the lowest version that holds it: 2 for KAN and SIREN, 3 for latent grids
+(family 3, new in version 3), so older readers still read every network file they can.
 
 Integers are little-endian; "varint" is unsigned LEB128. Reading checks, in this order: the
 magic, the version, the checksum, then every field against hard limits, so a truncated,
@@ -29,14 +33,18 @@ from .quantize import FLOAT16, GRANULARITIES, MAX_BITS, MIN_BITS, QuantConfig
 from .tensors import Slot, parameter_count, slots
 
 MAGIC = b"KIMG"
-VERSION = 2
-BITS_UNIT = {1: 1, 2: 0.5}  # per version: tensor bits are stored in whole (1) or half (2) bits
+VERSION = 3  # the newest this module reads
+BITS_UNIT = {1: 1, 2: 0.5, 3: 0.5}  # per version: tensor bits are stored in whole (1) or half (2) bits
 CHECKSUM_BYTES = 4
-MODEL_IDS = {"kan": 1, "siren": 2}
+MODEL_IDS = {"kan": 1, "siren": 2, "latent": 3}
+FIRST_VERSION = {"kan": 1, "siren": 1, "latent": 3}  # the version that introduced each family
 COORDS_IDS = {"centers": 0, "linspace": 1}
 MAX_TRANSFORM = 2  # differences of order 0, 1, 2 along a smooth tensor's last axis
 # A decoder allocates nothing bigger than these, whatever a (crafted) header claims.
 MAX_LAYERS, MAX_WIDTH, MAX_PARAMETERS = 64, 4096, 20_000_000
+# Latent grids: at most this many levels, this many entropy models per level, values within ±MAX_LATENT.
+MAX_LEVELS, MAX_CONTEXTS, MAX_LATENT = 10, 7, 1 << 15  # contexts: 1 + len(latent.CONTEXT_EDGES)
+MAX_SYNTHESIS_LAYERS, MAX_SYNTHESIS_WIDTH = 8, 256
 MAX_FILE_BYTES = 2 * MAX_PARAMETERS + (16 << 20)  # float16 weights of the largest network, plus headers
 
 
@@ -64,6 +72,9 @@ def decode_cost(spec: dict, height: int, width: int, channels: int) -> tuple[flo
     tile of activations and the integer image."""
     widths, pixels = spec["widths"], height * width
     pairs = list(zip(widths[:-1], widths[1:]))
+    if spec["name"] == "latent":  # 16-tap bicubic per level, then the synthesis, whole image in float64
+        macs = pixels * (16 * widths[0] + sum(i * o for i, o in pairs))
+        return float(macs), int(8 * pixels * (2 * widths[0] + 2 * max(widths)) + 2 * pixels * channels + 16 * parameter_count(spec))
     if spec["name"] == "kan":
         grids = spec["grids"]
         first = (height + width) * (grids[0] + 4) * widths[1]
@@ -103,6 +114,15 @@ class TensorHeader:
 
 
 @dataclass
+class LatentLevel:
+    """One latent grid's coding: its largest magnitude and its entropy models (see
+    ``latent_codec``: the first for the grid's anchors, then one per context)."""
+
+    limit: int
+    models: list[StreamModel] = field(default_factory=list)
+
+
+@dataclass
 class KimgFile:
     image: ImageInfo
     spec: dict  # {"name", "widths", and "grids" (KAN) or "omega0" (SIREN)}
@@ -110,6 +130,7 @@ class KimgFile:
     grid_ranges: list[np.ndarray | None] = field(default_factory=list)  # KAN: (I, 2) float32, None = [-1, 1]
     tensors: list[TensorHeader] = field(default_factory=list)  # empty for float16
     payload: bytes = b""
+    levels: list[LatentLevel] = field(default_factory=list)  # latent grids, finest first
 
 
 def stream_count(slot: Slot, transform: int) -> int:
@@ -132,11 +153,15 @@ def _zigzag(value: int) -> int:
     return 2 * value if value >= 0 else -2 * value - 1
 
 
+def _model_bytes(model: StreamModel) -> bytes:
+    return _varint(2 * _zigzag(model.centre) + model.family) + struct.pack("<H", model.code)
+
+
 def write(kimg: KimgFile) -> bytes:
     """Serialise ``kimg`` (header, payload, checksum)."""
     img, spec, quant = kimg.image, kimg.spec, kimg.quant
     out = bytearray(MAGIC)
-    out += struct.pack("<B", VERSION)
+    out += struct.pack("<B", max(FIRST_VERSION[spec["name"]], min(VERSION, 2)))  # 2: the newest KAN/SIREN layout
     out += _varint(img.height) + _varint(img.width)
     out += struct.pack("<BBBB", img.channels, img.bit_depth, COORDS_IDS[img.coords], MODEL_IDS[spec["name"]])
     widths = spec["widths"]
@@ -148,6 +173,9 @@ def write(kimg: KimgFile) -> bytes:
                 out += b"\x00"
             else:
                 out += b"\x01" + np.asarray(limits, dtype="<f4").tobytes()
+    elif spec["name"] == "latent":
+        for level in kimg.levels:
+            out += _varint(level.limit) + struct.pack("<B", len(level.models)) + b"".join(_model_bytes(m) for m in level.models)
     else:
         out += struct.pack("<f", spec["omega0"])
     out += struct.pack("<BB", FLOAT16 if quant.is_float16 else 0, GRANULARITIES.index(quant.granularity))
@@ -156,8 +184,7 @@ def write(kimg: KimgFile) -> bytes:
             out += struct.pack("<B", round(tensor.bits / BITS_UNIT[VERSION])) + np.asarray(tensor.steps, dtype="<f4").tobytes()
             if slot.smooth:
                 out += struct.pack("<B", tensor.transform)
-            for model in tensor.models:
-                out += _varint(2 * _zigzag(model.centre) + model.family) + struct.pack("<H", model.code)
+            out += b"".join(_model_bytes(m) for m in tensor.models)
     out += kimg.payload
     out += struct.pack("<I", zlib.crc32(out))
     return bytes(out)
@@ -180,6 +207,13 @@ class _Reader:
     def unpack(self, fmt: str):
         values = struct.unpack(fmt, self.take(struct.calcsize(fmt)))
         return values[0] if len(values) == 1 else values
+
+    def model(self) -> StreamModel:
+        packed = self.varint(1 << 20, "entropy model")
+        family, zig = packed & 1, packed >> 1
+        centre = zig // 2 if zig % 2 == 0 else -(zig + 1) // 2
+        _check(family in ENTROPY_FAMILIES, f"entropy model family {family}")
+        return StreamModel(family, centre, self.unpack("<H"))
 
     def varint(self, limit: int, what: str) -> int:
         value, shift = 0, 0
@@ -229,7 +263,8 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
         raise KanimgError(f"malformed .kimg file: {len(data):,} bytes, more than any .kimg file holds ({MAX_FILE_BYTES:,})")
     check_envelope(data)
     r = _Reader(data, len(data) - CHECKSUM_BYTES)
-    bits_unit = BITS_UNIT[r.take(len(MAGIC) + 1)[-1]]
+    version = r.take(len(MAGIC) + 1)[-1]
+    bits_unit = BITS_UNIT[version]
     height, width = r.varint(MAX_PIXELS, "height"), r.varint(MAX_PIXELS, "width")
     _check(height >= 1 and width >= 1 and height * width <= MAX_PIXELS, f"image size {width}x{height}")
     channels, bit_depth, coords_id, model_id = r.unpack("<BBBB")
@@ -238,14 +273,24 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
     coords = {v: k for k, v in COORDS_IDS.items()}.get(coords_id)
     _check(coords is not None, f"coordinate convention {coords_id}")
     name = {v: k for k, v in MODEL_IDS.items()}.get(model_id)
-    _check(name is not None, f"model family {model_id}")
+    _check(name is not None and FIRST_VERSION[name] <= version, f"model family {model_id}")
     layers = r.unpack("<B")
     _check(1 <= layers <= MAX_LAYERS and (name != "siren" or layers >= 2), f"{layers} layers")
     widths = [r.varint(MAX_WIDTH, "layer width") for _ in range(layers + 1)]
-    _check(min(widths) >= 1 and widths[0] == 2 and widths[-1] == channels, f"widths {widths} for {channels} channel(s)")
+    inputs = widths[0] if name == "latent" else 2
+    _check(min(widths) >= 1 and widths[0] == inputs and widths[-1] == channels and inputs <= (MAX_LEVELS if name == "latent" else 2),
+           f"widths {widths} for {channels} channel(s)")
     spec: dict = {"name": name, "widths": widths}
     ranges: list[np.ndarray | None] = []
-    if name == "kan":
+    levels: list[LatentLevel] = []
+    if name == "latent":
+        _check(layers <= MAX_SYNTHESIS_LAYERS and max(widths) <= MAX_SYNTHESIS_WIDTH, f"synthesis widths {widths}")
+        for _ in range(widths[0]):
+            limit = r.varint(MAX_LATENT, "latent range")
+            count = r.unpack("<B")
+            _check(1 <= count <= MAX_CONTEXTS, f"{count} entropy models for a latent grid")
+            levels.append(LatentLevel(limit, [r.model() for _ in range(count)]))
+    elif name == "kan":
         spec["grids"] = [r.varint(MAX_GRID, "grid size") for _ in range(layers)]
         spec["directions"] = spec["levels"] = 0  # the format holds KANs on x and y
         _check(min(spec["grids"]) >= 1, f"grid sizes {spec['grids']}")
@@ -268,7 +313,7 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
                           f"parameters need {macs:.2g} multiply-adds and {memory / 2**30:.1f} GiB (limits {limits.macs:.2g} "
                           f"and {limits.bytes / 2**30:.1f} GiB)")
     precision, granularity = r.unpack("<BB")
-    _check(precision in (0, FLOAT16), f"precision {precision}")
+    _check(precision in (0, FLOAT16) and not (name == "latent" and precision), f"precision {precision}")
     _check(granularity < len(GRANULARITIES), f"granularity {granularity}")
     tensors = []
     if precision == 0:
@@ -280,17 +325,11 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
             _check(bool(np.all(np.isfinite(steps)) and np.all(steps >= 0)), "step sizes")
             transform = r.unpack("<B") if slot.smooth else 0
             _check(transform <= MAX_TRANSFORM and (transform == 0 or transform < slot.shape[-1]), f"transform {transform}")
-            models = []
-            for _ in range(stream_count(slot, transform)):
-                packed = r.varint(1 << 20, "entropy model")
-                family, zig = packed & 1, packed >> 1
-                centre = zig // 2 if zig % 2 == 0 else -(zig + 1) // 2
-                _check(family in ENTROPY_FAMILIES, f"entropy model family {family}")
-                models.append(StreamModel(family, centre, r.unpack("<H")))
+            models = [r.model() for _ in range(stream_count(slot, transform))]
             tensors.append(TensorHeader(bits, steps, transform, models))
     quant = QuantConfig(max(t.bits for t in tensors) if tensors else FLOAT16, GRANULARITIES[granularity])
     payload = r.take(r.end - r.pos)
     if quant.is_float16:
         _check(len(payload) == 2 * parameter_count(spec), f"float16 payload of {len(payload)} bytes for {parameter_count(spec)} parameters")
     image = ImageInfo(height, width, channels, bit_depth, coords)
-    return KimgFile(image, spec, quant, ranges, tensors, payload)
+    return KimgFile(image, spec, quant, ranges, tensors, payload, levels)

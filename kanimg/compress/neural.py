@@ -40,6 +40,7 @@ TRAINING = {
     "kan": {"lr": 2e-2, "batch_size": 4096},
     "siren": {"lr": 1e-3, "batch_size": 4096},
 }
+MODELS = (*TRAINING, "latent")  # latent grids: kanimg.compress.latent_codec
 DEFAULT_BITS = {"kan": None, "siren": FLOAT16}  # None: rate control picks n in 4 … 12 per tensor
 # Training length: 5,000 steps per 65,536 pixels (every pixel seen about 300 times in
 # 4,096-pixel batches), so a large image is not under-trained: a 768×512 photo gained
@@ -59,8 +60,10 @@ class CompressConfig:
     """How a network codec compresses an image.
 
     Attributes:
-        model: "kan" or "siren" (COIN-style).
-        steps: training steps; None = :func:`default_steps` of the image's pixel count.
+        model: "kan", "siren" (COIN-style) or "latent" (latent grids: kanimg.compress.latent_codec,
+            which uses steps, bits and seed, and neither qat_steps, granularity, lr nor batch_size).
+        steps: training steps; None = :func:`default_steps` of the image's pixel count (latent:
+            latent_codec.STEPS).
         qat_steps: quantisation-aware fine-tuning steps (integer quantisation only).
         bits: 4 … 12 in half bits, or 16 (float16); None = the family's default (KAN: the
             most bits that fit the budget, per tensor; SIREN: float16 as COIN).
@@ -83,12 +86,14 @@ class CompressConfig:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        if self.model not in TRAINING:
-            raise KanimgError(f"unknown compression model {self.model!r}; choose from {', '.join(TRAINING)}")
+        if self.model not in MODELS:
+            raise KanimgError(f"unknown compression model {self.model!r}; choose from {', '.join(MODELS)}")
         if (self.steps is not None and self.steps < 1) or self.qat_steps < 0:
             raise KanimgError("steps must be at least 1 and qat_steps not negative")
         if self.bits is not None:
             QuantConfig(self.bits, self.granularity)  # validates
+            if self.model == "latent" and self.bits == FLOAT16:
+                raise KanimgError("the latent model stores integer weights: --bits 4 … 12")
 
 
 @dataclass
@@ -128,6 +133,10 @@ def compress_image(image: ImageData, bpp: float, config: CompressConfig) -> Comp
 def _compress(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
     if not (bpp > 0 and math.isfinite(bpp)):
         raise KanimgError(f"--bpp must be a positive number of bits per pixel, got {bpp}")
+    if config.model == "latent":
+        from .latent_codec import compress_latent
+
+        return compress_latent(image, bpp, config)
     info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
     bits = config.bits or DEFAULT_BITS[config.model]
     sizing = size_model(config.model, info, bpp, QuantConfig(bits or DESIGN_BITS, config.granularity))

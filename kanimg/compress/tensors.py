@@ -5,6 +5,8 @@ scale folded in, c' = w_s ⊙ c (O, I, G+3): the scale is redundant with c, so f
 drops O·I numbers and nothing of the function. c' is smooth along its last (grid) axis,
 the structure ``bitstream`` exploits by coding differences along it.
 SIREN: every linear layer's weight and bias.
+Latent grids (``latent``): the synthesis's weight and bias per layer (the grids themselves
+are coded apart, by ``latent_codec``).
 
 Slots are derived from the spec alone, so a decoder knows every tensor's shape before it
 has built (or allocated) anything.
@@ -19,7 +21,7 @@ from torch import nn
 
 from ..errors import KanimgError
 
-FAMILIES = ("kan", "siren")
+FAMILIES = ("kan", "siren", "latent")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ def slots(spec: dict) -> list[Slot]:
             out += [Slot(f"hidden.{layer}.linear.weight", (o, i)), Slot(f"hidden.{layer}.linear.bias", (o,))]
         i, o = pairs[-1]
         return out + [Slot("out.weight", (o, i)), Slot("out.bias", (o,))]
+    if spec["name"] == "latent":  # nn.Sequential of Linear, ReLU, Linear, …
+        return [slot for layer, (i, o) in enumerate(pairs)
+                for slot in (Slot(f"synthesis.{2 * layer}.weight", (o, i)), Slot(f"synthesis.{2 * layer}.bias", (o,)))]
     raise KanimgError(f"model {spec['name']!r} cannot be stored in a .kimg file; choose from {', '.join(FAMILIES)}")
 
 

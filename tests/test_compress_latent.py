@@ -1,0 +1,236 @@
+"""The latent-grid codec: grids and synthesis round-trip exactly through .kimg version 3, the
+decoder matches an independent numpy evaluation, the rate term matches scipy's Laplace, and
+damaged or crafted latent files are refused."""
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+
+from conftest import photo_crop
+from kanimg.cli import main
+from kanimg.compress import kimg
+from kanimg.compress.bitstream import decode_image, decode_model, encode_model
+from kanimg.compress.kimg import ImageInfo
+from kanimg.compress.entropy import StreamDecoder, cost_bits, encode_streams, fit_model
+from kanimg.compress.latent import LatentImage, code_latents, decode_latents, laplace_bits, level_shapes, synthesise
+from kanimg.compress.latent_codec import encode_latent
+from kanimg.compress.neural import CompressConfig, compress_image
+from kanimg.compress.quantize import QuantConfig, quantize_tensor
+from kanimg.compress.tensors import stored_arrays
+from kanimg.errors import KanimgError
+from kanimg.io import as_image
+from kanimg.models import build_model
+
+
+def latent_like(height=13, width=21, widths=(5, 8, 3), seed=0) -> LatentImage:
+    """A latent image with integer-ish grids (mostly 0, as rate training leaves them) and random weights."""
+    torch.manual_seed(seed)
+    model = LatentImage(height, width, list(widths))
+    with torch.no_grad():
+        for k, latent in enumerate(model.latents):
+            latent.copy_(torch.round(torch.randn_like(latent) * (1.5 + k)) * (torch.rand_like(latent) < 0.6))
+    return model
+
+
+def keys_bicubic(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Cubic convolution (Keys, a = -0.75) with half-pixel centres and clamped borders: the
+    upsampling the format specifies, written out independently of torch."""
+    def kernel(t):
+        t, a = np.abs(t), -0.75
+        return np.where(t <= 1, (a + 2) * t**3 - (a + 3) * t**2 + 1, np.where(t < 2, a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a, 0.0))
+
+    def weights(n_out, n_in):
+        matrix = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            source = (i + 0.5) * n_in / n_out - 0.5
+            base = int(np.floor(source))
+            for tap in range(base - 1, base + 3):
+                matrix[i, min(max(tap, 0), n_in - 1)] += kernel(source - tap)
+        return matrix
+
+    if grid.shape == (height, width):
+        return grid.astype(np.float64)
+    return weights(height, grid.shape[0]) @ grid.astype(np.float64) @ weights(width, grid.shape[1]).T
+
+
+def test_level_shapes_halve_and_round_up():
+    assert level_shapes(13, 21, 4) == [(13, 21), (7, 11), (4, 6), (2, 3)]
+
+
+def test_round_trip_restores_grids_and_quantised_weights_and_re_encodes_to_the_same_bytes():
+    model = latent_like()
+    info = ImageInfo(13, 21, 3)
+    data = encode_latent(model, info, 8)
+    assert data[4] == 3  # the latent family needs version 3
+    decoded = decode_model(data)
+    assert decoded.model.spec == model.spec and decoded.image == info
+    for a, b in zip(model.integer_latents(), decoded.model.integer_latents()):
+        assert np.array_equal(a, b)
+    for original, restored in zip(stored_arrays(model), stored_arrays(decoded.model)):
+        assert np.array_equal(restored, quantize_tensor(original, QuantConfig(8)).dequantize())
+    assert encode_latent(decoded.model, info, 8) == data
+
+
+def test_decoder_equals_an_independent_numpy_evaluation_and_any_thread_count():
+    model = latent_like()
+    data = encode_latent(model, ImageInfo(13, 21, 3), 9)
+    decoded = decode_model(data)
+    grids, weights = decoded.model.integer_latents(), stored_arrays(decoded.model)
+    x = np.stack([keys_bicubic(g, 13, 21) for g in grids], -1)
+    layers = len(weights) // 2
+    for layer in range(layers):
+        x = x @ weights[2 * layer].T + weights[2 * layer + 1]
+        x = np.maximum(x, 0) if layer < layers - 1 else x
+    ours = synthesise(grids, weights, 13, 21)
+    assert np.allclose(ours, x, atol=1e-12)
+    expected = np.round(np.clip((x + 1) / 2, 0, 1) * 255)
+    threads = torch.get_num_threads()
+    try:
+        images = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            images.append(decode_image(data).integers)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(images[0], images[1])
+    assert np.abs(images[0].astype(np.int64) - expected).max() == 0
+
+
+def test_training_forward_with_rounded_latents_is_the_decoder():
+    model = latent_like().double()
+    out, _ = model("round")
+    ours = synthesise(model.integer_latents(), stored_arrays(model), 13, 21)
+    assert np.allclose(out.detach().numpy().reshape(13, 21, 3), ours, atol=1e-12)
+
+
+def test_rate_term_is_the_laplace_mass_of_each_unit_interval():
+    values = torch.tensor([-3.0, -0.4, 0.0, 0.7, 2.0, 9.0], dtype=torch.float64)
+    log_scale = torch.tensor(0.3, dtype=torch.float64)
+    scale = float(np.exp(0.3))
+    mass = stats.laplace.cdf(values.numpy() + 0.5, scale=scale) - stats.laplace.cdf(values.numpy() - 0.5, scale=scale)
+    assert float(laplace_bits(values, log_scale)) == pytest.approx(-np.log2(mass).sum(), rel=1e-10)
+    # and its gradient, by finite differences in the scale
+    log_scale = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    laplace_bits(values, log_scale).backward()
+    step = 1e-3
+    numeric = (float(laplace_bits(values, torch.tensor(0.3 + step, dtype=torch.float64))) -
+               float(laplace_bits(values, torch.tensor(0.3 - step, dtype=torch.float64)))) / (2 * step)
+    assert float(log_scale.grad) == pytest.approx(numeric, rel=1e-5)
+
+
+def test_compressing_a_photo_crop_lands_near_the_rate_and_beats_a_flat_image():
+    image = as_image(photo_crop(48))
+    result = compress_image(image, 1.5, CompressConfig(model="latent", steps=300))
+    decoded = decode_image(result.data)
+    assert result.data[4] == 3 and result.bpp == 8 * len(result.data) / (48 * 48)
+    assert 0.5 * 1.5 < result.bpp < 1.5 * 1.5  # rate control steers λ towards the target
+    flat = 10 * np.log10(1 / np.mean((image.pixels - image.pixels.mean((0, 1))) ** 2))
+    assert result.psnr > flat + 3
+    assert result.psnr == pytest.approx(10 * np.log10(1 / np.mean((decoded.pixels - image.pixels) ** 2)))
+
+
+def test_a_higher_rate_buys_a_better_image():
+    image = as_image(photo_crop(48))
+    low = compress_image(image, 0.8, CompressConfig(model="latent", steps=300))
+    high = compress_image(image, 3.0, CompressConfig(model="latent", steps=300))
+    assert high.bpp > low.bpp and high.psnr > low.psnr
+
+
+def test_kan_and_siren_files_keep_version_2_so_older_readers_still_read_them():
+    kan = build_model("kan", widths=[2, 4, 3], grids=[6, 3], grid_kind="uniform", directions=0, levels=0)
+    assert encode_model(kan, ImageInfo(6, 5, 3), QuantConfig(7))[4] == 2
+
+
+def with_checksum(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_damaged_and_crafted_latent_files_are_refused_with_one_line():
+    data = encode_latent(latent_like(), ImageInfo(13, 21, 3), 8)
+    body = bytearray(data[:-4])
+    header = kimg.read(data)
+    crafted = []
+    as_version_2 = bytearray(body)
+    as_version_2[4] = 2  # the latent family did not exist in version 2
+    crafted.append(with_checksum(bytes(as_version_2)))
+    position = body.index(bytes([header.spec["widths"][0], 8, 3]), 5) - 1  # layers u8, then the widths
+    too_wide = bytearray(body)
+    too_wide[position + 2] = 0x7F  # a 127-wide hidden layer but no matching tensors: fails later
+    crafted.append(with_checksum(bytes(too_wide)))
+    crafted.append(with_checksum(bytes(body) + b"\x00\x00\x00\x00"))  # bytes after the coded data
+    for position in range(0, len(data), 3):
+        flipped = bytearray(data)
+        flipped[position] ^= 0x04
+        crafted.append(bytes(flipped))
+    for bad in crafted:
+        with pytest.raises(KanimgError) as info:
+            decode_image(bad)
+        assert "\n" not in str(info.value)
+
+
+def test_too_many_levels_or_a_huge_synthesis_is_refused_before_decoding():
+    for widths in ([11, 4, 3], [4, 300, 3], [4] + [4] * 9 + [3]):
+        body = bytearray(b"KIMG\x03") + bytes([8, 8, 3, 8, 0, 3, len(widths) - 1]) + bytes()
+        body += b"".join(kimg._varint(w) for w in widths)
+        with pytest.raises(KanimgError, match="malformed .kimg file"):
+            kimg.read(with_checksum(bytes(body)))
+
+
+def test_cli_compresses_and_decodes_with_the_latent_model(tmp_path):
+    source = tmp_path / "crop.png"
+    Image.fromarray(photo_crop(40)).save(source)
+    out = tmp_path / "crop.kimg"
+    assert main(["compress", str(source), "--model", "latent", "--bpp", "2", "--steps", "100", "-o", str(out), "-q"]) == 0
+    assert main(["decode", str(out), "-o", str(tmp_path / "back.png")]) == 0
+    with Image.open(tmp_path / "back.png") as back:
+        assert back.size == (40, 40)
+
+
+def test_a_latent_file_decodes_the_same_in_a_fresh_process(tmp_path):
+    data = encode_latent(latent_like(), ImageInfo(13, 21, 3), 8)
+    path = tmp_path / "x.kimg"
+    path.write_bytes(data)
+    code = ("import sys, torch; torch.set_num_threads(1); from kanimg.compress.api import decode; "
+            "sys.stdout.buffer.write(decode(sys.argv[1]).tobytes())")
+    other = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, check=True).stdout
+    assert other == decode_image(data).pixels.tobytes()
+
+
+def test_context_coding_round_trips_and_pays_on_clustered_grids():
+    rng = np.random.default_rng(0)
+    # large values cluster (as they do at edges): contexts should be chosen and save bits
+    base = (rng.random((40, 60)) < 0.1) * rng.integers(-6, 7, (40, 60))
+    grid = base + np.roll(base, 1, 0) + np.roll(base, 1, 1)
+    levels, streams, limits, models = code_latents([grid, grid[::2, ::2]])
+    assert len(levels[0].models) > 1
+    payload = encode_streams(streams, limits, models)
+    grids, *_ = decode_latents(StreamDecoder(payload), ImageInfo(40, 60, 1), levels)
+    assert np.array_equal(grids[0], grid) and np.array_equal(grids[1], grid[::2, ::2])
+    single = fit_model(grid.ravel(), levels[0].limit)
+    assert sum(cost_bits(s, m, limits[0]) for s, m in zip(streams[: len(levels[0].models)], levels[0].models)) < \
+        cost_bits(grid.ravel(), single, levels[0].limit)
+
+
+def test_float16_weights_are_refused_for_the_latent_model():
+    with pytest.raises(KanimgError, match="integer weights"):
+        CompressConfig(model="latent", bits=16)
+
+
+def test_the_synthesis_precision_keeps_the_file_within_the_budget_when_it_can(monkeypatch):
+    from kanimg.compress import latent_codec
+
+    model = latent_like()
+    image = as_image(np.random.default_rng(0).random((13, 21, 3)).astype(np.float32))
+    info = ImageInfo(13, 21, 3)
+    sizes = {bits: len(encode_latent(model, info, bits)) for bits in latent_codec.WEIGHT_BITS}
+    budget = sorted(sizes.values())[2]  # only the three smallest files fit
+    data, bits = latent_codec.best_synthesis_bits(model, image, info, 0.0, budget)  # λ = 0: quality alone
+    assert len(data) <= budget and sizes[bits] <= budget
+    data, bits = latent_codec.best_synthesis_bits(model, image, info, 0.0, 10)  # nothing fits: the smallest file
+    assert len(data) == min(sizes.values())
