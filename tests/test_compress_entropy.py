@@ -61,3 +61,11 @@ def test_malformed_models_and_payloads_are_refused():
         probability_table(StreamModel(LAPLACE, 9, 0), 3)
     with pytest.raises(KanimgError, match="32-bit"):
         decode_streams(b"abc", [1], [3], [StreamModel(LAPLACE, 0, 0)])
+
+
+def test_a_payload_the_coder_cannot_decode_is_one_line():
+    from kanimg.compress.entropy import StreamDecoder
+
+    with pytest.raises(KanimgError) as info:
+        StreamDecoder(b"\x00" * 8).decode(3, 0, StreamModel(0, 0, 100))  # a one-symbol alphabet
+    assert "\n" not in str(info.value)

@@ -174,6 +174,17 @@ def test_damaged_and_crafted_latent_files_are_refused_with_one_line():
         assert "\n" not in str(info.value)
 
 
+def test_a_grid_with_an_empty_alphabet_is_refused():
+    data = encode_latent(latent_like(), ImageInfo(13, 21, 3), 8)
+    header = kimg.read(data)
+    body = bytearray(data[:-4])
+    position = body.index(bytes([header.spec["widths"][0], 8, 3]), 5) + 3  # the first grid's largest magnitude
+    assert body[position] == header.levels[0].limit
+    body[position] = 0
+    with pytest.raises(KanimgError, match="latent range 0"):
+        decode_image(with_checksum(bytes(body)))
+
+
 def test_too_many_levels_or_a_huge_synthesis_is_refused_before_decoding():
     for widths in ([11, 4, 3], [4, 300, 3], [4] + [4] * 9 + [3]):
         body = bytearray(b"KIMG\x03") + bytes([8, 8, 3, 8, 0, 3, len(widths) - 1]) + bytes()

@@ -170,7 +170,7 @@ class StreamDecoder:
         try:
             symbols = self._decoder.decode(_categorical(model, limit), length)
         except Exception as exc:  # a payload that does not decode under its own models
-            raise KanimgError(f"malformed .kimg payload ({exc})") from None
+            raise KanimgError(f"malformed .kimg payload ({' '.join(str(exc).split())})") from None
         return np.asarray(symbols, dtype=np.int64) - limit
 
 

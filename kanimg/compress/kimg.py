@@ -287,6 +287,7 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
         _check(layers <= MAX_SYNTHESIS_LAYERS and max(widths) <= MAX_SYNTHESIS_WIDTH, f"synthesis widths {widths}")
         for _ in range(widths[0]):
             limit = r.varint(MAX_LATENT, "latent range")
+            _check(limit >= 1, "latent range 0")  # the encoder's smallest alphabet is ±1
             count = r.unpack("<B")
             _check(1 <= count <= MAX_CONTEXTS, f"{count} entropy models for a latent grid")
             levels.append(LatentLevel(limit, [r.model() for _ in range(count)]))
