@@ -19,7 +19,6 @@ from kanimg.compress.bitstream import decode_image, decode_model, encode_model
 from kanimg.compress.kimg import ImageInfo
 from kanimg.compress.entropy import StreamDecoder, cost_bits, encode_streams, fit_model
 from kanimg.compress.latent import LatentImage, code_latents, decode_latents, laplace_bits, level_shapes, synthesise
-from kanimg.compress.latent_codec import encode_latent
 from kanimg.compress.neural import CompressConfig, compress_image
 from kanimg.compress.quantize import QuantConfig, quantize_tensor
 from kanimg.compress.tensors import stored_arrays
@@ -66,7 +65,7 @@ def test_level_shapes_halve_and_round_up():
 def test_round_trip_restores_grids_and_quantised_weights_and_re_encodes_to_the_same_bytes():
     model = latent_like()
     info = ImageInfo(13, 21, 3)
-    data = encode_latent(model, info, 8)
+    data = encode_model(model, info, QuantConfig(8))
     assert data[4] == 3  # the latent family needs version 3
     decoded = decode_model(data)
     assert decoded.model.spec == model.spec and decoded.image == info
@@ -74,12 +73,12 @@ def test_round_trip_restores_grids_and_quantised_weights_and_re_encodes_to_the_s
         assert np.array_equal(a, b)
     for original, restored in zip(stored_arrays(model), stored_arrays(decoded.model)):
         assert np.array_equal(restored, quantize_tensor(original, QuantConfig(8)).dequantize())
-    assert encode_latent(decoded.model, info, 8) == data
+    assert encode_model(decoded.model, info, QuantConfig(8)) == data
 
 
 def test_decoder_equals_an_independent_numpy_evaluation_and_any_thread_count():
     model = latent_like()
-    data = encode_latent(model, ImageInfo(13, 21, 3), 9)
+    data = encode_model(model, ImageInfo(13, 21, 3), QuantConfig(9))
     decoded = decode_model(data)
     grids, weights = decoded.model.integer_latents(), stored_arrays(decoded.model)
     x = np.stack([keys_bicubic(g, 13, 21) for g in grids], -1)
@@ -152,7 +151,7 @@ def with_checksum(body: bytes) -> bytes:
 
 
 def test_damaged_and_crafted_latent_files_are_refused_with_one_line():
-    data = encode_latent(latent_like(), ImageInfo(13, 21, 3), 8)
+    data = encode_model(latent_like(), ImageInfo(13, 21, 3), QuantConfig(8))
     body = bytearray(data[:-4])
     header = kimg.read(data)
     crafted = []
@@ -175,7 +174,7 @@ def test_damaged_and_crafted_latent_files_are_refused_with_one_line():
 
 
 def test_a_grid_with_an_empty_alphabet_is_refused():
-    data = encode_latent(latent_like(), ImageInfo(13, 21, 3), 8)
+    data = encode_model(latent_like(), ImageInfo(13, 21, 3), QuantConfig(8))
     header = kimg.read(data)
     body = bytearray(data[:-4])
     position = body.index(bytes([header.spec["widths"][0], 8, 3]), 5) + 3  # the first grid's largest magnitude
@@ -204,7 +203,7 @@ def test_cli_compresses_and_decodes_with_the_latent_model(tmp_path):
 
 
 def test_a_latent_file_decodes_the_same_in_a_fresh_process(tmp_path):
-    data = encode_latent(latent_like(), ImageInfo(13, 21, 3), 8)
+    data = encode_model(latent_like(), ImageInfo(13, 21, 3), QuantConfig(8))
     path = tmp_path / "x.kimg"
     path.write_bytes(data)
     code = ("import sys, torch; torch.set_num_threads(1); from kanimg.compress.api import decode; "
@@ -239,9 +238,9 @@ def test_the_synthesis_precision_keeps_the_file_within_the_budget_when_it_can(mo
     model = latent_like()
     image = as_image(np.random.default_rng(0).random((13, 21, 3)).astype(np.float32))
     info = ImageInfo(13, 21, 3)
-    sizes = {bits: len(encode_latent(model, info, bits)) for bits in latent_codec.WEIGHT_BITS}
+    sizes = {bits: len(encode_model(model, info, QuantConfig(bits))) for bits in latent_codec.WEIGHT_BITS}
     budget = sorted(sizes.values())[2]  # only the three smallest files fit
-    data, bits = latent_codec.best_synthesis_bits(model, image, info, 0.0, budget)  # λ = 0: quality alone
+    data, bits, _ = latent_codec.best_synthesis_bits(model, image, info, 0.0, budget)  # λ = 0: quality alone
     assert len(data) <= budget and sizes[bits] <= budget
-    data, bits = latent_codec.best_synthesis_bits(model, image, info, 0.0, 10)  # nothing fits: the smallest file
+    data, bits, _ = latent_codec.best_synthesis_bits(model, image, info, 0.0, 10)  # nothing fits: the smallest file
     assert len(data) == min(sizes.values())

@@ -12,7 +12,6 @@ from kanimg.compress import kimg
 from kanimg.compress.bitstream import decode_image, encode_model
 from kanimg.compress.kimg import DecodeLimits, ImageInfo
 from kanimg.compress.latent import LatentImage
-from kanimg.compress.latent_codec import encode_latent
 from kanimg.compress.quantize import QuantConfig
 from kanimg.errors import KanimgError
 from kanimg.io import load_image
@@ -34,7 +33,7 @@ def valid_files() -> list[bytes]:
     with torch.no_grad():
         for grid in latent.latents:
             grid.copy_(torch.randint(-3, 4, grid.shape).float())
-    return [encode_latent(latent, ImageInfo(6, 7, 3), 8),encode_model(kan, ImageInfo(6, 5, 3), QuantConfig(7)), encode_model(kan, ImageInfo(4, 4, 3), QuantConfig(16)),
+    return [encode_model(latent, ImageInfo(6, 7, 3), QuantConfig(8)), encode_model(kan, ImageInfo(6, 5, 3), QuantConfig(7)), encode_model(kan, ImageInfo(4, 4, 3), QuantConfig(16)),
             encode_model(siren, ImageInfo(5, 7, 1, 16), QuantConfig(16)), encode_model(siren, ImageInfo(3, 3, 1), QuantConfig(5.5))]
 
 

@@ -24,7 +24,7 @@ from ..render import GridEvaluator
 from ..sampling import chunks
 from . import kimg
 from .entropy import StreamDecoder, cost_bits, encode_streams, fit_model
-from .latent import LatentImage, decode_latents, synthesise
+from .latent import LatentImage, code_latents, decode_latents, synthesise
 from .kimg import DECODE_LIMITS, MAX_TRANSFORM, TILE_VALUES, DecodeLimits, ImageInfo, KimgFile, TensorHeader
 from .quantize import QuantConfig, QuantizedTensor, quantize_tensor, round_float16
 from .tensors import grid_ranges, load_arrays, slots, stored_arrays
@@ -83,7 +83,8 @@ def code_tensor(values: np.ndarray, quant: QuantConfig, smooth: bool, max_transf
 
 def encode_model(model: nn.Module, image: ImageInfo, quant: QuantConfig, bits: Sequence[float] | None = None,
                  max_transform: int = MAX_TRANSFORM) -> bytes:
-    """The .kimg bytes of ``model`` (a "kan" or "siren" from the registry) fitted to ``image``.
+    """The .kimg bytes of ``model`` (a "kan" or "siren" from the registry, or a latent-grid
+    image, whose grids go first) fitted to ``image``.
 
     ``bits`` gives each stored tensor its own bit depth (default: ``quant.bits`` for all);
     ``max_transform`` limits the differencing of spline coefficients (0 = none; for ablations).
@@ -95,7 +96,8 @@ def encode_model(model: nn.Module, image: ImageInfo, quant: QuantConfig, bits: S
         payload = b"".join(round_float16(a).astype("<f2").tobytes() for a in arrays)
         return kimg.write(KimgFile(image, spec, quant, ranges, [], payload))
     bits = list(bits) if bits is not None else [quant.bits] * len(arrays)
-    headers, streams, limits, models = [], [], [], []
+    levels, streams, limits, models = code_latents(model.integer_latents()) if spec["name"] == "latent" else ([], [], [], [])
+    headers = []
     for slot, array, n in zip(slots(spec), arrays, bits):
         coded = code_tensor(array, QuantConfig(n, quant.granularity), slot.smooth, max_transform)
         header, tensor_streams, tensor_limits = coded.header, coded.streams, coded.limits
@@ -104,7 +106,7 @@ def encode_model(model: nn.Module, image: ImageInfo, quant: QuantConfig, bits: S
         limits += tensor_limits
         models += header.models
     payload = encode_streams(streams, limits, models)
-    return kimg.write(KimgFile(image, spec, QuantConfig(max(bits), quant.granularity), ranges, headers, payload))
+    return kimg.write(KimgFile(image, spec, QuantConfig(max(bits), quant.granularity), ranges, headers, payload, levels))
 
 
 def describe(quant: QuantConfig, bits: Sequence[float]) -> str:

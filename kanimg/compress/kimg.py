@@ -277,9 +277,8 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
     layers = r.unpack("<B")
     _check(1 <= layers <= MAX_LAYERS and (name != "siren" or layers >= 2), f"{layers} layers")
     widths = [r.varint(MAX_WIDTH, "layer width") for _ in range(layers + 1)]
-    inputs = widths[0] if name == "latent" else 2
-    _check(min(widths) >= 1 and widths[0] == inputs and widths[-1] == channels and inputs <= (MAX_LEVELS if name == "latent" else 2),
-           f"widths {widths} for {channels} channel(s)")
+    inputs_ok = widths[0] <= MAX_LEVELS if name == "latent" else widths[0] == 2  # latent: one input per grid
+    _check(min(widths) >= 1 and inputs_ok and widths[-1] == channels, f"widths {widths} for {channels} channel(s)")
     spec: dict = {"name": name, "widths": widths}
     ranges: list[np.ndarray | None] = []
     levels: list[LatentLevel] = []

@@ -4,10 +4,9 @@ the latents, .kimg bytes.
 
 Training minimises MSE + λ · bpp over the whole image per step, with λ steered towards the
 target bpp as it goes (dual ascent: λ grows while the rate of the rounded grids is above
-target), so
-one training run lands near the asked rate. This is a loop of its own rather than kanimg's
-Trainer: the loss has a rate term and the model is a whole-image function, not a
-coordinate network.
+target), so one training run lands near the asked rate. This is a loop of its own rather
+than kanimg's Trainer: the loss has a rate term and the model is a whole-image function, not
+a coordinate network.
 """
 from __future__ import annotations
 
@@ -23,14 +22,12 @@ from tqdm.auto import tqdm
 
 from ..io import ImageData
 from ..metrics import psnr
-from . import kimg
-from .bitstream import code_tensor, decode_image
-from .entropy import encode_streams
-from .kimg import ImageInfo, KimgFile
-from .latent import LatentImage, code_latents, laplace_bits
+from .bitstream import DecodedImage, decode_image, encode_model
+from .kimg import ImageInfo
+from .latent import LatentImage, laplace_bits
 from .neural import CompressConfig, CompressResult
 from .quantize import QuantConfig
-from .tensors import parameter_count, stored_arrays
+from .tensors import parameter_count
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +54,7 @@ def rounded_rate(model: LatentImage, pixels: int) -> float:
 
 @dataclass
 class LatentTraining:
-    steps: int
     lambda_final: float
-    estimated_bpp: float
     psnr_rounded: float  # the trained model with rounded latents, float weights
 
 
@@ -90,37 +85,24 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
         if progress and step % 50 == 0:
             bar.set_postfix(psnr=f"{10 * math.log10(4 / max(mse.item(), 1e-12)):.2f}", bpp=f"{rounded + weight_bpp:.3f}")
     with torch.no_grad():
-        out, bits = model("round")
+        out, _ = model("round")
         mse = float(F.mse_loss(out.clamp(-1, 1), target))
-    return LatentTraining(steps, lam, float(bits) / pixels + weight_bpp, 10 * math.log10(4 / max(mse, 1e-12)))
+    return LatentTraining(lam, 10 * math.log10(4 / max(mse, 1e-12)))
 
 
-def encode_latent(model: LatentImage, image: ImageInfo, bits: float) -> bytes:
-    """The .kimg bytes of ``model``: its rounded grids and its synthesis at ``bits`` per weight."""
-    levels, streams, limits, models = code_latents(model.integer_latents())
-    headers = []
-    for array in stored_arrays(model):
-        coded = code_tensor(array, QuantConfig(bits), smooth=False)
-        headers.append(coded.header)
-        streams += [s.ravel() for s in coded.streams]
-        limits += coded.limits
-        models += coded.header.models
-    payload = encode_streams(streams, limits, models)
-    return kimg.write(KimgFile(image, model.spec, QuantConfig(bits), [], headers, payload, levels))
-
-
-def best_synthesis_bits(model: LatentImage, image: ImageData, info: ImageInfo, lam: float, budget_bytes: float) -> tuple[bytes, float]:
+def best_synthesis_bits(model: LatentImage, image: ImageData, info: ImageInfo, lam: float, budget_bytes: float
+                        ) -> tuple[bytes, float, DecodedImage]:
     """The file whose synthesis precision (WEIGHT_BITS) minimises MSE + λ · bpp among those
     within ``budget_bytes`` (the smallest file when none is), decoded and measured:
-    (bytes, bits per weight)."""
+    (bytes, bits per weight, the decoded image)."""
     candidates = []
     for bits in WEIGHT_BITS:
-        data = encode_latent(model, info, bits)
-        decoded = decode_image(data).pixels
-        cost = 4 * float(np.mean((decoded - image.pixels) ** 2)) + lam * 8 * len(data) / info.pixels
-        candidates.append((len(data) > budget_bytes, cost if len(data) <= budget_bytes else len(data), data, bits))
-    _, _, data, bits = min(candidates, key=lambda c: c[:2])
-    return data, bits
+        data = encode_model(model, info, QuantConfig(bits))
+        decoded = decode_image(data)
+        cost = 4 * float(np.mean((decoded.pixels - image.pixels) ** 2)) + lam * 8 * len(data) / info.pixels
+        candidates.append((len(data) > budget_bytes, cost if len(data) <= budget_bytes else len(data), bits, data, decoded))
+    _, _, bits, data, decoded = min(candidates, key=lambda c: c[:3])
+    return data, bits, decoded
 
 
 def compress_latent(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
@@ -134,17 +116,19 @@ def compress_latent(image: ImageData, bpp: float, config: CompressConfig) -> Com
     steps = config.steps or STEPS
     training = train_latent(model, image, bpp, steps, config.seed, config.progress)
     if config.bits is not None:
-        data, bits = encode_latent(model, info, config.bits), config.bits
+        bits = config.bits
+        data = encode_model(model, info, QuantConfig(bits))
+        decoded = decode_image(data)
     else:
-        data, bits = best_synthesis_bits(model, image, info, training.lambda_final, bpp * info.pixels / 8)
+        data, bits, decoded = best_synthesis_bits(model, image, info, training.lambda_final, bpp * info.pixels / 8)
     seconds = time.perf_counter() - started
-    decoded = decode_image(data)
+    decoded_psnr = psnr(image.pixels, decoded.pixels)
+    latent_values = sum(latent.numel() for latent in model.latents)
     result = CompressResult(
-        data=data, bpp=8 * len(data) / info.pixels, bpp_target=bpp, psnr=psnr(image.pixels, decoded.pixels),
-        psnr_float=training.psnr_rounded, psnr_quantized_no_qat=psnr(image.pixels, decoded.pixels), spec=model.spec,
-        quant=decoded.quant, params=parameter_count(model.spec) + sum(g.size for g in model.integer_latents()),
-        train_seconds=round(seconds, 2),
-        extra={"steps": steps, "lambda": training.lambda_final, "synthesis_bits": bits, "latent_values": sum(g.size for g in model.integer_latents())},
+        data=data, bpp=8 * len(data) / info.pixels, bpp_target=bpp, psnr=decoded_psnr,
+        psnr_float=training.psnr_rounded, psnr_quantized_no_qat=decoded_psnr, spec=model.spec,
+        quant=decoded.quant, params=parameter_count(model.spec) + latent_values, train_seconds=round(seconds, 2),
+        extra={"steps": steps, "lambda": training.lambda_final, "synthesis_bits": bits, "latent_values": latent_values},
     )
     if result.bpp > bpp:
         log.warning("latent reached %.4f bpp, above the %.4g asked for", result.bpp, bpp)
