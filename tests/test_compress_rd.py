@@ -130,7 +130,7 @@ def test_an_interrupted_rd_keeps_its_network_points_and_continues(crop, tmp_path
     from kanimg.compress import neural
 
     out = tmp_path / "rd"
-    args = ["rd", str(crop), "--models", "kan", "--codecs", "jpeg", "--bpp", "4,6", "--steps", "20", "--qat-steps", "0",
+    args = ["rd", str(crop), "--models", "kan", "--codecs", "jpeg", "--bpp", "4.5,6", "--steps", "20", "--qat-steps", "0",
             "-o", str(out), "-q"]
     real, fitted = neural.compress_image, []
 
@@ -142,10 +142,10 @@ def test_an_interrupted_rd_keeps_its_network_points_and_continues(crop, tmp_path
 
     with mock.patch.object(neural, "compress_image", fit_then_stop):
         assert main(args) == 130
-    assert fitted == [4.0] and not out.exists()
+    assert fitted == [4.5] and not out.exists()
     cached = sorted(p.name for p in (tmp_path / ".rd.partial" / "points").iterdir())
-    assert cached == ["crop-kan-4bpp.json", "crop-kan-4bpp.kimg"]
-    first = (tmp_path / ".rd.partial" / "points" / "crop-kan-4bpp.kimg").read_bytes()
+    assert cached == ["crop-kan-4.5bpp.json", "crop-kan-4.5bpp.kimg"]  # the bpp whole: "4.5" is no file suffix
+    first = (tmp_path / ".rd.partial" / "points" / "crop-kan-4.5bpp.kimg").read_bytes()
 
     def refuse(image, bpp, config):
         fitted.append(("asked", bpp))
@@ -153,7 +153,7 @@ def test_an_interrupted_rd_keeps_its_network_points_and_continues(crop, tmp_path
 
     with mock.patch.object(neural, "compress_image", refuse):  # other options: the kept point is not theirs
         assert main(args[:-3] + ["--seed", "3", "-o", str(out), "-q"]) == 130
-    assert fitted.pop() == ("asked", 4.0)
+    assert fitted.pop() == ("asked", 4.5)
 
     def counting(image, bpp, config):
         fitted.append(bpp)
@@ -161,8 +161,8 @@ def test_an_interrupted_rd_keeps_its_network_points_and_continues(crop, tmp_path
 
     with mock.patch.object(neural, "compress_image", counting):
         assert main(args) == 0
-    assert fitted == [4.0, 6.0]  # only the missing point was fitted
-    assert (out / "kimg" / "crop-kan-4bpp.kimg").read_bytes() == first
+    assert fitted == [4.5, 6.0]  # only the missing point was fitted
+    assert (out / "kimg" / "crop-kan-4.5bpp.kimg").read_bytes() == first
     results = json.loads((out / "results.json").read_text())
     assert results["codecs"]["kan"]["results"]["bpp"][0] == 8 * len(first) / (32 * 32)
     assert not (tmp_path / ".rd.partial").exists() and not (out / "points").exists()

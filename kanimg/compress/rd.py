@@ -97,14 +97,14 @@ class PointCache:
         digest = hashlib.sha256(np.ascontiguousarray(image.pixels).tobytes()).hexdigest()[:32]
         return {"image": image.name, "pixels_sha256": digest, "codec": codec, "bpp": bpp, "options": options}
 
-    def _stem(self, key: dict[str, Any]) -> Path:
-        return self.folder / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', key['image'])}-{key['codec']}-{key['bpp']:g}bpp"
+    def _path(self, key: dict[str, Any], suffix: str) -> Path:
+        """The point's file: e.g. photo-kan-0.3bpp.json (named whole: a bpp's dot is no suffix)."""
+        return self.folder / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', key['image'])}-{key['codec']}-{key['bpp']:g}bpp{suffix}"
 
     def load(self, key: dict[str, Any]) -> tuple[Point, bytes] | None:
-        stem = self._stem(key)
         try:
-            saved = json.loads(stem.with_suffix(".json").read_text())
-            data = stem.with_suffix(".kimg").read_bytes()
+            saved = json.loads(self._path(key, ".json").read_text())
+            data = self._path(key, ".kimg").read_bytes()
             if saved["key"] != json.loads(json.dumps(key)) or saved["point"]["bytes"] != len(data):
                 return None
             return Point(**saved["point"]), data
@@ -115,9 +115,8 @@ class PointCache:
         from ..files import atomic_write_bytes, write_json
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        stem = self._stem(key)
-        atomic_write_bytes(stem.with_suffix(".kimg"), data)
-        write_json(stem.with_suffix(".json"), {"key": key, "point": asdict(point)})  # last: the point is complete
+        atomic_write_bytes(self._path(key, ".kimg"), data)
+        write_json(self._path(key, ".json"), {"key": key, "point": asdict(point)})  # last: the point is complete
 
 
 def _experiment(path: Path, config: RDConfig) -> tuple[list[Path], list[ImageData], dict[str, Any]]:
