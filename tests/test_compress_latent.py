@@ -14,12 +14,13 @@ from scipy import stats
 
 from conftest import photo_crop
 from kanimg.cli import main
-from kanimg.compress import kimg
+from kanimg.compress import kimg, latent, latent_codec, neural
 from kanimg.compress.bitstream import decode_image, decode_model, encode_model
 from kanimg.compress.kimg import ImageInfo
 from kanimg.compress.entropy import StreamDecoder, cost_bits, encode_streams, fit_model
 from kanimg.compress.latent import LatentImage, code_latents, decode_latents, laplace_bits, level_shapes, synthesise
 from kanimg.compress.neural import CompressConfig, compress_image
+from kanimg.compress.qat import quantized_params
 from kanimg.compress.quantize import QuantConfig, quantize_tensor
 from kanimg.compress.tensors import stored_arrays
 from kanimg.errors import KanimgError
@@ -101,11 +102,38 @@ def test_decoder_equals_an_independent_numpy_evaluation_and_any_thread_count():
     assert np.abs(images[0].astype(np.int64) - expected).max() == 0
 
 
-def test_training_forward_with_rounded_latents_is_the_decoder():
+@pytest.mark.parametrize("dense_limit", [1024, 0])  # grids upsampled as matrix products, or interpolated
+def test_training_forward_with_rounded_latents_is_the_decoder(dense_limit, monkeypatch):
+    monkeypatch.setattr(latent, "DENSE_LIMIT", dense_limit)
     model = latent_like().double()
+    assert any(model.dense) == bool(dense_limit)
     out, _ = model("round")
     ours = synthesise(model.integer_latents(), stored_arrays(model), 13, 21)
-    assert np.allclose(out.detach().numpy().reshape(13, 21, 3), ours, atol=1e-12)
+    assert np.allclose(out.detach().numpy().T.reshape(13, 21, 3), ours, atol=1e-12)
+
+
+def test_the_rounding_phase_sees_the_synthesis_the_file_will_hold():
+    """Quantisation-aware training: with fake-quantised weights, the training forward is the
+    decoder of the file written at that precision."""
+    model = latent_like().double()
+    bits = latent_codec.WEIGHT_BITS_ESTIMATE
+    out, _ = model("round", quantized_params(model, QuantConfig(bits)))
+    stored = decode_model(encode_model(model, ImageInfo(13, 21, 3), QuantConfig(bits))).model
+    decoded = synthesise(stored.integer_latents(), stored_arrays(stored), 13, 21)
+    assert np.allclose(out.detach().numpy().T.reshape(13, 21, 3), decoded, atol=1e-9)
+    assert not np.allclose(out.detach().numpy().T.reshape(13, 21, 3), model("round")[0].detach().numpy().T.reshape(13, 21, 3), atol=1e-4)
+
+
+def test_rounded_latents_keep_a_pull_towards_zero():
+    """In the rounding phase a latent that rounds to 0 still pays rate for drifting (the rate
+    of the rounded value has no slope at 0)."""
+    model = latent_like()
+    with torch.no_grad():
+        for values in model.latents:
+            values.fill_(0.3)
+    _, bits = model("ste")
+    bits.backward()
+    assert all(float(values.grad.sum()) > 0 for values in model.latents)
 
 
 def test_rate_term_is_the_laplace_mass_of_each_unit_interval():
@@ -123,6 +151,33 @@ def test_rate_term_is_the_laplace_mass_of_each_unit_interval():
     assert float(log_scale.grad) == pytest.approx(numeric, rel=1e-5)
 
 
+def test_training_rate_sees_the_coders_checkerboard_contexts():
+    """Each grid's training rate, written out pixel by pixel with scipy: anchors (row + column
+    even) under one Laplace, the others under a scale set by their four anchor neighbours."""
+    model = latent_like().double()
+    with torch.no_grad():
+        # scales wide enough that no probability meets laplace_bits' floor of 1e-9
+        model.rate_parameters.copy_(torch.tensor([1.0, 0.5, 0.3]) + 0.2 * torch.randn(model.rate_parameters.shape, dtype=torch.float64))
+    for k, values in enumerate(model.latents):
+        grid = torch.round(values.detach())[0, 0].numpy()
+        anchor_scale, context_scale, slope = model.rate_parameters[k].detach().numpy()
+        expected = 0.0
+        for i, j in np.ndindex(grid.shape):
+            if (i + j) % 2 == 0:
+                log_scale = anchor_scale
+            else:
+                total = sum(abs(grid[a, b]) for a, b in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1))
+                            if 0 <= a < grid.shape[0] and 0 <= b < grid.shape[1])
+                log_scale = context_scale + slope * np.log(1 + total)
+            scale = np.exp(log_scale)
+            expected -= np.log2(stats.laplace.cdf(grid[i, j] + 0.5, scale=scale) - stats.laplace.cdf(grid[i, j] - 0.5, scale=scale))
+        assert float(model.level_bits(k, torch.round(values.detach())).detach()) == pytest.approx(expected, rel=1e-9)
+    # the neighbours' values get a gradient (training can learn to cluster zeros), as do the scales
+    model.zero_grad()
+    model.level_bits(1, model.latents[1] + 0.25).backward()
+    assert model.latents[1].grad.abs().sum() > 0 and model.rate_parameters.grad[1].abs().sum() > 0
+
+
 def test_compressing_a_photo_crop_lands_near_the_rate_and_beats_a_flat_image():
     image = as_image(photo_crop(48))
     result = compress_image(image, 1.5, CompressConfig(model="latent", steps=300))
@@ -132,6 +187,16 @@ def test_compressing_a_photo_crop_lands_near_the_rate_and_beats_a_flat_image():
     flat = 10 * np.log10(1 / np.mean((image.pixels - image.pixels.mean((0, 1))) ** 2))
     assert result.psnr > flat + 3
     assert result.psnr == pytest.approx(10 * np.log10(1 / np.mean((decoded.pixels - image.pixels) ** 2)))
+
+
+def test_a_bare_compress_uses_latent_grids_where_the_budget_holds_their_synthesis():
+    assert neural.default_model(256 * 256, 0.3) == "latent"
+    assert neural.default_model(256 * 256, 0.1) == "kan"  # 6,554 bits: under LATENT_MIN_BITS
+    assert neural.default_model(768 * 512, 0.3, bits=16) == "kan"  # float16 weights: not a latent file
+    config = CompressConfig(steps=30, qat_steps=0)
+    assert config.model == "auto"
+    assert compress_image(as_image(photo_crop(48)), 4.0, config).spec["name"] == "latent"  # 9,216 bits
+    assert compress_image(as_image(photo_crop(16)), 8.0, config).spec["name"] == "kan"  # 2,048 bits
 
 
 def test_a_higher_rate_buys_a_better_image():

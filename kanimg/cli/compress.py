@@ -37,8 +37,9 @@ def add(sub) -> None:
     comp.add_argument("image", type=Path)
     comp.add_argument("-o", "--out", type=Path, help="output .kimg file (default: <image name>.kimg here)")
     comp.add_argument("--bpp", type=float, default=0.3, help="bit budget in bits per pixel, header included (default 0.3)")
-    comp.add_argument("--model", default="kan", choices=["kan", "siren", "latent"],
-                      help="kan (default), siren (COIN-style) or latent (latent grids + a small synthesis network, Cool-chic style)")
+    comp.add_argument("--model", default="auto", choices=["auto", "latent", "kan", "siren"],
+                      help="latent (latent grids + a small synthesis network, Cool-chic style), kan, siren (COIN-style); "
+                           "default auto: latent, or kan when the budget is under 1 KiB")
     _network_options(comp)
     comp.add_argument("--force", action="store_true", help="replace an existing output file")
     comp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -4,8 +4,9 @@ values into colour.
 
 The file stores the grids as integers (entropy-coded: most are 0) and the synthesis weights;
 training sees them through quantisation noise first, then rounding (straight-through), with a
-differentiable rate: a zero-mean Laplace of learned scale per level, the integral of its
-density over each integer's unit interval. The synthesis is a ReLU MLP, which the decoder
+differentiable rate: zero-mean Laplaces whose scale follows the coder's checkerboard
+contexts (:meth:`LatentImage.level_bits`), the integral of each density over its integer's
+unit interval. The synthesis is a ReLU MLP, which the decoder
 evaluates in float64 on the CPU (:func:`synthesise`).
 """
 from __future__ import annotations
@@ -37,6 +38,17 @@ def upsample(grid: Tensor, height: int, width: int) -> Tensor:
     return F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
 
 
+DENSE_LIMIT = 1024  # grids up to this side upsample as matrix products (their cost grows as side³)
+
+
+def upsampling_matrix(size: int, target: int) -> Tensor:
+    """(target, size): the 1-D factor of :func:`upsample` (bicubic is separable), so a grid
+    upsamples as rows @ grid @ columns.T: two dense matrix products, which train 1.4–7× faster
+    than the interpolation and its backward pass on a CPU (measured up to 1024×1536 images)."""
+    eye = torch.eye(size, dtype=torch.float64)[None, None]  # float64: exact enough for a float64 model too
+    return F.interpolate(eye, size=(target, size), mode="bicubic", align_corners=False)[0, 0]
+
+
 def laplace_bits(values: Tensor, log_scale: Tensor) -> Tensor:
     """Bits of (noisy or rounded) latents under a zero-mean Laplace of scale e^log_scale,
     integrated over each value's unit interval (the rate term of training)."""
@@ -62,8 +74,17 @@ class LatentImage(nn.Module):
             raise KanimgError(f"latent levels must be 1 … {MAX_LEVELS}, got {levels}")
         self.height, self.width, self.widths = height, width, list(widths)
         self.latents = nn.ParameterList(nn.Parameter(torch.zeros(1, 1, rows, cols)) for rows, cols in level_shapes(height, width, levels))
-        self.log_scales = nn.Parameter(torch.zeros(levels))  # the rate model's, training only
+        # the rate model's (training only), per level: the anchors' log-scale, the others' at
+        # zero context, and how it grows with the context (:meth:`level_bits`)
+        self.rate_parameters = nn.Parameter(torch.zeros(levels, 3))
         self.synthesis = relu_mlp(widths)  # ReLU: exact to evaluate everywhere (no exp or erf)
+        self.dense = [max(rows, cols) <= DENSE_LIMIT and (rows, cols) != (height, width)
+                      for rows, cols in level_shapes(height, width, levels)]
+        for k, (rows, cols) in enumerate(level_shapes(height, width, levels)):
+            self.register_buffer(f"anchors_{k}", torch.from_numpy(_anchors((rows, cols))), persistent=False)
+            if self.dense[k]:
+                self.register_buffer(f"rows_{k}", upsampling_matrix(rows, height), persistent=False)
+                self.register_buffer(f"columns_{k}", upsampling_matrix(cols, width), persistent=False)
 
     @property
     def spec(self) -> dict:
@@ -72,21 +93,52 @@ class LatentImage(nn.Module):
     def synthesis_parameters(self) -> list[nn.Parameter]:
         return list(self.synthesis.parameters())
 
-    def forward(self, mode: str = "round") -> tuple[Tensor, Tensor]:
-        """(pixels (H·W, C) in [-1, 1], bits of the latents) with the latents quantised as
-        ``mode``: "noise" (uniform noise), "ste" (rounded forward, identity backward) or "round"."""
+    def forward(self, mode: str = "round", weights: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """(pixels (C, H·W) in [-1, 1], channels first, bits of the latents) with the latents
+        quantised as ``mode``: "noise" (uniform noise), "ste" (rounded forward, identity
+        backward) or "round"; ``weights`` replace the synthesis's own by name (fake-quantised
+        ones, for quantisation-aware training)."""
         features, bits = [], torch.zeros(())
-        for latent, log_scale in zip(self.latents, self.log_scales):
+        for k, latent in enumerate(self.latents):
             if mode == "noise":
                 quantised = latent + torch.rand_like(latent) - 0.5
             elif mode == "ste":
                 quantised = latent + (torch.round(latent) - latent).detach()
             else:
                 quantised = torch.round(latent)
-            bits = bits + laplace_bits(quantised, log_scale)
-            features.append(upsample(quantised, self.height, self.width))
-        stacked = torch.cat(features, 1)[0].permute(1, 2, 0).reshape(-1, len(features))
-        return self.synthesis(stacked), bits
+            # the rate of a rounded value has no slope at 0: rounding still sees the noisy rate
+            noisy = quantised if mode != "ste" else latent + torch.rand_like(latent) - 0.5
+            bits = bits + self.level_bits(k, noisy)
+            if self.dense[k]:
+                rows, columns = (getattr(self, f"{name}_{k}").to(quantised.dtype) for name in ("rows", "columns"))
+                grid = rows @ quantised[0, 0] @ columns.T
+            else:
+                grid = upsample(quantised, self.height, self.width)
+            features.append(grid.reshape(-1))
+        x = torch.stack(features)  # channels first: the products below are wide, not tall and thin
+        weights = weights or {}
+        for index, layer in enumerate(self.synthesis):
+            if isinstance(layer, nn.Linear):
+                weight, bias = (weights.get(f"synthesis.{index}.{name}", getattr(layer, name)) for name in ("weight", "bias"))
+                x = torch.addmm(bias[:, None], weight, x)
+            else:
+                x = layer(x)
+        return x, bits
+
+    def level_bits(self, k: int, quantised: Tensor) -> Tensor:
+        """Bits of grid ``k`` (noisy or rounded values, (1, 1, h, w)) under the training rate
+        model, which sees the coder's checkerboard contexts smoothly: anchors under one
+        Laplace, every other value under a Laplace whose log-scale grows with log(1 + the sum
+        of its four anchor neighbours' magnitudes). Differentiable in the neighbours too, so
+        training learns to leave zeros among zeros: +0.56 and +0.29 dB against WebP at 0.3 bpp
+        on the two tuning photos, over one Laplace per grid (the coder's own buckets: −0.52
+        and −0.04)."""
+        anchors = self.get_buffer(f"anchors_{k}")
+        padded = F.pad(quantised.abs() * anchors, (1, 1, 1, 1))[0, 0]
+        total = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
+        anchor_scale, context_scale, slope = self.rate_parameters[k]
+        log_scale = torch.where(anchors, anchor_scale, context_scale + slope * torch.log1p(total))
+        return laplace_bits(quantised[0, 0], log_scale)
 
     def integer_latents(self) -> list[np.ndarray]:
         """The grids as the file stores them: (rows, columns) int64 each."""

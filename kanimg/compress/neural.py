@@ -10,7 +10,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,6 +41,11 @@ TRAINING = {
     "siren": {"lr": 1e-3, "batch_size": 4096},
 }
 MODELS = (*TRAINING, "latent")  # latent grids: kanimg.compress.latent_codec
+# The model a bare `compress` uses: latent grids, ahead of the KAN codec wherever both were
+# measured with room for the latent codec's ~530-weight synthesis (docs/compression.md); below
+# LATENT_MIN_BITS of budget that synthesis is most of the file (a 256×256 image at 0.1 bpp,
+# 6,554 bits, is a tie), and the KAN codec, which sizes its network to the budget, is used.
+LATENT_MIN_BITS = 8192
 DEFAULT_BITS = {"kan": None, "siren": FLOAT16}  # None: rate control picks n in 4 … 12 per tensor
 # Training length: 5,000 steps per 65,536 pixels (every pixel seen about 300 times in
 # 4,096-pixel batches), so a large image is not under-trained: a 768×512 photo gained
@@ -60,8 +65,9 @@ class CompressConfig:
     """How a network codec compresses an image.
 
     Attributes:
-        model: "kan", "siren" (COIN-style) or "latent" (latent grids: kanimg.compress.latent_codec,
-            which uses steps, bits and seed, and neither qat_steps, granularity, lr nor batch_size).
+        model: "kan", "siren" (COIN-style), "latent" (latent grids: kanimg.compress.latent_codec,
+            which uses steps, bits and seed, and neither qat_steps, granularity, lr nor batch_size)
+            or "auto": :func:`default_model` for the image and budget.
         steps: training steps; None = :func:`default_steps` of the image's pixel count (latent:
             latent_codec.STEPS).
         qat_steps: quantisation-aware fine-tuning steps (integer quantisation only).
@@ -74,7 +80,7 @@ class CompressConfig:
         progress: show progress bars.
     """
 
-    model: str = "kan"
+    model: str = "auto"
     steps: int | None = None
     qat_steps: int = 300
     bits: float | None = None
@@ -86,8 +92,8 @@ class CompressConfig:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise KanimgError(f"unknown compression model {self.model!r}; choose from {', '.join(MODELS)}")
+        if self.model not in (*MODELS, "auto"):
+            raise KanimgError(f"unknown compression model {self.model!r}; choose from auto, {', '.join(MODELS)}")
         if (self.steps is not None and self.steps < 1) or self.qat_steps < 0:
             raise KanimgError("steps must be at least 1 and qat_steps not negative")
         if self.bits is not None:
@@ -123,6 +129,12 @@ def _float_model_psnr(model: torch.nn.Module, image: ImageData, info: ImageInfo)
     return psnr(image.pixels, render_integers(DecodedModel(model64, info, QuantConfig(FLOAT16))) / top)
 
 
+def default_model(pixels: int, bpp: float, bits: float | None = None) -> str:
+    """The codec model for "auto": latent grids, unless the budget is under LATENT_MIN_BITS
+    or float16 weights are asked for (latent files store integer weights only); then the KAN."""
+    return "latent" if bpp * pixels >= LATENT_MIN_BITS and bits != FLOAT16 else "kan"
+
+
 def compress_image(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
     """Fit, quantise and code ``image`` into about ``bpp`` bits per pixel (see CompressResult);
     one process's work, also inside a torchrun world."""
@@ -133,6 +145,8 @@ def compress_image(image: ImageData, bpp: float, config: CompressConfig) -> Comp
 def _compress(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
     if not (bpp > 0 and math.isfinite(bpp)):
         raise KanimgError(f"--bpp must be a positive number of bits per pixel, got {bpp}")
+    if config.model == "auto":
+        config = replace(config, model=default_model(image.height * image.width, bpp, config.bits))
     if config.model == "latent":
         from .latent_codec import compress_latent
 
