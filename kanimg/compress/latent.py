@@ -87,7 +87,7 @@ class LatentImage(nn.Module):
         made once per dtype and device."""
         key = (name, k, like.dtype, like.device)
         if key not in self._training_constants:
-            rows, cols = level_shapes(self.height, self.width, k + 1)[k]
+            rows, cols = self.latents[k].shape[-2:]
             if name == "anchors":
                 value = torch.from_numpy(_anchors((rows, cols)))
             else:
