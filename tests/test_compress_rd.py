@@ -7,6 +7,7 @@ from PIL import Image
 
 from conftest import photo_crop
 from kanimg.cli import main
+from kanimg.compress.bd import bd_psnr, bd_rate
 from kanimg.compress.codecs import Point, get_codec, measure, run_sweep
 from kanimg.compress.rd import RDConfig, mean_curve, psnr_at
 from kanimg.errors import KanimgError
@@ -60,18 +61,18 @@ def test_bad_rd_options_are_refused(crop, tmp_path, capsys):
 
 
 def test_rd_on_a_small_crop_writes_every_output(crop, tmp_path, capsys):
-    out = tmp_path / "rd"
-    args = ["rd", str(crop), "--models", "kan,siren", "--codecs", "jpeg,webp,avif", "--bpp", "3,4,6,8",
+    out = tmp_path / "rd"  # no --models: compress's latent codec, the KAN and the COIN-style SIREN
+    args = ["rd", str(crop), "--codecs", "jpeg,webp,avif", "--bpp", "3,4,6,8",
             "--steps", "25", "--qat-steps", "5", "-o", str(out), "-q"]
     assert main(args) == 0
     assert "results.json" in capsys.readouterr().out
     for name in ("results.json", "results.md", "rd.png"):
         assert (out / name).stat().st_size > 0, name
     kimgs = sorted(p.name for p in (out / "kimg").iterdir())
-    assert kimgs == sorted(f"crop-{m}-{b}bpp.kimg" for m in ("kan", "siren") for b in ("3", "4", "6", "8"))
+    assert kimgs == sorted(f"crop-{m}-{b}bpp.kimg" for m in ("latent", "kan", "siren") for b in ("3", "4", "6", "8"))
     results = json.loads((out / "results.json").read_text())
     assert results["bpp_targets"] == [3, 4, 6, 8] and results["reference"] == "jpeg"
-    for name in ("kan", "siren", "jpeg", "webp", "avif"):
+    for name in ("latent", "kan", "siren", "jpeg", "webp", "avif"):
         entry = results["codecs"][name]
         assert entry["name"] == name and entry["description"]
         assert len(entry["results"]["bpp"]) == len(entry["results"]["psnr"]) >= 4
@@ -84,9 +85,19 @@ def test_rd_on_a_small_crop_writes_every_output(crop, tmp_path, capsys):
     for name in ("kan", "siren", "webp", "avif"):
         bd = results["codecs"][name]["bd_vs_jpeg"]
         assert set(bd) == {"bd_rate_percent", "bd_psnr_db", "per_image"}
-    assert results["comparisons"] and {"jpeg", "webp", "avif", "siren"} == set(results["comparisons"][0]["others"])
+    assert "bd_vs_webp" not in results["codecs"]["avif"]  # classic codecs: against JPEG only
+    for name in ("latent", "kan", "siren"):  # networks: against every classic codec, each curve with its own
+        for ref in ("jpeg", "webp", "avif"):
+            bd, curve, ref_curve = (results["codecs"][name][f"bd_vs_{ref}"], results["codecs"][name]["per_image"]["crop"]["results"],
+                                    results["codecs"][ref]["per_image"]["crop"]["results"])
+            assert bd["per_image"]["crop"]["bd_rate_percent"] == bd_rate(ref_curve["bpp"], ref_curve["psnr"], curve["bpp"], curve["psnr"])
+            assert bd["per_image"]["crop"]["bd_psnr_db"] == bd_psnr(ref_curve["bpp"], ref_curve["psnr"], curve["bpp"], curve["psnr"])
+    assert results["codecs"]["kan"]["bd_vs_webp"]["per_image"]["crop"]["bd_psnr_db"] is not None
+    first = results["comparisons"][0]
+    assert set(first["others"]) == {"latent", "kan", "siren", "jpeg", "webp", "avif"} - {first["codec"]}
     md = (out / "results.md").read_text()
     assert "| kan |" in md and "BD-rate vs JPEG" in md and "before and after quantisation" in md
+    assert "BD metrics against each classic codec" in md and "| latent | crop |" in md
     assert main(args) == 2  # an existing folder is kept unless --force
     assert "already exists" in capsys.readouterr().err
 

@@ -53,8 +53,8 @@ def add(sub) -> None:
 
     rd = sub.add_parser("rd", help="rate–distortion curves: networks against JPEG / WebP / AVIF, with BD metrics")
     rd.add_argument("images", type=Path, help="an image, or a folder of images (per-image and mean curves)")
-    rd.add_argument("--models", type=comma_list(str, "--models", "kan,siren"), default=["kan", "siren"],
-                    help="network codecs: kan, siren (COIN-style), latent (latent grids); default kan,siren")
+    rd.add_argument("--models", type=comma_list(str, "--models", "latent,kan,siren"), default=None,
+                    help="network codecs: latent (latent grids, compress's default), kan, siren (COIN-style); default all three")
     rd.add_argument("--codecs", type=comma_list(str, "--codecs", "jpeg,webp,avif"), default=["jpeg", "webp", "avif"],
                     help="classic codecs: jpeg, webp, avif (default: all three)")
     rd.add_argument("--bpp", type=comma_list(float, "--bpp", DEFAULT_BPPS), default=[float(b) for b in DEFAULT_BPPS.split(",")],
@@ -90,11 +90,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_rd(args: argparse.Namespace) -> int:
-    from ..compress.rd import RDConfig
+    from ..compress.rd import DEFAULT_MODELS, RDConfig
     from ..compress.report import rd_to_folder
 
     out = args.out or Path(f"rd-{args.images.stem or args.images.resolve().name}")
-    config = RDConfig(models=args.models, codecs=args.codecs, bpps=args.bpp, neural=_network_config(args))
+    config = RDConfig(models=args.models or list(DEFAULT_MODELS), codecs=args.codecs, bpps=args.bpp, neural=_network_config(args))
     try:
         summary = rd_to_folder(args.images, out, config, force=args.force, progress=not args.quiet,
                                command="kanimg " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
@@ -106,9 +106,9 @@ def cmd_rd(args: argparse.Namespace) -> int:
         return 0
     print(f"{out}: results.json, results.csv, results.md, rd.png")
     for name, entry in summary["codecs"].items():
-        bd = entry.get("bd_vs_jpeg")
-        bd_text = (f"; vs JPEG BD-rate {bd['bd_rate_percent']:+.1f} %, BD-PSNR {bd['bd_psnr_db']:+.2f} dB"
-                   if bd and bd["bd_rate_percent"] is not None and bd["bd_psnr_db"] is not None else "")
+        bd_text = "".join(f"; vs {key[6:]} BD-rate {bd['bd_rate_percent']:+.1f} %, BD-PSNR {bd['bd_psnr_db']:+.2f} dB"
+                          for key, bd in entry.items() if key.startswith("bd_vs_")
+                          and bd["bd_rate_percent"] is not None and bd["bd_psnr_db"] is not None)
         points = ", ".join(f"{b:.3f}/{p:.2f}" for b, p in zip(entry["results"]["bpp"], entry["results"]["psnr"]))
         print(f"  {name}: bpp/PSNR {points}{bd_text}")
     return 0

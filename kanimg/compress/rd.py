@@ -32,18 +32,22 @@ log = logging.getLogger(__name__)
 REFERENCE = "jpeg"
 
 
+DEFAULT_MODELS = ("latent", "kan", "siren")
+
+
 @dataclass
 class RDConfig:
     """What an RD experiment runs.
 
     Attributes:
-        models: network codecs (kan, siren), one fit per target bpp.
+        models: network codecs (latent, kan, siren), one fit per target bpp; the default is
+            compress's own codec (latent grids) with the KAN and COIN-style SIREN codecs.
         codecs: classic codecs (jpeg, webp, avif), a quality sweep each.
         bpps: target bit rates.
         neural: CompressConfig options for the network codecs (steps, qat_steps, bits, …).
     """
 
-    models: list[str] = field(default_factory=lambda: ["kan", "siren"])
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     codecs: list[str] = field(default_factory=lambda: list(CLASSIC))
     bpps: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 1.0])
     neural: dict[str, Any] = field(default_factory=dict)
@@ -233,7 +237,8 @@ def summarise(result: RDResult) -> dict[str, Any]:
     """The results.json payload (kanimg.results' schema): a record per image × codec × point,
     the mean curve of each codec as its mean records; beside them, per codec its mean and
     per-image curves (CompressAI layout: name, description, results{bpp, psnr, …}), PSNR at
-    the targets, BD vs JPEG, and the network points compared with every other codec at the
+    the targets, BD vs JPEG (``bd_vs_jpeg``; the networks also ``bd_vs_webp`` and
+    ``bd_vs_avif``, where those ran), and the network points compared with every other codec at the
     same bpp."""
     config = result.config
     codecs: dict[str, Any] = {}
@@ -250,16 +255,14 @@ def summarise(result: RDResult) -> dict[str, Any]:
             for key in ("psnr_float", "psnr_quantized_no_qat"):
                 entry["results"][key] = [float(np.mean(v)) for v in zip(*(c[key] for c in per_image.values()))]
         codecs[name] = entry
-    if REFERENCE in codecs:
-        ref = codecs[REFERENCE]
-        for name, entry in codecs.items():
-            if name == REFERENCE:
-                continue
-            entry["bd_vs_jpeg"] = bd_against(ref["results"]["bpp"], ref["results"]["psnr"], entry["results"]["bpp"], entry["results"]["psnr"])
-            entry["bd_vs_jpeg"]["per_image"] = {
-                img: bd_against(ref["per_image"][img]["results"]["bpp"], ref["per_image"][img]["results"]["psnr"],
-                                entry["per_image"][img]["results"]["bpp"], entry["per_image"][img]["results"]["psnr"])
-                for img in entry["per_image"]}
+    for name, entry in codecs.items():  # every codec against JPEG; the networks against every classic codec too
+        for ref_name in [c for c in CLASSIC if c in codecs and c != name and (name in NEURAL or c == REFERENCE)]:
+            ref = codecs[ref_name]
+            entry[f"bd_vs_{ref_name}"] = {
+                **bd_against(ref["results"]["bpp"], ref["results"]["psnr"], entry["results"]["bpp"], entry["results"]["psnr"]),
+                "per_image": {img: bd_against(ref["per_image"][img]["results"]["bpp"], ref["per_image"][img]["results"]["psnr"],
+                                              entry["per_image"][img]["results"]["bpp"], entry["per_image"][img]["results"]["psnr"])
+                              for img in entry["per_image"]}}
     protocol = {"kind": "rd", "bpp_targets": config.bpps, "reference": REFERENCE, "models": config.models, "codecs": config.codecs,
                 "neural": config.neural}
     records = [{"image": img.name, "codec": name, **_point_record(point)} for img in result.images for name in config.codec_names

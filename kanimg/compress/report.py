@@ -13,7 +13,7 @@ from .. import distributed
 from ..files import RunFolder, atomic_write_bytes
 from ..plots import plot_rd
 from ..results import markdown_table, write_results
-from .codecs import NEURAL
+from .codecs import CLASSIC, NEURAL
 from .rd import REFERENCE, PointCache, RDConfig, RDResult, fit_network_points, run_rd, summarise
 
 CSV_KEYS = ["image", "codec", "setting", "bpp", "psnr", "bytes", "encode_seconds", "decode_seconds", "psnr_float",
@@ -78,6 +78,12 @@ def _fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _bd_cells(bd: dict[str, Any]) -> list[str]:
+    """BD-rate and BD-PSNR with their units, or — where they are undefined."""
+    rate, gain = bd["bd_rate_percent"], bd["bd_psnr_db"]
+    return [_fmt(rate, 1, True) + (" %" if rate is not None else ""), _fmt(gain, 2, True) + (" dB" if gain is not None else "")]
+
+
 def markdown(summary: dict[str, Any]) -> str:
     targets = summary["bpp_targets"]
     codecs = summary["codecs"]
@@ -101,9 +107,7 @@ def markdown(summary: dict[str, Any]) -> str:
         else:
             cells = [_fmt(v) for v in entry["at_target"]["psnr"]]
         bd = entry.get("bd_vs_jpeg")
-        bd_cells = ["reference", ""] if name == REFERENCE else (
-            [_fmt(bd["bd_rate_percent"], 1, True) + (" %" if bd["bd_rate_percent"] is not None else ""),
-             _fmt(bd["bd_psnr_db"], 2, True) + (" dB" if bd["bd_psnr_db"] is not None else "")] if bd else ["—", "—"])
+        bd_cells = ["reference", ""] if name == REFERENCE else (_bd_cells(bd) if bd else ["—", "—"])
         rows.append([name, *cells, *bd_cells])
     lines.append(markdown_table(["codec", *(f"{t:g} bpp" for t in targets), "BD-rate vs JPEG", "BD-PSNR vs JPEG"], rows))
     others = list(codecs)
@@ -139,14 +143,28 @@ def markdown(summary: dict[str, Any]) -> str:
                                  f"{r['decode_seconds'][k]:.2f}"])
         lines.append(markdown_table(["image", "codec", "target", "bpp", "numbers", "model", "quantisation", "float", "quantised",
                                      "decoded", "decode s"], rows))
+    classic = [c for c in CLASSIC if c in codecs]
+    if neural and classic:
+        lines += ["", "## Networks: BD metrics against each classic codec", "",
+                  "BD-rate (negative = fewer bits for the same PSNR) / BD-PSNR over the range both curves cover"
+                  + (", for the mean curves and per image" if len(images) > 1 else "") + " (— = fewer than 4 points or no overlap).", ""]
+        rows = []
+        for name in neural:
+            for label in (["mean"] if len(images) > 1 else []) + [i["name"] for i in images]:
+                cells = []
+                for ref_name in classic:
+                    bd = codecs[name][f"bd_vs_{ref_name}"]
+                    bd = bd if label == "mean" else bd["per_image"][label]
+                    cells.append(" / ".join(_bd_cells(bd)))
+                rows.append([name, label, *cells])
+        lines.append(markdown_table(["network", "image", *(f"vs {c}" for c in classic)], rows))
     if len(images) > 1 and REFERENCE in codecs:
         lines += ["", "## BD metrics against JPEG per image", ""]
         rows = []
         for name, entry in codecs.items():
             if name == REFERENCE or "bd_vs_jpeg" not in entry:
                 continue
-            cells = [f"{_fmt(b['bd_rate_percent'], 1, True)} % / {_fmt(b['bd_psnr_db'], 2, True)} dB"
-                     for b in (entry["bd_vs_jpeg"]["per_image"][i["name"]] for i in images)]
+            cells = [" / ".join(_bd_cells(entry["bd_vs_jpeg"]["per_image"][i["name"]])) for i in images]
             rows.append([name, *cells])
         lines.append(markdown_table(["codec", *(i["name"] for i in images)], rows))
     return "\n".join(lines) + "\n"
