@@ -30,9 +30,7 @@ from .codecs import CLASSIC, NEURAL, Point, get_codec, measure, run_sweep
 
 log = logging.getLogger(__name__)
 REFERENCE = "jpeg"
-
-
-DEFAULT_MODELS = ("latent", "kan", "siren")
+DEFAULT_MODELS = ("latent", "kan", "siren")  # compress's codec first, then the KAN and COIN-style SIREN codecs
 
 
 @dataclass
