@@ -227,8 +227,10 @@ def mean_curve(per_image: Sequence[Sequence[Point]]) -> tuple[list[float], list[
     return bpp, psnr
 
 
-def bd_against(ref_bpp: Sequence[float], ref_psnr: Sequence[float], bpp: Sequence[float], psnr: Sequence[float]) -> dict[str, float | None]:
-    return {"bd_rate_percent": bd_rate(ref_bpp, ref_psnr, bpp, psnr), "bd_psnr_db": bd_psnr(ref_bpp, ref_psnr, bpp, psnr)}
+def bd_against(ref: dict[str, Any], curve: dict[str, Any]) -> dict[str, float | None]:
+    """BD-rate and BD-PSNR of ``curve`` against ``ref`` (each a results dict with bpp and psnr)."""
+    args = (ref["bpp"], ref["psnr"], curve["bpp"], curve["psnr"])
+    return {"bd_rate_percent": bd_rate(*args), "bd_psnr_db": bd_psnr(*args)}
 
 
 def summarise(result: RDResult) -> dict[str, Any]:
@@ -257,10 +259,8 @@ def summarise(result: RDResult) -> dict[str, Any]:
         for ref_name in [c for c in CLASSIC if c in codecs and c != name and (name in NEURAL or c == REFERENCE)]:
             ref = codecs[ref_name]
             entry[f"bd_vs_{ref_name}"] = {
-                **bd_against(ref["results"]["bpp"], ref["results"]["psnr"], entry["results"]["bpp"], entry["results"]["psnr"]),
-                "per_image": {img: bd_against(ref["per_image"][img]["results"]["bpp"], ref["per_image"][img]["results"]["psnr"],
-                                              entry["per_image"][img]["results"]["bpp"], entry["per_image"][img]["results"]["psnr"])
-                              for img in entry["per_image"]}}
+                **bd_against(ref["results"], entry["results"]),
+                "per_image": {img: bd_against(ref["per_image"][img]["results"], curve["results"]) for img, curve in entry["per_image"].items()}}
     protocol = {"kind": "rd", "bpp_targets": config.bpps, "reference": REFERENCE, "models": config.models, "codecs": config.codecs,
                 "neural": config.neural}
     records = [{"image": img.name, "codec": name, **_point_record(point)} for img in result.images for name in config.codec_names
