@@ -34,6 +34,6 @@ setup(
         "ninja",  # builds the fused CPU kernel (torch.utils.cpp_extension)
         "constriction>=0.5,<0.6",  # range coder of .kimg files; its probability quantisation is part of the format
     ],
-    extras_require={"test": ["pytest>=9.2", "hypothesis>=6.100", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]},
+    extras_require={"test": ["pytest>=9.2", "hypothesis>=6.100", "bjontegaard>=1.3", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]},
     entry_points={"console_scripts": ["kanimg=kanimg.cli:main"]},
 )
