@@ -1,5 +1,7 @@
 """torch.compile of every registered model: one graph (no breaks), the same numbers as eager,
 and KAN grid changes that recompile at most once each; the fused kernels' custom ops."""
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
@@ -118,3 +120,22 @@ def test_the_fused_kernel_op_passes_opcheck(uniform):
     for need_x, need_w in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(torch.ops.kanimg.packed_spline_backward.default,
                               (torch.randn(50, 5), x.detach(), w.detach(), lo, inv_h, knots, 6, need_x, need_w))
+
+
+def test_fused_path_carries_what_the_compilers_constant_mark_sets():
+    """packed_spline sets the mark by hand (torch.compiler.assume_constant_result would import
+    torch._dynamo at every start); if torch changes how the mark is made, this fails."""
+    def probe():
+        return True
+
+    mark = vars(torch.compiler.assume_constant_result(probe))
+    assert mark and all(getattr(fused_path, key, None) == value for key, value in mark.items())
+
+
+def test_the_command_starts_without_the_compiler_or_the_optimiser():
+    """`kanimg decode` pays for every import at start: torch._dynamo and scipy.optimize were
+    over half of it and neither is needed until a model is compiled or a file encoded."""
+    code = "import sys, kanimg.cli; print(sorted(m for m in ('torch._dynamo', 'scipy.optimize') if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

@@ -42,7 +42,6 @@ def packed_spline(x: Tensor, weight: Tensor, lo: Tensor, inv_h: Tensor, grid_siz
     return _TorchPackedSpline.apply(x, weight, lo, inv_h, grid_size, knots)
 
 
-@torch.compiler.assume_constant_result
 def fused_path(device_type: str, dtype: torch.dtype) -> bool:
     """Whether a fused kernel serves this device and dtype (a constant for torch.compile)."""
     if os.environ.get("KANIMG_NO_KERNEL", "") not in ("", "0"):
@@ -52,6 +51,12 @@ def fused_path(device_type: str, dtype: torch.dtype) -> bool:
     if device_type == "cuda":
         return dtype == torch.float32 and _triton() is not None
     return False
+
+
+# What torch.compiler.assume_constant_result does, without importing torch._dynamo (over a
+# second of every start of the `kanimg` command): the compiler calls fused_path once while
+# tracing and keeps its answer, so the KAN layer stays one graph (tests/test_compile.py).
+fused_path._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 @functools.cache
