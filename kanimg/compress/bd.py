@@ -27,8 +27,9 @@ def frontier(rates: Sequence[float], psnrs: Sequence[float]) -> tuple[np.ndarray
     rates, psnrs = rates[keep], psnrs[keep]
     if np.unique(rates).size < MIN_POINTS:
         return None
+    order = np.lexsort((-psnrs, rates))  # by rate, the best PSNR first among equal rates
     kept_rates, kept_psnrs = [], []
-    for rate, psnr in zip(*(a[np.lexsort((-psnrs, rates))] for a in (rates, psnrs))):  # by rate, best PSNR first
+    for rate, psnr in zip(rates[order], psnrs[order]):
         if not kept_psnrs or psnr > kept_psnrs[-1]:
             kept_rates.append(rate)
             kept_psnrs.append(psnr)
