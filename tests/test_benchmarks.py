@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -155,3 +157,31 @@ def test_kan_heads_trains_every_readout_of_the_same_encoding(tmp_path, monkeypat
     assert mlp["params"] - linear["params"] == (32 * 64 + 64) + (64 * 64 + 64) + (64 * 3 + 3) - (32 * 3 + 3)
     assert kan["params"] > linear["params"]
     assert "| one KAN layer (kan) |" in capsys.readouterr().out
+
+
+def test_latent_synthesis_scores_every_synthesis_the_codecs_way(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import torch
+    from kanimg.compress.latent import LatentImage
+
+    bench = load("latent_synthesis")
+    # the harness (pixels-first, by name) computes what the codec's own model does with the same MLP
+    torch.manual_seed(0)
+    ours = bench.SynthesisUnderTest(9, 14, bench.SYNTHESES["ReLU MLP 7 → 48 → C (the codec's)"][0](3))
+    codec = LatentImage(9, 14, [7, 48, 3])
+    for p in ours.latents:
+        p.data.normal_(0, 3)
+    codec.load_state_dict(ours.state_dict())
+    assert torch.allclose(ours("round", ours.quantised_synthesis(7))[0], codec("round", codec.quantised_synthesis(7))[0], atol=1e-5)
+    # a KAN's spline scales are folded and frozen (not stored, not trained)
+    kan = bench.SynthesisUnderTest(9, 14, bench.SYNTHESES["KAN 7 → 6 → C, grid 5"][0](3))
+    assert sum(p.numel() for p in kan.synthesis_parameters()) == (7 * 6 + 6 * 3) * (5 + 3 + 1)
+
+    monkeypatch.setattr(sys.modules["inr_bench"], "CROP", 24)
+    assert bench.main(["--steps", "4", "--photos", "coffee", "-o", str(tmp_path / "syn"), "--json", str(tmp_path / "syn.json")]) == 0
+    records = {r["synthesis"]: r for r in json.loads((tmp_path / "syn.json").read_text())["records"]}
+    assert list(records) == list(bench.SYNTHESES)
+    assert records["ReLU MLP 7 → 48 → C (the codec's)"]["params"] == 7 * 48 + 48 + 48 * 3 + 3
+    assert all(r["bpp"] > 0 and np.isfinite(r["psnr"]) for r in records.values())
+    assert "| KAN 7 → 6 → C, grid 5 | 540 |" in capsys.readouterr().out

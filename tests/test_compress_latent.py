@@ -20,7 +20,6 @@ from kanimg.compress.kimg import ImageInfo
 from kanimg.compress.entropy import StreamDecoder, cost_bits, encode_streams, fit_model
 from kanimg.compress.latent import LatentImage, code_latents, decode_latents, laplace_bits, level_shapes, synthesise
 from kanimg.compress.neural import CompressConfig, compress_image
-from kanimg.compress.qat import quantized_params
 from kanimg.compress.quantize import QuantConfig, quantize_tensor
 from kanimg.compress.tensors import stored_arrays
 from kanimg.errors import KanimgError
@@ -117,7 +116,7 @@ def test_the_rounding_phase_sees_the_synthesis_the_file_will_hold():
     decoder of the file written at that precision."""
     model = latent_like().double()
     bits = latent_codec.WEIGHT_BITS_ESTIMATE
-    out, _ = model("round", quantized_params(model, QuantConfig(bits)))
+    out, _ = model("round", model.quantised_synthesis(bits))
     stored = decode_model(encode_model(model, ImageInfo(13, 21, 3), QuantConfig(bits))).model
     decoded = synthesise(stored.integer_latents(), stored_arrays(stored), 13, 21)
     assert np.allclose(out.detach().numpy().T.reshape(13, 21, 3), decoded, atol=1e-9)

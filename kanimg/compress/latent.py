@@ -23,6 +23,7 @@ from ..errors import KanimgError
 from ..nn.mlp import relu_mlp
 from .entropy import StreamDecoder, StreamModel, cost_bits, fit_model
 from .kimg import MAX_LEVELS, ImageInfo, LatentLevel
+from .quantize import QuantConfig, fake_quantize
 
 
 def level_shapes(height: int, width: int, levels: int) -> list[tuple[int, int]]:
@@ -101,13 +102,25 @@ class LatentImage(nn.Module):
         return {"name": "latent", "widths": list(self.widths)}
 
     def synthesis_parameters(self) -> list[nn.Parameter]:
-        return list(self.synthesis.parameters())
+        """The synthesis's stored (and trained) parameters, whose bits the file carries."""
+        return [p for p in self.synthesis.parameters() if p.requires_grad]
+
+    def quantised_synthesis(self, bits: float) -> dict[str, Tensor]:
+        """The synthesis's stored parameters at ``bits`` as the file quantises them, by name,
+        straight-through (quantisation-aware training)."""
+        return {f"synthesis.{name}": fake_quantize(p, QuantConfig(bits)) for name, p in self.synthesis.named_parameters() if p.requires_grad}
 
     def forward(self, mode: str = "round", weights: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """(pixels (C, H·W) in [-1, 1], channels first, bits of the latents) with the latents
         quantised as ``mode``: "noise" (uniform noise), "ste" (rounded forward, identity
         backward) or "round"; ``weights`` replace the synthesis's own by name (fake-quantised
         ones, for quantisation-aware training)."""
+        features, bits = self.features(mode)
+        return self.synthesise_features(features, weights or {}), bits
+
+    def features(self, mode: str) -> tuple[Tensor, Tensor]:
+        """(the upsampled grids (levels, H·W), bits of the latents), latents quantised as
+        ``mode`` (see :meth:`forward`)."""
         features, bits = [], torch.zeros(())
         for k, latent in enumerate(self.latents):
             if mode == "noise":
@@ -124,15 +137,18 @@ class LatentImage(nn.Module):
             else:
                 grid = upsample(quantised, self.height, self.width)
             features.append(grid.reshape(-1))
-        x = torch.stack(features)  # channels first: the products below are wide, not tall and thin
-        weights = weights or {}
+        return torch.stack(features), bits  # channels first: the synthesis's products are wide, not tall and thin
+
+    def synthesise_features(self, x: Tensor, weights: dict[str, Tensor]) -> Tensor:
+        """The synthesis on features (levels, H·W) → (C, H·W), its parameters replaced by name
+        where ``weights`` has them."""
         for index, layer in enumerate(self.synthesis):
             if isinstance(layer, nn.Linear):
                 weight, bias = (weights.get(f"synthesis.{index}.{name}", getattr(layer, name)) for name in ("weight", "bias"))
                 x = torch.addmm(bias[:, None], weight, x)
             else:
                 x = layer(x)
-        return x, bits
+        return x
 
     def level_bits(self, k: int, quantised: Tensor) -> Tensor:
         """Bits of grid ``k`` (noisy or rounded values, (1, 1, h, w)) under the training rate

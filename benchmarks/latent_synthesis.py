@@ -1,0 +1,138 @@
+"""The latent codec's synthesis network: the ReLU MLP it ships against KAN syntheses of about
+the same size and decode cost (issue 15's "the KAN's claim"), each trained the codec's way
+(:func:`kanimg.compress.latent_codec.train_latent`: the same grids, rate model, λ steering,
+noise then rounding, 7-bit quantisation-aware rounding phase) at one target bit rate.
+
+    python benchmarks/latent_synthesis.py -o runs/latent-synthesis        # coffee, rocket; 0.3 bpp; 4,000 steps
+    python benchmarks/latent_synthesis.py --steps 100 --photos coffee -o /tmp/syn
+
+Only the MLP has a file format, so every synthesis is scored the same way: PSNR with rounded
+latents and the synthesis at 7 bits, at the rate training estimates (the rounded grids under
+the training rate model, plus 7 bits per synthesis parameter). Decode cost as multiply-adds
+per pixel: I·O for a linear layer, 5·I·O for a KAN layer (4 nonzero cubic B-splines and the
+SiLU base per edge; the basis itself, a few more per input, is not counted). Runs on the
+photos inr_bench.py tunes on (TUNE). Prints a Markdown table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from kanimg.compress import latent_codec
+from kanimg.compress.latent import LatentImage
+from kanimg.compress.tensors import fold_spline_scales
+from kanimg.io import load_image
+from kanimg.nn.kan import KANLayer
+from kanimg.nn.mlp import relu_mlp
+from kanimg.results import versions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inr_bench import TUNE, write_photos  # noqa: E402
+
+LEVELS = latent_codec.LEVELS
+GRID_RANGE = (-3.0, 3.0)  # the upsampled latents: std ≈ 2 after training (the MLP's, coffee, 0.3 bpp)
+
+
+def kan(widths: list[int], grid: int) -> nn.Sequential:
+    return nn.Sequential(*(KANLayer(a, b, grid, GRID_RANGE) for a, b in zip(widths[:-1], widths[1:])))
+
+
+# label: (builder of the synthesis for C channels, its multiply-adds per pixel)
+SYNTHESES: dict[str, tuple[Callable[[int], nn.Module], Callable[[int], int]]] = {
+    "ReLU MLP 7 → 48 → C (the codec's)": (lambda c: relu_mlp([LEVELS, 48, c]), lambda c: 48 * (LEVELS + c)),
+    "KAN 7 → 6 → C, grid 5": (lambda c: kan([LEVELS, 6, c], 5), lambda c: 5 * 6 * (LEVELS + c)),
+    "KAN 7 → 10 → C, grid 3": (lambda c: kan([LEVELS, 10, c], 3), lambda c: 5 * 10 * (LEVELS + c)),
+    "linear 7 → 16, KAN 16 → C, grid 5": (lambda c: nn.Sequential(nn.Linear(LEVELS, 16), *kan([16, c], 5)),
+                                          lambda c: 16 * LEVELS + 5 * 16 * c),
+    "linear 7 → 16, ReLU, KAN 16 → C, grid 5": (lambda c: nn.Sequential(nn.Linear(LEVELS, 16), nn.ReLU(), *kan([16, c], 5)),
+                                                lambda c: 16 * LEVELS + 5 * 16 * c),
+}
+
+
+class SynthesisUnderTest(LatentImage):
+    """The codec's latent grids with another synthesis, evaluated pixels-first (the KAN layer's
+    layout); its KAN spline scales are folded into the coefficients, as a file would store them."""
+
+    def __init__(self, height: int, width: int, synthesis: nn.Module) -> None:
+        super().__init__(height, width, [LEVELS, 1])
+        self.synthesis = synthesis
+        fold_spline_scales(self.synthesis)
+
+    def synthesise_features(self, x: Tensor, weights: dict[str, Tensor]) -> Tensor:
+        own = {name.removeprefix("synthesis."): value for name, value in weights.items()}
+        return functional_call(self.synthesis, own, (x.T,)).T
+
+
+def score(model: SynthesisUnderTest, target: Tensor, bits: float) -> tuple[float, float]:
+    """(PSNR with rounded latents and the synthesis at ``bits``, estimated bpp)."""
+    pixels = model.height * model.width
+    with torch.no_grad():
+        out, _ = model("round", model.quantised_synthesis(bits))
+        mse = float(F.mse_loss(out.clamp(-1, 1), target))
+    weights = bits * sum(p.numel() for p in model.synthesis_parameters())
+    return 10 * math.log10(4 / max(mse, 1e-12)), latent_codec.rounded_rate(model, pixels) + weights / pixels
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=latent_codec.STEPS)
+    parser.add_argument("--bpp", type=float, default=0.3)
+    parser.add_argument("--photos", default="coffee,rocket", help="tuning photos, comma-separated")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--out", type=Path, default=Path("runs/latent-synthesis"))
+    parser.add_argument("--json", type=Path, help="results JSON (default: benchmarks/results/latent_synthesis.json)")
+    args = parser.parse_args(argv)
+    photos = write_photos(args.out / "photos", {name: TUNE[name] for name in args.photos.split(",")}, crop=True)
+    bits = latent_codec.WEIGHT_BITS_ESTIMATE
+    records = []
+    for path in sorted(photos.glob("*.png")):
+        image = load_image(path)
+        target = torch.from_numpy(np.ascontiguousarray(image.pixels, dtype=np.float32)).reshape(-1, image.channels).T * 2 - 1
+        for label, (build, macs) in SYNTHESES.items():
+            torch.manual_seed(args.seed)
+            model = SynthesisUnderTest(image.height, image.width, build(image.channels))
+            started = time.perf_counter()
+            latent_codec.train_latent(model, image, args.bpp, args.steps, args.seed)
+            seconds = time.perf_counter() - started
+            psnr, bpp = score(model, target, bits)
+            records.append({"synthesis": label, "image": path.stem, "psnr": psnr, "bpp": bpp, "seconds": seconds,
+                            "params": sum(p.numel() for p in model.synthesis_parameters()), "macs_per_pixel": macs(image.channels)})
+            print(f"{label:42s} {path.stem:8s} {psnr:6.2f} dB {bpp:.4f} bpp {seconds:6.1f} s", file=sys.stderr, flush=True)
+    images = sorted({r["image"] for r in records})
+    baseline = next(iter(SYNTHESES))
+    lines = ["| synthesis | parameters | MACs / pixel | " + " | ".join(f"{i}: bpp, PSNR" for i in images)
+             + " | mean PSNR − MLP (dB) | mean training (s) |", "|---|---:|---:|" + "---|" * len(images) + "---:|---:|"]
+    for label in SYNTHESES:
+        rows = {r["image"]: r for r in records if r["synthesis"] == label}
+        base = {r["image"]: r for r in records if r["synthesis"] == baseline}
+        first = next(iter(rows.values()))
+        lines.append(f"| {label} | {first['params']} | {first['macs_per_pixel']} | "
+                     + " | ".join(f"{rows[i]['bpp']:.3f}, {rows[i]['psnr']:.2f}" for i in images)
+                     + f" | {statistics.mean(rows[i]['psnr'] - base[i]['psnr'] for i in images):+.2f}"
+                     + f" | {statistics.mean(r['seconds'] for r in rows.values()):.0f} |")
+    print("\n".join(lines))
+    path = args.json or Path(__file__).resolve().parent / "results" / "latent_synthesis.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"steps": args.steps, "bpp": args.bpp, "weight_bits": bits, "records": records, "table": lines,
+                                "command": "python benchmarks/latent_synthesis.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                                "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+                                "versions": versions()}, indent=2, default=str) + "\n")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
