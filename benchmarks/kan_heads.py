@@ -13,14 +13,13 @@ inr_bench.py tunes on (TUNE), so the benchmark's photos stay unseen. Prints a Ma
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 import kanimg
-from kanimg.results import versions
+from kanimg.files import write_json
+from kanimg.results import machine, versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inr_bench import TUNE, write_photos  # noqa: E402
@@ -61,14 +60,11 @@ def main(argv: list[str] | None = None) -> int:
                      + " | ".join(f"{rows[i]['psnr']:.2f}" for i in images)
                      + f" | {statistics.mean(r['seconds'] for r in rows.values()):.1f} |")
     print("\n".join(lines))
-    import torch
-
     path = args.json or Path(__file__).resolve().parent / "results" / "kan_heads.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"steps": args.steps, "records": records, "table": lines,
-                                "command": "python benchmarks/kan_heads.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                                "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-                                "versions": versions()}, indent=2, default=str) + "\n")
+    write_json(path, {"steps": args.steps, "records": records, "table": lines,
+                      "command": "python benchmarks/kan_heads.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                      "machine": machine(), "versions": versions()})
     print(path)
     return 0
 

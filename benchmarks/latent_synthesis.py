@@ -16,9 +16,7 @@ photos inr_bench.py tunes on (TUNE). Prints a Markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -34,10 +32,11 @@ from torch.func import functional_call
 from kanimg.compress import latent_codec
 from kanimg.compress.latent import LatentImage
 from kanimg.compress.tensors import fold_spline_scales
+from kanimg.files import write_json
 from kanimg.io import load_image
 from kanimg.nn.kan import KANLayer
 from kanimg.nn.mlp import relu_mlp
-from kanimg.results import versions
+from kanimg.results import machine, versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inr_bench import TUNE, write_photos  # noqa: E402
@@ -126,10 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     path = args.json or Path(__file__).resolve().parent / "results" / "latent_synthesis.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"steps": args.steps, "bpp": args.bpp, "weight_bits": bits, "records": records, "table": lines,
-                                "command": "python benchmarks/latent_synthesis.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                                "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-                                "versions": versions()}, indent=2, default=str) + "\n")
+    write_json(path, {"steps": args.steps, "bpp": args.bpp, "weight_bits": bits, "records": records, "table": lines,
+                      "command": "python benchmarks/latent_synthesis.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                      "machine": machine(), "versions": versions()})
     print(path)
     return 0
 
