@@ -31,6 +31,7 @@ from torch.func import functional_call
 
 from kanimg.compress import latent_codec
 from kanimg.compress.latent import LatentImage
+from kanimg.compress.quantize import QuantConfig, fake_quantize
 from kanimg.compress.tensors import fold_spline_scales
 from kanimg.files import write_json
 from kanimg.io import load_image
@@ -63,12 +64,19 @@ SYNTHESES: dict[str, tuple[Callable[[int], nn.Module], Callable[[int], int]]] = 
 
 class SynthesisUnderTest(LatentImage):
     """The codec's latent grids with another synthesis, evaluated pixels-first (the KAN layer's
-    layout); its KAN spline scales are folded into the coefficients, as a file would store them."""
+    layout); its KAN spline scales are folded into the coefficients and frozen, as a file would
+    store them. (The parent's spec still names the codec's MLP: this model is never written.)"""
 
     def __init__(self, height: int, width: int, synthesis: nn.Module) -> None:
         super().__init__(height, width, [LEVELS, 1])
         self.synthesis = synthesis
         fold_spline_scales(self.synthesis)
+
+    def synthesis_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.synthesis.parameters() if p.requires_grad]
+
+    def quantized_synthesis(self, bits: float) -> dict[str, Tensor]:
+        return {f"synthesis.{name}": fake_quantize(p, QuantConfig(bits)) for name, p in self.synthesis.named_parameters() if p.requires_grad}
 
     def synthesise_features(self, x: Tensor, weights: dict[str, Tensor]) -> Tensor:
         own = {name.removeprefix("synthesis."): value for name, value in weights.items()}
@@ -79,7 +87,7 @@ def score(model: SynthesisUnderTest, target: Tensor, bits: float) -> tuple[float
     """(PSNR with rounded latents and the synthesis at ``bits``, estimated bpp)."""
     pixels = model.height * model.width
     with torch.no_grad():
-        out, _ = model("round", model.quantised_synthesis(bits))
+        out, _ = model("round", model.quantized_synthesis(bits))
         mse = float(F.mse_loss(out.clamp(-1, 1), target))
     weights = bits * sum(p.numel() for p in model.synthesis_parameters())
     return 10 * math.log10(4 / max(mse, 1e-12)), latent_codec.rounded_rate(model, pixels) + weights / pixels

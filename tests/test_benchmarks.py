@@ -173,7 +173,7 @@ def test_latent_synthesis_scores_every_synthesis_the_codecs_way(tmp_path, monkey
     for p in ours.latents:
         p.data.normal_(0, 3)
     codec.load_state_dict(ours.state_dict())
-    assert torch.allclose(ours("round", ours.quantised_synthesis(7))[0], codec("round", codec.quantised_synthesis(7))[0], atol=1e-5)
+    assert torch.allclose(ours("round", ours.quantized_synthesis(7))[0], codec("round", codec.quantized_synthesis(7))[0], atol=1e-5)
     # a KAN's spline scales are folded and frozen (not stored, not trained)
     kan = bench.SynthesisUnderTest(9, 14, bench.SYNTHESES["KAN 7 → 6 → C, grid 5"][0](3))
     assert sum(p.numel() for p in kan.synthesis_parameters()) == (7 * 6 + 6 * 3) * (5 + 3 + 1)

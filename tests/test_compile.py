@@ -135,7 +135,7 @@ def test_fused_path_carries_what_the_compilers_constant_mark_sets():
 def test_the_command_starts_without_the_compiler_or_the_optimiser():
     """`kanimg decode` pays for every import at start: torch._dynamo and scipy.optimize were
     over half of it and neither is needed until a model is compiled or a file encoded."""
-    code = "import sys, kanimg.cli; print(sorted(m for m in ('torch._dynamo', 'scipy.optimize') if m in sys.modules))"
+    code = "import sys, kanimg.cli, kanimg.compress.api; print(sorted(m for m in ('torch._dynamo', 'scipy.optimize') if m in sys.modules))"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"

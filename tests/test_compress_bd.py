@@ -2,7 +2,6 @@
 implementation (the `bjontegaard` package, PCHIP as in the JVET common test conditions)."""
 import warnings
 
-import bjontegaard
 import numpy as np
 import pytest
 
@@ -63,6 +62,7 @@ def test_dominated_settings_are_left_out():
 
 
 def test_matches_the_reference_implementation():
+    bjontegaard = pytest.importorskip("bjontegaard")  # the test extra installs it
     rng = np.random.default_rng(0)
     for _ in range(50):
         ref_rates = np.sort(rng.uniform(0.05, 2.0, rng.integers(4, 26)))
@@ -84,3 +84,9 @@ def test_matches_the_reference_implementation():
 def test_too_few_points_or_no_overlap_give_none():
     assert bd_rate(RATES[:3], curve(RATES[:3]), RATES, curve(RATES)) is None
     assert bd_psnr(RATES, curve(RATES), RATES * 100, curve(RATES * 100)) is None
+    # more PSNR for fewer bits everywhere: one setting dominates the others, no curve is left
+    assert bd_rate(RATES, curve(RATES), RATES, curve(RATES)[::-1]) is None
+    # unmeasured settings (NaN, inf, zero rate) are left out, and with them the fourth point
+    broken = np.array([0.1, 0.2, np.nan, 0.0, np.inf])
+    assert bd_psnr(RATES, curve(RATES), broken, curve(RATES)) is None
+    assert bd_psnr(RATES, curve(RATES), np.r_[RATES, np.nan], np.r_[curve(RATES), 40.0]) == pytest.approx(0.0, abs=1e-12)

@@ -116,7 +116,7 @@ def test_the_rounding_phase_sees_the_synthesis_the_file_will_hold():
     decoder of the file written at that precision."""
     model = latent_like().double()
     bits = latent_codec.WEIGHT_BITS_ESTIMATE
-    out, _ = model("round", model.quantised_synthesis(bits))
+    out, _ = model("round", model.quantized_synthesis(bits))
     stored = decode_model(encode_model(model, ImageInfo(13, 21, 3), QuantConfig(bits))).model
     decoded = synthesise(stored.integer_latents(), stored_arrays(stored), 13, 21)
     assert np.allclose(out.detach().numpy().T.reshape(13, 21, 3), decoded, atol=1e-9)

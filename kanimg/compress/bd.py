@@ -49,7 +49,9 @@ def _overlap_mean_difference(x_ref: np.ndarray, y_ref: np.ndarray, x_test: np.nd
 
 def bd_psnr(rates_ref: Sequence[float], psnr_ref: Sequence[float], rates_test: Sequence[float], psnr_test: Sequence[float]) -> float | None:
     """Average PSNR difference (dB, test − reference) over the common bit-rate range; None
-    when a curve has fewer than four points or the ranges do not overlap."""
+    when a curve has fewer than MIN_POINTS measured rates or fewer than two settings on its
+    frontier, or the ranges do not overlap. A frontier of two or three settings (the others
+    dominated) is interpolated between those: the dominated settings were measured too."""
     ref, test = frontier(rates_ref, psnr_ref), frontier(rates_test, psnr_test)
     if ref is None or test is None:
         return None

@@ -23,7 +23,8 @@ from ..errors import KanimgError
 from ..nn.mlp import relu_mlp
 from .entropy import StreamDecoder, StreamModel, cost_bits, fit_model
 from .kimg import MAX_LEVELS, ImageInfo, LatentLevel
-from .quantize import QuantConfig, fake_quantize
+from .quantize import QuantConfig
+from .tensors import quantized_params
 
 
 def level_shapes(height: int, width: int, levels: int) -> list[tuple[int, int]]:
@@ -102,13 +103,12 @@ class LatentImage(nn.Module):
         return {"name": "latent", "widths": list(self.widths)}
 
     def synthesis_parameters(self) -> list[nn.Parameter]:
-        """The synthesis's stored (and trained) parameters, whose bits the file carries."""
-        return [p for p in self.synthesis.parameters() if p.requires_grad]
+        return list(self.synthesis.parameters())
 
-    def quantised_synthesis(self, bits: float) -> dict[str, Tensor]:
-        """The synthesis's stored parameters at ``bits`` as the file quantises them, by name,
+    def quantized_synthesis(self, bits: float) -> dict[str, Tensor]:
+        """The synthesis's stored tensors at ``bits`` as the file quantises them, by name,
         straight-through (quantisation-aware training)."""
-        return {f"synthesis.{name}": fake_quantize(p, QuantConfig(bits)) for name, p in self.synthesis.named_parameters() if p.requires_grad}
+        return quantized_params(self, QuantConfig(bits))
 
     def forward(self, mode: str = "round", weights: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """(pixels (C, H·W) in [-1, 1], channels first, bits of the latents) with the latents

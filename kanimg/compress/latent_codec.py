@@ -78,7 +78,7 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
         for group in optimiser.param_groups:
             group["lr"] = LR * 0.5 * (1 + math.cos(math.pi * step / steps))
         rounding = step >= (1 - ROUNDED_FRACTION) * steps
-        weights = model.quantised_synthesis(WEIGHT_BITS_ESTIMATE) if rounding else None
+        weights = model.quantized_synthesis(WEIGHT_BITS_ESTIMATE) if rounding else None
         out, bits = model("ste" if rounding else "noise", weights)
         mse = F.mse_loss(out, target)
         loss = mse + lam * bits / pixels

@@ -13,8 +13,8 @@ from torch.func import functional_call
 from ..metrics import psnr_from_mse
 from ..sampling import ImageTarget
 from ..train import Trainer, TrainConfig
-from .quantize import QuantConfig, fake_quantize
-from .tensors import fold_spline_scales, slots, stored_parameters
+from .quantize import QuantConfig
+from .tensors import fold_spline_scales, per_tensor, quantized_params, stored_parameters
 
 
 @dataclass
@@ -28,18 +28,6 @@ class QATConfig:
     batch_size: int = 4096
     eval_every: int = 50
     seed: int = 0
-
-
-def per_tensor(model: nn.Module, quant: QuantConfig | Sequence[QuantConfig]) -> list[QuantConfig]:
-    """One QuantConfig per stored tensor (a single config applies to all)."""
-    count = len(slots(model.spec))
-    return [quant] * count if isinstance(quant, QuantConfig) else list(quant)
-
-
-def quantized_params(model: nn.Module, quant: QuantConfig | Sequence[QuantConfig]) -> dict[str, torch.Tensor]:
-    """The stored tensors, fake-quantised (straight-through), by parameter name."""
-    names = [slot.name for slot in slots(model.spec)]
-    return {name: fake_quantize(p, q) for name, p, q in zip(names, stored_parameters(model), per_tensor(model, quant))}
 
 
 @torch.no_grad()

@@ -14,12 +14,14 @@ has built (or allocated) anything.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import KanimgError
+from .quantize import QuantConfig, fake_quantize
 
 FAMILIES = ("kan", "siren", "latent")
 
@@ -120,3 +122,15 @@ def load_arrays(model: nn.Module, arrays: list[np.ndarray], ranges: list[np.ndar
         for layer, limits in zip(getattr(model, "layers", []), ranges or []):
             limits = torch.as_tensor(limits, dtype=torch.float64)
             layer.set_knots(uniform_knots(limits[:, 0], limits[:, 1], layer.grid_size), uniform=True)
+
+
+def per_tensor(model: nn.Module, quant: QuantConfig | Sequence[QuantConfig]) -> list[QuantConfig]:
+    """One QuantConfig per stored tensor (a single config applies to all)."""
+    count = len(slots(model.spec))
+    return [quant] * count if isinstance(quant, QuantConfig) else list(quant)
+
+
+def quantized_params(model: nn.Module, quant: QuantConfig | Sequence[QuantConfig]) -> dict[str, torch.Tensor]:
+    """The stored tensors, fake-quantised (straight-through), by parameter name."""
+    names = [slot.name for slot in slots(model.spec)]
+    return {name: fake_quantize(p, q) for name, p, q in zip(names, stored_parameters(model), per_tensor(model, quant))}
