@@ -16,7 +16,6 @@ photos inr_bench.py tunes on (TUNE). Prints a Markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from kanimg.compress.quantize import QuantConfig, fake_quantize
 from kanimg.compress.tensors import fold_spline_scales
 from kanimg.files import write_json
 from kanimg.io import load_image
+from kanimg.metrics import psnr_from_mse
 from kanimg.nn.kan import KANLayer
 from kanimg.nn.mlp import relu_mlp
 from kanimg.results import machine, versions
@@ -90,7 +90,7 @@ def score(model: SynthesisUnderTest, target: Tensor, bits: float) -> tuple[float
         out, _ = model("round", model.quantized_synthesis(bits))
         mse = float(F.mse_loss(out.clamp(-1, 1), target))
     weights = bits * sum(p.numel() for p in model.synthesis_parameters())
-    return 10 * math.log10(4 / max(mse, 1e-12)), latent_codec.rounded_rate(model, pixels) + weights / pixels
+    return psnr_from_mse(mse, 2.0), latent_codec.rounded_rate(model, pixels) + weights / pixels
 
 
 def main(argv: list[str] | None = None) -> int:
