@@ -1,8 +1,9 @@
-"""The latent-grid codec: grids and synthesis round-trip exactly through .kimg version 3, the
-decoder matches an independent numpy evaluation, the rate term matches scipy's Laplace, and
-damaged or crafted latent files are refused."""
+"""The latent-grid codec: grids and synthesis round-trip exactly through .kimg version 4 (and
+version 3 files still decode), the decoder matches an independent numpy evaluation, the rate
+term matches scipy's Laplace, and damaged or crafted latent files are refused."""
 import struct
 import subprocess
+from pathlib import Path
 import sys
 import zlib
 
@@ -66,7 +67,7 @@ def test_round_trip_restores_grids_and_quantised_weights_and_re_encodes_to_the_s
     model = latent_like()
     info = ImageInfo(13, 21, 3)
     data = encode_model(model, info, QuantConfig(8))
-    assert data[4] == 3  # the latent family needs version 3
+    assert data[4] == 4  # nested grid coding is version 4
     decoded = decode_model(data)
     assert decoded.model.spec == model.spec and decoded.image == info
     for a, b in zip(model.integer_latents(), decoded.model.integer_latents()):
@@ -150,38 +151,107 @@ def test_rate_term_is_the_laplace_mass_of_each_unit_interval():
     assert float(log_scale.grad) == pytest.approx(numeric, rel=1e-5)
 
 
-def test_training_rate_sees_the_coders_checkerboard_contexts():
-    """Each grid's training rate, written out pixel by pixel with scipy: anchors (row + column
-    even) under one Laplace, the others under a scale set by their four anchor neighbours."""
-    model = latent_like().double()
+def nested_contexts(grid: np.ndarray, depth: int) -> list[tuple[str, int, int, float]]:
+    """Every value of ``grid`` as the nested coding sees it, written out position by position:
+    (its set: "base", "odd" or "cross"; row; column; the sum of its context neighbours'
+    magnitudes), in decoding order. A stage at spacing s = 2^t looks at the values on the grid
+    of spacing s: odd multiples of s in both coordinates take their four diagonal neighbours
+    (±s, ±s), the others not on the 2s grid their four direct ones (±s, 0), (0, ±s)."""
+    rows, cols = grid.shape
+    out = []
+    step = 2**depth
+    out += [("base", i, j, 0.0) for i in range(0, rows, step) for j in range(0, cols, step)]
+    for t in reversed(range(depth)):
+        s = 2**t
+
+        def around(i, j, offsets):
+            return float(sum(abs(grid[i + a, j + b]) for a, b in offsets if 0 <= i + a < rows and 0 <= j + b < cols))
+
+        diagonal, direct = [(-s, -s), (-s, s), (s, -s), (s, s)], [(-s, 0), (s, 0), (0, -s), (0, s)]
+        out += [("odd", i, j, around(i, j, diagonal)) for i in range(s, rows, 2 * s) for j in range(s, cols, 2 * s)]
+        out += [("cross", i, j, around(i, j, direct)) for i in range(0, rows, s) for j in range(0, cols, s)
+                if (i // s + j // s) % 2 == 1]
+    return out
+
+
+def test_training_rate_sees_the_coders_nested_contexts(monkeypatch):
+    """Each grid's training rate, written out value by value with scipy: every stage's odd rows'
+    odd columns under a Laplace set by their four diagonal neighbours, the values whose row +
+    column is odd by their four direct ones, the coarsest grid under one Laplace."""
+    monkeypatch.setattr(latent, "RATE_BASE_VALUES", 4)
+    model = latent_like(height=27, width=22).double()
     with torch.no_grad():
         # scales wide enough that no probability meets laplace_bits' floor of 1e-9
-        model.rate_parameters.copy_(torch.tensor([1.0, 0.5, 0.3]) + 0.2 * torch.randn(model.rate_parameters.shape, dtype=torch.float64))
+        model.rate_parameters.copy_(torch.tensor([1.0, 0.5, 0.3, 0.7, 0.2]) + 0.2 * torch.randn(model.rate_parameters.shape, dtype=torch.float64))
     for k, values in enumerate(model.latents):
         grid = torch.round(values.detach())[0, 0].numpy()
-        anchor_scale, context_scale, slope = model.rate_parameters[k].detach().numpy()
+        base_scale, odd_scale, odd_slope, cross_scale, cross_slope = model.rate_parameters[k].detach().numpy()
+        depth, size = 0, grid.size
+        while size > 4:
+            depth += 1
+            size = int(np.ceil(grid.shape[0] / 2**depth) * np.ceil(grid.shape[1] / 2**depth))
         expected = 0.0
-        for i, j in np.ndindex(grid.shape):
-            if (i + j) % 2 == 0:
-                log_scale = anchor_scale
-            else:
-                total = sum(abs(grid[a, b]) for a, b in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1))
-                            if 0 <= a < grid.shape[0] and 0 <= b < grid.shape[1])
-                log_scale = context_scale + slope * np.log(1 + total)
+        for kind, i, j, total in nested_contexts(grid, depth):
+            log_scale = {"base": base_scale, "odd": odd_scale + odd_slope * np.log1p(total),
+                         "cross": cross_scale + cross_slope * np.log1p(total)}[kind]
             scale = np.exp(log_scale)
             expected -= np.log2(stats.laplace.cdf(grid[i, j] + 0.5, scale=scale) - stats.laplace.cdf(grid[i, j] - 0.5, scale=scale))
         assert float(model.level_bits(k, torch.round(values.detach())).detach()) == pytest.approx(expected, rel=1e-9)
     # the neighbours' values get a gradient (training can learn to cluster zeros), as do the scales
     model.zero_grad()
     model.level_bits(1, model.latents[1] + 0.25).backward()
-    assert model.latents[1].grad.abs().sum() > 0 and model.rate_parameters.grad[1].abs().sum() > 0
+    assert model.latents[1].grad.abs().sum() > 0 and bool((model.rate_parameters.grad[1] != 0).all())
+
+
+@pytest.mark.parametrize("shape", [(40, 60), (37, 23), (1, 9), (9, 1), (1, 1), (2, 3)])
+def test_nested_coding_round_trips_with_the_contexts_written_out_by_hand(shape):
+    rng = np.random.default_rng(sum(shape))
+    base = (rng.random(shape) < 0.15) * rng.integers(-5, 6, shape)
+    grid = base + np.roll(base, 1, 0) + np.roll(base, 1, 1)  # clustered, as edges are
+    (level,), streams, limits, models = code_latents([grid])
+    assert len(level.models) == 1 + sum(map(sum, level.buckets)) == len(streams)
+    payload = encode_streams(streams, limits, models)
+    (back,), decoded, _, _ = decode_latents(StreamDecoder(payload), ImageInfo(*shape, 1), [level])
+    assert np.array_equal(back, grid) and all(np.array_equal(a, b) for a, b in zip(decoded, streams))
+    # the streams hold the values in the order and buckets the hand-written contexts give
+    order = nested_contexts(grid, len(level.buckets))
+    expected = [np.array([grid[i, j] for kind, i, j, _ in order if kind == "base"])]
+    for stage, counts in enumerate(level.buckets):
+        spacing = 2 ** (len(level.buckets) - 1 - stage)
+        for kind, count in zip(("odd", "cross"), counts):
+            chosen = [(grid[i, j], latent._buckets(np.array(total), count)) for k, i, j, total in order
+                      if k == kind and (i % (2 * spacing) or j % (2 * spacing)) and not (i % spacing or j % spacing)]
+            expected += [np.array([v for v, b in chosen if b == bucket]) for bucket in range(count)]
+    assert len(expected) == len(streams)
+    assert all(np.array_equal(a.ravel(), b.astype(np.int64).ravel()) for a, b in zip(streams, expected))
+
+
+def test_nested_coding_pays_on_clustered_grids_and_picks_no_stage_for_noise():
+    rng = np.random.default_rng(1)
+    base = (rng.random((16, 24)) < 0.2) * rng.integers(-6, 7, (16, 24))
+    clustered = np.kron(base, np.ones((4, 4), dtype=np.int64))  # 4 × 4 blocks: two stages see them
+    (level,), streams, limits, models = code_latents([clustered])
+    assert len(level.buckets) >= 2
+    nested = sum(cost_bits(s, m, level.limit) for s, m in zip(streams, models))
+    assert nested < 0.9 * cost_bits(clustered.ravel(), fit_model(clustered.ravel(), level.limit), level.limit)
+    (flat,), *_ = code_latents([np.zeros((64, 96), dtype=np.int64)])
+    assert flat.buckets == [] and len(flat.models) == 1  # all zeros: one stream is cheapest
+
+
+def test_version_3_latent_files_still_decode_to_the_same_image():
+    """A version 3 file (checkerboard contexts), written by kanimg before version 4, decodes to
+    the PNG that kanimg decoded it to then."""
+    data = (Path(__file__).parent / "data" / "latent-v3.kimg").read_bytes()
+    assert data[4] == 3 and any(len(level.models) > 1 for level in kimg.read(data).levels)
+    with Image.open(Path(__file__).parent / "data" / "latent-v3.png") as png:
+        assert np.array_equal(decode_image(data).integers, np.asarray(png))
 
 
 def test_compressing_a_photo_crop_lands_near_the_rate_and_beats_a_flat_image():
     image = as_image(photo_crop(48))
     result = compress_image(image, 1.5, CompressConfig(model="latent", steps=300))
     decoded = decode_image(result.data)
-    assert result.data[4] == 3 and result.bpp == 8 * len(result.data) / (48 * 48)
+    assert result.data[4] == 4 and result.bpp == 8 * len(result.data) / (48 * 48)
     assert 0.5 * 1.5 < result.bpp < 1.5 * 1.5  # rate control steers λ towards the target
     flat = 10 * np.log10(1 / np.mean((image.pixels - image.pixels.mean((0, 1))) ** 2))
     assert result.psnr > flat + 3
@@ -248,6 +318,16 @@ def test_a_grid_with_an_empty_alphabet_is_refused():
         decode_image(with_checksum(bytes(body)))
 
 
+@pytest.mark.parametrize("buckets, message", [([(7, 1)], "bucket counts"), ([(1, 0)], "bucket counts"),
+                                              ([(1, 1)] * 17, "17 nested stages")])
+def test_nesting_outside_the_format_is_refused(buckets, message):
+    parsed = kimg.read(encode_model(latent_like(), ImageInfo(13, 21, 3), QuantConfig(8)))
+    model = parsed.levels[0].models[0]
+    parsed.levels[0] = kimg.LatentLevel(parsed.levels[0].limit, [model] * (1 + sum(map(sum, buckets))), buckets)
+    with pytest.raises(KanimgError, match=message):
+        kimg.read(kimg.write(parsed))
+
+
 def test_too_many_levels_or_a_huge_synthesis_is_refused_before_decoding():
     for widths in ([11, 4, 3], [4, 300, 3], [4] + [4] * 9 + [3]):
         body = bytearray(b"KIMG\x03") + bytes([8, 8, 3, 8, 0, 3, len(widths) - 1]) + bytes()
@@ -274,21 +354,6 @@ def test_a_latent_file_decodes_the_same_in_a_fresh_process(tmp_path):
             "sys.stdout.buffer.write(decode(sys.argv[1]).tobytes())")
     other = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, check=True).stdout
     assert other == decode_image(data).pixels.tobytes()
-
-
-def test_context_coding_round_trips_and_pays_on_clustered_grids():
-    rng = np.random.default_rng(0)
-    # large values cluster (as they do at edges): contexts should be chosen and save bits
-    base = (rng.random((40, 60)) < 0.1) * rng.integers(-6, 7, (40, 60))
-    grid = base + np.roll(base, 1, 0) + np.roll(base, 1, 1)
-    levels, streams, limits, models = code_latents([grid, grid[::2, ::2]])
-    assert len(levels[0].models) > 1
-    payload = encode_streams(streams, limits, models)
-    grids, *_ = decode_latents(StreamDecoder(payload), ImageInfo(40, 60, 1), levels)
-    assert np.array_equal(grids[0], grid) and np.array_equal(grids[1], grid[::2, ::2])
-    single = fit_model(grid.ravel(), levels[0].limit)
-    assert sum(cost_bits(s, m, limits[0]) for s, m in zip(streams[: len(levels[0].models)], levels[0].models)) < \
-        cost_bits(grid.ravel(), single, levels[0].limit)
 
 
 def test_float16_weights_are_refused_for_the_latent_model():

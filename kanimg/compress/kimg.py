@@ -8,8 +8,9 @@ Layout (docs/kimg-format.md has the full specification):
     half bits; version 1: whole bits), step sizes, transform, entropy models · payload
     · CRC-32 of every byte before it
 
-A file carries the lowest version that holds it: 2 for KAN and SIREN, 3 for latent grids
-(family 3, new in version 3), so older readers still read every network file they can.
+A file carries the lowest version that holds it: 2 for KAN and SIREN, 4 for latent grids
+(family 3, new in version 3, whose grids version 4 codes nested), so older readers still
+read every network file they can.
 
 Integers are little-endian; "varint" is unsigned LEB128. Reading checks, in this order: the
 magic, the version, the checksum, then every field against hard limits, so a truncated,
@@ -33,8 +34,8 @@ from .quantize import FLOAT16, GRANULARITIES, MAX_BITS, MIN_BITS, QuantConfig
 from .tensors import Slot, parameter_count, slots
 
 MAGIC = b"KIMG"
-VERSION = 3  # the newest this module reads
-BITS_UNIT = {1: 1, 2: 0.5, 3: 0.5}  # per version: tensor bits are stored in whole (1) or half (2) bits
+VERSION = 4  # the newest this module reads
+BITS_UNIT = {1: 1, 2: 0.5, 3: 0.5, 4: 0.5}  # per version: tensor bits are stored in whole (1) or half (2) bits
 CHECKSUM_BYTES = 4
 MODEL_IDS = {"kan": 1, "siren": 2, "latent": 3}
 FIRST_VERSION = {"kan": 1, "siren": 1, "latent": 3}  # the version that introduced each family
@@ -43,7 +44,8 @@ MAX_TRANSFORM = 2  # differences of order 0, 1, 2 along a smooth tensor's last a
 # A decoder allocates nothing bigger than these, whatever a (crafted) header claims.
 MAX_LAYERS, MAX_WIDTH, MAX_PARAMETERS = 64, 4096, 20_000_000
 # Latent grids: at most this many levels, this many entropy models per level, values within ±MAX_LATENT.
-MAX_LEVELS, MAX_CONTEXTS, MAX_LATENT = 10, 7, 1 << 15  # contexts: 1 + len(latent.CONTEXT_EDGES)
+MAX_LEVELS, MAX_CONTEXTS, MAX_LATENT = 10, 7, 1 << 15  # contexts (version 3): 1 + len(latent.CONTEXT_EDGES)
+MAX_DEPTH, MAX_BUCKETS = 16, 6  # version 4: nested stages per grid (a side ≤ 2^16 halves to 1), buckets per set
 MAX_SYNTHESIS_LAYERS, MAX_SYNTHESIS_WIDTH = 8, 256
 MAX_FILE_BYTES = 2 * MAX_PARAMETERS + (16 << 20)  # float16 weights of the largest network, plus headers
 
@@ -115,11 +117,13 @@ class TensorHeader:
 
 @dataclass
 class LatentLevel:
-    """One latent grid's coding: its largest magnitude and its entropy models (see
-    ``latent_codec``: the first for the grid's anchors, then one per context)."""
+    """One latent grid's coding (:mod:`latent`): its largest magnitude, its entropy models and,
+    version 4, each nested stage's two bucket counts, coarsest first (None: version 3's
+    checkerboard, whose first model is the anchors', then one per context)."""
 
     limit: int
     models: list[StreamModel] = field(default_factory=list)
+    buckets: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -157,11 +161,19 @@ def _model_bytes(model: StreamModel) -> bytes:
     return _varint(2 * _zigzag(model.centre) + model.family) + struct.pack("<H", model.code)
 
 
+def write_version(kimg: KimgFile) -> int:
+    """The lowest version that holds ``kimg``: 2 for KAN and SIREN, 3 for latent grids coded
+    as version 3 did, 4 for nested ones."""
+    if kimg.spec["name"] != "latent":
+        return min(VERSION, 2)  # VERSION: 1 in the test that writes version 1 files
+    return 3 if all(level.buckets is None for level in kimg.levels) else 4
+
+
 def write(kimg: KimgFile) -> bytes:
     """Serialise ``kimg`` (header, payload, checksum)."""
     img, spec, quant = kimg.image, kimg.spec, kimg.quant
     out = bytearray(MAGIC)
-    out += struct.pack("<B", max(FIRST_VERSION[spec["name"]], min(VERSION, 2)))  # 2: the newest KAN/SIREN layout
+    out += struct.pack("<B", write_version(kimg))
     out += _varint(img.height) + _varint(img.width)
     out += struct.pack("<BBBB", img.channels, img.bit_depth, COORDS_IDS[img.coords], MODEL_IDS[spec["name"]])
     widths = spec["widths"]
@@ -175,7 +187,12 @@ def write(kimg: KimgFile) -> bytes:
                 out += b"\x01" + np.asarray(limits, dtype="<f4").tobytes()
     elif spec["name"] == "latent":
         for level in kimg.levels:
-            out += _varint(level.limit) + struct.pack("<B", len(level.models)) + b"".join(_model_bytes(m) for m in level.models)
+            out += _varint(level.limit)
+            if level.buckets is None:
+                out += struct.pack("<B", len(level.models))
+            else:
+                out += struct.pack("<B", len(level.buckets)) + b"".join(struct.pack("<BB", *counts) for counts in level.buckets)
+            out += b"".join(_model_bytes(m) for m in level.models)
     else:
         out += struct.pack("<f", spec["omega0"])
     out += struct.pack("<BB", FLOAT16 if quant.is_float16 else 0, GRANULARITIES.index(quant.granularity))
@@ -287,9 +304,17 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
         for _ in range(widths[0]):
             limit = r.varint(MAX_LATENT, "latent range")
             _check(limit >= 1, "latent range 0")  # the encoder's smallest alphabet is ±1
-            count = r.unpack("<B")
-            _check(1 <= count <= MAX_CONTEXTS, f"{count} entropy models for a latent grid")
-            levels.append(LatentLevel(limit, [r.model() for _ in range(count)]))
+            if version == 3:
+                count = r.unpack("<B")
+                _check(1 <= count <= MAX_CONTEXTS, f"{count} entropy models for a latent grid")
+                levels.append(LatentLevel(limit, [r.model() for _ in range(count)]))
+                continue
+            depth = r.unpack("<B")
+            _check(depth <= MAX_DEPTH, f"{depth} nested stages for a latent grid")
+            buckets = [r.unpack("<BB") for _ in range(depth)]
+            _check(all(1 <= n <= MAX_BUCKETS for counts in buckets for n in counts), f"bucket counts {buckets}")
+            count = 1 + sum(sum(counts) for counts in buckets)
+            levels.append(LatentLevel(limit, [r.model() for _ in range(count)], buckets))
     elif name == "kan":
         spec["grids"] = [r.varint(MAX_GRID, "grid size") for _ in range(layers)]
         spec["directions"] = spec["levels"] = 0  # the format holds KANs on x and y

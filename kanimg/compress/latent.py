@@ -4,8 +4,8 @@ values into colour.
 
 The file stores the grids as integers (entropy-coded: most are 0) and the synthesis weights;
 training sees them through quantisation noise first, then rounding (straight-through), with a
-differentiable rate: zero-mean Laplaces whose scale follows the coder's checkerboard
-contexts (:meth:`LatentImage.level_bits`), the integral of each density over its integer's
+differentiable rate: zero-mean Laplaces whose scale follows the coder's nested
+contexts (:meth:`LatentImage.level_bits`, :func:`code_grid`), the integral of each density over its integer's
 unit interval. The synthesis is a ReLU MLP, which the decoder
 evaluates in float64 on the CPU (:func:`synthesise`).
 """
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..errors import KanimgError
 from ..nn.mlp import relu_mlp
 from .entropy import StreamDecoder, StreamModel, cost_bits, fit_model
-from .kimg import MAX_LEVELS, ImageInfo, LatentLevel
+from .kimg import MAX_BUCKETS, MAX_DEPTH, MAX_LEVELS, ImageInfo, LatentLevel
 from .quantize import QuantConfig
 from .tensors import quantized_params
 
@@ -40,6 +40,7 @@ def upsample(grid: Tensor, height: int, width: int) -> Tensor:
     return F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
 
 
+RATE_BASE_VALUES = 256  # the training rate model stops nesting at grids this small (the coder's depths are mostly 0 … 4)
 DENSE_LIMIT = 1024  # grids up to this side upsample as matrix products (their cost grows as side³)
 
 
@@ -76,25 +77,22 @@ class LatentImage(nn.Module):
             raise KanimgError(f"latent levels must be 1 … {MAX_LEVELS}, got {levels}")
         self.height, self.width, self.widths = height, width, list(widths)
         self.latents = nn.ParameterList(nn.Parameter(torch.zeros(1, 1, rows, cols)) for rows, cols in level_shapes(height, width, levels))
-        # the rate model's (training only), per level: the anchors' log-scale, the others' at
-        # zero context, and how it grows with the context (:meth:`level_bits`)
-        self.rate_parameters = nn.Parameter(torch.zeros(levels, 3))
+        # the rate model's (training only), per level: the coarsest value's log-scale, and for
+        # each of a stage's two sets its log-scale at zero context and how it grows with the
+        # context (:meth:`level_bits`)
+        self.rate_parameters = nn.Parameter(torch.zeros(levels, 5))
         self.synthesis = relu_mlp(widths)  # ReLU: exact to evaluate everywhere (no exp or erf)
         self.dense = [max(rows, cols) <= DENSE_LIMIT and (rows, cols) != (height, width)
                       for rows, cols in level_shapes(height, width, levels)]
         self._training_constants: dict = {}  # built on the first forward pass: the decoder never needs them
 
     def _constant(self, name: str, k: int, like: Tensor) -> Tensor:
-        """Grid ``k``'s checkerboard ("anchors") or upsampling factors ("rows", "columns"),
-        made once per dtype and device."""
+        """Grid ``k``'s upsampling factors ("rows", "columns"), made once per dtype and device."""
         key = (name, k, like.dtype, like.device)
         if key not in self._training_constants:
             rows, cols = self.latents[k].shape[-2:]
-            if name == "anchors":
-                value = torch.from_numpy(_anchors((rows, cols)))
-            else:
-                value = upsampling_matrix(rows, self.height) if name == "rows" else upsampling_matrix(cols, self.width)
-                value = value.to(like.dtype)
+            value = upsampling_matrix(rows, self.height) if name == "rows" else upsampling_matrix(cols, self.width)
+            value = value.to(like.dtype)
             self._training_constants[key] = value.to(like.device)
         return self._training_constants[key]
 
@@ -152,18 +150,34 @@ class LatentImage(nn.Module):
 
     def level_bits(self, k: int, quantised: Tensor) -> Tensor:
         """Bits of grid ``k`` (noisy or rounded values, (1, 1, h, w)) under the training rate
-        model, which sees the coder's checkerboard contexts smoothly: anchors under one
-        Laplace, every other value under a Laplace whose log-scale grows with log(1 + the sum
-        of its four anchor neighbours' magnitudes). Differentiable in the neighbours too, so
-        training learns to leave zeros among zeros: +0.56 and +0.29 dB against WebP at 0.3 bpp
-        on the two tuning photos, over one Laplace per grid (the coder's own buckets: −0.52
-        and −0.04)."""
-        anchors = self._constant("anchors", k, quantised)
-        padded = F.pad(quantised.abs() * anchors, (1, 1, 1, 1))[0, 0]
-        total = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
-        anchor_scale, context_scale, slope = self.rate_parameters[k]
-        log_scale = torch.where(anchors, anchor_scale, context_scale + slope * torch.log1p(total))
-        return laplace_bits(quantised[0, 0], log_scale)
+        model, which sees the coder's nested contexts (:func:`code_grid`) smoothly: at each
+        stage, odd rows' odd columns under a Laplace whose log-scale grows with log(1 + the sum
+        of their four diagonal neighbours' magnitudes), the values whose row + column is odd
+        likewise with their four direct neighbours (one such pair of lines per grid, shared by
+        its stages), down to a grid of at most RATE_BASE_VALUES values under one Laplace. Differentiable in the neighbours
+        too, so training learns to leave zeros among zeros: the version 3 checkerboard's smooth
+        model gained +0.56 and +0.29 dB against WebP at 0.3 bpp on the two tuning photos over
+        one Laplace per grid."""
+        base_scale, odd_scale, odd_slope, cross_scale, cross_slope = self.rate_parameters[k]
+        grid, values, log_scales = quantised[0, 0], [], []
+        while grid.numel() > RATE_BASE_VALUES:
+            # the stage's four phases, each with its known neighbours (zero beyond the border)
+            even, odd = grid[0::2, 0::2], grid[1::2, 1::2]
+            across, down = grid[0::2, 1::2], grid[1::2, 0::2]  # row even / column odd, and the reverse
+            (he, we), (ho, wo) = even.shape, odd.shape
+            e = F.pad(even.abs(), (0, 1, 0, 1))
+            o_rows = F.pad(odd.abs(), (0, 0, 1, he - ho))  # row r holds odd row r - 1
+            o_cols = F.pad(odd.abs(), (1, we - wo))  # column c holds odd column c - 1
+            diagonal = e[:ho, :wo] + e[:ho, 1 : wo + 1] + e[1 : ho + 1, :wo] + e[1 : ho + 1, 1 : wo + 1]
+            beside_across = e[:he, :wo] + e[:he, 1 : wo + 1] + o_rows[:he] + o_rows[1 : he + 1]
+            beside_down = e[:ho, :we] + e[1 : ho + 1, :we] + o_cols[:, :we] + o_cols[:, 1 : we + 1]
+            values += [odd.reshape(-1), across.reshape(-1), down.reshape(-1)]
+            log_scales += [odd_scale + odd_slope * torch.log1p(diagonal).reshape(-1),
+                           cross_scale + cross_slope * torch.log1p(torch.cat([beside_across.reshape(-1), beside_down.reshape(-1)]))]
+            grid = even
+        values.append(grid.reshape(-1))
+        log_scales.append(base_scale.expand(grid.numel()))
+        return laplace_bits(torch.cat(values), torch.cat(log_scales))  # one call: a grid's stages are many small tensors
 
     def integer_latents(self) -> list[np.ndarray]:
         """The grids as the file stores them: (rows, columns) int64 each."""
@@ -191,14 +205,21 @@ def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], hei
 
 
 # ----------------------------------------------------------------------------- grid coding
-# A grid is coded in two halves, like a checkerboard: the "anchors" (row + column even) in
-# raster order under one model, then the other half, each value under the model of its
-# context: how large its four anchor neighbours are (the sum of their magnitudes, bucketed by
-# CONTEXT_EDGES; the last bucket used takes everything above). The decoder knows every
-# anchor before it needs a context. A level may also be one stream under one model (no
-# contexts), whichever the encoder finds cheaper, models included.
+# Version 4, a nested checkerboard: a grid G is coded as G[::2, ::2] (itself coded the same
+# way, ``depth`` times in all, the last one as a single stream), then its odd rows' odd columns,
+# each value under the model of its context: the sum of its four diagonal neighbours'
+# magnitudes (all in G[::2, ::2], already known), then the values whose row + column is odd
+# (raster order), each under the model of the sum of its four direct neighbours' magnitudes
+# (all known by then). Sums are bucketed by CONTEXT_EDGES, each of a stage's two sets into
+# 1 … len(CONTEXT_EDGES) buckets (the last takes everything above); bucket 0's values come
+# first, then bucket 1's, and so on. The encoder picks the depth and every bucket count that
+# code the grid in the fewest bits, headers included.
+# Version 3 (still read): a grid is one stream, or a checkerboard whose anchors (row + column
+# even) are one stream and whose other values are bucketed by their four direct neighbours.
 CONTEXT_EDGES = (0, 1, 2, 3, 5, 9)
 MODEL_BITS = 24  # a model in the header: its centre varint (usually 1 byte) and θ's 2-byte code
+STAGE_BITS = 16  # a stage's two bucket counts in the header
+assert len(CONTEXT_EDGES) == MAX_BUCKETS
 
 
 def _anchors(shape: tuple[int, int]) -> np.ndarray:
@@ -206,65 +227,135 @@ def _anchors(shape: tuple[int, int]) -> np.ndarray:
     return (rows + cols) % 2 == 0
 
 
-def _contexts(grid: np.ndarray, anchors: np.ndarray, buckets: int) -> np.ndarray:
-    """Context bucket of every non-anchor value, from the anchors alone."""
-    padded = np.pad(np.abs(np.where(anchors, grid, 0)), 1)
-    total = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
-    return np.minimum(np.searchsorted(CONTEXT_EDGES, total[~anchors], side="right") - 1, buckets - 1)
+def _neighbour_sums(magnitudes: np.ndarray, diagonal: bool) -> np.ndarray:
+    """The sum of each position's four diagonal (or direct) neighbours, 0 beyond the border."""
+    p = np.pad(magnitudes, 1)
+    if diagonal:
+        return p[:-2, :-2] + p[:-2, 2:] + p[2:, :-2] + p[2:, 2:]
+    return p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:]
 
 
-def _split(grid: np.ndarray, buckets: int) -> list[np.ndarray]:
-    """The streams of one grid: all of it (buckets = 0), or the anchors then one stream per context."""
-    if buckets == 0:
-        return [grid.ravel()]
-    anchors = _anchors(grid.shape)
-    context, rest = _contexts(grid, anchors, buckets), grid[~anchors]
-    return [grid[anchors]] + [rest[context == b] for b in range(buckets)]
+def _buckets(sums: np.ndarray, count: int) -> np.ndarray:
+    return np.minimum(np.searchsorted(CONTEXT_EDGES, sums, side="right") - 1, count - 1)
+
+
+def stage_sets(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The masks of one stage's two sets in a grid of ``shape``: odd rows' odd columns
+    (diagonal contexts), and row + column odd (direct contexts)."""
+    rows, cols = np.indices(shape)
+    return (rows % 2 == 1) & (cols % 2 == 1), (rows + cols) % 2 == 1
+
+
+def _stage_contexts(grid: np.ndarray, second: bool) -> np.ndarray:
+    """Context sums of a stage's first (diagonal) or second (direct) set. Every neighbour they
+    sum is decoded before the value: an odd row's odd column has only G[::2, ::2] on its
+    diagonals, and a value whose row + column is odd only the other two sets beside it."""
+    odd, cross = stage_sets(grid.shape)
+    return _neighbour_sums(np.abs(grid), diagonal=not second)[cross if second else odd]
+
+
+def _best_buckets(values: np.ndarray, sums: np.ndarray, limit: int) -> tuple[float, list[np.ndarray], list[StreamModel]]:
+    """(bits, parts, models) of one set with the bucket count that codes it in the fewest bits."""
+    finest = _buckets(sums, len(CONTEXT_EDGES))
+    exact = [values[finest == b] for b in range(len(CONTEXT_EDGES))]
+    fitted = [(cost_bits(part, m, limit) + MODEL_BITS, m) for part in exact for m in [fit_model(part, limit)]]
+    best = None
+    for count in range(1, len(CONTEXT_EDGES) + 1):
+        tail = values[finest >= count - 1]
+        tail_model = fit_model(tail, limit)
+        bits = sum(b for b, _ in fitted[: count - 1]) + cost_bits(tail, tail_model, limit) + MODEL_BITS
+        if best is None or bits < best[0]:
+            best = (bits, exact[: count - 1] + [tail], [m for _, m in fitted[: count - 1]] + [tail_model])
+    return best
+
+
+def code_grid(grid: np.ndarray) -> tuple[LatentLevel, list[np.ndarray], list[StreamModel]]:
+    """One grid as version 4 codes it (see above): (its header, its streams, their models), in
+    file order, with the depth that takes the fewest bits."""
+    grid = np.asarray(grid, dtype=np.int64)
+    limit = max(1, int(np.abs(grid).max(initial=0)))
+    stages, options, current = [], [], grid
+    for depth in range(MAX_DEPTH + 1):
+        base = fit_model(current, limit)
+        spent = sum(stage[0] for stage in stages)
+        options.append((spent + cost_bits(current, base, limit) + MODEL_BITS, depth, base, current))
+        if current.size <= 1 or depth == MAX_DEPTH:
+            break
+        odd, cross = stage_sets(current.shape)
+        sets = [_best_buckets(current[mask], _stage_contexts(current, second), limit) for second, mask in ((False, odd), (True, cross))]
+        stages.append((sum(s[0] for s in sets) + STAGE_BITS, sets))
+        current = current[::2, ::2]
+    _, depth, base, coarsest = min(options, key=lambda option: option[:2])
+    streams, models, buckets = [coarsest.ravel()], [base], []
+    for _, sets in reversed(stages[:depth]):  # coarsest stage first: the order of decoding
+        buckets.append(tuple(len(parts) for _, parts, _ in sets))
+        for _, parts, fitted in sets:
+            streams += parts
+            models += fitted
+    return LatentLevel(limit, models, buckets), streams, models
 
 
 def code_latents(latents: Sequence[np.ndarray]) -> tuple[list[LatentLevel], list[np.ndarray], list[int], list[StreamModel]]:
-    """Each grid with the cheapest number of contexts (none, 2 … len(CONTEXT_EDGES)):
-    (level headers, streams, limits, models), in file order."""
+    """Every grid coded by :func:`code_grid`: (level headers, streams, limits, models), in file order."""
     levels, streams, limits, models = [], [], [], []
     for grid in latents:
-        grid = np.asarray(grid, dtype=np.int64)
-        limit = max(1, int(np.abs(grid).max(initial=0)))
-        best = None
-        for buckets in (0, *range(2, len(CONTEXT_EDGES) + 1)):
-            parts = _split(grid, buckets)
-            fitted = [fit_model(part, limit) for part in parts]
-            bits = sum(cost_bits(part, m, limit) + MODEL_BITS for part, m in zip(parts, fitted))
-            if best is None or bits < best[0]:
-                best = (bits, parts, fitted)
-        _, parts, fitted = best
-        levels.append(LatentLevel(limit, fitted))
-        streams += parts
-        limits += [limit] * len(parts)
-        models += fitted
+        level, grid_streams, grid_models = code_grid(grid)
+        levels.append(level)
+        streams += grid_streams
+        limits += [level.limit] * len(grid_streams)
+        models += grid_models
     return levels, streams, limits, models
+
+
+def _decode_nested(decoder: StreamDecoder, shape: tuple[int, int], level: LatentLevel) -> tuple[np.ndarray, list[np.ndarray]]:
+    shapes = [shape]
+    for _ in level.buckets:
+        shapes.append((math.ceil(shapes[-1][0] / 2), math.ceil(shapes[-1][1] / 2)))
+    models = iter(level.models)
+    parts = [decoder.decode(shapes[-1][0] * shapes[-1][1], level.limit, next(models))]
+    grid = parts[0].reshape(shapes[-1])
+    for stage_shape, counts in zip(reversed(shapes[:-1]), level.buckets):
+        finer = np.zeros(stage_shape, dtype=np.int64)
+        finer[::2, ::2] = grid
+        for second, (mask, count) in enumerate(zip(stage_sets(stage_shape), counts)):
+            context = _buckets(_stage_contexts(finer, bool(second)), count)
+            values = np.zeros(int(mask.sum()), dtype=np.int64)
+            for bucket in range(count):
+                parts.append(decoder.decode(int((context == bucket).sum()), level.limit, next(models)))
+                values[context == bucket] = parts[-1]
+            finer[mask] = values
+        grid = finer
+    return grid, parts
+
+
+def _decode_checkerboard(decoder: StreamDecoder, shape: tuple[int, int], level: LatentLevel) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A version 3 grid: one stream, or anchors then the others by context."""
+    if len(level.models) == 1:
+        parts = [decoder.decode(shape[0] * shape[1], level.limit, level.models[0])]
+        return parts[0].reshape(shape), parts
+    anchors = _anchors(shape)
+    grid = np.zeros(shape, dtype=np.int64)
+    parts = [decoder.decode(int(anchors.sum()), level.limit, level.models[0])]
+    grid[anchors] = parts[0]
+    sums = _neighbour_sums(np.where(anchors, np.abs(grid), 0), diagonal=False)[~anchors]
+    context, rest = _buckets(sums, len(level.models) - 1), np.zeros(int((~anchors).sum()), dtype=np.int64)
+    for bucket, model in enumerate(level.models[1:]):
+        parts.append(decoder.decode(int((context == bucket).sum()), level.limit, model))
+        rest[context == bucket] = parts[-1]
+    grid[~anchors] = rest
+    return grid, parts
 
 
 def decode_latents(decoder: StreamDecoder, image: ImageInfo, levels: Sequence[LatentLevel]
                    ) -> tuple[list[np.ndarray], list[np.ndarray], list[int], list[StreamModel]]:
-    """Inverse of :func:`code_latents`: (grids, and the streams, limits and models decoded, to
-    check the payload codes them exactly)."""
+    """Inverse of :func:`code_latents` (and of version 3's coding): (grids, and the streams,
+    limits and models decoded, to check the payload codes them exactly)."""
     grids, streams, limits, models = [], [], [], []
     for level, shape in zip(levels, level_shapes(image.height, image.width, len(levels))):
-        models += level.models
-        if len(level.models) == 1:
-            parts = [decoder.decode(shape[0] * shape[1], level.limit, level.models[0])]
-            grid = parts[0].reshape(shape)
-        else:
-            anchors = _anchors(shape)
-            grid = np.zeros(shape, dtype=np.int64)
-            parts = [decoder.decode(int(anchors.sum()), level.limit, level.models[0])]
-            grid[anchors] = parts[0]
-            context, rest = _contexts(grid, anchors, len(level.models) - 1), np.zeros(int((~anchors).sum()), dtype=np.int64)
-            for bucket, model in enumerate(level.models[1:]):
-                parts.append(decoder.decode(int((context == bucket).sum()), level.limit, model))
-                rest[context == bucket] = parts[-1]
-            grid[~anchors] = rest
+        decode = _decode_checkerboard if level.buckets is None else _decode_nested
+        grid, parts = decode(decoder, shape, level)
         grids.append(grid)
         streams += parts
         limits += [level.limit] * len(parts)
+        models += level.models
     return grids, streams, limits, models
