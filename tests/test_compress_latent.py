@@ -203,30 +203,65 @@ def test_training_rate_sees_the_coders_nested_contexts(monkeypatch):
     assert model.latents[1].grad.abs().sum() > 0 and bool((model.rate_parameters.grad[1] != 0).all())
 
 
-@pytest.mark.parametrize("shape", [(40, 60), (37, 23), (1, 9), (9, 1), (1, 1), (2, 3)])
-def test_nested_coding_round_trips_with_the_contexts_written_out_by_hand(shape):
-    rng = np.random.default_rng(sum(shape))
+def reference_streams(grid: np.ndarray, buckets: list[tuple[int, int]]) -> list[np.ndarray]:
+    """The streams of ``grid`` nested with these bucket counts (coarsest stage first), in file
+    order, from the hand-written contexts."""
+    order = nested_contexts(grid, len(buckets))
+    streams = [np.array([grid[i, j] for kind, i, j, _ in order if kind == "base"], dtype=np.int64)]
+    for stage, counts in enumerate(buckets):
+        spacing = 2 ** (len(buckets) - 1 - stage)
+        for kind, count in zip(("odd", "cross"), counts):
+            chosen = [(grid[i, j], int(latent._buckets(np.array(total), count))) for k, i, j, total in order
+                      if k == kind and (i % (2 * spacing) or j % (2 * spacing)) and not (i % spacing or j % spacing)]
+            streams += [np.array([v for v, b in chosen if b == bucket], dtype=np.int64) for bucket in range(count)]
+    return streams
+
+
+def clustered_grid(shape: tuple[int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
     base = (rng.random(shape) < 0.15) * rng.integers(-5, 6, shape)
-    grid = base + np.roll(base, 1, 0) + np.roll(base, 1, 1)  # clustered, as edges are
-    (level,), streams, limits, models = code_latents([grid])
-    assert len(level.models) == 1 + sum(map(sum, level.buckets)) == len(streams)
-    payload = encode_streams(streams, limits, models)
+    return base + np.roll(base, 1, 0) + np.roll(base, 1, 1)  # clustered, as edges are
+
+
+SHAPES = [(40, 60), (37, 23), (1, 9), (9, 1), (1, 1), (2, 3), (17, 13)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("depth", [0, 1, 2, 3, 4])
+def test_the_decoder_reads_any_depth_and_buckets_as_the_format_describes(shape, depth):
+    """Streams written from the hand-written contexts, at every depth the grid allows and random
+    bucket counts, decode to the grid (independently of the encoder's choices)."""
+    depth = min(depth, (max(shape) - 1).bit_length())
+    grid = clustered_grid(shape, sum(shape) + depth)
+    rng = np.random.default_rng(depth)
+    buckets = [tuple(int(n) for n in rng.integers(1, 7, 2)) for _ in range(depth)]
+    limit = max(1, int(np.abs(grid).max()))
+    streams = reference_streams(grid, buckets)
+    models = [fit_model(stream, limit) for stream in streams]
+    level = kimg.LatentLevel(limit, models, buckets)
+    payload = encode_streams(streams, [limit] * len(streams), models)
     (back,), decoded, _, _ = decode_latents(StreamDecoder(payload), ImageInfo(*shape, 1), [level])
     assert np.array_equal(back, grid) and all(np.array_equal(a, b) for a, b in zip(decoded, streams))
-    # the streams hold the values in the order and buckets the hand-written contexts give
-    order = nested_contexts(grid, len(level.buckets))
-    expected = [np.array([grid[i, j] for kind, i, j, _ in order if kind == "base"])]
-    for stage, counts in enumerate(level.buckets):
-        spacing = 2 ** (len(level.buckets) - 1 - stage)
-        for kind, count in zip(("odd", "cross"), counts):
-            chosen = [(grid[i, j], latent._buckets(np.array(total), count)) for k, i, j, total in order
-                      if k == kind and (i % (2 * spacing) or j % (2 * spacing)) and not (i % spacing or j % spacing)]
-            expected += [np.array([v for v, b in chosen if b == bucket]) for bucket in range(count)]
-    assert len(expected) == len(streams)
-    assert all(np.array_equal(a.ravel(), b.astype(np.int64).ravel()) for a, b in zip(streams, expected))
 
 
-def test_nested_coding_pays_on_clustered_grids_and_picks_no_stage_for_noise():
+@pytest.mark.parametrize("shape", SHAPES)
+def test_nested_coding_round_trips_with_the_contexts_written_out_by_hand(shape):
+    blocks = np.kron(clustered_grid(shape, 1), np.ones((4, 4), dtype=np.int64))  # 4 × 4 blocks: two stages see them
+    for grid in (clustered_grid(shape, sum(shape)), blocks):
+        (level,), streams, limits, models = code_latents([grid])
+        assert len(level.models) == 1 + sum(map(sum, level.buckets))
+        payload = encode_streams(streams, limits, models)
+        (back,), decoded, _, _ = decode_latents(StreamDecoder(payload), ImageInfo(*grid.shape, 1), [level])
+        assert np.array_equal(back, grid)
+        # the streams hold the values in the order and buckets the hand-written contexts give
+        expected = reference_streams(grid, level.buckets)
+        assert len(expected) == len(streams) == len(decoded)
+        assert all(np.array_equal(a.ravel(), b) for a, b in zip(streams, expected))
+    if min(shape) >= 9:
+        assert len(level.buckets) >= 2
+
+
+def test_nested_coding_pays_on_clustered_grids_and_keeps_an_empty_grid_one_stream():
     rng = np.random.default_rng(1)
     base = (rng.random((16, 24)) < 0.2) * rng.integers(-6, 7, (16, 24))
     clustered = np.kron(base, np.ones((4, 4), dtype=np.int64))  # 4 × 4 blocks: two stages see them
@@ -319,7 +354,8 @@ def test_a_grid_with_an_empty_alphabet_is_refused():
 
 
 @pytest.mark.parametrize("buckets, message", [([(7, 1)], "bucket counts"), ([(1, 0)], "bucket counts"),
-                                              ([(1, 1)] * 17, "17 nested stages")])
+                                              ([(1, 1)] * 17, "17 nested stages"),
+                                              ([(1, 1)] * 6, "6 nested stages for a latent grid of side 21")])
 def test_nesting_outside_the_format_is_refused(buckets, message):
     parsed = kimg.read(encode_model(latent_like(), ImageInfo(13, 21, 3), QuantConfig(8)))
     model = parsed.levels[0].models[0]

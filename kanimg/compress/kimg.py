@@ -3,8 +3,8 @@
 Layout (docs/kimg-format.md has the full specification):
 
     magic "KIMG" · version u8 · image (height, width, channels, bit depth, coordinates)
-    · model (family, widths, KAN grids and grid ranges | SIREN ω0 | latent grids' entropy
-    models) · quantisation (float16 or integers, granularity) · per stored tensor: bits (in
+    · model (family, widths, KAN grids and grid ranges | SIREN ω0 | per latent grid: its
+    largest magnitude, nesting depth, bucket counts and entropy models) · quantisation (float16 or integers, granularity) · per stored tensor: bits (in
     half bits; version 1: whole bits), step sizes, transform, entropy models · payload
     · CRC-32 of every byte before it
 
@@ -43,9 +43,9 @@ COORDS_IDS = {"centers": 0, "linspace": 1}
 MAX_TRANSFORM = 2  # differences of order 0, 1, 2 along a smooth tensor's last axis
 # A decoder allocates nothing bigger than these, whatever a (crafted) header claims.
 MAX_LAYERS, MAX_WIDTH, MAX_PARAMETERS = 64, 4096, 20_000_000
-# Latent grids: at most this many levels, this many entropy models per level, values within ±MAX_LATENT.
+# Latent grids: at most this many levels, (version 3) entropy models per level, values within ±MAX_LATENT.
 MAX_LEVELS, MAX_CONTEXTS, MAX_LATENT = 10, 7, 1 << 15  # contexts (version 3): 1 + len(latent.CONTEXT_EDGES)
-MAX_DEPTH, MAX_BUCKETS = 16, 6  # version 4: nested stages per grid (a side ≤ 2^16 halves to 1), buckets per set
+MAX_DEPTH, MAX_BUCKETS = 16, 6  # version 4: nested stages per grid (the encoder's most; a file's also ≤ its grid's halvings), buckets per set
 MAX_SYNTHESIS_LAYERS, MAX_SYNTHESIS_WIDTH = 8, 256
 MAX_FILE_BYTES = 2 * MAX_PARAMETERS + (16 << 20)  # float16 weights of the largest network, plus headers
 
@@ -166,7 +166,10 @@ def write_version(kimg: KimgFile) -> int:
     as version 3 did, 4 for nested ones."""
     if kimg.spec["name"] != "latent":
         return min(VERSION, 2)  # VERSION: 1 in the test that writes version 1 files
-    return 3 if all(level.buckets is None for level in kimg.levels) else 4
+    nested = {level.buckets is not None for level in kimg.levels}
+    if len(nested) > 1:
+        raise ValueError("latent levels coded both as version 3 and as version 4")
+    return 4 if nested == {True} else 3
 
 
 def write(kimg: KimgFile) -> bytes:
@@ -191,6 +194,8 @@ def write(kimg: KimgFile) -> bytes:
             if level.buckets is None:
                 out += struct.pack("<B", len(level.models))
             else:
+                if len(level.models) != 1 + sum(map(sum, level.buckets)):
+                    raise ValueError(f"{len(level.models)} entropy models for bucket counts {level.buckets}")
                 out += struct.pack("<B", len(level.buckets)) + b"".join(struct.pack("<BB", *counts) for counts in level.buckets)
             out += b"".join(_model_bytes(m) for m in level.models)
     else:
@@ -301,7 +306,7 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
     levels: list[LatentLevel] = []
     if name == "latent":
         _check(layers <= MAX_SYNTHESIS_LAYERS and max(widths) <= MAX_SYNTHESIS_WIDTH, f"synthesis widths {widths}")
-        for _ in range(widths[0]):
+        for k in range(widths[0]):
             limit = r.varint(MAX_LATENT, "latent range")
             _check(limit >= 1, "latent range 0")  # the encoder's smallest alphabet is ±1
             if version == 3:
@@ -310,7 +315,8 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
                 levels.append(LatentLevel(limit, [r.model() for _ in range(count)]))
                 continue
             depth = r.unpack("<B")
-            _check(depth <= MAX_DEPTH, f"{depth} nested stages for a latent grid")
+            side = max(-(-height // 2**k), -(-width // 2**k))
+            _check(depth <= min(MAX_DEPTH, (side - 1).bit_length()), f"{depth} nested stages for a latent grid of side {side}")
             buckets = [r.unpack("<BB") for _ in range(depth)]
             _check(all(1 <= n <= MAX_BUCKETS for counts in buckets for n in counts), f"bucket counts {buckets}")
             count = 1 + sum(sum(counts) for counts in buckets)

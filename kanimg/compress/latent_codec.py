@@ -45,7 +45,7 @@ CONTROL_EVERY = 10  # steps between measurements of the rounded grids' rate
 WEIGHT_BITS = (6, 6.5, 7, 8, 9, 10, 11, 12)  # synthesis precisions tried after training
 # λ aims this far below the budget: a file a fraction over it must drop the synthesis below the
 # precision it was trained at (7 → 6 bits cost 1.1 dB on a photo at 0.5 bpp). The nested coder's
-# files land 1–4 % above the training's estimate (their entropy models: 190–370 bytes), so 3 %
+# files land 0–4 % above the training's estimate (their entropy models: 190–370 bytes), so 3 %
 # left two of four tuning points at 6.5 bits; 6 % kept all four at 7 (docs/compression.md)
 RATE_MARGIN = 0.06
 WEIGHT_BITS_ESTIMATE = 7  # bits per synthesis parameter, for the rate target during training
