@@ -161,6 +161,11 @@ def _model_bytes(model: StreamModel) -> bytes:
     return _varint(2 * _zigzag(model.centre) + model.family) + struct.pack("<H", model.code)
 
 
+def level_shapes(height: int, width: int, levels: int) -> list[tuple[int, int]]:
+    """(rows, columns) of each latent grid, finest first: ⌈H/2^k⌉ × ⌈W/2^k⌉."""
+    return [(-(-height // 2**k), -(-width // 2**k)) for k in range(levels)]
+
+
 def write_version(kimg: KimgFile) -> int:
     """The lowest version that holds ``kimg``: 2 for KAN and SIREN, 3 for latent grids coded
     as version 3 did, 4 for nested ones."""
@@ -306,7 +311,7 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
     levels: list[LatentLevel] = []
     if name == "latent":
         _check(layers <= MAX_SYNTHESIS_LAYERS and max(widths) <= MAX_SYNTHESIS_WIDTH, f"synthesis widths {widths}")
-        for k in range(widths[0]):
+        for shape in level_shapes(height, width, widths[0]):
             limit = r.varint(MAX_LATENT, "latent range")
             _check(limit >= 1, "latent range 0")  # the encoder's smallest alphabet is ±1
             if version == 3:
@@ -315,7 +320,7 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
                 levels.append(LatentLevel(limit, [r.model() for _ in range(count)]))
                 continue
             depth = r.unpack("<B")
-            side = max(-(-height // 2**k), -(-width // 2**k))
+            side = max(shape)
             _check(depth <= min(MAX_DEPTH, (side - 1).bit_length()), f"{depth} nested stages for a latent grid of side {side}")
             buckets = [r.unpack("<BB") for _ in range(depth)]
             _check(all(1 <= n <= MAX_BUCKETS for counts in buckets for n in counts), f"bucket counts {buckets}")

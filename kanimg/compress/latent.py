@@ -22,14 +22,9 @@ from torch import Tensor, nn
 from ..errors import KanimgError
 from ..nn.mlp import relu_mlp
 from .entropy import StreamDecoder, StreamModel, cost_bits, fit_model
-from .kimg import MAX_BUCKETS, MAX_DEPTH, MAX_LEVELS, ImageInfo, LatentLevel
+from .kimg import MAX_BUCKETS, MAX_DEPTH, MAX_LEVELS, ImageInfo, LatentLevel, level_shapes
 from .quantize import QuantConfig
 from .tensors import quantized_params
-
-
-def level_shapes(height: int, width: int, levels: int) -> list[tuple[int, int]]:
-    """(rows, columns) of each latent grid, finest first: ⌈H/2^k⌉ × ⌈W/2^k⌉."""
-    return [(math.ceil(height / 2**k), math.ceil(width / 2**k)) for k in range(levels)]
 
 
 def upsample(grid: Tensor, height: int, width: int) -> Tensor:
@@ -246,12 +241,12 @@ def stage_sets(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return (rows % 2 == 1) & (cols % 2 == 1), (rows + cols) % 2 == 1
 
 
-def _stage_contexts(grid: np.ndarray, second: bool) -> np.ndarray:
-    """Context sums of a stage's first (diagonal) or second (direct) set. Every neighbour they
-    sum is decoded before the value: an odd row's odd column has only G[::2, ::2] on its
-    diagonals, and a value whose row + column is odd only the other two sets beside it."""
-    odd, cross = stage_sets(grid.shape)
-    return _neighbour_sums(np.abs(grid), diagonal=not second)[cross if second else odd]
+def _stage_contexts(grid: np.ndarray, mask: np.ndarray, diagonal: bool) -> np.ndarray:
+    """Context sums of a stage's set ``mask``: diagonal (odd rows' odd columns) or direct
+    neighbours. Every neighbour they sum is decoded before the value: an odd row's odd column
+    has only G[::2, ::2] on its diagonals, and a value whose row + column is odd only the other
+    two sets beside it."""
+    return _neighbour_sums(np.abs(grid), diagonal)[mask]
 
 
 def _best_buckets(values: np.ndarray, sums: np.ndarray, limit: int) -> tuple[float, list[np.ndarray], list[StreamModel]]:
@@ -281,8 +276,8 @@ def code_grid(grid: np.ndarray) -> tuple[LatentLevel, list[np.ndarray], list[Str
         options.append((spent + cost_bits(current, base, limit) + MODEL_BITS, depth, base, current))
         if current.size <= 1 or depth == MAX_DEPTH:
             break
-        odd, cross = stage_sets(current.shape)
-        sets = [_best_buckets(current[mask], _stage_contexts(current, second), limit) for second, mask in ((False, odd), (True, cross))]
+        sets = [_best_buckets(current[mask], _stage_contexts(current, mask, diagonal), limit)
+                for mask, diagonal in zip(stage_sets(current.shape), (True, False))]
         stages.append((sum(s[0] for s in sets) + STAGE_BITS, sets))
         current = current[::2, ::2]
     _, depth, base, coarsest = min(options, key=lambda option: option[:2])
@@ -317,8 +312,8 @@ def _decode_nested(decoder: StreamDecoder, shape: tuple[int, int], level: Latent
     for stage_shape, counts in zip(reversed(shapes[:-1]), level.buckets):
         finer = np.zeros(stage_shape, dtype=np.int64)
         finer[::2, ::2] = grid
-        for second, (mask, count) in enumerate(zip(stage_sets(stage_shape), counts)):
-            context = _buckets(_stage_contexts(finer, bool(second)), count)
+        for mask, diagonal, count in zip(stage_sets(stage_shape), (True, False), counts):
+            context = _buckets(_stage_contexts(finer, mask, diagonal), count)
             values = np.zeros(int(mask.sum()), dtype=np.int64)
             for bucket in range(count):
                 parts.append(decoder.decode(int((context == bucket).sum()), level.limit, next(models)))
