@@ -3,8 +3,9 @@ rate–distortion training at a target bpp, quantisation of the synthesis, entro
 the latents, .kimg bytes.
 
 Training minimises MSE + λ · bpp over the whole image per step, with λ steered towards the
-target bpp as it goes (dual ascent: λ grows while the rate of the rounded grids is above
-target), so one training run lands near the asked rate. This is a loop of its own rather
+target bpp as it goes (dual ascent: λ grows while the file's estimated rate, the rounded
+grids' plus the header as last measured, is above target), so one training run lands near
+the asked rate. This is a loop of its own rather
 than kanimg's Trainer: the loss has a rate term and the model is a whole-image function, not
 a coordinate network.
 """
@@ -39,16 +40,23 @@ STEPS = 4000  # whole-image steps, whatever the size (a 256×256 crop: 2.5–3.5
 # uniform noise for the first 80 % of steps, rounding with straight-through gradients after.
 LR = 5e-2
 ROUNDED_FRACTION = 0.2
+# the synthesis precision is chosen half-way, so the latents, still learning fast, can spend
+# what a coarser synthesis frees (chosen as the rounding phase began, 6 bits left 9 % of a
+# 0.1 bpp budget unspent)
+CHOOSE_BITS_AT = 0.5
 LAMBDA_START = 1e-2
 LAMBDA_RATE = 0.005  # log λ moves by this × log(rate / target) per step
 CONTROL_EVERY = 10  # steps between measurements of the rounded grids' rate
 WEIGHT_BITS = (6, 6.5, 7, 8, 9, 10, 11, 12)  # synthesis precisions tried after training
-# λ aims this far below the budget: a file a fraction over it must drop the synthesis below the
-# precision it was trained at (7 → 6 bits cost 1.1 dB on a photo at 0.5 bpp). The nested coder's
-# files land 0–4 % above the training's estimate (their entropy models: 190–370 bytes), so 3 %
-# left two of four tuning points at 6.5 bits; 6 % kept all four at 7 (docs/compression.md)
-RATE_MARGIN = 0.06
-WEIGHT_BITS_ESTIMATE = 7  # bits per synthesis parameter, for the rate target during training
+# λ aims this far below the budget: the controller lags (files landed up to 5 % above its
+# target on the tuning crops, whole file measured), and a file over the budget must drop the
+# synthesis below the precision it trained at (7 → 6 bits cost 1.2 dB on a photo at 0.5 bpp)
+RATE_MARGIN = 0.04
+WEIGHT_BITS_ESTIMATE = 7  # bits per synthesis weight the rate target assumes until the precision is chosen
+# steps between codings of the whole file: the differentiable rate leaves out the header
+# (entropy models, tensor headers: 13–20 % of a 0.1 bpp file of a 256² crop) and the coder's
+# own overheads, so the controller adds the last measured difference
+CALIBRATE_EVERY = 200
 
 
 @torch.no_grad()
@@ -57,45 +65,63 @@ def rounded_rate(model: LatentImage, pixels: int) -> float:
     return sum(float(model.level_bits(k, torch.round(latent))) for k, latent in enumerate(model.latents)) / pixels
 
 
+@torch.no_grad()
+def file_bpp(model: LatentImage, info: ImageInfo, synthesis_bits: float) -> float:
+    """Bits per pixel of the file the model would be now."""
+    return 8 * len(encode_model(model, info, QuantConfig(synthesis_bits))) / info.pixels
+
+
 @dataclass
 class LatentTraining:
     lambda_final: float
     psnr_rounded: float  # the trained model with rounded latents, float weights
+    synthesis_bits: float  # the precision the rounding phase trained through
 
 
 def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, seed: int = 0,
-                 progress: bool = False) -> LatentTraining:
+                 progress: bool = False, measure_files: bool = True) -> LatentTraining:
     """Fit ``model`` to ``image`` at about ``bpp`` (file bits per pixel, all included).
 
-    In the rounding phase the synthesis is trained through its WEIGHT_BITS_ESTIMATE-bit
-    quantisation (straight-through), so the file at that precision is what training saw."""
+    Half-way, the synthesis precision is chosen as the file will choose it
+    (:func:`best_synthesis_bits`, at the current λ); from then on λ steers the rate of the
+    file at that precision, and the rounding phase trains through that quantisation
+    (straight-through), so the file is what training saw. ``measure_files=False`` is for
+    syntheses the format cannot store (``benchmarks/latent_synthesis.py``):
+    WEIGHT_BITS_ESTIMATE bits throughout, and λ steers the differentiable rate alone."""
     torch.manual_seed(seed)
     pixels = image.height * image.width
+    info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
     target = torch.from_numpy(np.ascontiguousarray(image.pixels, dtype=np.float32)).reshape(-1, image.channels).T.contiguous() * 2 - 1
-    weight_bpp = WEIGHT_BITS_ESTIMATE * sum(p.numel() for p in model.synthesis_parameters()) / pixels
+    weights_per_pixel = sum(p.numel() for p in model.synthesis_parameters()) / pixels
+    synthesis_bits, chosen = WEIGHT_BITS_ESTIMATE, False
     optimiser = torch.optim.Adam(model.parameters(), lr=LR)
-    lam = LAMBDA_START
+    lam, overhead = LAMBDA_START, 0.0
     bar = tqdm(range(steps), desc="latent fit", unit="step", disable=not progress, leave=False)
     for step in bar:
         for group in optimiser.param_groups:
             group["lr"] = LR * 0.5 * (1 + math.cos(math.pi * step / steps))
         rounding = step >= (1 - ROUNDED_FRACTION) * steps
-        weights = model.quantized_synthesis(WEIGHT_BITS_ESTIMATE) if rounding else None
+        calibrate = measure_files and step % CALIBRATE_EVERY == 0 and step > 0  # not at 0: the rate model has not seen the grids yet
+        if step >= CHOOSE_BITS_AT * steps and measure_files and not chosen:
+            synthesis_bits, chosen, calibrate = best_synthesis_bits(model, image, info, lam, math.inf)[1], True, True
+        weights = model.quantized_synthesis(synthesis_bits) if rounding else None
         out, bits = model("ste" if rounding else "noise", weights)
         mse = F.mse_loss(out, target)
         loss = mse + lam * bits / pixels
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        if step % CONTROL_EVERY == 0:  # steer by the rate of the rounded grids, what the file will hold
-            rounded = rounded_rate(model, pixels)
-        lam *= math.exp(LAMBDA_RATE * math.log(max(rounded + weight_bpp, 1e-6) / (bpp * (1 - RATE_MARGIN))))
+        if step % CONTROL_EVERY == 0 or calibrate:  # steer by the rate of the rounded grids, what the file will hold
+            rounded = rounded_rate(model, pixels) + synthesis_bits * weights_per_pixel
+        if calibrate:
+            overhead = file_bpp(model, info, synthesis_bits) - rounded
+        lam *= math.exp(LAMBDA_RATE * math.log(max(rounded + overhead, 1e-6) / (bpp * (1 - RATE_MARGIN))))
         if progress and step % 50 == 0:
-            bar.set_postfix(psnr=f"{10 * math.log10(4 / max(mse.item(), 1e-12)):.2f}", bpp=f"{rounded + weight_bpp:.3f}")
+            bar.set_postfix(psnr=f"{10 * math.log10(4 / max(mse.item(), 1e-12)):.2f}", bpp=f"{rounded + overhead:.3f}")
     with torch.no_grad():
         out, _ = model("round")
         mse = float(F.mse_loss(out.clamp(-1, 1), target))
-    return LatentTraining(lam, 10 * math.log10(4 / max(mse, 1e-12)))
+    return LatentTraining(lam, 10 * math.log10(4 / max(mse, 1e-12)), synthesis_bits)
 
 
 def best_synthesis_bits(model: LatentImage, image: ImageData, info: ImageInfo, lam: float, budget_bytes: float
