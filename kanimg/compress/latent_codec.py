@@ -93,7 +93,7 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
     info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
     target = torch.from_numpy(np.ascontiguousarray(image.pixels, dtype=np.float32)).reshape(-1, image.channels).T.contiguous() * 2 - 1
     weights_per_pixel = sum(p.numel() for p in model.synthesis_parameters()) / pixels
-    synthesis_bits, chosen = WEIGHT_BITS_ESTIMATE, False
+    synthesis_bits, choose_at = WEIGHT_BITS_ESTIMATE, math.ceil(CHOOSE_BITS_AT * steps)
     optimiser = torch.optim.Adam(model.parameters(), lr=LR)
     lam, overhead = LAMBDA_START, 0.0
     bar = tqdm(range(steps), desc="latent fit", unit="step", disable=not progress, leave=False)
@@ -102,8 +102,8 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
             group["lr"] = LR * 0.5 * (1 + math.cos(math.pi * step / steps))
         rounding = step >= (1 - ROUNDED_FRACTION) * steps
         calibrate = measure_files and step % CALIBRATE_EVERY == 0 and step > 0  # not at 0: the rate model has not seen the grids yet
-        if step >= CHOOSE_BITS_AT * steps and measure_files and not chosen:
-            synthesis_bits, chosen, calibrate = best_synthesis_bits(model, image, info, lam, math.inf)[1], True, True
+        if measure_files and step == choose_at:
+            synthesis_bits, calibrate = best_synthesis_bits(model, image, info, lam, math.inf)[1], True
         weights = model.quantized_synthesis(synthesis_bits) if rounding else None
         out, bits = model("ste" if rounding else "noise", weights)
         mse = F.mse_loss(out, target)
