@@ -273,12 +273,15 @@ def test_nested_coding_pays_on_clustered_grids_and_keeps_an_empty_grid_one_strea
     assert flat.buckets == [] and len(flat.models) == 1  # all zeros: one stream is cheapest
 
 
-def test_version_3_latent_files_still_decode_to_the_same_image():
-    """A version 3 file (checkerboard contexts), written by kanimg before version 4, decodes to
-    the PNG that kanimg decoded it to then."""
-    data = (Path(__file__).parent / "data" / "latent-v3.kimg").read_bytes()
-    assert data[4] == 3 and any(len(level.models) > 1 for level in kimg.read(data).levels)
-    with Image.open(Path(__file__).parent / "data" / "latent-v3.png") as png:
+@pytest.mark.parametrize("version", [3, 4])
+def test_latent_files_decode_to_the_image_they_decoded_to_when_written(version):
+    """A version 3 file (checkerboard contexts), written by kanimg before version 4, and a
+    version 4 one (nested, several stages and buckets per grid), written by today's encoder,
+    decode to the PNG that kanimg decoded them to then: a change to the decoder that changes
+    an old file's pixels fails here."""
+    data = (Path(__file__).parent / "data" / f"latent-v{version}.kimg").read_bytes()
+    assert data[4] == version and any(len(level.models) > 1 for level in kimg.read(data).levels)
+    with Image.open(Path(__file__).parent / "data" / f"latent-v{version}.png") as png:
         assert np.array_equal(decode_image(data).integers, np.asarray(png))
 
 
