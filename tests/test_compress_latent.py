@@ -67,7 +67,7 @@ def test_round_trip_restores_grids_and_quantised_weights_and_re_encodes_to_the_s
     model = latent_like()
     info = ImageInfo(13, 21, 3)
     data = encode_model(model, info, QuantConfig(8))
-    assert data[4] == 4  # nested grid coding is version 4
+    assert data[4] == 5  # nested grid coding with one-byte models is version 5
     decoded = decode_model(data)
     assert decoded.model.spec == model.spec and decoded.image == info
     for a, b in zip(model.integer_latents(), decoded.model.integer_latents()):
@@ -273,23 +273,38 @@ def test_nested_coding_pays_on_clustered_grids_and_keeps_an_empty_grid_one_strea
     assert flat.buckets == [] and len(flat.models) == 1  # all zeros: one stream is cheapest
 
 
-@pytest.mark.parametrize("version", [3, 4])
+@pytest.mark.parametrize("version", [3, 4, 5])
 def test_latent_files_decode_to_the_image_they_decoded_to_when_written(version):
-    """A version 3 file (checkerboard contexts), written by kanimg before version 4, and a
-    version 4 one (nested, several stages and buckets per grid), written by today's encoder,
-    decode to the PNG that kanimg decoded them to then: a change to the decoder that changes
-    an old file's pixels fails here."""
+    """A version 3 file (checkerboard contexts), a version 4 one (nested, several stages and
+    buckets per grid) and a version 5 one (the same grids and weights with one-byte models:
+    the same PNG), each written by kanimg's encoder of its time, decode to the PNG that kanimg
+    decoded them to then, and read and write back to the same bytes: a change to the decoder
+    that changes an old file's pixels, or to the writer of an old version, fails here."""
     data = (Path(__file__).parent / "data" / f"latent-v{version}.kimg").read_bytes()
-    assert data[4] == version and any(len(level.models) > 1 for level in kimg.read(data).levels)
+    parsed = kimg.read(data)
+    assert data[4] == version and any(len(level.models) > 1 for level in parsed.levels)
+    assert kimg.write(parsed) == data
     with Image.open(Path(__file__).parent / "data" / f"latent-v{version}.png") as png:
         assert np.array_equal(decode_image(data).integers, np.asarray(png))
+
+
+def test_version_5_holds_the_same_grids_in_fewer_bytes_than_version_4():
+    """Re-encoding a version 4 file's grids and weights: the same pixels, every grid model one
+    byte instead of three, and a file smaller by more than the models' two saved bytes each
+    (cheaper models let the coder split more buckets)."""
+    old = (Path(__file__).parent / "data" / "latent-v4.kimg").read_bytes()
+    decoded = decode_model(old)
+    new = encode_model(decoded.model, decoded.image, QuantConfig(decoded.bits[0]), bits=decoded.bits)
+    assert new[4] == 5 and np.array_equal(decode_image(new).integers, decode_image(old).integers)
+    models = sum(len(level.models) for level in kimg.read(old).levels)
+    assert len(new) < len(old) - 2 * models
 
 
 def test_compressing_a_photo_crop_lands_near_the_rate_and_beats_a_flat_image():
     image = as_image(photo_crop(48))
     result = compress_image(image, 1.5, CompressConfig(model="latent", steps=300))
     decoded = decode_image(result.data)
-    assert result.data[4] == 4 and result.bpp == 8 * len(result.data) / (48 * 48)
+    assert result.data[4] == 5 and result.bpp == 8 * len(result.data) / (48 * 48)
     assert 0.5 * 1.5 < result.bpp < 1.5 * 1.5  # rate control steers λ towards the target
     flat = 10 * np.log10(1 / np.mean((image.pixels - image.pixels.mean((0, 1))) ** 2))
     assert result.psnr > flat + 3

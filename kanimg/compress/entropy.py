@@ -4,7 +4,9 @@ stream of integers.
 Each stream gets a discrete Laplace, p(k) ∝ θ^|k-c|, or a discrete Gaussian, p(k) ∝ θ^((k-c)²),
 whichever codes it in fewer bits; the model costs 3 bytes: the centre c and θ as a 16-bit
 mini-float of 1 - θ (5-bit exponent, 11-bit mantissa: 1/2048 relative precision from very
-peaked to very wide distributions). The
+peaked to very wide distributions). A latent grid's models (version 5) are compact: centre 0
+and one byte, the family and 128 of those codes (θ from 2^-12 to 1 - 2^-8 at 3–12 % steps:
+what a grid's streams of small integers need; their 3-byte models were up to 9 % of a file). The
 probability tables are built in exact integer arithmetic — no exp() from the platform's maths
 library — so encoder and decoder build the very same table on any machine, which the range
 coder needs to decode at all.
@@ -56,6 +58,18 @@ class StreamModel:
     def theta(self) -> float:
         return self.theta_fixed / 2.0**_FRACTION
 
+    @property
+    def compact(self) -> bool:
+        """Whether one byte holds this model (:meth:`compact_byte`)."""
+        return self.centre == 0 and self.code in _COMPACT_INDEX
+
+    def compact_byte(self) -> int:
+        return self.family << 7 | _COMPACT_INDEX[self.code]
+
+    @classmethod
+    def from_compact_byte(cls, byte: int) -> "StreamModel":
+        return cls(byte >> 7, 0, int(COMPACT_CODES[byte & 0x7F]))
+
 
 def _theta_codes() -> np.ndarray:
     """1 - θ of every code (float64), for choosing the code nearest a fitted θ."""
@@ -64,6 +78,20 @@ def _theta_codes() -> np.ndarray:
 
 
 _ONE_MINUS_THETA = _theta_codes()
+
+
+def _compact_codes() -> np.ndarray:
+    """The 128 θ codes a compact model can hold, 1 - θ falling with the index, in exact
+    integers: θ = t / 4096 for t = 1 … 7 and k · 2^s (k = 8 … 15, s = 0 … 7) and 1/2 (exponent
+    0: the peaked streams of a grid's zeros), then 1 - θ at 8 steps per octave from 1/2 down
+    to 2^-8 (exponents 1 … 7: the wide ones)."""
+    peaked = sorted([*range(1, 8), *(k << s for s in range(8) for k in range(8, 16)), 2048])
+    codes = [(1 << _MANTISSA) - t for t in peaked]  # exponent 0: θ = (2048 - m) / 4096
+    codes += [e << _MANTISSA | m << (_MANTISSA - 3) for e in range(1, 8) for m in reversed(range(8))]
+    return np.array(codes)
+
+
+COMPACT_CODES = _compact_codes()
 
 
 def _decay(model: StreamModel, length: int) -> list[int]:
@@ -105,13 +133,14 @@ def cost_bits(symbols: np.ndarray, model: StreamModel, limit: int) -> float:
     return float(-(counts[used] * np.log2(p[used])).sum())
 
 
-def fit_model(symbols: np.ndarray, limit: int) -> StreamModel:
+def fit_model(symbols: np.ndarray, limit: int, compact: bool = False) -> StreamModel:
     """The Laplace or Gaussian (centre at the median, θ by maximum likelihood) coding
-    ``symbols`` in the fewest bits."""
+    ``symbols`` in the fewest bits; ``compact``: among the models one byte holds (centre 0,
+    the two compact codes around the fitted θ)."""
     symbols = np.asarray(symbols).ravel()
     if symbols.size == 0:
         return StreamModel(LAPLACE, 0, 0)
-    centre = int(np.clip(np.round(np.median(symbols)), -limit, limit))
+    centre = 0 if compact else int(np.clip(np.round(np.median(symbols)), -limit, limit))
     distance = np.abs(np.arange(-limit, limit + 1) - centre).astype(np.float64)
     counts = np.bincount(symbols + limit, minlength=2 * limit + 1).astype(np.float64)
     from scipy.optimize import minimize_scalar  # here, not at the top: the encoder's alone, and 0.45 s of every decode's start
@@ -126,12 +155,22 @@ def fit_model(symbols: np.ndarray, limit: int) -> StreamModel:
             return float(-(counts * shifted).sum() + counts.sum() * np.log(np.exp(shifted).sum()))
 
         found = minimize_scalar(nats, bounds=(-14.0, 3.0), method="bounded", options={"xatol": 1e-4})
-        code = int(np.argmin(np.abs(np.log(_ONE_MINUS_THETA) - math.log(-math.expm1(-math.exp(found.x))))))
-        model = StreamModel(family, centre, code)
-        bits = cost_bits(symbols, model, limit)
-        if best is None or bits < best[0]:
-            best = (bits, model)
+        log_fitted = math.log(-math.expm1(-math.exp(found.x)))
+        if compact:  # the compact codes on either side of the fit (1 - θ falls as the index grows)
+            above = int(np.searchsorted(-_COMPACT_LOG, -log_fitted))
+            codes = [int(COMPACT_CODES[i]) for i in {min(above, len(COMPACT_CODES) - 1), max(above - 1, 0)}]
+        else:
+            codes = [int(np.argmin(np.abs(np.log(_ONE_MINUS_THETA) - log_fitted)))]
+        for code in codes:
+            model = StreamModel(family, centre, code)
+            bits = cost_bits(symbols, model, limit)
+            if best is None or bits < best[0]:
+                best = (bits, model)
     return best[1]
+
+
+_COMPACT_INDEX = {int(code): index for index, code in enumerate(COMPACT_CODES)}
+_COMPACT_LOG = np.log(_ONE_MINUS_THETA[COMPACT_CODES])  # decreasing
 
 
 def _categorical(model: StreamModel, limit: int):

@@ -8,9 +8,9 @@ Layout (docs/kimg-format.md has the full specification):
     half bits; version 1: whole bits), step sizes, transform, entropy models · payload
     · CRC-32 of every byte before it
 
-A file carries the lowest version that holds it: 2 for KAN and SIREN, 4 for latent grids
-(family 3, new in version 3, whose grids version 4 codes nested), so older readers still
-read every network file they can.
+A file carries the lowest version that holds it: 2 for KAN and SIREN, 5 for latent grids
+(family 3, new in version 3, whose grids version 4 codes nested and version 5 with one-byte
+entropy models), so older readers still read every network file they can.
 
 Integers are little-endian; "varint" is unsigned LEB128. Reading checks, in this order: the
 magic, the version, the checksum, then every field against hard limits, so a truncated,
@@ -34,8 +34,8 @@ from .quantize import FLOAT16, GRANULARITIES, MAX_BITS, MIN_BITS, QuantConfig
 from .tensors import Slot, parameter_count, slots
 
 MAGIC = b"KIMG"
-VERSION = 4  # the newest this module reads
-BITS_UNIT = {1: 1, 2: 0.5, 3: 0.5, 4: 0.5}  # per version: tensor bits are stored in whole (1) or half (2) bits
+VERSION = 5  # the newest this module reads
+BITS_UNIT = {1: 1, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.5}  # per version: tensor bits are stored in whole (1) or half (2) bits
 CHECKSUM_BYTES = 4
 MODEL_IDS = {"kan": 1, "siren": 2, "latent": 3}
 FIRST_VERSION = {"kan": 1, "siren": 1, "latent": 3}  # the version that introduced each family
@@ -168,13 +168,16 @@ def level_shapes(height: int, width: int, levels: int) -> list[tuple[int, int]]:
 
 def write_version(kimg: KimgFile) -> int:
     """The lowest version that holds ``kimg``: 2 for KAN and SIREN, 3 for latent grids coded
-    as version 3 did, 4 for nested ones."""
+    as version 3 did, 4 for nested ones, 5 for nested ones whose models are all compact (what
+    the encoder writes)."""
     if kimg.spec["name"] != "latent":
         return min(VERSION, 2)  # VERSION: 1 in the test that writes version 1 files
     nested = {level.buckets is not None for level in kimg.levels}
     if len(nested) > 1:
         raise ValueError("latent levels coded both as version 3 and as version 4")
-    return 4 if nested == {True} else 3
+    if nested != {True}:
+        return 3
+    return 5 if all(m.compact for level in kimg.levels for m in level.models) else 4
 
 
 def write(kimg: KimgFile) -> bytes:
@@ -194,6 +197,7 @@ def write(kimg: KimgFile) -> bytes:
             else:
                 out += b"\x01" + np.asarray(limits, dtype="<f4").tobytes()
     elif spec["name"] == "latent":
+        compact = write_version(kimg) == 5
         for level in kimg.levels:
             out += _varint(level.limit)
             if level.buckets is None:
@@ -202,7 +206,7 @@ def write(kimg: KimgFile) -> bytes:
                 if len(level.models) != 1 + sum(map(sum, level.buckets)):
                     raise ValueError(f"{len(level.models)} entropy models for bucket counts {level.buckets}")
                 out += struct.pack("<B", len(level.buckets)) + b"".join(struct.pack("<BB", *counts) for counts in level.buckets)
-            out += b"".join(_model_bytes(m) for m in level.models)
+            out += bytes(m.compact_byte() for m in level.models) if compact else b"".join(_model_bytes(m) for m in level.models)
     else:
         out += struct.pack("<f", spec["omega0"])
     out += struct.pack("<BB", FLOAT16 if quant.is_float16 else 0, GRANULARITIES.index(quant.granularity))
@@ -325,7 +329,8 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
             buckets = [r.unpack("<BB") for _ in range(depth)]
             _check(all(1 <= n <= MAX_BUCKETS for counts in buckets for n in counts), f"bucket counts {buckets}")
             count = 1 + sum(sum(counts) for counts in buckets)
-            levels.append(LatentLevel(limit, [r.model() for _ in range(count)], buckets))
+            models = [StreamModel.from_compact_byte(b) for b in r.take(count)] if version >= 5 else [r.model() for _ in range(count)]
+            levels.append(LatentLevel(limit, models, buckets))
     elif name == "kan":
         spec["grids"] = [r.varint(MAX_GRID, "grid size") for _ in range(layers)]
         spec["directions"] = spec["levels"] = 0  # the format holds KANs on x and y

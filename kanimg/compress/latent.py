@@ -212,7 +212,7 @@ def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], hei
 # Version 3 (still read): a grid is one stream, or a checkerboard whose anchors (row + column
 # even) are one stream and whose other values are bucketed by their four direct neighbours.
 CONTEXT_EDGES = (0, 1, 2, 3, 5, 9)
-MODEL_BITS = 24  # a model in the header: its centre varint (usually 1 byte) and θ's 2-byte code
+MODEL_BITS = 8  # a model in the header: one byte (version 5's compact models, entropy.COMPACT_CODES)
 STAGE_BITS = 16  # a stage's two bucket counts in the header
 assert len(CONTEXT_EDGES) == MAX_BUCKETS
 
@@ -253,11 +253,11 @@ def _best_buckets(values: np.ndarray, sums: np.ndarray, limit: int) -> tuple[flo
     """(bits, parts, models) of one set with the bucket count that codes it in the fewest bits."""
     finest = _buckets(sums, len(CONTEXT_EDGES))
     exact = [values[finest == b] for b in range(len(CONTEXT_EDGES))]
-    fitted = [(cost_bits(part, m, limit) + MODEL_BITS, m) for part in exact for m in [fit_model(part, limit)]]
+    fitted = [(cost_bits(part, m, limit) + MODEL_BITS, m) for part in exact for m in [fit_model(part, limit, compact=True)]]
     best = None
     for count in range(1, len(CONTEXT_EDGES) + 1):
         tail = values[finest >= count - 1]
-        tail_model = fit_model(tail, limit)
+        tail_model = fit_model(tail, limit, compact=True)
         bits = sum(b for b, _ in fitted[: count - 1]) + cost_bits(tail, tail_model, limit) + MODEL_BITS
         if best is None or bits < best[0]:
             best = (bits, exact[: count - 1] + [tail], [m for _, m in fitted[: count - 1]] + [tail_model])
@@ -271,7 +271,7 @@ def code_grid(grid: np.ndarray) -> tuple[LatentLevel, list[np.ndarray], list[Str
     limit = max(1, int(np.abs(grid).max(initial=0)))
     stages, options, current = [], [], grid
     for depth in range(MAX_DEPTH + 1):
-        base = fit_model(current, limit)
+        base = fit_model(current, limit, compact=True)
         spent = sum(stage[0] for stage in stages)
         options.append((spent + cost_bits(current, base, limit) + MODEL_BITS, depth, base, current))
         if current.size <= 1 or depth == MAX_DEPTH:
