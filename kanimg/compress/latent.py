@@ -200,10 +200,11 @@ def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], hei
 
 
 # ----------------------------------------------------------------------------- grid coding
-# Version 4, a nested checkerboard: a grid G is coded as G[::2, ::2] (itself coded the same
-# way, ``depth`` times in all, the last one as a single stream), then its odd rows' odd columns,
-# each value under the model of its context: the sum of its four diagonal neighbours'
-# magnitudes (all in G[::2, ::2], already known), then the values whose row + column is odd
+# Versions 4 and 5 (5: every model one byte, entropy.COMPACT_CODES), a nested checkerboard:
+# a grid G is coded as G[::2, ::2] (itself coded the same way, ``depth`` times in all, the
+# last one as a single stream), then its odd rows' odd columns, each value under the model of
+# its context: the sum of its four diagonal neighbours' magnitudes (all in G[::2, ::2],
+# already known), then the values whose row + column is odd
 # (raster order), each under the model of the sum of its four direct neighbours' magnitudes
 # (all known by then). Sums are bucketed by CONTEXT_EDGES, each of a stage's two sets into
 # 1 … len(CONTEXT_EDGES) buckets (the last takes everything above); bucket 0's values come
@@ -265,7 +266,7 @@ def _best_buckets(values: np.ndarray, sums: np.ndarray, limit: int) -> tuple[flo
 
 
 def code_grid(grid: np.ndarray) -> tuple[LatentLevel, list[np.ndarray], list[StreamModel]]:
-    """One grid as version 4 codes it (see above): (its header, its streams, their models), in
+    """One grid as version 5 codes it (see above): (its header, its streams, their models), in
     file order, with the depth that takes the fewest bits."""
     grid = np.asarray(grid, dtype=np.int64)
     limit = max(1, int(np.abs(grid).max(initial=0)))
