@@ -78,6 +78,7 @@ def _theta_codes() -> np.ndarray:
 
 
 _ONE_MINUS_THETA = _theta_codes()
+_LOG_ONE_MINUS_THETA = np.log(_ONE_MINUS_THETA)  # once, not per fit
 
 
 def _compact_codes() -> np.ndarray:
@@ -92,6 +93,8 @@ def _compact_codes() -> np.ndarray:
 
 
 COMPACT_CODES = _compact_codes()
+_COMPACT_INDEX = {int(code): index for index, code in enumerate(COMPACT_CODES)}
+_COMPACT_LOG = _LOG_ONE_MINUS_THETA[COMPACT_CODES]  # decreasing
 
 
 def _decay(model: StreamModel, length: int) -> list[int]:
@@ -158,19 +161,15 @@ def fit_model(symbols: np.ndarray, limit: int, compact: bool = False) -> StreamM
         log_fitted = math.log(-math.expm1(-math.exp(found.x)))
         if compact:  # the compact codes on either side of the fit (1 - θ falls as the index grows)
             above = int(np.searchsorted(-_COMPACT_LOG, -log_fitted))
-            codes = [int(COMPACT_CODES[i]) for i in {min(above, len(COMPACT_CODES) - 1), max(above - 1, 0)}]
+            codes = [int(COMPACT_CODES[i]) for i in sorted({max(above - 1, 0), min(above, len(COMPACT_CODES) - 1)})]
         else:
-            codes = [int(np.argmin(np.abs(np.log(_ONE_MINUS_THETA) - log_fitted)))]
+            codes = [int(np.argmin(np.abs(_LOG_ONE_MINUS_THETA - log_fitted)))]
         for code in codes:
             model = StreamModel(family, centre, code)
             bits = cost_bits(symbols, model, limit)
             if best is None or bits < best[0]:
                 best = (bits, model)
     return best[1]
-
-
-_COMPACT_INDEX = {int(code): index for index, code in enumerate(COMPACT_CODES)}
-_COMPACT_LOG = np.log(_ONE_MINUS_THETA[COMPACT_CODES])  # decreasing
 
 
 def _categorical(model: StreamModel, limit: int):

@@ -184,7 +184,8 @@ def write(kimg: KimgFile) -> bytes:
     """Serialise ``kimg`` (header, payload, checksum)."""
     img, spec, quant = kimg.image, kimg.spec, kimg.quant
     out = bytearray(MAGIC)
-    out += struct.pack("<B", write_version(kimg))
+    version = write_version(kimg)
+    out += struct.pack("<B", version)
     out += _varint(img.height) + _varint(img.width)
     out += struct.pack("<BBBB", img.channels, img.bit_depth, COORDS_IDS[img.coords], MODEL_IDS[spec["name"]])
     widths = spec["widths"]
@@ -197,7 +198,6 @@ def write(kimg: KimgFile) -> bytes:
             else:
                 out += b"\x01" + np.asarray(limits, dtype="<f4").tobytes()
     elif spec["name"] == "latent":
-        compact = write_version(kimg) == 5
         for level in kimg.levels:
             out += _varint(level.limit)
             if level.buckets is None:
@@ -206,7 +206,7 @@ def write(kimg: KimgFile) -> bytes:
                 if len(level.models) != 1 + sum(map(sum, level.buckets)):
                     raise ValueError(f"{len(level.models)} entropy models for bucket counts {level.buckets}")
                 out += struct.pack("<B", len(level.buckets)) + b"".join(struct.pack("<BB", *counts) for counts in level.buckets)
-            out += bytes(m.compact_byte() for m in level.models) if compact else b"".join(_model_bytes(m) for m in level.models)
+            out += bytes(m.compact_byte() for m in level.models) if version >= 5 else b"".join(_model_bytes(m) for m in level.models)
     else:
         out += struct.pack("<f", spec["omega0"])
     out += struct.pack("<BB", FLOAT16 if quant.is_float16 else 0, GRANULARITIES.index(quant.granularity))
