@@ -185,3 +185,29 @@ def test_latent_synthesis_scores_every_synthesis_the_codecs_way(tmp_path, monkey
     assert records["ReLU MLP 7 → 48 → C (the codec's)"]["params"] == 7 * 48 + 48 + 48 * 3 + 3
     assert all(r["bpp"] > 0 and np.isfinite(r["psnr"]) for r in records.values())
     assert "| KAN 7 → 6 → C, grid 5 | 540 |" in capsys.readouterr().out
+
+
+def test_codec_point_scores_one_file_against_webp_and_avif_with_an_override(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from kanimg.compress import latent_codec
+    from kanimg.compress.codecs import get_codec, run_sweep
+    from kanimg.compress.rd import psnr_at
+
+    point = load("codec_point")
+    photo = tmp_path / "photo.png"
+    with Image.open(ROOT / "assets" / "astronaut.png") as im:
+        im.convert("RGB").resize((48, 48), Image.LANCZOS).save(photo)
+    monkeypatch.setattr(latent_codec, "WEIGHT_BITS", latent_codec.WEIGHT_BITS)  # restored after the --set below
+    out = tmp_path / "point.json"
+    assert point.main([str(photo), "2.0", "--steps", "30", "--set", "latent_codec.WEIGHT_BITS=(9,)", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["result"]["extra"]["synthesis_bits"] == 9 and record["overrides"] == {"latent_codec.WEIGHT_BITS": "(9,)"}
+    from kanimg.io import load_image
+
+    image = load_image(photo)
+    for name in ("webp", "avif"):
+        reference = psnr_at(run_sweep(get_codec(name), image, [record["bpp"] * 1.5]), record["bpp"])
+        expected = None if reference is None else round(record["psnr"] - reference, 3)
+        assert record[f"minus_{name}"] == expected
+    assert f"{record['psnr']:.2f} dB (9 bits)" in capsys.readouterr().out

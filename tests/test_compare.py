@@ -262,7 +262,8 @@ def test_paper_quick_preset_trains_every_family_with_the_recipe(tmp_path):
     assert [r["model"] for r in result.records] == ["kan2", "siren2", "rff2-s30", "mlp2"]
     for r in result.records:
         assert r["protocol"] == {"kind": "preset", "preset": "paper-quick"} and r["steps"] == 120 and r["finished"]
-        assert all(r[key] is not None for key in ("psnr", "psnr_png", "ssim", "params", "seconds")), r["model"]
+        assert all(r[key] is not None for key in ("psnr", "ssim", "params", "seconds")), r["model"]
+        assert r["psnr_png"] is not None or r["psnr"] > 50, r["model"]  # None: the 8-bit PNG is the original itself
         curve = r["history"]["eval_psnr"]
         assert r["history"]["eval_step"] == [40, 80, 120] and max(curve) > curve[0], r["model"]
         assert r["psnr"] == pytest.approx(max(curve), abs=0.01)  # the best evaluated weights are the result
