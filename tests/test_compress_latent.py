@@ -425,6 +425,7 @@ def test_the_synthesis_precision_keeps_the_file_within_the_budget_when_it_can(mo
     budget = sorted(sizes.values())[2]  # only the three smallest files fit
     data, bits, _ = latent_codec.best_synthesis_bits(model, image, info, 0.0, budget)  # λ = 0: quality alone
     assert len(data) <= budget and sizes[bits] <= budget
+    assert data == encode_model(model, info, QuantConfig(bits))  # the grids coded once for every candidate: the same file
     data, bits, _ = latent_codec.best_synthesis_bits(model, image, info, 0.0, 10)  # nothing fits: the smallest file
     assert len(data) == min(sizes.values())
 

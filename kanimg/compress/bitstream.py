@@ -82,12 +82,14 @@ def code_tensor(values: np.ndarray, quant: QuantConfig, smooth: bool, max_transf
 
 
 def encode_model(model: nn.Module, image: ImageInfo, quant: QuantConfig, bits: Sequence[float] | None = None,
-                 max_transform: int = MAX_TRANSFORM) -> bytes:
+                 max_transform: int = MAX_TRANSFORM, coded_latents: tuple | None = None) -> bytes:
     """The .kimg bytes of ``model`` (a "kan" or "siren" from the registry, or a latent-grid
     image, whose grids go first) fitted to ``image``.
 
     ``bits`` gives each stored tensor its own bit depth (default: ``quant.bits`` for all);
-    ``max_transform`` limits the differencing of spline coefficients (0 = none; for ablations).
+    ``max_transform`` limits the differencing of spline coefficients (0 = none; for ablations);
+    ``coded_latents``: the model's grids already through :func:`code_latents` (the same grids
+    written at several synthesis precisions are coded once).
     """
     spec = {k: model.spec[k] for k in ("name", "widths", "grids", "omega0") if k in model.spec}
     arrays = stored_arrays(model)
@@ -96,7 +98,11 @@ def encode_model(model: nn.Module, image: ImageInfo, quant: QuantConfig, bits: S
         payload = b"".join(round_float16(a).astype("<f2").tobytes() for a in arrays)
         return kimg.write(KimgFile(image, spec, quant, ranges, [], payload))
     bits = list(bits) if bits is not None else [quant.bits] * len(arrays)
-    levels, streams, limits, models = code_latents(model.integer_latents()) if spec["name"] == "latent" else ([], [], [], [])
+    if spec["name"] == "latent":
+        coded_latents = coded_latents or code_latents(model.integer_latents())
+        levels, streams, limits, models = (list(part) for part in coded_latents)  # copies: extended below
+    else:
+        levels, streams, limits, models = [], [], [], []
     headers = []
     for slot, array, n in zip(slots(spec), arrays, bits):
         coded = code_tensor(array, QuantConfig(n, quant.granularity), slot.smooth, max_transform)

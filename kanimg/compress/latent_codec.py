@@ -25,7 +25,7 @@ from ..io import ImageData
 from ..metrics import psnr
 from .bitstream import DecodedImage, decode_image, encode_model
 from .kimg import ImageInfo
-from .latent import LatentImage
+from .latent import LatentImage, code_latents
 from .neural import CompressConfig, CompressResult
 from .quantize import QuantConfig
 from .tensors import parameter_count
@@ -129,9 +129,9 @@ def best_synthesis_bits(model: LatentImage, image: ImageData, info: ImageInfo, l
     """The file whose synthesis precision (WEIGHT_BITS) minimises MSE + λ · bpp among those
     within ``budget_bytes`` (the smallest file when none is), decoded and measured:
     (bytes, bits per weight, the decoded image)."""
-    candidates = []
+    candidates, coded_latents = [], code_latents(model.integer_latents())
     for bits in WEIGHT_BITS:
-        data = encode_model(model, info, QuantConfig(bits))
+        data = encode_model(model, info, QuantConfig(bits), coded_latents=coded_latents)
         decoded = decode_image(data)
         cost = 4 * float(np.mean((decoded.pixels - image.pixels) ** 2)) + lam * 8 * len(data) / info.pixels
         candidates.append((len(data) > budget_bytes, cost if len(data) <= budget_bytes else len(data), bits, data, decoded))
