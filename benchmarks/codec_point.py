@@ -25,6 +25,7 @@ from pathlib import Path
 from kanimg.compress.codecs import get_codec, run_sweep
 from kanimg.compress.neural import MODELS, CompressConfig, compress_image
 from kanimg.compress.rd import psnr_at
+from kanimg.errors import KanimgError
 from kanimg.files import write_json
 from kanimg.io import load_image
 from kanimg.results import machine, versions
@@ -41,7 +42,10 @@ def override(assignment: str) -> tuple[str, object]:
     module = importlib.import_module(f"kanimg.compress.{module_name}")
     if not hasattr(module, name):
         raise SystemExit(f"kanimg.compress.{module_name} has no {name}")
-    value = ast.literal_eval(literal)
+    try:
+        value = ast.literal_eval(literal)
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"--set {target}: {literal!r} is not a Python literal") from None
     setattr(module, name, value)
     return target, value
 
@@ -68,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     overrides = dict(override(assignment) for assignment in args.sets)
-    image = load_image(args.image)
-    started = time.perf_counter()
-    result = compress_image(image, args.bpp, CompressConfig(model=args.model, steps=args.steps, seed=args.seed))
+    try:
+        image = load_image(args.image)
+        started = time.perf_counter()
+        result = compress_image(image, args.bpp, CompressConfig(model=args.model, steps=args.steps, seed=args.seed))
+    except KanimgError as error:
+        raise SystemExit(f"codec_point: {error}") from None
     seconds = time.perf_counter() - started
     gaps = classic_gaps(image, result.bpp, result.psnr)
     bits = result.extra.get("synthesis_bits", result.quant)
