@@ -309,6 +309,8 @@ def test_compressing_a_photo_crop_lands_near_the_rate_and_beats_a_flat_image():
     flat = 10 * np.log10(1 / np.mean((image.pixels - image.pixels.mean((0, 1))) ** 2))
     assert result.psnr > flat + 3
     assert result.psnr == pytest.approx(10 * np.log10(1 / np.mean((decoded.pixels - image.pixels) ** 2)))
+    grids = [latent.detach().numpy()[0, 0] for latent in decode_model(result.data).model.latents]
+    assert result.extra["nonzero_per_grid"] == [round(float(np.mean(g != 0)), 4) for g in grids]
 
 
 def test_a_bare_compress_uses_latent_grids_where_the_budget_holds_their_synthesis():

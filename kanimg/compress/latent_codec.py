@@ -162,7 +162,8 @@ def compress_latent(image: ImageData, bpp: float, config: CompressConfig) -> Com
         data=data, bpp=8 * len(data) / info.pixels, bpp_target=bpp, psnr=decoded_psnr,
         psnr_float=training.psnr_rounded, psnr_quantized_no_qat=decoded_psnr, spec=model.spec,
         quant=decoded.quant, params=parameter_count(model.spec) + latent_values, train_seconds=round(seconds, 2),
-        extra={"steps": steps, "lambda": training.lambda_final, "synthesis_bits": bits, "latent_values": latent_values},
+        extra={"steps": steps, "lambda": training.lambda_final, "synthesis_bits": bits, "latent_values": latent_values,
+               "nonzero_per_grid": [round(float(np.mean(grid != 0)), 4) for grid in model.integer_latents()]},
     )
     if result.bpp > bpp:
         log.warning("latent reached %.4f bpp, above the %.4g asked for", result.bpp, bpp)
