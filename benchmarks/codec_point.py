@@ -12,7 +12,9 @@ bpp (``rd.psnr_at``, monotone cubic in log-rate over each codec's quality sweep)
 ``--set MODULE.NAME=VALUE`` overrides a constant of ``kanimg.compress.MODULE`` for this run
 (VALUE is a Python literal; it reaches the code that reads the constant from its module, not
 a copy imported by name elsewhere); the point is written to benchmarks/results/codec_point.json, or
-to ``--json PATH``.
+to ``--json PATH``. For the latent codec it also prints the rate control's trace: at every
+coding of the file during training, λ, the bpp of the training's rate model and of the file,
+and each grid's share of nonzero values.
 """
 from __future__ import annotations
 
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     bits = result.extra.get("synthesis_bits", result.quant)
     print(f"{args.image.name} {args.model} target {args.bpp:g}: {result.bpp:.4f} bpp, {result.psnr:.2f} dB "
           f"({bits} bits), {seconds:.0f} s; − WebP {gaps['webp']}, − AVIF {gaps['avif']}")
+    for entry in result.extra.get("history", []):  # the latent codec's rate control, every coding of the file
+        print(f"  step {entry['step']:>5}: λ {entry['lambda']:.3g}, rate model {entry['rate_model_bpp']:.4f} bpp, "
+              f"file {entry['file_bpp']:.4f} ({entry['synthesis_bits']} bits), nonzero per grid {entry['nonzero_per_grid']}")
     write_json(args.json, {
         "image": str(args.image), "model": args.model, "bpp_target": args.bpp, "seed": args.seed,
         "overrides": {k: repr(v) for k, v in overrides.items()}, "bpp": result.bpp, "psnr": result.psnr,

@@ -210,4 +210,7 @@ def test_codec_point_scores_one_file_against_webp_and_avif_with_an_override(tmp_
         reference = psnr_at(run_sweep(get_codec(name), image, [record["bpp"] * 1.5]), record["bpp"])
         expected = None if reference is None else round(record["psnr"] - reference, 3)
         assert record[f"minus_{name}"] == expected
-    assert f"{record['psnr']:.2f} dB (9 bits)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{record['psnr']:.2f} dB (9 bits)" in printed
+    assert "  step    15: λ" in printed  # the rate control's trace: the precision chosen half-way through 30 steps
+    assert [entry["step"] for entry in record["result"]["extra"]["history"]] == [15]

@@ -311,6 +311,9 @@ def test_compressing_a_photo_crop_lands_near_the_rate_and_beats_a_flat_image():
     assert result.psnr == pytest.approx(10 * np.log10(1 / np.mean((decoded.pixels - image.pixels) ** 2)))
     grids = [latent.detach().numpy()[0, 0] for latent in decode_model(result.data).model.latents]
     assert result.extra["nonzero_per_grid"] == [round(float(np.mean(g != 0)), 4) for g in grids]
+    history = result.extra["history"]  # the rate control's trace: one entry per coding of the file
+    assert [entry["step"] for entry in history] == [150, 200]  # half-way (the precision chosen), then every 200 steps
+    assert all(len(entry["nonzero_per_grid"]) == len(grids) and entry["file_bpp"] > 0 for entry in history)
 
 
 def test_a_bare_compress_uses_latent_grids_where_the_budget_holds_their_synthesis():

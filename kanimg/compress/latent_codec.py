@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -76,6 +76,14 @@ class LatentTraining:
     lambda_final: float
     psnr_rounded: float  # the trained model with rounded latents, float weights
     synthesis_bits: float  # the precision the rounding phase trained through
+    # at every coding of the file: step, λ, the bpp the training rate model gives and the file's, the
+    # precision, each grid's share of nonzero values (how the rate is spent as training goes)
+    history: list[dict] = field(default_factory=list)
+
+
+def nonzero_shares(model: LatentImage) -> list[float]:
+    """Each grid's share of nonzero values once rounded, finest first."""
+    return [round(float(np.mean(grid != 0)), 4) for grid in model.integer_latents()]
 
 
 def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, seed: int = 0,
@@ -95,7 +103,7 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
     weights_per_pixel = sum(p.numel() for p in model.synthesis_parameters()) / pixels
     synthesis_bits, choose_at = WEIGHT_BITS_ESTIMATE, math.ceil(CHOOSE_BITS_AT * steps)
     optimiser = torch.optim.Adam(model.parameters(), lr=LR)
-    lam, overhead = LAMBDA_START, 0.0
+    lam, overhead, history = LAMBDA_START, 0.0, []
     bar = tqdm(range(steps), desc="latent fit", unit="step", disable=not progress, leave=False)
     for step in bar:
         for group in optimiser.param_groups:
@@ -114,14 +122,17 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
         if step % CONTROL_EVERY == 0 or calibrate:  # steer by the rate of the rounded grids, what the file will hold
             rounded = rounded_rate(model, pixels) + synthesis_bits * weights_per_pixel
         if calibrate:
-            overhead = file_bpp(model, info, synthesis_bits) - rounded
+            size = file_bpp(model, info, synthesis_bits)
+            overhead = size - rounded
+            history.append({"step": step, "lambda": lam, "rate_model_bpp": round(rounded, 5), "file_bpp": round(size, 5),
+                            "synthesis_bits": synthesis_bits, "nonzero_per_grid": nonzero_shares(model)})
         lam *= math.exp(LAMBDA_RATE * math.log(max(rounded + overhead, 1e-6) / (bpp * (1 - RATE_MARGIN))))
         if progress and step % 50 == 0:
             bar.set_postfix(psnr=f"{10 * math.log10(4 / max(mse.item(), 1e-12)):.2f}", bpp=f"{rounded + overhead:.3f}")
     with torch.no_grad():
         out, _ = model("round")
         mse = float(F.mse_loss(out.clamp(-1, 1), target))
-    return LatentTraining(lam, 10 * math.log10(4 / max(mse, 1e-12)), synthesis_bits)
+    return LatentTraining(lam, 10 * math.log10(4 / max(mse, 1e-12)), synthesis_bits, history)
 
 
 def best_synthesis_bits(model: LatentImage, image: ImageData, info: ImageInfo, lam: float, budget_bytes: float
@@ -163,7 +174,7 @@ def compress_latent(image: ImageData, bpp: float, config: CompressConfig) -> Com
         psnr_float=training.psnr_rounded, psnr_quantized_no_qat=decoded_psnr, spec=model.spec,
         quant=decoded.quant, params=parameter_count(model.spec) + latent_values, train_seconds=round(seconds, 2),
         extra={"steps": steps, "lambda": training.lambda_final, "synthesis_bits": bits, "latent_values": latent_values,
-               "nonzero_per_grid": [round(float(np.mean(grid != 0)), 4) for grid in model.integer_latents()]},
+               "nonzero_per_grid": nonzero_shares(model), "history": training.history},
     )
     if result.bpp > bpp:
         log.warning("latent reached %.4f bpp, above the %.4g asked for", result.bpp, bpp)
