@@ -452,6 +452,20 @@ def test_rate_control_counts_the_whole_file_header_included(monkeypatch):
     assert 0.85 <= actual <= 1.0
 
 
+def test_lambda_moves_at_its_own_rate_in_the_rounding_phase(monkeypatch):
+    """By the rounding phase the learning rate has decayed and the rate answers λ slowly, so λ
+    moves ROUNDING_LAMBDA_RATE per step there: with LAMBDA_RATE at 0 it stays put through the
+    noise phase and climbs in the last fifth on a file far over its budget."""
+    monkeypatch.setattr(latent_codec, "LAMBDA_RATE", 0.0)
+    image, finals = as_image(photo_crop(16)), {}
+    for rate in (0.0, latent_codec.ROUNDING_LAMBDA_RATE):
+        monkeypatch.setattr(latent_codec, "ROUNDING_LAMBDA_RATE", rate)
+        model = LatentImage(16, 16, [5, 8, 3])  # 2 bpp of synthesis weights alone: far over 0.01 bpp
+        finals[rate] = latent_codec.train_latent(model, image, 0.01, steps=50, measure_files=False).lambda_final
+    assert finals[0.0] == latent_codec.LAMBDA_START
+    assert finals[latent_codec.ROUNDING_LAMBDA_RATE] > 5 * latent_codec.LAMBDA_START  # 10 steps of e^(0.05 · log(> 100))
+
+
 def test_the_rounding_phase_trains_through_the_precision_the_file_will_choose(monkeypatch):
     """At 0.1 bpp the file's choice (MSE + λ · rate) often falls on 6 or 6.5 bits: training
     picks it half-way and fake-quantises to it in the rounding phase."""
