@@ -130,7 +130,8 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
             overhead = size - rounded
             history.append({"step": step, "lambda": lam, "rate_model_bpp": round(rounded, 5), "file_bpp": round(size, 5),
                             "synthesis_bits": synthesis_bits, "nonzero_per_grid": nonzero_shares(model)})
-        lam *= math.exp((ROUNDING_LAMBDA_RATE if rounding else LAMBDA_RATE) * math.log(max(rounded + overhead, 1e-6) / (bpp * (1 - RATE_MARGIN))))
+        speed = ROUNDING_LAMBDA_RATE if rounding else LAMBDA_RATE
+        lam *= math.exp(speed * math.log(max(rounded + overhead, 1e-6) / (bpp * (1 - RATE_MARGIN))))
         if progress and step % 50 == 0:
             bar.set_postfix(psnr=f"{10 * math.log10(4 / max(mse.item(), 1e-12)):.2f}", bpp=f"{rounded + overhead:.3f}")
     with torch.no_grad():
