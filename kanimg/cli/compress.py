@@ -14,10 +14,13 @@ DEFAULT_BPPS = "0.1,0.2,0.3,0.5,1.0"
 
 def _network_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("network codec")
-    g.add_argument("--steps", type=int, help="training steps (default: 5000 per 65,536 pixels, 5000 to 25000)")
-    g.add_argument("--qat-steps", type=int, help="quantisation-aware fine-tuning steps (default 300)")
-    g.add_argument("--bits", type=float, help="4…12 in half bits (uniform integers) or 16 (float16); default: KAN "
-                                                "the most bits that fit the budget, SIREN float16 (COIN)")
+    g.add_argument("--steps", type=int, help="training steps (default: latent 4000 whole-image steps; kan and siren "
+                                               "5000 per 65,536 pixels, 5000 to 25000)")
+    g.add_argument("--qat-steps", type=int, help="kan and siren: quantisation-aware fine-tuning steps (default 300; "
+                                                   "latent trains through its quantisation)")
+    g.add_argument("--bits", type=float, help="4…12 in half bits (uniform integers) or 16 (float16); default: latent "
+                                                "the best of 6…12 by rate and distortion, KAN the most bits that fit "
+                                                "the budget, SIREN float16 (COIN)")
     g.add_argument("--per-channel", action="store_true", help="one quantisation step per output channel (default: per tensor)")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--device", default="auto", choices=DEVICES, help="training device (decoding is always CPU)")

@@ -71,8 +71,9 @@ class CompressConfig:
         steps: training steps; None = :func:`default_steps` of the image's pixel count (latent:
             latent_codec.STEPS).
         qat_steps: quantisation-aware fine-tuning steps (integer quantisation only).
-        bits: 4 … 12 in half bits, or 16 (float16); None = the family's default (KAN: the
-            most bits that fit the budget, per tensor; SIREN: float16 as COIN).
+        bits: 4 … 12 in half bits, or 16 (float16); None = the family's default (latent: the
+            best of latent_codec.WEIGHT_BITS by rate and distortion; KAN: the most bits that fit
+            the budget, per tensor; SIREN: float16 as COIN).
         granularity: "tensor" or "channel" step sizes.
         lr, batch_size: None = the family's compression defaults (TRAINING).
         seed: model initialisation and pixel sampling.
