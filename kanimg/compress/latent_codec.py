@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # Measured on the tuning crop "coffee" at 0.25 bpp, 2,000 steps (PSNR − WebP at the same bpp):
 # one hidden layer of 48 +0.02 dB, of 32 −0.17, of 64 −0.31, two of 16 −0.85, two of 24 −0.55.
 LEVELS, HIDDEN = 7, (48,)  # grids at H/2^0 … H/2^6; synthesis widths
-STEPS = 4000  # whole-image steps, whatever the size (a 256×256 crop: 5–7 min on 2 threads of an AMD EPYC)
+STEPS = 4000  # whole-image steps, whatever the size (a 256×256 crop: 2–3 min on 2 threads of an AMD EPYC)
 # Adam with cosine decay (1e-2 learned too slowly in 2,000 steps, 1e-1 lost 2.7 dB to WebP),
 # uniform noise for the first 80 % of steps, rounding with straight-through gradients after.
 LR = 5e-2
