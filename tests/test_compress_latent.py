@@ -457,13 +457,13 @@ def test_lambda_moves_at_its_own_rate_in_the_rounding_phase(monkeypatch):
     moves ROUNDING_LAMBDA_RATE per step there: with LAMBDA_RATE at 0 it stays put through the
     noise phase and climbs in the last fifth on a file far over its budget."""
     monkeypatch.setattr(latent_codec, "LAMBDA_RATE", 0.0)
-    image, finals = as_image(photo_crop(16)), {}
-    for rate in (0.0, latent_codec.ROUNDING_LAMBDA_RATE):
+    image, finals, default = as_image(photo_crop(16)), {}, latent_codec.ROUNDING_LAMBDA_RATE
+    for rate in (0.0, default):
         monkeypatch.setattr(latent_codec, "ROUNDING_LAMBDA_RATE", rate)
         model = LatentImage(16, 16, [5, 8, 3])  # 2 bpp of synthesis weights alone: far over 0.01 bpp
         finals[rate] = latent_codec.train_latent(model, image, 0.01, steps=50, measure_files=False).lambda_final
     assert finals[0.0] == latent_codec.LAMBDA_START
-    assert finals[latent_codec.ROUNDING_LAMBDA_RATE] > 5 * latent_codec.LAMBDA_START  # 10 steps of e^(0.05 · log(> 100))
+    assert finals[default] > 5 * latent_codec.LAMBDA_START  # 10 steps of e^(0.05 · log(> 100))
 
 
 def test_the_rounding_phase_trains_through_the_precision_the_file_will_choose(monkeypatch):
