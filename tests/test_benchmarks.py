@@ -214,3 +214,39 @@ def test_codec_point_scores_one_file_against_webp_and_avif_with_an_override(tmp_
     assert f"{record['psnr']:.2f} dB (9 bits)" in printed
     assert "  step    15: λ" in printed  # the rate control's trace: the precision chosen half-way through 30 steps
     assert [entry["step"] for entry in record["result"]["extra"]["history"]] == [15]
+
+
+def test_colour_error_splits_each_files_error_into_luma_and_chroma(tmp_path, capsys):
+    from PIL import Image
+
+    from kanimg.compress.neural import CompressConfig, compress_image
+    from kanimg.io import load_image
+
+    bench = load("colour_error")
+    # the split against an independent one: an orthonormal basis whose first axis is grey
+    rng = np.random.default_rng(0)
+    original, decoded = rng.random((5, 7, 3)), rng.random((5, 7, 3))
+    basis = np.array([[1, 1, 1] / np.sqrt(3), [1, -1, 0] / np.sqrt(2), [1, 1, -2] / np.sqrt(6)])
+    rotated = (decoded - original).reshape(-1, 3) @ basis.T
+    luma, chroma = bench.split_error(decoded, original)
+    assert np.isclose(luma, np.mean(rotated[:, 0] ** 2) / 3) and np.isclose(chroma, np.mean(rotated[:, 1:] ** 2) * 2 / 3)
+    assert np.isclose(luma + chroma, np.mean((decoded - original) ** 2))
+    assert bench.split_error(original + 0.1, original)[1] < 1e-12  # a grey shift has no chroma error
+
+    # end to end on an rd folder's layout: one latent file of a colour photo
+    photo = tmp_path / "photo.png"
+    with Image.open(ROOT / "assets" / "astronaut.png") as im:
+        im.convert("RGB").resize((32, 32), Image.LANCZOS).save(photo)
+    folder = tmp_path / "rd"
+    (folder / "kimg").mkdir(parents=True)
+    image = load_image(photo)
+    data = compress_image(image, 2.0, CompressConfig(model="latent", steps=20)).data
+    (folder / "kimg" / "photo-latent-2.0bpp.kimg").write_bytes(data)
+    (folder / "results.json").write_text(json.dumps({"images": [{"name": "photo", "path": str(photo), "channels": 3}]}))
+    out = tmp_path / "colour.json"
+    assert bench.main([str(folder), "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["records"]
+    assert record["codecs"]["latent"]["bpp"] == 8 * len(data) / (32 * 32)
+    assert set(record["codecs"]) == {"latent", "webp", "avif"}
+    assert all(v["luma"] > 0 and v["chroma"] > 0 for v in record["codecs"].values())
+    assert "| photo-latent-2.0bpp.kimg |" in capsys.readouterr().out
