@@ -40,16 +40,24 @@ def split_error(decoded: np.ndarray, original: np.ndarray) -> tuple[float, float
     return float(along.mean() / 3), float(((error**2).sum(1) - along).mean() / 3)
 
 
-def nearest_classic(name: str, image, bpp: float) -> tuple[float, np.ndarray]:
-    """(bpp, decoded pixels in [0, 1]) of the codec's quality whose file is nearest ``bpp``."""
-    codec, best = get_codec(name), None
-    for quality in range(1, 101):
-        data = codec.encode(image, quality)
-        size = 8 * len(data) / (image.height * image.width)
-        if best is None or abs(size - bpp) < abs(best[0] - bpp):
-            best = (size, data)
-    ints, depth = codec.decode(best[1], image)
-    return best[0], ints / (2**depth - 1)
+def classic_files(name: str, image) -> list[tuple[float, bytes]]:
+    """(bpp, bytes) of the codec's file at every quality 1 … 100: made once per image, since
+    every latent file of the image is matched against the same files."""
+    codec = get_codec(name)
+    return [(8 * len(data) / (image.height * image.width), data) for data in (codec.encode(image, q) for q in range(1, 101))]
+
+
+def nearest_classic(name: str, files: list[tuple[float, bytes]], image, bpp: float) -> tuple[float, np.ndarray]:
+    """(bpp, decoded pixels in [0, 1]) of the file among ``files`` whose size is nearest ``bpp``
+    (the lowest quality where two are as near)."""
+    size, data = min(files, key=lambda file: abs(file[0] - bpp))
+    ints, depth = get_codec(name).decode(data, image)
+    return size, ints / (2**depth - 1)
+
+
+def comparable(row: dict, name: str) -> bool:
+    """Whether codec ``name``'s file in ``row`` is within SIZE_TOLERANCE of the latent file's size."""
+    return name == "latent" or abs(row["codecs"][name]["bpp"] / row["codecs"]["latent"]["bpp"] - 1) <= SIZE_TOLERANCE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,19 +65,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("rd_folder", type=Path, help="the output folder of a kanimg rd run with the latent model")
     parser.add_argument("--json", type=Path, help="results JSON (default: benchmarks/results/colour_error.json)")
     args = parser.parse_args(argv)
-    results = json.loads((args.rd_folder / "results.json").read_text())
+    try:
+        results = json.loads((args.rd_folder / "results.json").read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"{args.rd_folder}: not the output folder of a kanimg rd run ({error})") from None
     records = []
     for info in results["images"]:
         if info["channels"] != 3:
             continue
         image = load_image(info["path"])
+        classic = {name: classic_files(name, image) for name in ("webp", "avif")}
         for path in sorted((args.rd_folder / "kimg").glob(f"{info['name']}-latent-*bpp.kimg")):
             data = path.read_bytes()
             bpp = 8 * len(data) / (image.height * image.width)
             row = {"image": info["name"], "file": path.name, "codecs": {}}
             row["codecs"]["latent"] = {"bpp": bpp, **dict(zip(("luma", "chroma"), split_error(decode_image(data).pixels, image.pixels)))}
             for name in ("webp", "avif"):
-                size, pixels = nearest_classic(name, image, bpp)
+                size, pixels = nearest_classic(name, classic[name], image, bpp)
                 row["codecs"][name] = {"bpp": size, **dict(zip(("luma", "chroma"), split_error(pixels, image.pixels)))}
             records.append(row)
             parts = "  ".join(f"{k} {v['bpp']:.3f} bpp luma {v['luma']:.2e} chroma {v['chroma']:.2e}" for k, v in row["codecs"].items())
@@ -80,17 +92,16 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|"]
     for row in records:
         c = row["codecs"]
-        near = {k: k == "latent" or abs(v["bpp"] / c["latent"]["bpp"] - 1) <= SIZE_TOLERANCE for k, v in c.items()}
 
         def cells(value) -> str:
-            return " / ".join(value(c[k]) if near[k] else "—" for k in ("latent", "webp", "avif"))
+            return " / ".join(value(c[k]) if comparable(row, k) else "—" for k in ("latent", "webp", "avif"))
 
         lines.append(f"| {row['file']} | " + " / ".join(f"{c[k]['bpp']:.3f}" for k in ("latent", "webp", "avif")) + " | "
                      + cells(lambda v: f"{v['luma']:.2e}") + " | " + cells(lambda v: f"{v['chroma']:.2e}") + " | "
                      + cells(lambda v: f"{v['chroma'] / (v['luma'] + v['chroma']):.2f}") + " |")
     ratios = {}
     for name in ("webp", "avif"):
-        close = [r for r in records if abs(r["codecs"][name]["bpp"] / r["codecs"]["latent"]["bpp"] - 1) <= SIZE_TOLERANCE]
+        close = [r for r in records if comparable(r, name)]
         for part in ("luma", "chroma"):
             ratios[f"{part} latent / {name}"] = statistics.mean(r["codecs"]["latent"][part] / r["codecs"][name][part] for r in close) if close else None
         ratios[f"files within {SIZE_TOLERANCE:.0%} of {name}'s size"] = len(close)
