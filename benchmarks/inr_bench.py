@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import kanimg
 from kanimg.comparison import compare
 from kanimg.io import default_image
-from kanimg.results import versions
+from kanimg.results import machine, versions
 
 CROP = 256
 # name: (scikit-image loader, or "bundled"), every one a photograph
@@ -244,11 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tune:
         args.out.mkdir(parents=True, exist_ok=True)
         plot(summary, args.out / "psnr-vs-budget.png")
-    import torch
-
     payload = {"summary": summary, **result, "candidates": {f: [list(c) for c in CANDIDATES[f]] for f in CANDIDATES} if args.tune else None,
                "command": "python benchmarks/inr_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()}, "versions": versions()}
+               "machine": machine(), "versions": versions()}
     path = args.json or Path(__file__).resolve().parent / "results" / f"inr_bench{'-tune' if args.tune else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

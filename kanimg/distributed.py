@@ -105,8 +105,21 @@ def joined() -> Iterator[World]:
     dist.init_process_group(backend, timeout=MEETING_TIMEOUT)
     try:
         yield here
+        _leave_together()
     finally:
         dist.destroy_process_group()
+
+
+def _leave_together() -> None:
+    """Wait until every rank has finished the command. Without this a rank that has done its
+    share (its rd points, its comparison runs) tears down its connections and exits while rank 0
+    still measures and writes the results; once (in CI) such a rank aborted on the way out
+    (gloo, "terminate called without an active exception"), and torchrun then stopped rank 0
+    before it had published the folder."""
+    try:
+        dist.barrier()
+    except RuntimeError:  # a rank failed or was stopped after the last meeting point; it said why
+        raise KanimgError("another rank stopped before the end of the command") from None
 
 
 def main_first(place: World, action: Callable[[], T]) -> T:

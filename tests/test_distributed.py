@@ -123,3 +123,38 @@ def test_a_fit_on_two_ranks_trains_one_model_like_one_process_at_the_same_total_
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["world_size"] == 2 and json.loads((tmp_path / "one" / "metrics.json").read_text())["world_size"] == 1
     assert two["steps_done"] == 60 and abs(two["metrics"]["psnr"] - one.metrics["psnr"]) < 0.5
+
+
+LEAVE = """
+import sys
+import time
+from pathlib import Path
+from kanimg import distributed
+
+done = Path(sys.argv[1])
+with distributed.joined() as place:
+    if place.is_main:  # rank 0 still writes results while rank 1 has nothing left to do
+        time.sleep(2)
+        done.write_text("written")
+(done.parent / f"rank{place.rank}.txt").write_text("results there" if done.exists() else "results missing")
+"""
+
+
+def test_no_rank_leaves_the_process_group_before_rank_0_has_finished(tmp_path):
+    """A rank done with its share waits at the end of the command until rank 0 has written the
+    results, so no rank tears down its connections while another still works."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+                           str(tmp_path / "done")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["results there"] * 2
+
+
+def test_a_rank_whose_partner_fails_after_the_work_says_so_in_one_line(monkeypatch):
+    def broken_barrier():
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(distributed.dist, "barrier", broken_barrier)
+    with pytest.raises(distributed.KanimgError, match="another rank stopped before the end"):
+        distributed._leave_together()
