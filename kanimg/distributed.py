@@ -117,7 +117,7 @@ def _leave_together() -> None:
     (gloo, "terminate called without an active exception"), and torchrun then stopped rank 0
     before it had published the folder."""
     try:
-        dist.barrier()
+        dist.all_reduce(torch.zeros(1))  # a barrier on a CPU tensor: gloo carries it, NCCL beside it or not
     except RuntimeError:  # a rank failed or was stopped after the last meeting point; it said why
         raise KanimgError("another rank stopped before the end of the command") from None
 

@@ -152,9 +152,9 @@ def test_no_rank_leaves_the_process_group_before_rank_0_has_finished(tmp_path):
 
 
 def test_a_rank_whose_partner_fails_after_the_work_says_so_in_one_line(monkeypatch):
-    def broken_barrier():
+    def broken_meeting(tensor):
         raise RuntimeError("Connection closed by peer")
 
-    monkeypatch.setattr(distributed.dist, "barrier", broken_barrier)
+    monkeypatch.setattr(distributed.dist, "all_reduce", broken_meeting)
     with pytest.raises(distributed.KanimgError, match="another rank stopped before the end"):
         distributed._leave_together()
