@@ -113,7 +113,7 @@ def joined() -> Iterator[World]:
 def _leave_together() -> None:
     """Wait until every rank has finished the command. Without this a rank that has done its
     share (its rd points, its comparison runs) tears down its connections and exits while rank 0
-    still measures and writes the results; once (in CI) such a rank aborted on the way out
+    still measures and writes the results; once (in CI) such a rank aborted after its share
     (gloo, "terminate called without an active exception"), and torchrun then stopped rank 0
     before it had published the folder."""
     try:
