@@ -254,4 +254,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:  # finished runs stay finished: the same command goes on from there
+        print("inr_bench: interrupted; run the same command again to go on from the finished runs", file=sys.stderr)
+        raise SystemExit(130) from None
