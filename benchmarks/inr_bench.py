@@ -115,8 +115,10 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
-def bench(out: Path, budgets: list[float], seeds: list[int], models: list[str], full: bool, quiet: bool) -> dict:
-    """compare() on the evaluation photos at every budget and seed; records by budget."""
+def bench(out: Path, budgets: list[float], seeds: list[int], models: list[str], full: bool, quiet: bool,
+          photos: list[str] | None = None) -> dict:
+    """compare() on the evaluation photos (or only ``photos``, one at a time, so that a long
+    benchmark can be run in parts and merged with --from-json) at every budget and seed."""
     sets = [("crops", write_photos(out / "photos" / "crops", EVAL, crop=True))]
     if full:
         sets.append(("full", write_photos(out / "photos" / "full", FULL, crop=False)))
@@ -124,11 +126,13 @@ def bench(out: Path, budgets: list[float], seeds: list[int], models: list[str], 
     for budget in budgets:
         for seed in seeds:
             for kind, folder in sets:
-                result = compare(folder, models, out / kind / f"{budget:g}s-seed{seed}", budget_seconds=budget, seed=seed,
-                                 progress=not quiet)
-                if result.interrupted:
-                    raise KeyboardInterrupt
-                records += [{**r, "budget": budget, "set": kind} for r in result.records]
+                inputs = [folder] if photos is None else [folder / f"{p}.png" for p in photos if (folder / f"{p}.png").exists()]
+                for path in inputs:  # force: a part's tables give way to the whole's; finished runs are reused
+                    result = compare(path, models, out / kind / f"{budget:g}s-seed{seed}", budget_seconds=budget, seed=seed,
+                                     force=True, progress=not quiet)
+                    if result.interrupted:
+                        raise KeyboardInterrupt
+                    records += [{**r, "budget": budget, "set": kind} for r in result.records]
     return {"records": records}
 
 
@@ -221,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help="models (benchmark) or families (--tune)")
     parser.add_argument("--candidates", help="--tune: run only these candidates, comma-separated (e.g. kan#10,hashgrid#8: a new round)")
     parser.add_argument("--no-full", action="store_true", help="skip the full-size photos")
+    parser.add_argument("--photos", help="benchmark only these photos, comma-separated (e.g. camera,chelsea,camera-full): "
+                                         "a part of a long run, merged with the others by --from-json")
     parser.add_argument("--tune", action="store_true", help="run the tuning sweep instead of the benchmark")
     parser.add_argument("-o", "--out", type=Path, default=Path("runs/inr-bench"))
     parser.add_argument("--json", type=Path, help="results JSON (default: benchmarks/results/inr_bench[-tune].json)")
@@ -236,7 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.tune:
         result, key, title = tune(args.out, budgets, models, args.quiet, set(args.candidates.split(',')) if args.candidates else None), "candidate", "Tuning sweep"
     else:
-        result, key, title = bench(args.out, budgets, [int(s) for s in args.seeds.split(",")], models, not args.no_full, args.quiet), "model", "Benchmark"
+        photos = [p.strip() for p in args.photos.split(",") if p.strip()] if args.photos else None
+        unknown = sorted(set(photos or []) - set(EVAL) - set(FULL))
+        if unknown:
+            print(f"inr_bench: unknown photo {', '.join(unknown)}; choose from {', '.join([*EVAL, *FULL])}", file=sys.stderr)
+            return 2
+        result, key, title = bench(args.out, budgets, [int(s) for s in args.seeds.split(",")], models, not args.no_full, args.quiet,
+                                   photos), "model", "Benchmark"
     summary = summarise(result["records"], key)
     text = markdown(summary, title)
     print(text)

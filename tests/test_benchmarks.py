@@ -127,6 +127,28 @@ def test_inr_bench_runs_every_budget_and_seed_and_summarises(tmp_path, monkeypat
     assert set(json.loads((tmp_path / "mlp.json").read_text())["summary"]["crops"]["0.2"]) == {"mlp"}
 
 
+def test_inr_bench_in_parts_by_photo_merges_into_the_whole(tmp_path, monkeypatch, capsys):
+    """A benchmark too long for one sitting: each part trains its photos; the whole reuses them."""
+    bench = load("inr_bench")
+    monkeypatch.setattr(bench, "EVAL", {"camera": "camera", "astronaut": "bundled", "coins": "coins"})
+    monkeypatch.setattr(bench, "CROP", 24)
+    out, common = tmp_path / "bench", ["--budgets", "0.2", "--seeds", "1", "--models", "mlp", "--no-full", "-q"]
+    for part, photos in enumerate(("camera", "astronaut,coins")):
+        assert bench.main([*common, "--photos", photos, "-o", str(out), "--json", str(tmp_path / f"part{part}.json")]) == 0
+    parts = [json.loads((tmp_path / f"part{part}.json").read_text()) for part in range(2)]
+    assert [sorted(r["image"] for r in p["records"]) for p in parts] == [["camera"], ["astronaut", "coins"]]
+    assert bench.main([*common, "--photos", "moon", "-o", str(out), "--json", str(tmp_path / "x.json")]) == 2
+    assert "unknown photo moon" in capsys.readouterr().err
+
+    with mock.patch("kanimg.comparison.fit", side_effect=AssertionError("trained again")):
+        assert bench.main([*common, "-o", str(out), "--json", str(tmp_path / "whole.json")]) == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert sorted(r["image"] for r in whole["records"]) == ["astronaut", "camera", "coins"]
+    assert bench.main(["--from-json", str(tmp_path / "part0.json"), str(tmp_path / "part1.json"), "--models", "mlp", "-q",
+                       "-o", str(tmp_path / "merged"), "--json", str(tmp_path / "merged.json")]) == 0
+    assert json.loads((tmp_path / "merged.json").read_text())["summary"] == whole["summary"]
+
+
 def test_inr_bench_tuning_sweep_tries_every_candidate(tmp_path, monkeypatch):
     bench = load("inr_bench")
     monkeypatch.setattr(bench, "TUNE", {"coffee": "coffee"})
