@@ -13,12 +13,14 @@ OUT="${1:-benchmarks/results/gpu}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: PyTorch sees no CUDA GPU here')" || exit 2
-python -m pip install -q -e ".[test]" > "$OUT/install.log" 2>&1 || { echo "gpu_check: install failed (see $OUT/install.log)"; exit 2; }
+# a machine with no package registry: install what is missing by hand (or put kanimg on PYTHONPATH) first
+python -c "import kanimg, png, constriction" 2>/dev/null ||
+    python -m pip install -q -e ".[test]" > "$OUT/install.log" 2>&1 || { echo "gpu_check: install failed (see $OUT/install.log)"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 status=0
 
 echo "== CUDA tests"
-timeout 150 python -m pytest -q -x tests/test_triton_kan.py tests/test_compile.py tests/test_kan_layer.py 2>&1 | tee "$OUT/tests.log" | tail -5
+timeout 150 python -m pytest -q tests/test_triton_kan.py 2>&1 | tee "$OUT/tests.log" | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== step time, batch 4,096 (+ PSNR after 2,000 steps)"

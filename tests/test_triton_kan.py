@@ -12,6 +12,7 @@ import torch
 
 from kanimg.nn import KAN, KANLayer
 from kanimg.nn.bspline import padded_knots, spline_features
+from kanimg.nn.packed_spline import fused_path
 
 from test_kan_layer import exact_layer, inputs, rel_err
 
@@ -53,7 +54,7 @@ def reference_outputs(layer: KANLayer, x: torch.Tensor, g: torch.Tensor):
 
 
 @pytest.mark.parametrize("grid_kind", ["uniform", "percentile"])
-@pytest.mark.parametrize("grid_size,n_in,n_out", [(1, 3, 5), (2, 1, 1), (7, 5, 37), (50, 3, 33), (200, 3, 2)])
+@pytest.mark.parametrize("grid_size,n_in,n_out", [(1, 3, 5), (2, 1, 1), (7, 5, 37), (50, 3, 33), (200, 3, 2), (13, 2, 70)])
 def test_forward_and_gradients_match_cox_de_boor(kernels, grid_size, n_in, n_out, grid_kind):
     """Odd widths, several row and output blocks, inputs inside, in the extension zones and far out."""
     torch.manual_seed(grid_size * 7 + n_out)
@@ -94,6 +95,24 @@ def test_only_the_asked_gradients_are_computed(kernels):
     assert torch.equal(only_x, both_x) and rel_err(only_w, both_w) < 1e-6
 
 
+@pytest.mark.parametrize("programs", [1, 6, 1024])
+def test_the_weight_gradient_however_the_rows_are_shared(kernels, monkeypatch, programs):
+    """dL/dW sums Fᵀ·dL/dy over shares of the rows, one program each: 300 rows as one share of
+    5 row blocks, 2 shares of 3 and 2 blocks, or 5 shares of one."""
+    torch.manual_seed(7)
+    layer = exact_layer(3, 6, 9)
+    x, g = inputs(300, 3), torch.randn(300, 6, dtype=torch.float64)
+    monkeypatch.setattr(kernels, "WEIGHT_GRAD_PROGRAMS", programs)
+    _, _, got = kernel_outputs(kernels, layer, x, g, need_x=False)
+    assert rel_err(got.double(), reference_outputs(layer, x, g)[2]) < 2e-5
+
+
+def test_an_empty_batch(kernels):
+    layer = exact_layer(2, 5, 4)
+    y, grad_x, grad_w = kernel_outputs(kernels, layer, torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, 5, dtype=torch.float64))
+    assert y.shape == (0, 5) and grad_x.shape == (0, 2) and not grad_w.any()
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_the_layer_takes_the_triton_path_on_cuda():
     """On CUDA a float32 KAN runs the Triton kernels; they agree with the PyTorch path."""
@@ -102,6 +121,7 @@ def test_the_layer_takes_the_triton_path_on_cuda():
     torch.manual_seed(5)
     kan = KAN([2, 32, 32, 3], [40, 8, 8], directions=8).cuda()
     x = torch.rand(10_000, 2, device="cuda") * 2 - 1
+    assert fused_path("cuda", torch.float32)  # the kernels' one-time self-test runs here, not under the spy
     with mock.patch("kanimg.nn.triton_kan.forward", wraps=importlib.import_module("kanimg.nn.triton_kan").forward) as spy:
         fast = kan(x)
     assert spy.call_count == 3
@@ -135,6 +155,6 @@ def test_the_self_test_passes_the_kernels_and_catches_a_wrong_one(kernels, monke
 
     self_test(kernels, DEVICE)
     real = kernels.forward
-    monkeypatch.setattr(kernels, "forward", lambda *args: real(*args) * 1.001)
+    monkeypatch.setattr(kernels, "forward", lambda *args, **kwargs: real(*args, **kwargs) * 1.001)
     with pytest.raises(RuntimeError, match="self-test mismatch"):
         self_test(kernels, DEVICE)

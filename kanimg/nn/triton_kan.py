@@ -1,16 +1,19 @@
-"""Triton kernels for the KAN layer on CUDA: y = F(x) @ W without ever building F.
+"""Triton kernels for the KAN layer on CUDA: y = F(x) @ W without ever building F in memory.
 
-F(x) = [silu(x_i) | B_0(x_i) … B_{G+2}(x_i)] has 4 non-zero spline entries in G + 3 per input
-feature, so the forward program of a (rows × outputs) tile walks the inputs and, for each,
-adds silu(x)·W[i] and the four B_q(x)·W[row of B_q] — gathered weight rows instead of a dense
-feature matrix. The backward computes dL/dx the same way (with the basis slopes) and adds
-B_q(x)·dL/dy into dL/dW with atomics, so nothing of size B × I·(G+3) exists in either pass.
+F(x) = [silu(x) | B_0(x) … B_{G+2}(x)] per input feature, 4 of the G + 3 spline entries
+non-zero. Each kernel walks the inputs and builds one input's features as a (rows × 16) tile in
+registers (its basis functions, then silu), which tl.dot multiplies with the matching rows of W
+(forward), of Wᵀ (dL/dF, then times the basis slopes for dL/dx) or of dL/dy (dL/dW = Fᵀ · dL/dy,
+summed over a share of the rows and added once per share). Nothing of size B × I·(G+3) exists
+in either pass. The tiles are dense (16 columns for 5 non-zero ones), which tl.dot repays:
+float32 ("ieee", FMA units), or TF32 on the tensor cores where PyTorch's float32 matmuls may
+use it (--precision tf32).
 
 Both knot kinds of kan.py: uniform grids (closed-form pieces in u = frac((x - lo)/h)) and any
 other knots in bspline.padded_knots layout (interval by a fixed-depth binary search, values by
 the local de Boor triangle, written out). float32 only; the layer falls back to the PyTorch
 path for other dtypes. Under TRITON_INTERPRET=1 these kernels run on CPU tensors, which is how
-the test suite checks them against Cox–de Boor without a GPU. Weight-gradient atomics make the
+the test suite checks them against Cox–de Boor without a GPU. The shares' atomic adds make the
 summation order of dL/dW vary between runs (within float32 rounding).
 """
 from __future__ import annotations
@@ -23,7 +26,8 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_ROWS = 64
-BLOCK_OUTPUTS = 32
+BLOCK_FEATURES = 16  # one input's features per tl.dot: its G + 3 basis functions, then silu
+WEIGHT_GRAD_PROGRAMS = 1024  # enough programs for dL/dW to fill a large GPU; each adds its share once
 
 
 @triton.jit
@@ -134,87 +138,105 @@ def _basis(x, lo, inv_h, knots_row, G, UNIFORM: tl.constexpr, SEARCH_STEPS: tl.c
 
 
 @triton.jit
-def _spline_term(w_ptr, base, first, q, value, ok, n_basis, cols, col_ok, O):
-    """value · W[row of basis function first + q] for each row of the tile (0 where it does not exist)."""
-    m = first + q
-    ok = ok & (m >= 0) & (m < n_basis)
-    w = tl.load(w_ptr + (base + m)[:, None] * O + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
-    return value[:, None] * w
+def _feature_tile(first, inside, silu, b0, b1, b2, b3, j, NB):
+    """(rows, len(j)) tile of one input's features: basis function j for j < NB (b_q where
+    j = first + q, else 0), silu at j == NB, 0 beyond. With slopes for values it is dF/dx."""
+    q = j[None, :] - first[:, None]
+    value = tl.where(q == 0, b0[:, None], tl.where(q == 1, b1[:, None], tl.where(q == 2, b2[:, None], b3[:, None])))
+    value = tl.where(inside[:, None] & (q >= 0) & (q < 4) & (j < NB)[None, :], value, 0.0)
+    return tl.where((j == NB)[None, :], silu[:, None], value)
 
 
 @triton.jit
-def _spline_grad(w_ptr, grad_w_ptr, g, base, first, q, value, slope, ok, n_basis, cols, col_ok, O,
-                 NEED_X: tl.constexpr, NEED_W: tl.constexpr):
-    """Adds value · dL/dy into dL/dW's row of basis function first + q; returns slope · (dL/dy · W row)."""
-    m = first + q
-    ok = ok & (m >= 0) & (m < n_basis)
-    where = (base + m)[:, None] * O + cols[None, :]
-    tile_ok = ok[:, None] & col_ok[None, :]
-    if NEED_W:
-        tl.atomic_add(grad_w_ptr + where, value[:, None] * g, mask=tile_ok)
-    result = tl.zeros(value.shape, dtype=tl.float32)
-    if NEED_X:
-        result = slope * tl.sum(g * tl.load(w_ptr + where, mask=tile_ok, other=0.0), axis=1)
-    return result
+def _weight_rows(i, j, I, NB):
+    """The row of W that holds feature j of input i (the tile's order: basis functions, then silu)."""
+    return tl.where(j < NB, I + i * NB + j, i)
 
 
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, lo_ptr, inv_h_ptr, knots_ptr, out_ptr, B, I, O, G,
-                    UNIFORM: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr):
+                    UNIFORM: tl.constexpr, SEARCH_STEPS: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr):
+    """One program per (row block, output block): for each input, its feature tiles built in
+    registers and multiplied into the output tile by tl.dot."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # int64: B·O may pass 2³¹
     cols = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     row_ok = rows < B
     col_ok = cols < O
-    tile_ok = row_ok[:, None] & col_ok[None, :]
     acc = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
-    n_basis = G + 3
+    NB = G + 3
     for i in range(I):
         x = tl.load(x_ptr + rows * I + i, mask=row_ok, other=0.0)
-        silu = x * _sigmoid(x)
-        acc += silu[:, None] * tl.load(w_ptr + i * O + cols, mask=col_ok, other=0.0)[None, :]
         first, inside, b0, b1, b2, b3, d0, d1, d2, d3 = _basis(
             x, tl.load(lo_ptr + i), tl.load(inv_h_ptr + i), knots_ptr + i * (G + 13), G, UNIFORM, SEARCH_STEPS, False)
-        base = I + i * n_basis
-        acc += _spline_term(w_ptr, base, first, 0, b0, inside & row_ok, n_basis, cols, col_ok, O)
-        acc += _spline_term(w_ptr, base, first, 1, b1, inside & row_ok, n_basis, cols, col_ok, O)
-        acc += _spline_term(w_ptr, base, first, 2, b2, inside & row_ok, n_basis, cols, col_ok, O)
-        acc += _spline_term(w_ptr, base, first, 3, b3, inside & row_ok, n_basis, cols, col_ok, O)
-    tl.store(out_ptr + rows[:, None] * O + cols[None, :], acc, mask=tile_ok)
+        silu = x * _sigmoid(x)
+        for j0 in range(0, NB + 1, BLOCK_F):
+            j = j0 + tl.arange(0, BLOCK_F)
+            features = _feature_tile(first, inside, silu, b0, b1, b2, b3, j, NB)
+            w = tl.load(w_ptr + _weight_rows(i, j, I, NB)[:, None] * O + cols[None, :],
+                        mask=(j <= NB)[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(features, w, acc, input_precision=PRECISION)
+    tl.store(out_ptr + rows[:, None] * O + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _backward_kernel(x_ptr, w_ptr, lo_ptr, inv_h_ptr, knots_ptr, grad_out_ptr, grad_x_ptr, grad_w_ptr, B, I, O, G,
-                     UNIFORM: tl.constexpr, SEARCH_STEPS: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr):
-    """One program per (row block, input feature): dL/dx of that column, and its rows of dL/dW."""
+def _input_grad_kernel(x_ptr, w_ptr, lo_ptr, inv_h_ptr, knots_ptr, grad_out_ptr, grad_x_ptr, B, I, O, G,
+                       UNIFORM: tl.constexpr, SEARCH_STEPS: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr):
+    """One program per (row block, input): dL/dF of the input's features as dL/dy · W rowsᵀ
+    (tl.dot), times their slopes, summed into dL/dx."""
     i = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     x = tl.load(x_ptr + rows * I + i, mask=row_ok, other=0.0)
-    sig = _sigmoid(x)
-    silu = x * sig
     first, inside, b0, b1, b2, b3, d0, d1, d2, d3 = _basis(
-        x, tl.load(lo_ptr + i), tl.load(inv_h_ptr + i), knots_ptr + i * (G + 13), G, UNIFORM, SEARCH_STEPS, NEED_X)
-    n_basis = G + 3
-    base = I + i * n_basis
-    grad_silu = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    grad_spline = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for start in range(0, O, BLOCK_O):
-        cols = start + tl.arange(0, BLOCK_O)
-        col_ok = cols < O
+        x, tl.load(lo_ptr + i), tl.load(inv_h_ptr + i), knots_ptr + i * (G + 13), G, UNIFORM, SEARCH_STEPS, True)
+    sig = _sigmoid(x)
+    silu_slope = sig * (1.0 + x * (1.0 - sig))
+    NB = G + 3
+    grad = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for j0 in range(0, NB + 1, BLOCK_F):
+        j = j0 + tl.arange(0, BLOCK_F)
+        w_rows = _weight_rows(i, j, I, NB)
+        grad_features = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.float32)
+        for o0 in range(0, O, BLOCK_O):
+            cols = o0 + tl.arange(0, BLOCK_O)
+            col_ok = cols < O
+            g = tl.load(grad_out_ptr + rows[:, None] * O + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            w_t = tl.load(w_ptr + w_rows[None, :] * O + cols[:, None], mask=col_ok[:, None] & (j <= NB)[None, :], other=0.0)
+            grad_features = tl.dot(g, w_t, grad_features, input_precision=PRECISION)
+        slopes = _feature_tile(first, inside, silu_slope, d0, d1, d2, d3, j, NB)
+        grad += tl.sum(grad_features * slopes, axis=1)
+    tl.store(grad_x_ptr + rows * I + i, grad, mask=row_ok)
+
+
+@triton.jit
+def _weight_grad_kernel(x_ptr, lo_ptr, inv_h_ptr, knots_ptr, grad_out_ptr, grad_w_ptr, B, I, O, G, ROWS_PER_PROGRAM,
+                        UNIFORM: tl.constexpr, SEARCH_STEPS: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr):
+    """One program per (input, feature block, output block, share of the rows): Fᵀ · dL/dy over
+    its rows by tl.dot, added into dL/dW once at the end (few atomics: one per share)."""
+    i = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    n_col_blocks = tl.cdiv(O, BLOCK_O)
+    cols = (tl.program_id(2) % n_col_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+    col_ok = cols < O
+    row_start = (tl.program_id(2) // n_col_blocks).to(tl.int64) * ROWS_PER_PROGRAM
+    NB = G + 3
+    lo = tl.load(lo_ptr + i)
+    inv_h = tl.load(inv_h_ptr + i)
+    acc = tl.zeros((BLOCK_F, BLOCK_O), dtype=tl.float32)
+    for r0 in range(0, ROWS_PER_PROGRAM, BLOCK_B):
+        rows = row_start + r0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        x = tl.load(x_ptr + rows * I + i, mask=row_ok, other=0.0)
+        first, inside, b0, b1, b2, b3, d0, d1, d2, d3 = _basis(
+            x, lo, inv_h, knots_ptr + i * (G + 13), G, UNIFORM, SEARCH_STEPS, False)
+        features = _feature_tile(first, inside, x * _sigmoid(x), b0, b1, b2, b3, j, NB)
         g = tl.load(grad_out_ptr + rows[:, None] * O + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if NEED_X:
-            grad_silu += tl.sum(g * tl.load(w_ptr + i * O + cols, mask=col_ok, other=0.0)[None, :], axis=1)
-        if NEED_W:
-            tl.atomic_add(grad_w_ptr + i * O + cols, tl.sum(g * silu[:, None], axis=0), mask=col_ok)
-        ok = inside & row_ok
-        grad_spline += _spline_grad(w_ptr, grad_w_ptr, g, base, first, 0, b0, d0, ok, n_basis, cols, col_ok, O, NEED_X, NEED_W)
-        grad_spline += _spline_grad(w_ptr, grad_w_ptr, g, base, first, 1, b1, d1, ok, n_basis, cols, col_ok, O, NEED_X, NEED_W)
-        grad_spline += _spline_grad(w_ptr, grad_w_ptr, g, base, first, 2, b2, d2, ok, n_basis, cols, col_ok, O, NEED_X, NEED_W)
-        grad_spline += _spline_grad(w_ptr, grad_w_ptr, g, base, first, 3, b3, d3, ok, n_basis, cols, col_ok, O, NEED_X, NEED_W)
-    if NEED_X:
-        grad = grad_silu * sig * (1.0 + x * (1.0 - sig)) + tl.where(inside, grad_spline, 0.0)
-        tl.store(grad_x_ptr + rows * I + i, grad, mask=row_ok)
+        acc = tl.dot(tl.trans(features), g, acc, input_precision=PRECISION)
+    tl.atomic_add(grad_w_ptr + _weight_rows(i, j, I, NB)[:, None] * O + cols[None, :], acc,
+                  mask=(j <= NB)[:, None] & col_ok[None, :])
 
 
 def _search_steps(grid_size: int) -> int:
@@ -225,29 +247,60 @@ def _knots_arg(x: Tensor, knots: Tensor | None) -> Tensor:
     return x.new_zeros(1) if knots is None else knots.contiguous()
 
 
-def forward(x: Tensor, weight: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int, knots: Tensor | None) -> Tensor:
-    """F(x) @ weight for float32 x (B, I), weight (I + I·(G+3), O); knots None = uniform grid."""
+def _precision(precision: str | None) -> str:
+    """tl.dot's input precision: as asked, else TF32 where PyTorch's float32 matmuls may use it
+    (--precision tf32), else full float32."""
+    if precision:
+        return precision
+    tf32 = torch.backends.cuda.matmul.allow_tf32 and torch.version.hip is None  # ROCm's Triton: TF32 on few chips
+    return "tf32" if tf32 else "ieee"
+
+
+def _output_block(n_out: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(n_out)))  # tl.dot needs at least 16
+
+
+def forward(x: Tensor, weight: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int, knots: Tensor | None,
+            precision: str | None = None) -> Tensor:
+    """F(x) @ weight for float32 x (B, I), weight (I + I·(G+3), O); knots None = uniform grid;
+    precision "ieee" or "tf32" for tl.dot (None: PyTorch's float32 matmul setting)."""
     x, weight = x.contiguous(), weight.contiguous()  # the kernels index row-major
     batch, n_in = x.shape
     n_out = weight.shape[1]
     out = x.new_empty(batch, n_out)
-    grid = (triton.cdiv(batch, BLOCK_ROWS), triton.cdiv(n_out, BLOCK_OUTPUTS))
-    _forward_kernel[grid](x.contiguous(), weight.contiguous(), lo.contiguous(), inv_h.contiguous(), _knots_arg(x, knots), out,
-                          batch, n_in, n_out, grid_size, UNIFORM=knots is None, SEARCH_STEPS=_search_steps(grid_size),
-                          BLOCK_B=BLOCK_ROWS, BLOCK_O=BLOCK_OUTPUTS)
+    block_o = _output_block(n_out)
+    if batch == 0 or n_in == 0 or n_out == 0:
+        return out.zero_()
+    _forward_kernel[(triton.cdiv(batch, BLOCK_ROWS), triton.cdiv(n_out, block_o))](
+        x, weight, lo.contiguous(), inv_h.contiguous(), _knots_arg(x, knots), out, batch, n_in, n_out, grid_size,
+        UNIFORM=knots is None, SEARCH_STEPS=_search_steps(grid_size), PRECISION=_precision(precision),
+        BLOCK_B=BLOCK_ROWS, BLOCK_O=block_o, BLOCK_F=BLOCK_FEATURES)
     return out
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lo: Tensor, inv_h: Tensor, grid_size: int, knots: Tensor | None,
-             need_x: bool = True, need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:
+             need_x: bool = True, need_w: bool = True, precision: str | None = None) -> tuple[Tensor | None, Tensor | None]:
     """(dL/dx, dL/dW) of :func:`forward`; either is None when not asked for."""
-    x, weight = x.contiguous(), weight.contiguous()  # the kernels index row-major; so do the gradients made here
+    x, weight, grad_out = x.contiguous(), weight.contiguous(), grad_out.contiguous()  # the kernels index row-major
     batch, n_in = x.shape
-    grad_x = torch.empty_like(x) if need_x else x.new_empty(1)
-    grad_w = torch.zeros_like(weight) if need_w else x.new_empty(1)
-    if need_x or need_w:
-        _backward_kernel[(triton.cdiv(batch, BLOCK_ROWS), n_in)](
-            x.contiguous(), weight.contiguous(), lo.contiguous(), inv_h.contiguous(), _knots_arg(x, knots), grad_out.contiguous(),
-            grad_x, grad_w, batch, n_in, weight.shape[1], grid_size, UNIFORM=knots is None,
-            SEARCH_STEPS=_search_steps(grid_size), NEED_X=need_x, NEED_W=need_w, BLOCK_B=BLOCK_ROWS, BLOCK_O=BLOCK_OUTPUTS)
-    return (grad_x if need_x else None), (grad_w if need_w else None)
+    n_out = weight.shape[1]
+    lo, inv_h, knots_arg = lo.contiguous(), inv_h.contiguous(), _knots_arg(x, knots)
+    block_o = _output_block(n_out)
+    common = dict(UNIFORM=knots is None, SEARCH_STEPS=_search_steps(grid_size), PRECISION=_precision(precision),
+                  BLOCK_B=BLOCK_ROWS, BLOCK_O=block_o, BLOCK_F=BLOCK_FEATURES)
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_w = torch.zeros_like(weight) if need_w else None
+    if batch == 0 or n_in == 0 or n_out == 0:
+        return (None if grad_x is None else grad_x.zero_()), grad_w
+    if need_x:
+        _input_grad_kernel[(triton.cdiv(batch, BLOCK_ROWS), n_in)](
+            x, weight, lo, inv_h, knots_arg, grad_out, grad_x, batch, n_in, n_out, grid_size, **common)
+    if need_w:
+        feature_blocks = triton.cdiv(grid_size + 4, BLOCK_FEATURES)
+        col_blocks = triton.cdiv(n_out, block_o)
+        row_blocks = triton.cdiv(batch, BLOCK_ROWS)
+        shares = max(1, min(row_blocks, triton.cdiv(WEIGHT_GRAD_PROGRAMS, n_in * feature_blocks * col_blocks)))
+        rows_per_program = triton.cdiv(row_blocks, shares) * BLOCK_ROWS
+        _weight_grad_kernel[(n_in, feature_blocks, col_blocks * triton.cdiv(batch, rows_per_program))](
+            x, lo, inv_h, knots_arg, grad_out, grad_w, batch, n_in, n_out, grid_size, rows_per_program, **common)
+    return grad_x, grad_w
