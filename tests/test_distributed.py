@@ -2,9 +2,11 @@
 fit that trains one model like one process does; comparisons and RD sweeps whose runs are
 shared out, each done once by the rank its record names, with the outputs one process writes."""
 import json
+import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -15,10 +17,43 @@ from kanimg import distributed
 from kanimg.cli import main
 
 
+# Rarely, a rank of these 2-process gloo jobs aborts in C++ ("terminate called without an
+# active exception", SIGABRT) and torchrun ends the job: seen twice in this project's full-suite
+# runs (an rd on 2026-12-03, a fit on 2026-12-04); 44 runs of that rd alone and 3 of that fit passed.
+# kanimg starts no C++ threads; gloo's do (docs/scaling.md). Such a job is run once more from
+# scratch; any other failure, and any wrong result, still fails the test.
+GLOO_ABORT = "terminate called without an active exception"
+
+
+def run_torchrun(command: list, outputs: list, timeout: int = 900) -> subprocess.CompletedProcess:
+    for _ in range(2):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        if done.returncode == 0 or GLOO_ABORT not in done.stderr:
+            break
+        for path in map(Path, outputs):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    return done
+
+
+def test_a_job_that_aborts_in_gloo_runs_once_more_from_scratch_and_only_such_a_job(tmp_path):
+    out, tries = tmp_path / "out", tmp_path / "tries"
+    script = (f"import pathlib, sys; t = pathlib.Path({str(tries)!r}); t.write_text(t.read_text() + 'x' if t.exists() else 'x'); "
+              f"o = pathlib.Path({str(out)!r}); assert not o.exists(); o.mkdir(); "
+              f"sys.exit(sys.stderr.write({GLOO_ABORT!r}) if len(t.read_text()) == 1 else 0)")
+    assert run_torchrun([sys.executable, "-c", script], [out]).returncode == 0 and tries.read_text() == "xx"
+    tries.unlink()
+    shutil.rmtree(out)
+    failing = script.replace(repr(GLOO_ABORT), repr("another error"))
+    assert run_torchrun([sys.executable, "-c", failing], [out]).returncode != 0 and tries.read_text() == "x"
+
+
 def torchrun(*args, processes=2):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "kanimg",
                *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+    return run_torchrun(command, [args[args.index("-o") + 1]])
 
 
 @pytest.fixture
@@ -111,8 +146,8 @@ def test_a_fit_on_two_ranks_trains_one_model_like_one_process_at_the_same_total_
     script = tmp_path / "fit_two.py"
     script.write_text(FIT)
     image = three_photos / "face.png"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-                           str(image), str(tmp_path / "two"), str(tmp_path)], capture_output=True, text=True, timeout=900)
+    done = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+                         str(image), str(tmp_path / "two"), str(tmp_path)], [tmp_path / "two"])
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["step"] == ranks[1]["step"] == 60 and ranks[0]["layers.0.knots"].shape[1] == 12 + 7
@@ -145,8 +180,8 @@ def test_no_rank_leaves_the_process_group_before_rank_0_has_finished(tmp_path):
     results, so no rank tears down its connections while another still works."""
     script = tmp_path / "leave.py"
     script.write_text(LEAVE)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-                           str(tmp_path / "done")], capture_output=True, text=True, timeout=300)
+    done = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+                         str(tmp_path / "done")], [tmp_path / "done"], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["results there"] * 2
 
