@@ -50,10 +50,14 @@ def test_a_job_that_aborts_in_gloo_runs_once_more_from_scratch_and_only_such_a_j
     assert run_torchrun([sys.executable, "-c", failing], [out]).returncode != 0 and tries.read_text() == "x"
 
 
-def torchrun(*args, processes=2):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "kanimg",
-               *map(str, args)]
-    return run_torchrun(command, [args[args.index("-o") + 1]])
+def torchrun_script(script, *args, outputs: list, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``script`` (a path, or ``-m module``) on 2 CPU processes under torchrun."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *map(str, script), *map(str, args)]
+    return run_torchrun(command, outputs, timeout)
+
+
+def torchrun(*args):
+    return torchrun_script(["-m", "kanimg"], *args, outputs=[args[args.index("-o") + 1]])
 
 
 @pytest.fixture
@@ -146,8 +150,7 @@ def test_a_fit_on_two_ranks_trains_one_model_like_one_process_at_the_same_total_
     script = tmp_path / "fit_two.py"
     script.write_text(FIT)
     image = three_photos / "face.png"
-    done = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-                         str(image), str(tmp_path / "two"), str(tmp_path)], [tmp_path / "two"])
+    done = torchrun_script([script], image, tmp_path / "two", tmp_path, outputs=[tmp_path / "two"])
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["step"] == ranks[1]["step"] == 60 and ranks[0]["layers.0.knots"].shape[1] == 12 + 7
@@ -180,8 +183,7 @@ def test_no_rank_leaves_the_process_group_before_rank_0_has_finished(tmp_path):
     results, so no rank tears down its connections while another still works."""
     script = tmp_path / "leave.py"
     script.write_text(LEAVE)
-    done = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-                         str(tmp_path / "done")], [tmp_path / "done"], timeout=300)
+    done = torchrun_script([script], tmp_path / "done", outputs=[tmp_path / "done"], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["results there"] * 2
 
