@@ -35,13 +35,12 @@ EVAL = {"camera": "camera", "chelsea": "chelsea", "hubble": "hubble_deep_field",
 FULL = {"camera-full": "camera", "motorcycle-full": "stereo_motorcycle"}
 TUNE = {"coffee": "coffee", "rocket": "rocket", "moon": "moon"}
 MODELS = ("kan", "kan-ridge", "kan-xy", "hashgrid", "siren", "rff", "mlp")
-# The sweep: per family 4 candidates, (spec options, training options), every option the sweep
+# The sweep: per family a list of (spec options, training options), every option the sweep
 # varies written out (the registry's defaults are its winners, so candidates must not lean on
-# them). The two families on a hash encoding were swept again in rounds, each extending both
-# in the direction that had helped (docs/benchmark.md): 12 candidates for the KAN, 10 for the
-# hash grid (smaller batches helped the hash grid down to 2,048 pixels and the KAN down to
-# 8,192; refitting the KAN's grid only early helped it). kan-ridge holds the KAN on
-# coordinates (x and y, or 8 ridge directions), the default kan before the hash encoding.
+# them). Every family started with 4 candidates and was swept again in rounds, each extending
+# it in the direction that had helped (docs/benchmark.md): 21 candidates for the KAN, SIREN,
+# RFF and the ReLU MLP, 18 for the hash grid. kan-ridge holds the KAN on coordinates (x and y,
+# or 8 ridge directions), the default kan before the hash encoding.
 CANDIDATES = {
     "kan": [({"grids": [16]}, {"lr": 6e-2, "batch_size": 16384}), ({"grids": [32]}, {"lr": 6e-2, "batch_size": 16384}),
             ({"grids": [16]}, {"lr": 3e-2, "batch_size": 16384}), ({"grids": [16]}, {"lr": 6e-2, "batch_size": 8192}),
@@ -75,11 +74,62 @@ CANDIDATES = {
     "siren": [({"widths": [2, 256, 256, 256, 1]}, {"lr": 1e-4, "batch_size": 65536}),
               ({"widths": [2, 256, 256, 256, 1]}, {"lr": 3e-4, "batch_size": 16384}),
               ({"widths": [2, 256, 256, 256, 1]}, {"lr": 1e-4, "batch_size": 16384}),
-              ({"widths": [2, 128, 128, 128, 1]}, {"lr": 3e-4, "batch_size": 16384})],
+              ({"widths": [2, 128, 128, 128, 1]}, {"lr": 3e-4, "batch_size": 16384}),
+              ({"widths": [2, 128, 128, 128, 1]}, {"lr": 3e-4, "batch_size": 4096}),
+              ({"widths": [2, 128, 128, 128, 1]}, {"lr": 1e-3, "batch_size": 4096}),
+              ({"widths": [2, 128, 128, 128, 1]}, {"lr": 1e-4, "batch_size": 4096}),
+              ({"widths": [2, 128, 128, 128, 1]}, {"lr": 3e-4, "batch_size": 1024}),
+              ({"widths": [2, 128, 128, 128, 1], "omega0": 60.0}, {"lr": 3e-4, "batch_size": 16384}),
+              ({"widths": [2, 256, 256, 256, 1]}, {"lr": 3e-4, "batch_size": 4096}),
+              ({"widths": [2, 128, 128, 128, 1]}, {"lr": 1e-3, "batch_size": 16384}),
+              ({"widths": [2, 128, 128, 128, 1]}, {"lr": 1e-3, "batch_size": 1024}),
+              ({"widths": [2, 128, 128, 128, 1]}, {"lr": 3e-4, "batch_size": 512}),
+              ({"widths": [2, 128, 128, 128, 1], "omega0": 60.0}, {"lr": 3e-4, "batch_size": 1024}),
+              ({"widths": [2, 128, 128, 128, 1]}, {"lr": 6e-4, "batch_size": 2048}),
+              ({"widths": [2, 128, 128, 128, 1]}, {"lr": 6e-4, "batch_size": 1024}),
+              ({"widths": [2, 128, 128, 128, 1], "omega0": 60.0}, {"lr": 1e-3, "batch_size": 4096}),
+              ({"widths": [2, 128, 128, 128, 1]}, {"lr": 3e-4, "batch_size": 256}),
+              ({"widths": [2, 128, 128, 128, 1], "omega0": 90.0}, {"lr": 3e-4, "batch_size": 1024}),
+              ({"widths": [2, 128, 128, 128, 1], "omega0": 60.0}, {"lr": 1e-3, "batch_size": 1024}),
+              ({"widths": [2, 128, 128, 128, 1], "omega0": 90.0}, {"lr": 1e-3, "batch_size": 4096})],
     "rff": [({"scale": 10.0, "num_features": 256}, {"lr": 1e-3}), ({"scale": 20.0, "num_features": 256}, {"lr": 1e-3}),
-            ({"scale": 5.0, "num_features": 256}, {"lr": 1e-3}), ({"scale": 10.0, "num_features": 512}, {"lr": 1e-3})],
+            ({"scale": 5.0, "num_features": 256}, {"lr": 1e-3}), ({"scale": 10.0, "num_features": 512}, {"lr": 1e-3}),
+            ({"scale": 20.0, "num_features": 256}, {"lr": 3e-3, "batch_size": 4096}),
+            ({"scale": 20.0, "num_features": 256}, {"lr": 1e-3, "batch_size": 1024}),
+            ({"scale": 20.0, "num_features": 256}, {"lr": 3e-3, "batch_size": 1024}),
+            ({"scale": 30.0, "num_features": 256}, {"lr": 1e-3, "batch_size": 4096}),
+            ({"widths": [2, 128, 128, 128, 1], "scale": 20.0, "num_features": 256}, {"lr": 1e-3, "batch_size": 4096}),
+            ({"scale": 20.0, "num_features": 256}, {"lr": 1e-3, "batch_size": 16384}),
+            ({"widths": [2, 256, 256, 1], "scale": 20.0, "num_features": 256}, {"lr": 1e-3, "batch_size": 4096}),
+            ({"scale": 20.0, "num_features": 256}, {"lr": 1e-3, "batch_size": 512}),
+            ({"scale": 20.0, "num_features": 256}, {"lr": 1e-3, "batch_size": 256}),
+            ({"scale": 20.0, "num_features": 256}, {"lr": 5e-4, "batch_size": 1024}),
+            ({"scale": 15.0, "num_features": 256}, {"lr": 1e-3, "batch_size": 1024}),
+            ({"scale": 20.0, "num_features": 256}, {"lr": 5e-4, "batch_size": 512}),
+            ({"scale": 10.0, "num_features": 256}, {"lr": 1e-3, "batch_size": 1024}),
+            ({"widths": [2, 256, 256, 1], "scale": 20.0, "num_features": 256}, {"lr": 1e-3, "batch_size": 1024}),
+            ({"widths": [2, 256, 256, 1], "scale": 20.0, "num_features": 256}, {"lr": 1e-3, "batch_size": 256}),
+            ({"scale": 20.0, "num_features": 256}, {"lr": 1e-3, "batch_size": 128}),
+            ({"widths": [2, 256, 256, 1], "scale": 15.0, "num_features": 256}, {"lr": 1e-3, "batch_size": 512})],
     "mlp": [({}, {"lr": 1e-3, "batch_size": 4096}), ({}, {"lr": 3e-3, "batch_size": 4096}), ({}, {"lr": 3e-4, "batch_size": 4096}),
-            ({}, {"lr": 1e-3, "batch_size": 16384})],
+            ({}, {"lr": 1e-3, "batch_size": 16384}),
+            ({"widths": [2, 256, 256, 256, 1]}, {"lr": 1e-2, "batch_size": 4096}),
+            ({"widths": [2, 256, 256, 256, 1]}, {"lr": 3e-3, "batch_size": 1024}),
+            ({"widths": [2, 256, 256, 256, 1]}, {"lr": 1e-3, "batch_size": 1024}),
+            ({"widths": [2, 256, 256, 256, 1]}, {"lr": 3e-3, "batch_size": 2048}),
+            ({"widths": [2, 256, 256, 256, 256, 1]}, {"lr": 3e-3, "batch_size": 4096}),
+            ({"widths": [2, 128, 128, 128, 1]}, {"lr": 3e-3, "batch_size": 4096}),
+            ({"widths": [2, 512, 512, 512, 1]}, {"lr": 3e-3, "batch_size": 4096}),
+            ({"widths": [2, 256, 256, 256, 1]}, {"lr": 3e-3, "batch_size": 512}),
+            ({"widths": [2, 256, 256, 256, 1]}, {"lr": 3e-3, "batch_size": 256}),
+            ({"widths": [2, 256, 256, 256, 1]}, {"lr": 1e-3, "batch_size": 512}),
+            ({"widths": [2, 256, 256, 256, 1]}, {"lr": 5e-3, "batch_size": 1024}),
+            ({"widths": [2, 256, 256, 256, 256, 1]}, {"lr": 3e-3, "batch_size": 1024}),
+            ({"widths": [2, 128, 128, 128, 1]}, {"lr": 3e-3, "batch_size": 1024}),
+            ({"widths": [2, 512, 512, 512, 1]}, {"lr": 3e-3, "batch_size": 1024}),
+            ({"widths": [2, 256, 256, 256, 1]}, {"lr": 3e-3, "batch_size": 128}),
+            ({"widths": [2, 256, 256, 256, 256, 1]}, {"lr": 3e-3, "batch_size": 256}),
+            ({"widths": [2, 256, 256, 256, 1]}, {"lr": 2e-3, "batch_size": 256})],
 }
 
 

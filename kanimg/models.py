@@ -268,22 +268,23 @@ def kan(
 
 # Training defaults and default options of siren, mlp, rff and hashgrid: the winners of the
 # tuning sweep (benchmarks/inr_bench.py --tune, 30 s per candidate on photos the benchmark does
-# not use; docs/benchmark.md). SIREN's published recipe (256 wide, lr 1e-4, whole-image
-# batches) made 40 steps in 30 s and came last.
-@register("siren", train_defaults={"lr": 3e-4, "batch_size": 16384}, description="SIREN, sine activations, omega0=30")
-def siren(widths: tuple[int, ...] = (2, 128, 128, 128, 1), omega0: float = 30.0) -> nn.Module:
+# not use, 21 candidates per family; docs/benchmark.md). Under a clock all three coordinate
+# networks gain most from small batches; SIREN's published recipe (256 wide, lr 1e-4,
+# whole-image batches, ω0 30) made 40 steps in 30 s and came last.
+@register("siren", train_defaults={"lr": 3e-4, "batch_size": 1024}, description="SIREN, sine activations, omega0=90")
+def siren(widths: tuple[int, ...] = (2, 128, 128, 128, 1), omega0: float = 90.0) -> nn.Module:
     """SIREN (Sitzmann et al. 2020) with its published initialisation."""
     return Siren(_check_widths(widths, 2), _positive("omega0", omega0))
 
 
-@register("mlp", train_defaults={"lr": 3e-3, "batch_size": 4096}, description="ReLU MLP on raw coordinates")
-def mlp(widths: tuple[int, ...] = (2, 256, 256, 256, 1)) -> nn.Module:
+@register("mlp", train_defaults={"lr": 3e-3, "batch_size": 256}, description="ReLU MLP on raw coordinates")
+def mlp(widths: tuple[int, ...] = (2, 256, 256, 256, 256, 1)) -> nn.Module:
     """Plain ReLU MLP."""
     return MLP(_check_widths(widths))
 
 
-@register("rff", train_defaults={"lr": 1e-3, "batch_size": 4096}, description="ReLU MLP on Gaussian Fourier features")
-def rff(widths: tuple[int, ...] = (2, 256, 256, 256, 1), scale: float = 20.0, num_features: int = 256) -> nn.Module:
+@register("rff", train_defaults={"lr": 1e-3, "batch_size": 512}, description="ReLU MLP on Gaussian Fourier features")
+def rff(widths: tuple[int, ...] = (2, 256, 256, 1), scale: float = 15.0, num_features: int = 256) -> nn.Module:
     """ReLU MLP on random Fourier features (Tancik et al. 2020), B ~ N(0, scale²)."""
     widths = _check_widths(widths)
     if widths[0] != 2:
@@ -328,7 +329,7 @@ register_variant("kan2", "kan", "KAN2 of the KAN paper: [2,128×4,1], G=[100,10,
                  COORDINATE_KAN_TRAINING, widths=(2, 128, 128, 128, 128, 1), grids=(100, 10, 10, 10, 10), grid_kind="percentile", levels=0)
 for _size, _width in _HIDDEN.items():
     _widths = (2, _width, _width, _width, _width, 1)
-    register_variant(f"siren{_size}", "siren", f"SIREN{_size} of the KAN paper: [2,{_width}×4,1]", widths=_widths)
+    register_variant(f"siren{_size}", "siren", f"SIREN{_size} of the KAN paper: [2,{_width}×4,1]", widths=_widths, omega0=30.0)
     register_variant(f"mlp{_size}", "mlp", f"MLP{_size} of the KAN paper: [2,{_width}×4,1]", widths=_widths)
     for _s in (3, 30):
         register_variant(f"rff{_size}-s{_s}", "rff", f"MLP_RFF{_size} (s={_s}) of the KAN paper: [2,{_width}×4,1]",
