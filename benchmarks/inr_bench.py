@@ -38,9 +38,11 @@ MODELS = ("kan", "kan-ridge", "kan-xy", "hashgrid", "siren", "rff", "mlp")
 # The sweep: per family a list of (spec options, training options), every option the sweep
 # varies written out (the registry's defaults are its winners, so candidates must not lean on
 # them). Every family started with 4 candidates and was swept again in rounds, each extending
-# it in the direction that had helped (docs/benchmark.md): 21 candidates for the KAN, SIREN,
-# RFF and the ReLU MLP, 18 for the hash grid. kan-ridge holds the KAN on coordinates (x and y,
-# or 8 ridge directions), the default kan before the hash encoding.
+# it in the direction that had helped (docs/benchmark.md): 21 candidates for every family.
+# kan-ridge holds the KAN on coordinates (x and y, or 8 ridge directions), the default kan
+# before the hash encoding. The hash grid read its encoding with two hidden layers until its
+# 21st candidate, with one, won.
+HASHGRID_TWO_HIDDEN = [2, 64, 64, 1]
 CANDIDATES = {
     "kan": [({"grids": [16]}, {"lr": 6e-2, "batch_size": 16384}), ({"grids": [32]}, {"lr": 6e-2, "batch_size": 16384}),
             ({"grids": [16]}, {"lr": 3e-2, "batch_size": 16384}), ({"grids": [16]}, {"lr": 6e-2, "batch_size": 8192}),
@@ -61,16 +63,27 @@ CANDIDATES = {
             ({"grids": [16], "log2_table_size": 18}, {"lr": 6e-2, "batch_size": 16384, "grid_update_every": 0})],
     "kan-ridge": [({"directions": 0}, {"lr": 2e-2, "batch_size": 4096}), ({"directions": 0}, {"lr": 1e-2, "batch_size": 4096}),
                   ({"directions": 8}, {"lr": 2e-2, "batch_size": 4096}), ({"directions": 0}, {"lr": 2e-2, "batch_size": 8192})],
-    "hashgrid": [({"log2_table_size": 14}, {"lr": 1e-2, "batch_size": 16384}), ({"log2_table_size": 14}, {"lr": 3e-2, "batch_size": 16384}),
-                 ({"log2_table_size": 16}, {"lr": 1e-2, "batch_size": 16384}), ({"log2_table_size": 14}, {"lr": 1e-2, "batch_size": 65536}),
-                 ({"log2_table_size": 16}, {"lr": 3e-2, "batch_size": 16384}), ({"log2_table_size": 16}, {"lr": 1e-2, "batch_size": 8192}),
-                 ({"log2_table_size": 16}, {"lr": 3e-2, "batch_size": 8192}), ({"log2_table_size": 16}, {"lr": 1e-2, "batch_size": 4096}),
-                 ({"log2_table_size": 16}, {"lr": 1e-2, "batch_size": 2048}), ({"log2_table_size": 16}, {"lr": 1e-2, "batch_size": 1024}),
-                 ({"log2_table_size": 16}, {"lr": 2e-2, "batch_size": 2048}), ({"log2_table_size": 16}, {"lr": 5e-3, "batch_size": 2048}),
-                 ({"log2_table_size": 16}, {"lr": 2e-2, "batch_size": 4096}), ({"log2_table_size": 16}, {"lr": 5e-3, "batch_size": 1024}),
-                 ({"log2_table_size": 16}, {"lr": 2e-2, "batch_size": 1024}),
-                 ({"log2_table_size": 16}, {"lr": 3e-2, "batch_size": 4096}), ({"log2_table_size": 16}, {"lr": 2e-2, "batch_size": 8192}),
-                 ({"log2_table_size": 18}, {"lr": 2e-2, "batch_size": 4096})],
+    "hashgrid": [({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 14}, {"lr": 1e-2, "batch_size": 16384}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 14}, {"lr": 3e-2, "batch_size": 16384}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 1e-2, "batch_size": 16384}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 14}, {"lr": 1e-2, "batch_size": 65536}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 3e-2, "batch_size": 16384}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 1e-2, "batch_size": 8192}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 3e-2, "batch_size": 8192}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 1e-2, "batch_size": 4096}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 1e-2, "batch_size": 2048}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 1e-2, "batch_size": 1024}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 2e-2, "batch_size": 2048}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 5e-3, "batch_size": 2048}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 2e-2, "batch_size": 4096}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 5e-3, "batch_size": 1024}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 2e-2, "batch_size": 1024}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 3e-2, "batch_size": 4096}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 16}, {"lr": 2e-2, "batch_size": 8192}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 18}, {"lr": 2e-2, "batch_size": 4096}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 18}, {"lr": 2e-2, "batch_size": 2048}),
+                 ({"widths": HASHGRID_TWO_HIDDEN, "log2_table_size": 18}, {"lr": 1e-2, "batch_size": 4096}),
+                 ({"widths": [2, 64, 1], "log2_table_size": 18}, {"lr": 2e-2, "batch_size": 4096})],
     "siren": [({"widths": [2, 256, 256, 256, 1]}, {"lr": 1e-4, "batch_size": 65536}),
               ({"widths": [2, 256, 256, 256, 1]}, {"lr": 3e-4, "batch_size": 16384}),
               ({"widths": [2, 256, 256, 256, 1]}, {"lr": 1e-4, "batch_size": 16384}),

@@ -26,7 +26,7 @@ from inr_bench import TUNE, write_photos  # noqa: E402
 
 # label: (model, options, training options); C (the output width) follows the image's channels
 HEADS = {
-    "ReLU MLP [64, 64] (hashgrid)": ("hashgrid", {}, {}),
+    "ReLU MLP [64, 64] (hashgrid@2-hidden)": ("hashgrid", {"widths": [2, 64, 64, 1]}, {}),
     "linear": ("hashgrid", {"widths": [2, 1]}, {"lr": 3e-2}),
     "one KAN layer (kan)": ("kan", {}, {}),
     "one KAN layer, no grid updates": ("kan", {}, {"grid_update_every": 0}),

@@ -295,7 +295,7 @@ def rff(widths: tuple[int, ...] = (2, 256, 256, 1), scale: float = 15.0, num_fea
 @register("hashgrid", train_defaults={"lr": 2e-2, "batch_size": 4096}, description="multiresolution hash encoding + ReLU MLP",
           for_image=lambda spec, height, width: encoding_for_image(height, width, entries_per_pixel=4))
 def hashgrid(
-    widths: tuple[int, ...] = (2, 64, 64, 1),
+    widths: tuple[int, ...] = (2, 64, 1),
     levels: int = 16,
     features: int = 2,
     log2_table_size: int | None = None,

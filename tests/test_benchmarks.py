@@ -174,7 +174,7 @@ def test_kan_heads_trains_every_readout_of_the_same_encoding(tmp_path, monkeypat
     assert heads.main(["--steps", "4", "--photos", "coffee", "-o", str(tmp_path / "heads"), "--json", str(tmp_path / "heads.json")]) == 0
     records = {r["head"]: r for r in json.loads((tmp_path / "heads.json").read_text())["records"]}
     assert list(records) == list(heads.HEADS)
-    linear, mlp, kan = records["linear"], records["ReLU MLP [64, 64] (hashgrid)"], records["one KAN layer (kan)"]
+    linear, mlp, kan = records["linear"], records["ReLU MLP [64, 64] (hashgrid@2-hidden)"], records["one KAN layer (kan)"]
     # one encoding (16 levels × 2 features), three readouts: 32·3 + 3, the MLP's, 3 KAN edges per feature
     assert mlp["params"] - linear["params"] == (32 * 64 + 64) + (64 * 64 + 64) + (64 * 3 + 3) - (32 * 3 + 3)
     assert kan["params"] > linear["params"]
