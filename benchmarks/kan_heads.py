@@ -22,11 +22,11 @@ from kanimg.files import write_json
 from kanimg.results import machine, versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inr_bench import TUNE, write_photos  # noqa: E402
+from inr_bench import HASHGRID_TWO_HIDDEN, TUNE, write_photos  # noqa: E402
 
 # label: (model, options, training options); C (the output width) follows the image's channels
 HEADS = {
-    "ReLU MLP [64, 64] (hashgrid@2-hidden)": ("hashgrid", {"widths": [2, 64, 64, 1]}, {}),
+    "ReLU MLP [64, 64] (hashgrid@2-hidden)": ("hashgrid", {"widths": HASHGRID_TWO_HIDDEN}, {}),
     "linear": ("hashgrid", {"widths": [2, 1]}, {"lr": 3e-2}),
     "one KAN layer (kan)": ("kan", {}, {}),
     "one KAN layer, no grid updates": ("kan", {}, {"grid_update_every": 0}),
