@@ -272,3 +272,33 @@ def test_colour_error_splits_each_files_error_into_luma_and_chroma(tmp_path, cap
     assert set(record["codecs"]) == {"latent", "webp", "avif"}
     assert all(v["luma"] > 0 and v["chroma"] > 0 for v in record["codecs"].values())
     assert "| photo-latent-2.0bpp.kimg |" in capsys.readouterr().out
+
+
+def test_loss_spikes_counts_jumps_over_the_lowest_loss_in_real_runs(tmp_path, capsys):
+    import kanimg
+
+    bench = load("loss_spikes")
+    steps = list(range(10, 1010, 10))
+    losses = [1e-2 / s for s in steps]  # a smooth descent: no spike however steep
+    assert bench.spikes(steps, losses) == []
+    losses[60] = 2000 * min(losses[:60])  # step 610: twice the factor over the lowest before it
+    losses[61] = 999 * min(losses[:60])  # just under the factor
+    losses[10] = 1e9  # step 110: inside the first descent, not counted
+    assert bench.spikes(steps, losses) == [(610, losses[60])]
+
+    # a real run's metrics.json, its curve then edited to hold one spike
+    run = tmp_path / "runs" / "photo" / "mlp"
+    kanimg.fit(ROOT / "assets" / "astronaut.png", "mlp", steps=40, out=run, progress=False, eval_every=20, grey=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert bench.run_record(run / "metrics.json")["spikes"] == 0
+    history = metrics["history"]
+    history["step"] = steps
+    history["loss"] = losses
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "spikes.json"
+    assert bench.main([str(tmp_path / "runs"), "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["records"]
+    assert (record["model"], record["image"], record["spikes"], record["first_spike_step"]) == ("mlp", "astronaut", 1, 610)
+    assert record["best_eval_psnr"] == max(history["eval_psnr"])
+    assert "| ↳ astronaut, seed 0 |" in capsys.readouterr().out
+    assert bench.main([str(tmp_path / "nothing")]) == 2

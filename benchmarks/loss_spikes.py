@@ -1,0 +1,116 @@
+"""Loss spikes in finished runs: where a run's batch loss jumps far above the lowest it had reached.
+
+The KAN's camera crop scored less at 120 s than at 30 s (docs/benchmark.md). Its training
+curve shows why: past ~95 dB its batch loss jumps a thousandfold and more, and once all the way
+back to where training started, while the hash grid's never does. This reads the curves every
+run already writes (metrics.json: the batch loss every 10 steps, the full-image PSNR at each
+evaluation), so any benchmark's runs can be checked without training anything:
+
+    python benchmarks/loss_spikes.py runs/inr-120-kan runs/inr-120-hg
+
+A spike is a logged batch loss SPIKE_FACTOR times the lowest logged before it, past the first
+SETTLE_STEPS steps. Per run: the spikes, the worst, the best evaluation (the weights a run
+keeps) and the last. Prints a Markdown table per model and budget and writes JSON (default:
+benchmarks/results/loss_spikes.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kanimg.files import write_json
+from kanimg.results import machine, versions
+
+SPIKE_FACTOR = 1000.0
+SETTLE_STEPS = 300  # the first descent, from the initial loss, is not a spike
+
+
+def spikes(steps: list[int], losses: list[float]) -> list[tuple[int, float]]:
+    """(step, loss) of every logged loss SPIKE_FACTOR × the lowest logged before it."""
+    lowest, found = float("inf"), []
+    for step, loss in zip(steps, losses):
+        if step > SETTLE_STEPS and loss > SPIKE_FACTOR * lowest:
+            found.append((step, loss))
+        lowest = min(lowest, loss)
+    return found
+
+
+def run_record(path: Path) -> dict | None:
+    """One run's spikes and evaluations, from its metrics.json (None if it logged no curve)."""
+    metrics = json.loads(path.read_text())
+    history = metrics.get("history") or {}
+    if not history.get("step"):
+        return None
+    found = spikes(history["step"], history["loss"])
+    evals = history.get("eval_psnr") or []
+    best = max(range(len(evals)), key=evals.__getitem__) if evals else None
+    # what the worst spike cost: the best evaluation before it and the lowest after it
+    worst_step = max(found, key=lambda item: item[1])[0] if found else None
+    before = [p for s, p in zip(history.get("eval_step", []), evals) if worst_step is not None and s < worst_step]
+    after = [p for s, p in zip(history.get("eval_step", []), evals) if worst_step is not None and s >= worst_step]
+    model = metrics["model"]["name"] if isinstance(metrics["model"], dict) else metrics["model"]
+    return {"run": str(path.parent), "model": model, "image": Path(metrics["image"]).stem, "seed": metrics.get("seed"),
+            "budget": metrics["config"]["train"].get("budget_seconds"), "steps": metrics["steps_done"],
+            "spikes": len(found), "first_spike_step": found[0][0] if found else None,
+            "worst_loss": max(loss for _, loss in found) if found else None, "worst_spike_step": worst_step,
+            "lowest_loss": min(history["loss"]),
+            "best_eval_before_worst": max(before, default=None), "lowest_eval_after_worst": min(after, default=None),
+            "best_eval_psnr": evals[best] if evals else None,
+            "best_eval_step": history["eval_step"][best] if evals else None,
+            "last_eval_psnr": evals[-1] if evals else None}
+
+
+def scan(folders: list[Path]) -> list[dict]:
+    """Every run (a folder with metrics.json) under the folders."""
+    records = []
+    for folder in folders:
+        for path in sorted(folder.rglob("metrics.json")):
+            record = run_record(path)
+            if record is not None:
+                records.append(record)
+    return records
+
+
+def markdown(records: list[dict]) -> str:
+    """Per model and budget: how many runs spiked, then the runs that did."""
+    lines = ["| model | budget (s) | runs | runs with spikes | spikes | worst loss (step) | evaluation before → lowest after the worst (dB) | best evaluation (dB, step) |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["model"], record["budget"]), []).append(record)
+    for (model, budget), group in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
+        hit = [r for r in group if r["spikes"]]
+        lines.append(f"| {model} | {budget or '—'} | {len(group)} | {len(hit)} | {sum(r['spikes'] for r in group)} | "
+                     f"{max((r['worst_loss'] for r in hit), default=0):.2e} | | |")
+        for r in hit:
+            cost = " → ".join("—" if v is None else f"{v:.2f}" for v in (r["best_eval_before_worst"], r["lowest_eval_after_worst"]))
+            best = "" if r["best_eval_psnr"] is None else f"{r['best_eval_psnr']:.2f} ({r['best_eval_step']})"
+            lines.append(f"| ↳ {r['image']}, seed {r['seed']} | | | | {r['spikes']} | {r['worst_loss']:.2e} ({r['worst_spike_step']}) | {cost} | {best} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="folders holding runs (each with a metrics.json)")
+    parser.add_argument("--json", type=Path, help="results JSON (default: benchmarks/results/loss_spikes.json)")
+    args = parser.parse_args(argv)
+    missing = [str(f) for f in args.folders if not f.is_dir()]
+    if missing:
+        print(f"error: not a folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    records = scan(args.folders)
+    if not records:
+        print(f"error: no run with a training curve (metrics.json) under {', '.join(map(str, args.folders))}", file=sys.stderr)
+        return 2
+    print(markdown(records))
+    path = args.json or Path(__file__).resolve().parent / "results" / "loss_spikes.json"
+    write_json(path, {"records": records, "spike_factor": SPIKE_FACTOR, "settle_steps": SETTLE_STEPS,
+                      "command": "python " + " ".join(sys.argv), "machine": machine(), "versions": versions()})
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
