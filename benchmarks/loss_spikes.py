@@ -1,16 +1,16 @@
 """Loss spikes in finished runs: where a run's batch loss jumps far above the lowest it had reached.
 
 The KAN's camera crop scored less at 120 s than at 30 s (docs/benchmark.md). Its training
-curve shows why: past ~95 dB its batch loss jumps a thousandfold and more, and once all the way
-back to where training started, while the hash grid's never does. This reads the curves every
+curve shows why: while the learning rate is high its batch loss jumps a thousandfold and more,
+once above where training started, while the hash grid's never does. This reads the curves every
 run already writes (metrics.json: the batch loss every 10 steps, the full-image PSNR at each
 evaluation), so any benchmark's runs can be checked without training anything:
 
     python benchmarks/loss_spikes.py runs/inr-120-kan runs/inr-120-hg
 
 A spike is a logged batch loss SPIKE_FACTOR times the lowest logged before it, past the first
-SETTLE_STEPS steps. Per run: the spikes, the worst, the best evaluation (the weights a run
-keeps) and the last. Prints a Markdown table per model and budget and writes JSON (default:
+SETTLE_STEPS steps. Per run: the spikes, the worst, the best evaluation before it and the
+lowest after it, and the best evaluation (the weights a run keeps) and the last. Prints a Markdown table per model and budget and writes JSON (default:
 benchmarks/results/loss_spikes.json).
 """
 from __future__ import annotations

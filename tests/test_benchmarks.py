@@ -300,5 +300,7 @@ def test_loss_spikes_counts_jumps_over_the_lowest_loss_in_real_runs(tmp_path, ca
     (record,) = json.loads(out.read_text())["records"]
     assert (record["model"], record["image"], record["spikes"], record["first_spike_step"]) == ("mlp", "astronaut", 1, 610)
     assert record["best_eval_psnr"] == max(history["eval_psnr"])
+    # the run's evaluations (steps 20 and 40) all come before the spike at step 610
+    assert record["best_eval_before_worst"] == max(history["eval_psnr"]) and record["lowest_eval_after_worst"] is None
     assert "| ↳ astronaut, seed 0 |" in capsys.readouterr().out
     assert bench.main([str(tmp_path / "nothing")]) == 2
