@@ -10,8 +10,8 @@ evaluation), so any benchmark's runs can be checked without training anything:
 
 A spike is a logged batch loss SPIKE_FACTOR times the lowest logged before it, past the first
 SETTLE_STEPS steps. Per run: the spikes, the worst, the best evaluation before it and the
-lowest after it, and the best evaluation (the weights a run keeps) and the last. Prints a Markdown table per model and budget and writes JSON (default:
-benchmarks/results/loss_spikes.json).
+lowest after it, and the best evaluation (the weights a run keeps) and the last. Prints a
+Markdown table per model and budget and writes JSON (default: benchmarks/results/loss_spikes.json).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from kanimg.files import write_json
-from kanimg.results import machine, versions
+from kanimg.results import fmt, machine, markdown_table, versions
 
 SPIKE_FACTOR = 1000.0
 SETTLE_STEPS = 300  # the first descent, from the initial loss, is not a spike
@@ -44,22 +44,18 @@ def run_record(path: Path) -> dict | None:
     if not history.get("step"):
         return None
     found = spikes(history["step"], history["loss"])
-    evals = history.get("eval_psnr") or []
-    best = max(range(len(evals)), key=evals.__getitem__) if evals else None
+    evals = list(zip(history.get("eval_step", []), history.get("eval_psnr", [])))  # (step, PSNR)
+    best = max(evals, key=lambda e: e[1], default=(None, None))
     # what the worst spike cost: the best evaluation before it and the lowest after it
-    worst_step = max(found, key=lambda item: item[1])[0] if found else None
-    before = [p for s, p in zip(history.get("eval_step", []), evals) if worst_step is not None and s < worst_step]
-    after = [p for s, p in zip(history.get("eval_step", []), evals) if worst_step is not None and s >= worst_step]
-    model = metrics["model"]["name"] if isinstance(metrics["model"], dict) else metrics["model"]
-    return {"run": str(path.parent), "model": model, "image": Path(metrics["image"]).stem, "seed": metrics.get("seed"),
-            "budget": metrics["config"]["train"].get("budget_seconds"), "steps": metrics["steps_done"],
-            "spikes": len(found), "first_spike_step": found[0][0] if found else None,
-            "worst_loss": max(loss for _, loss in found) if found else None, "worst_spike_step": worst_step,
-            "lowest_loss": min(history["loss"]),
+    worst_step, worst_loss = max(found, key=lambda f: f[1], default=(None, None))
+    before = [psnr for step, psnr in evals if found and step < worst_step]
+    after = [psnr for step, psnr in evals if found and step >= worst_step]
+    return {"run": str(path.parent), "model": metrics["model"]["name"], "image": Path(metrics["image"]).stem,
+            "seed": metrics.get("seed"), "budget": metrics["config"]["train"].get("budget_seconds"),
+            "steps": metrics["steps_done"], "spikes": len(found), "first_spike_step": found[0][0] if found else None,
+            "worst_loss": worst_loss, "worst_spike_step": worst_step, "lowest_loss": min(history["loss"]),
             "best_eval_before_worst": max(before, default=None), "lowest_eval_after_worst": min(after, default=None),
-            "best_eval_psnr": evals[best] if evals else None,
-            "best_eval_step": history["eval_step"][best] if evals else None,
-            "last_eval_psnr": evals[-1] if evals else None}
+            "best_eval_psnr": best[1], "best_eval_step": best[0], "last_eval_psnr": evals[-1][1] if evals else None}
 
 
 def scan(folders: list[Path]) -> list[dict]:
@@ -75,20 +71,19 @@ def scan(folders: list[Path]) -> list[dict]:
 
 def markdown(records: list[dict]) -> str:
     """Per model and budget: how many runs spiked, then the runs that did."""
-    lines = ["| model | budget (s) | runs | runs with spikes | spikes | worst loss (step) | evaluation before → lowest after the worst (dB) | best evaluation (dB, step) |",
-             "|---|---:|---:|---:|---:|---:|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for record in records:
         groups.setdefault((record["model"], record["budget"]), []).append(record)
+    rows = []
     for (model, budget), group in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
         hit = [r for r in group if r["spikes"]]
-        lines.append(f"| {model} | {budget or '—'} | {len(group)} | {len(hit)} | {sum(r['spikes'] for r in group)} | "
-                     f"{max((r['worst_loss'] for r in hit), default=0):.2e} | | |")
-        for r in hit:
-            cost = " → ".join("—" if v is None else f"{v:.2f}" for v in (r["best_eval_before_worst"], r["lowest_eval_after_worst"]))
-            best = "" if r["best_eval_psnr"] is None else f"{r['best_eval_psnr']:.2f} ({r['best_eval_step']})"
-            lines.append(f"| ↳ {r['image']}, seed {r['seed']} | | | | {r['spikes']} | {r['worst_loss']:.2e} ({r['worst_spike_step']}) | {cost} | {best} |")
-    return "\n".join(lines)
+        rows.append([model, fmt(budget, "{:g}"), str(len(group)), str(len(hit)), str(sum(r["spikes"] for r in group)),
+                     fmt(max((r["worst_loss"] for r in hit), default=None), "{:.2e}"), "", ""])
+        rows += [[f"↳ {r['image']}, seed {r['seed']}", "", "", "", str(r["spikes"]), f"{r['worst_loss']:.2e} ({r['worst_spike_step']})",
+                  f"{fmt(r['best_eval_before_worst'], '{:.2f}')} → {fmt(r['lowest_eval_after_worst'], '{:.2f}')}",
+                  f"{fmt(r['best_eval_psnr'], '{:.2f}')} ({r['best_eval_step']})"] for r in hit]
+    return markdown_table(["model", "budget (s)", "runs", "runs with spikes", "spikes", "worst loss (step)",
+                           "evaluation before → lowest after the worst (dB)", "best evaluation (dB, step)"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
