@@ -59,11 +59,14 @@ def run_record(path: Path) -> dict | None:
 
 
 def scan(folders: list[Path]) -> list[dict]:
-    """Every run (a folder with metrics.json) under the folders."""
+    """Every run (a folder with metrics.json) under the folders; ValueError names a file that is not one."""
     records = []
     for folder in folders:
         for path in sorted(folder.rglob("metrics.json")):
-            record = run_record(path)
+            try:
+                record = run_record(path)
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:  # ValueError: bad JSON or text
+                raise ValueError(f"{path} is not a kanimg run's metrics.json ({type(error).__name__}: {error})") from None
             if record is not None:
                 records.append(record)
     return records
@@ -95,14 +98,22 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: not a folder: {', '.join(missing)}", file=sys.stderr)
         return 2
-    records = scan(args.folders)
+    try:
+        records = scan(args.folders)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if not records:
         print(f"error: no run with a training curve (metrics.json) under {', '.join(map(str, args.folders))}", file=sys.stderr)
         return 2
     print(markdown(records))
     path = args.json or Path(__file__).resolve().parent / "results" / "loss_spikes.json"
-    write_json(path, {"records": records, "spike_factor": SPIKE_FACTOR, "settle_steps": SETTLE_STEPS,
-                      "command": "python " + " ".join(sys.argv), "machine": machine(), "versions": versions()})
+    try:
+        write_json(path, {"records": records, "spike_factor": SPIKE_FACTOR, "settle_steps": SETTLE_STEPS,
+                          "command": "python " + " ".join(sys.argv), "machine": machine(), "versions": versions()})
+    except OSError as error:
+        print(f"error: cannot write {path}: {error.strerror or error}", file=sys.stderr)
+        return 2
     print(path)
     return 0
 

@@ -304,3 +304,10 @@ def test_loss_spikes_counts_jumps_over_the_lowest_loss_in_real_runs(tmp_path, ca
     assert record["best_eval_before_worst"] == max(history["eval_psnr"]) and record["lowest_eval_after_worst"] is None
     assert "| ↳ astronaut, seed 0 |" in capsys.readouterr().out
     assert bench.main([str(tmp_path / "nothing")]) == 2
+    # a damaged or foreign metrics.json: one line naming it, no traceback
+    capsys.readouterr()
+    for damaged in (b'{"history": {"step": [1', b"\xff\xfe", b"[]"):
+        (run / "metrics.json").write_bytes(damaged)
+        assert bench.main([str(tmp_path / "runs"), "--json", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "metrics.json is not a kanimg run's metrics.json" in error
