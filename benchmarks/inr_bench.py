@@ -4,6 +4,8 @@ whose winners are the registry's defaults.
     python benchmarks/inr_bench.py -o runs/inr-bench                          # 30/120/600 s, seeds 0-2
     python benchmarks/inr_bench.py --budgets 30 --seeds 0 -o runs/inr-bench   # a quicker pass
     python benchmarks/inr_bench.py --tune --budgets 30 -o runs/inr-tune       # the tuning sweep
+    python benchmarks/inr_bench.py --tune --lr-round --budgets 120 -o runs/lr  # the winners' rate at 120 s
+    python benchmarks/inr_bench.py --budgets 120 --models kan-lr0.5,hashgrid-lr0.5 -o runs/b  # a family at half its rate
 
 Photos come from scikit-image's bundled data (no download) and the photograph bundled with
 kanimg: the evaluation set (EVAL, 256×256 centre crops of 8 photos, 2 of them grey, plus the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -26,6 +29,7 @@ import numpy as np
 import kanimg
 from kanimg.comparison import compare
 from kanimg.io import default_image
+from kanimg.models import get_entry, model_names, register_variant
 from kanimg.results import machine, versions
 
 CROP = 256
@@ -146,6 +150,28 @@ CANDIDATES = {
             ({"widths": [2, 256, 256, 256, 1]}, {"lr": 2e-3, "batch_size": 256})],
 }
 
+# The learning-rate round: each family's 30 s winner (the registry's defaults), its rate scaled,
+# at a longer budget. The best rate falls as the budget grows (docs/benchmark.md), so a longer
+# budget's fair comparison tunes the rate again, the same three rates for every family.
+WINNERS = {"kan": 17, "hashgrid": 20, "siren": 18, "rff": 20, "mlp": 19}
+LR_SCALES = (1.0, 0.5, 0.25)
+LR_ROUND = {family: [(CANDIDATES[family][index][0], {**CANDIDATES[family][index][1], "lr": CANDIDATES[family][index][1]["lr"] * scale})
+                     for scale in LR_SCALES] for family, index in WINNERS.items()}
+
+LR_VARIANT = re.compile(r"^([a-z]+)-lr([0-9.]+)$")
+
+
+def register_lr_variants(models: list[str]) -> None:
+    """Benchmark names such as kan-lr0.5: the family's defaults at that fraction of its learning
+    rate (a longer budget's lr-round winner, run on the evaluation photos)."""
+    for name in models:
+        match = LR_VARIANT.match(name)
+        if match and name not in model_names():
+            family, scale = match[1], float(match[2])
+            entry = get_entry(family)
+            register_variant(name, family, f"{family} at {scale:g}× its learning rate",
+                             {**entry.train_defaults, "lr": entry.train_defaults["lr"] * scale})
+
 
 def photo(loader: str) -> np.ndarray:
     """(H, W[, 3]) uint8 pixels of a scikit-image photo (or the bundled one)."""
@@ -256,15 +282,18 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def tune(out: Path, budgets: list[float], families: list[str], quiet: bool, only: set[str] | None = None) -> dict:
-    """Every candidate of every family (or those labelled in ``only``, e.g. kan#12) on the tuning
+def tune(out: Path, budgets: list[float], families: list[str], quiet: bool, only: set[str] | None = None,
+         lr_round: bool = False) -> dict:
+    """Every candidate of every family (or those labelled in ``only``, e.g. kan#12), or with
+    ``lr_round`` the winners at LR_SCALES of their rate (labelled kan-lr#0…2), on the tuning
     photos at each budget (seed 0)."""
     folder = write_photos(out / "photos", TUNE, crop=True)
+    table, tag = (LR_ROUND, "-lr") if lr_round else (CANDIDATES, "")
     records = []
     for budget in budgets:
         for family in families:
-            for index, (spec, train) in enumerate(CANDIDATES[family]):
-                label = f"{family}#{index}"
+            for index, (spec, train) in enumerate(table[family]):
+                label = f"{family}{tag}#{index}"
                 if only and label not in only:
                     continue
                 for image in sorted(folder.glob("*.png")):
@@ -292,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", help="benchmark only these photos, comma-separated (e.g. camera,chelsea,camera-full): "
                                          "a part of a long run, merged with the others by --from-json")
     parser.add_argument("--tune", action="store_true", help="run the tuning sweep instead of the benchmark")
+    parser.add_argument("--lr-round", action="store_true",
+                        help="--tune: each family's winner at 1, 1/2 and 1/4 of its learning rate (for budgets past the sweep's)")
     parser.add_argument("-o", "--out", type=Path, default=Path("runs/inr-bench"))
     parser.add_argument("--json", type=Path, help="results JSON (default: benchmarks/results/inr_bench[-tune].json)")
     parser.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
@@ -300,17 +331,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    table = LR_ROUND if args.lr_round else CANDIDATES
     if args.from_json:
         records = [r for p in args.from_json for r in json.loads(p.read_text())["records"] if r["model"] in models]
         result, key, title = {"records": records}, "model", "Benchmark"
     elif args.tune:
-        result, key, title = tune(args.out, budgets, models, args.quiet, set(args.candidates.split(',')) if args.candidates else None), "candidate", "Tuning sweep"
+        unknown = sorted(set(models) - set(table))
+        if unknown:
+            print(f"inr_bench: no candidates for {', '.join(unknown)}; choose from {', '.join(table)}", file=sys.stderr)
+            return 2
+        result, key, title = tune(args.out, budgets, models, args.quiet, set(args.candidates.split(',')) if args.candidates else None,
+                                  args.lr_round), "candidate", "Tuning sweep"
     else:
         photos = [p.strip() for p in args.photos.split(",") if p.strip()] if args.photos else None
         unknown = sorted(set(photos or []) - set(EVAL) - set(FULL))
         if unknown:
             print(f"inr_bench: unknown photo {', '.join(unknown)}; choose from {', '.join([*EVAL, *FULL])}", file=sys.stderr)
             return 2
+        register_lr_variants(models)
         result, key, title = bench(args.out, budgets, [int(s) for s in args.seeds.split(",")], models, not args.no_full, args.quiet,
                                    photos), "model", "Benchmark"
     summary = summarise(result["records"], key)
@@ -319,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tune:
         args.out.mkdir(parents=True, exist_ok=True)
         plot(summary, args.out / "psnr-vs-budget.png")
-    payload = {"summary": summary, **result, "candidates": {f: [list(c) for c in CANDIDATES[f]] for f in CANDIDATES} if args.tune else None,
+    payload = {"summary": summary, **result, "candidates": {f: [list(c) for c in table[f]] for f in table} if args.tune else None,
                "command": "python benchmarks/inr_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "machine": machine(), "versions": versions()}
     path = args.json or Path(__file__).resolve().parent / "results" / f"inr_bench{'-tune' if args.tune else ''}.json"

@@ -7,6 +7,9 @@ from unittest import mock
 
 import numpy as np
 
+import kanimg.models
+from kanimg.models import get_entry
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -164,6 +167,40 @@ def test_inr_bench_tuning_sweep_tries_every_candidate(tmp_path, monkeypatch):
     assert bench.main(["--tune", "--budgets", "0.2", "--models", "mlp,rff", "--candidates", "rff#1", "-o", str(tmp_path / "round"),
                        "--json", str(tmp_path / "round.json"), "-q"]) == 0
     assert list(json.loads((tmp_path / "round.json").read_text())["summary"]["tune"]["0.2"]) == ["rff#1"]
+
+
+def test_inr_bench_lr_round_scales_each_winners_rate(tmp_path, monkeypatch, capsys):
+    """A longer budget's round starts from the registry's defaults (the sweep's winners) and
+    only scales their rate; the benchmark runs a family at a scaled rate by name."""
+    bench = load("inr_bench")
+    for family, candidates in bench.LR_ROUND.items():
+        entry = get_entry(family)
+        spec, train = candidates[0]
+        assert {k: train[k] for k in ("lr", "batch_size")} == {k: entry.train_defaults[k] for k in ("lr", "batch_size")}
+        defaults = entry.default_spec()
+        assert {k: v for k, v in spec.items() if defaults[k] is not None} == {k: defaults[k] for k in spec if defaults[k] is not None}
+        assert [c[1]["lr"] / train["lr"] for c in candidates] == list(bench.LR_SCALES)
+        assert all(c[0] == spec for c in candidates)
+
+    monkeypatch.setattr(bench, "TUNE", {"coffee": "coffee"})
+    monkeypatch.setattr(bench, "CROP", 24)
+    assert bench.main(["--tune", "--lr-round", "--budgets", "0.2", "--models", "mlp", "-o", str(tmp_path / "lr"),
+                       "--json", str(tmp_path / "lr.json"), "-q"]) == 0
+    result = json.loads((tmp_path / "lr.json").read_text())
+    assert sorted(result["summary"]["tune"]["0.2"]) == ["mlp-lr#0", "mlp-lr#1", "mlp-lr#2"]
+    assert sorted(r["train"]["lr"] for r in result["records"]) == sorted(3e-3 * s for s in bench.LR_SCALES)
+    assert set(result["candidates"]) == set(bench.LR_ROUND)
+    assert bench.main(["--tune", "--lr-round", "--budgets", "0.2", "--models", "kan-ridge", "-o", str(tmp_path / "x"), "-q"]) == 2
+    assert "no candidates for kan-ridge" in capsys.readouterr().err
+
+    monkeypatch.setattr(bench, "EVAL", {"camera": "camera"})
+    monkeypatch.setattr(kanimg.models, "_REGISTRY", dict(kanimg.models._REGISTRY))  # mlp-lr0.5 stays this test's
+    assert bench.main(["--budgets", "0.2", "--seeds", "0", "--models", "mlp,mlp-lr0.5", "--no-full", "-o", str(tmp_path / "b"),
+                       "--json", str(tmp_path / "b.json"), "-q"]) == 0
+    records = {r["model"]: r for r in json.loads((tmp_path / "b.json").read_text())["records"]}
+    rates = {name: json.loads((tmp_path / "b" / "crops" / "0.2s-seed0" / r["run"] / "metrics.json").read_text())["config"]["train"]["lr"]
+             for name, r in records.items()}
+    assert rates == {"mlp": 3e-3, "mlp-lr0.5": 1.5e-3} and records["mlp-lr0.5"]["family"] == "mlp"
 
 
 def test_kan_heads_trains_every_readout_of_the_same_encoding(tmp_path, monkeypatch, capsys):
