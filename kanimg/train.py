@@ -215,6 +215,8 @@ class Trainer:
             KeyboardInterrupt: propagated after the current step; the state stays consistent.
         """
         cfg = self.config
+        if self.place.size > 1 and not isinstance(self.step_model, DistributedDataParallel):
+            self._wrap_for_ranks()  # a second train() after the first released its wrapper
         self.warmup_seconds += self.warm_up()
         total = None if cfg.budget_seconds > 0 else cfg.steps
         bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True, leave=False)
@@ -250,6 +252,10 @@ class Trainer:
                         on_step(self)
         finally:
             bar.close()
+            if self.place.size > 1:
+                # The wrapper holds the process group: released here, it goes before the group is
+                # destroyed; left to interpreter exit, gloo's teardown there can abort the process.
+                self.step_model = self.model
 
     def warm_up(self) -> float:
         """One forward and backward pass on a batch of pixels, outside the clock; returns its
@@ -314,11 +320,15 @@ class Trainer:
         extension); under torchrun also a fresh DistributedDataParallel around the model, whose
         parameters may have changed shape."""
         if self.place.size > 1:
-            ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] if self.device.type == "cuda" else None
-            self.step_model = DistributedDataParallel(self.model, device_ids=ids)
+            self._wrap_for_ranks()
         fused = self.device.type in ("cpu", "cuda")
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=learning_rate(self.fraction_done(), self.config), fused=fused)
+
+    def _wrap_for_ranks(self) -> None:
+        """DistributedDataParallel around the model: every rank's step averages the gradients."""
+        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] if self.device.type == "cuda" else None
+        self.step_model = DistributedDataParallel(self.model, device_ids=ids)
 
     def _loss(self, coords: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """The batch's MSE. Under torchrun a rank's share counts as its part of the whole batch's

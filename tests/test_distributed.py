@@ -134,6 +134,8 @@ with distributed.joined() as place:
     result = fit(sys.argv[1], "kan-ridge", out=sys.argv[2], progress=False, widths=[2, 8, 8, 3], grids=[8, 4, 4], steps=60, lr=1e-2,
                  batch_size=256, eval_every=20, grid_update_every=10, grid_update_until=30, grid_schedule=[[40, [12, 6, 6]]])
     torch.save({**result.trainer.model.state_dict(), "step": result.trainer.step}, f"{sys.argv[3]}/rank{place.rank}.pt")
+    # the DDP wrapper (it holds the process group) goes when training ends, not at interpreter exit
+    assert not isinstance(result.trainer.step_model, torch.nn.parallel.DistributedDataParallel)
 """
 
 
