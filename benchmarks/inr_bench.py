@@ -155,8 +155,8 @@ CANDIDATES = {
 # budget's fair comparison tunes the rate again, the same three rates for every family.
 WINNERS = {"kan": 17, "hashgrid": 20, "siren": 18, "rff": 20, "mlp": 19}
 LR_SCALES = (1.0, 0.5, 0.25)
-LR_ROUND = {family: [(CANDIDATES[family][index][0], {**CANDIDATES[family][index][1], "lr": CANDIDATES[family][index][1]["lr"] * scale})
-                     for scale in LR_SCALES] for family, index in WINNERS.items()}
+LR_ROUND = {family: [(spec, {**train, "lr": train["lr"] * scale}) for scale in LR_SCALES]
+            for family, (spec, train) in ((f, CANDIDATES[f][i]) for f, i in WINNERS.items())}
 
 LR_VARIANT = re.compile(r"^([a-z]+)-lr([0-9.]+)$")
 
