@@ -163,14 +163,14 @@ LR_VARIANT = re.compile(r"^([a-z]+)-lr([0-9.]+)$")
 
 def register_lr_variants(models: list[str]) -> None:
     """Benchmark names such as kan-lr0.5: the family's defaults at that fraction of its learning
-    rate (a longer budget's lr-round winner, run on the evaluation photos)."""
+    rate, at any length (a longer budget's lr-round winner, run on the evaluation photos)."""
     for name in models:
         match = LR_VARIANT.match(name)
         if match and name not in model_names():
             family, scale = match[1], float(match[2])
             entry = get_entry(family)
             register_variant(name, family, f"{family} at {scale:g}× its learning rate",
-                             {**entry.train_defaults, "lr": entry.train_defaults["lr"] * scale})
+                             {**entry.train_defaults, "lr": entry.train_defaults["lr"] * scale, "lr_steps": 0})
 
 
 def photo(loader: str) -> np.ndarray:
@@ -301,7 +301,9 @@ def tune(out: Path, budgets: list[float], families: list[str], quiet: bool, only
                     if (run / "metrics.json").exists():
                         metrics = json.loads((run / "metrics.json").read_text())
                     else:
-                        kanimg.fit(image, family, out=run, progress=not quiet, **spec, **train, budget_seconds=budget, eval_every=100)
+                        # a candidate's rate is the rate at every length (lr_steps 0): the sweep chooses it per budget
+                        kanimg.fit(image, family, out=run, progress=not quiet, **spec, **{"lr_steps": 0, **train},
+                                   budget_seconds=budget, eval_every=100)
                         metrics = json.loads((run / "metrics.json").read_text())
                     records.append({"set": "tune", "budget": budget, "candidate": label, "family": family, "spec": spec,
                                     "train": train, "image": image.stem, "seed": 0, "psnr": metrics["metrics"]["psnr"],
@@ -349,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"inr_bench: unknown photo {', '.join(unknown)}; choose from {', '.join([*EVAL, *FULL])}", file=sys.stderr)
             return 2
         register_lr_variants(models)
+        unknown = sorted(set(models) - set(model_names()))
+        if unknown:
+            print(f"inr_bench: unknown model {', '.join(unknown)}; choose from {', '.join(model_names(False))}, "
+                  f"or a family at a fraction of its rate (e.g. kan-lr0.5)", file=sys.stderr)
+            return 2
         result, key, title = bench(args.out, budgets, [int(s) for s in args.seeds.split(",")], models, not args.no_full, args.quiet,
                                    photos), "model", "Benchmark"
     summary = summarise(result["records"], key)

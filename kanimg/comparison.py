@@ -56,8 +56,8 @@ DEFAULT_MODELS = ("kan", "hashgrid", "siren", "rff", "mlp")
 PAPER_MODELS = ("kan2", "siren1", "siren2", "mlp1", "mlp2", "rff1-s3", "rff1-s30", "rff2-s3", "rff2-s30")
 # arXiv 2410.01803's released script: 3 × 5,000 Adam steps of 4,096 random pixels, lr 1e-3,
 # 1e-4, 1e-5 (fresh optimiser each stage), grid updates every 10 steps in the first 1,000 of
-# each stage, grey image, coordinates linspace(-1, 1, N).
-PAPER_TRAIN = {"steps": 15000, "lr": 1e-3, "batch_size": 4096, "schedule": "staged",
+# each stage, grey image, coordinates linspace(-1, 1, N); those rates at any length (lr_steps 0).
+PAPER_TRAIN = {"steps": 15000, "lr": 1e-3, "lr_steps": 0, "batch_size": 4096, "schedule": "staged",
                "grid_update_every": 10, "grid_update_until": 1000, "eval_every": 500}
 PRESETS = {
     "paper": Preset(PAPER_MODELS, PAPER_TRAIN, description="the KAN paper's image-fitting table, its exact recipe"),

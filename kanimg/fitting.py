@@ -165,7 +165,7 @@ class Fit:
 
     @property
     def history(self) -> dict:
-        """Training curves: step/loss every 10 steps, eval_step/eval_psnr/eval_seconds per evaluation."""
+        """Training curves: step/loss/lr every 10 steps, eval_step/eval_psnr/eval_seconds per evaluation."""
         return dict(self.trainer.history.__dict__)
 
     @property

@@ -214,7 +214,12 @@ def _sized_to_image(spec: dict[str, Any], height: int, width: int) -> dict[str, 
 # (docs/benchmark.md): no grid refits, which under a clock cost more than they gave once the
 # encoding ran as a fused kernel (a refit takes ~0.3 s, and percentile knots take the kernel's
 # slower path); --grid-update-every 25 brings back the earlier refits in the first 500 steps.
-@register("kan", train_defaults={"lr": 6e-2, "batch_size": 16384, "grid_update_every": 0, "grid_update_until": 500},
+# lr_steps (here and for hashgrid and rff): the sweep's rate is for runs of about the steps a
+# 30 s run makes; a longer run starts at lr·√(lr_steps / steps) (TrainConfig.lr_steps). The 120 s
+# learning-rate round chose half the rate for all three (docs/benchmark.md): lr_steps is a quarter
+# of its mean steps at the full rate (9,633, 42,284, 42,391) to two figures, so that length gets half.
+@register("kan", train_defaults={"lr": 6e-2, "batch_size": 16384, "grid_update_every": 0, "grid_update_until": 500,
+                                 "lr_steps": 2400},
           description="KAN on a multiresolution hash encoding, cubic B-spline edges + SiLU base", for_image=_sized_to_image)
 def kan(
     widths: tuple[int, ...] = (2, 1),
@@ -283,7 +288,7 @@ def mlp(widths: tuple[int, ...] = (2, 256, 256, 256, 256, 1)) -> nn.Module:
     return MLP(_check_widths(widths))
 
 
-@register("rff", train_defaults={"lr": 1e-3, "batch_size": 512}, description="ReLU MLP on Gaussian Fourier features")
+@register("rff", train_defaults={"lr": 1e-3, "batch_size": 512, "lr_steps": 11000}, description="ReLU MLP on Gaussian Fourier features")
 def rff(widths: tuple[int, ...] = (2, 256, 256, 1), scale: float = 15.0, num_features: int = 256) -> nn.Module:
     """ReLU MLP on random Fourier features (Tancik et al. 2020), B ~ N(0, scale²)."""
     widths = _check_widths(widths)
@@ -292,7 +297,7 @@ def rff(widths: tuple[int, ...] = (2, 256, 256, 1), scale: float = 15.0, num_fea
     return FourierFeatureMLP(widths, _positive("scale", scale), int(_positive("num_features", num_features)))
 
 
-@register("hashgrid", train_defaults={"lr": 2e-2, "batch_size": 4096}, description="multiresolution hash encoding + ReLU MLP",
+@register("hashgrid", train_defaults={"lr": 2e-2, "batch_size": 4096, "lr_steps": 11000}, description="multiresolution hash encoding + ReLU MLP",
           for_image=lambda spec, height, width: encoding_for_image(height, width, entries_per_pixel=4))
 def hashgrid(
     widths: tuple[int, ...] = (2, 64, 1),

@@ -37,7 +37,7 @@ def save_rgb8(path: Path, rgb: np.ndarray) -> None:
 
 
 def plot_curves(path: Path, history: dict, title: str) -> None:
-    """Batch loss and full-image PSNR against step, side by side."""
+    """Batch loss (with the learning rate, where recorded) and full-image PSNR against step, side by side."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -46,6 +46,11 @@ def plot_curves(path: Path, history: dict, title: str) -> None:
     ax_loss, ax_psnr = fig.subplots(1, 2)
     ax_loss.semilogy(history["step"], history["loss"], lw=1)
     ax_loss.set(xlabel="step", ylabel="batch MSE ([-1, 1] values)", title="training loss")
+    rates = [(step, lr) for step, lr in zip(history["step"], history.get("lr", [])) if lr is not None]
+    if rates:  # spikes in the loss come while the rate is high: the two on one plot
+        ax_lr = ax_loss.twinx()
+        ax_lr.semilogy(*zip(*rates), color="tab:orange", lw=1)
+        ax_lr.set_ylabel("learning rate", color="tab:orange")
     batch_psnr = [10 * math.log10(4 / v) if v > 0 else float("nan") for v in history["loss"]]
     ax_psnr.plot(history["step"], batch_psnr, lw=0.8, alpha=0.5, label="batch")
     ax_psnr.plot(history["eval_step"], history["eval_psnr"], "o-", ms=3, label="full image")

@@ -63,6 +63,8 @@ class TrainConfig:
             evaluations and exports are always float32.
         compile: run the training steps through ``torch.compile(model, fullgraph=True)`` (the
             first step, and the first after a grid extension, compile outside the clock).
+        lr_steps: the run length ``lr`` was tuned for: a run of S > lr_steps steps starts at
+            lr·√(lr_steps / S) (see :func:`length_scale`); 0 = ``lr`` at any length.
     """
 
     steps: int = 2000
@@ -77,6 +79,7 @@ class TrainConfig:
     budget_seconds: float = 0.0
     precision: str = "fp32"
     compile: bool = False
+    lr_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -93,6 +96,8 @@ class TrainConfig:
             raise KanimgError(f"the time budget must be a finite number of seconds, got {self.budget_seconds}")
         if self.grid_update_every < 0 or self.grid_update_until < 0 or self.eval_every < 0:
             raise KanimgError("grid update and eval periods must not be negative")
+        if self.lr_steps < 0:
+            raise KanimgError(f"lr_steps must be 0 (the rate at any length) or positive, got {self.lr_steps}")
         self.grid_schedule = sorted([int(s), [int(g) for g in grids]] for s, grids in self.grid_schedule)
         for at, grids in self.grid_schedule:
             if at < 0 or not grids or min(grids) < 1:
@@ -118,13 +123,26 @@ def stage_of(progress: float, config: TrainConfig) -> int:
     return min(STAGES - 1, int(progress * STAGES + 1e-9)) if config.schedule == "staged" else 0
 
 
-def learning_rate(progress: float, config: TrainConfig) -> float:
-    """Learning rate at ``progress`` ∈ [0, 1]: the fraction of steps (or of the time budget) done."""
+def length_scale(planned_steps: float, config: TrainConfig) -> float:
+    """The factor on ``lr`` for a run of ``planned_steps``: √(lr_steps / planned_steps) past
+    ``config.lr_steps``, else 1. A rate tuned for short runs is too high for long ones: at four
+    times the steps the best rate was half for the KAN, the hash grid and RFF alike
+    (docs/benchmark.md), where the cosine decay keeps it near its peak for four times as many
+    steps and the loss spikes."""
+    if config.lr_steps <= 0 or planned_steps <= config.lr_steps:
+        return 1.0
+    return math.sqrt(config.lr_steps / planned_steps)
+
+
+def learning_rate(progress: float, config: TrainConfig, planned_steps: float = 0.0) -> float:
+    """Learning rate at ``progress`` ∈ [0, 1] (the fraction of steps, or of the time budget,
+    done) of a run of ``planned_steps`` (0: not known yet, taken as short)."""
+    lr = config.lr * length_scale(planned_steps, config)
     if config.schedule == "constant":
-        return config.lr
+        return lr
     if config.schedule == "staged":
-        return config.lr * 0.1 ** stage_of(progress, config)
-    return config.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return lr * 0.1 ** stage_of(progress, config)
+    return lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def grid_update_due(steps_into_stage: int, config: TrainConfig) -> bool:
@@ -152,10 +170,12 @@ def _matmul_precision(value: str):
 
 @dataclass
 class History:
-    """Training curves: batch loss every LOG_EVERY steps, full-image PSNR at each evaluation."""
+    """Training curves: batch loss and learning rate every LOG_EVERY steps, full-image PSNR at
+    each evaluation."""
 
     step: list = field(default_factory=list)
     loss: list = field(default_factory=list)
+    lr: list = field(default_factory=list)
     eval_step: list = field(default_factory=list)
     eval_psnr: list = field(default_factory=list)
     eval_seconds: list = field(default_factory=list)
@@ -205,6 +225,19 @@ class Trainer:
         cfg = self.config
         return self.train_seconds / cfg.budget_seconds if cfg.budget_seconds > 0 else self.step / cfg.steps
 
+    def planned_steps(self) -> float:
+        """The steps this run will make: ``steps``, or under a time budget the pace so far
+        carried to the budget's end (0 before the first step). The ranks agree on it, as on
+        the clock."""
+        cfg = self.config
+        if cfg.budget_seconds <= 0:
+            return float(cfg.steps)
+        return self.step * cfg.budget_seconds / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    def current_lr(self) -> float:
+        """The learning rate of the next step."""
+        return learning_rate(self.fraction_done(), self.config, self.planned_steps())
+
     # ------------------------------------------------------------------ the loop
     def train(self, on_step: Callable[["Trainer"], None] | None = None) -> None:
         """Run until ``config.steps`` (or the time budget); continues from ``self.step`` after a resume.
@@ -243,6 +276,7 @@ class Trainer:
                         _check_converging(value, self.step, "loss")
                         self.history.step.append(self.step)
                         self.history.loss.append(value)
+                        self.history.lr.append(self.optimizer.param_groups[0]["lr"])
                         bar.set_postfix(loss=f"{value:.2e}", psnr=f"{psnr_from_mse(value, 2.0):.2f}",
                                         best=f"{self.best_psnr:.2f}", refresh=False)
                     bar.update(1)
@@ -303,8 +337,9 @@ class Trainer:
         if grid_update_due(step - self.stage_start, cfg) and hasattr(self.model, "update_grids"):
             coords, _ = self.sampler.next_batch(whole=True)
             self.model.update_grids(coords)
+        lr = self.current_lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(progress, cfg)
+            group["lr"] = lr
         if cfg.compile and self._graph_key() != graph:
             paused = self.warm_up()
             self.warmup_seconds += paused
@@ -323,7 +358,7 @@ class Trainer:
             self._wrap_for_ranks()
         fused = self.device.type in ("cpu", "cuda")
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=learning_rate(self.fraction_done(), self.config), fused=fused)
+        return torch.optim.Adam(params, lr=self.current_lr(), fused=fused)
 
     def _wrap_for_ranks(self) -> None:
         """DistributedDataParallel around the model: every rank's step averages the gradients."""
@@ -397,6 +432,6 @@ class Trainer:
         self.optimizer = self._new_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
-        self.history = History(**state["history"])
+        self.history = History(**{"lr": [None] * len(state["history"]["step"]), **state["history"]})  # none before 2026-12-05
         self.best_psnr, self.best_step = float(state["best_psnr"]), int(state["best_step"])
         self.best_state, self.best_spec = state["best_model"], state["best_spec"]

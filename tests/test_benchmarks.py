@@ -184,23 +184,29 @@ def test_inr_bench_lr_round_scales_each_winners_rate(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(bench, "TUNE", {"coffee": "coffee"})
     monkeypatch.setattr(bench, "CROP", 24)
-    assert bench.main(["--tune", "--lr-round", "--budgets", "0.2", "--models", "mlp", "-o", str(tmp_path / "lr"),
+    assert bench.main(["--tune", "--lr-round", "--budgets", "0.2", "--models", "rff", "-o", str(tmp_path / "lr"),
                        "--json", str(tmp_path / "lr.json"), "-q"]) == 0
     result = json.loads((tmp_path / "lr.json").read_text())
-    assert sorted(result["summary"]["tune"]["0.2"]) == ["mlp-lr#0", "mlp-lr#1", "mlp-lr#2"]
-    assert sorted(r["train"]["lr"] for r in result["records"]) == sorted(3e-3 * s for s in bench.LR_SCALES)
+    assert sorted(result["summary"]["tune"]["0.2"]) == ["rff-lr#0", "rff-lr#1", "rff-lr#2"]
+    assert sorted(r["train"]["lr"] for r in result["records"]) == sorted(1e-3 * s for s in bench.LR_SCALES)
+    # a candidate's rate holds at any length (rff's default would lower it past 11,000 steps)
+    trained = [json.loads(p.read_text())["config"]["train"] for p in (tmp_path / "lr" / "runs").rglob("metrics.json")]
+    assert len(trained) == 3 and {t["lr_steps"] for t in trained} == {0}
     assert set(result["candidates"]) == set(bench.LR_ROUND)
     assert bench.main(["--tune", "--lr-round", "--budgets", "0.2", "--models", "kan-ridge", "-o", str(tmp_path / "x"), "-q"]) == 2
     assert "no candidates for kan-ridge" in capsys.readouterr().err
+    assert bench.main(["--budgets", "0.2", "--models", "kan,nosuch", "--no-full", "-o", str(tmp_path / "y"), "-q"]) == 2
+    assert "unknown model nosuch" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
     monkeypatch.setattr(bench, "EVAL", {"camera": "camera"})
-    monkeypatch.setattr(kanimg.models, "_REGISTRY", dict(kanimg.models._REGISTRY))  # mlp-lr0.5 stays this test's
-    assert bench.main(["--budgets", "0.2", "--seeds", "0", "--models", "mlp,mlp-lr0.5", "--no-full", "-o", str(tmp_path / "b"),
+    monkeypatch.setattr(kanimg.models, "_REGISTRY", dict(kanimg.models._REGISTRY))  # rff-lr0.5 stays this test's
+    assert bench.main(["--budgets", "0.2", "--seeds", "0", "--models", "rff,rff-lr0.5", "--no-full", "-o", str(tmp_path / "b"),
                        "--json", str(tmp_path / "b.json"), "-q"]) == 0
     records = {r["model"]: r for r in json.loads((tmp_path / "b.json").read_text())["records"]}
-    rates = {name: json.loads((tmp_path / "b" / "crops" / "0.2s-seed0" / r["run"] / "metrics.json").read_text())["config"]["train"]["lr"]
-             for name, r in records.items()}
-    assert rates == {"mlp": 3e-3, "mlp-lr0.5": 1.5e-3} and records["mlp-lr0.5"]["family"] == "mlp"
+    trained = {name: json.loads((tmp_path / "b" / "crops" / "0.2s-seed0" / r["run"] / "metrics.json").read_text())["config"]["train"]
+               for name, r in records.items()}
+    assert {name: (t["lr"], t["lr_steps"]) for name, t in trained.items()} == {"rff": (1e-3, 11000), "rff-lr0.5": (5e-4, 0)}
+    assert records["rff-lr0.5"]["family"] == "rff"
 
 
 def test_kan_heads_trains_every_readout_of_the_same_encoding(tmp_path, monkeypatch, capsys):

@@ -24,6 +24,38 @@ def test_learning_rate_schedules():
     assert learning_rate(0.7, TrainConfig(lr=3e-3, schedule="constant")) == 3e-3
 
 
+def test_a_run_longer_than_lr_steps_starts_at_a_lower_rate():
+    """√(lr_steps / steps) past lr_steps: four times the steps, half the rate; the schedule on top."""
+    cosine = TrainConfig(lr=1e-2, lr_steps=2000)
+    assert learning_rate(0, cosine, 8000) == pytest.approx(5e-3)
+    assert learning_rate(0.5, cosine, 8000) == pytest.approx(5e-3 * (0.01 + 0.99 * 0.5))
+    assert learning_rate(0, cosine, 2000) == learning_rate(0, cosine, 500) == learning_rate(0, cosine, 0) == 1e-2
+    assert learning_rate(0, TrainConfig(lr=1e-2), 10 ** 6) == 1e-2  # lr_steps 0: the rate at any length
+    assert learning_rate(0.9, TrainConfig(lr=1e-2, lr_steps=100, schedule="staged", steps=900), 900) == \
+        pytest.approx(1e-2 / 3 * 0.01)
+    with pytest.raises(KanimgError):
+        TrainConfig(lr_steps=-1)
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.0])
+def test_the_trainer_lowers_the_rate_of_a_long_run_by_steps_or_by_the_pace_under_a_budget(monkeypatch, budget):
+    """A run of 256 steps with lr_steps 64 trains at half the rate: 256 steps asked for, or a
+    clock on which each step takes 1/256 s under a budget of 1 s (the pace carried to the end)."""
+    import types
+
+    import kanimg.train as train_module
+
+    clock = iter(range(10 ** 6))  # the trainer's clock alone: each reading 1/256 s after the last, a step between two
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock) / 256))
+    trainer = small_trainer(steps=256, budget_seconds=budget, lr=1e-2, lr_steps=64, schedule="constant")
+    trainer.train()
+    assert trainer.step == 256
+    assert trainer.history.lr == pytest.approx([5e-3] * len(trainer.history.step))
+    unscaled = small_trainer(steps=64, lr=1e-2, lr_steps=64, schedule="constant")
+    unscaled.train()
+    assert unscaled.history.lr == pytest.approx([1e-2] * len(unscaled.history.step))
+
+
 def test_grid_updates_every_n_steps_in_the_first_m_of_a_stage():
     cfg = TrainConfig(grid_update_every=10, grid_update_until=1000)
     due = [s for s in range(2000) if grid_update_due(s, cfg)]

@@ -10,7 +10,7 @@ from ..device import DEVICES
 from .types import execution_flags, grid_schedule, int_list
 
 MODEL_OPTIONS = ("widths", "grids", "grid_kind", "levels", "directions", "omega0", "scale", "num_features")
-TRAIN_OPTIONS = ("steps", "lr", "batch_size", "schedule", "grid_update_every", "grid_update_until", "grid_schedule", "eval_every",
+TRAIN_OPTIONS = ("steps", "lr", "lr_steps", "batch_size", "schedule", "grid_update_every", "grid_update_until", "grid_schedule", "eval_every",
                  "seed", "precision", "compile")
 
 
@@ -33,7 +33,9 @@ def add(sub) -> None:
     m.add_argument("--features", dest="num_features", type=int, help="RFF: number of Fourier frequencies (default 256)")
     t = fit.add_argument_group("training (defaults depend on the model family)")
     t.add_argument("--steps", type=int, help="optimisation steps (default 2000 up to 256×256 pixels, then 2000·√(pixels/65,536), at most 20,000)")
-    t.add_argument("--lr", type=float, help="initial learning rate")
+    t.add_argument("--lr", type=float, help="initial learning rate (of a run up to --lr-steps long)")
+    t.add_argument("--lr-steps", type=int, help="the run length --lr is for: a longer run of S steps starts at "
+                                               "lr·√(lr-steps/S) (default: the family's, e.g. kan 2400; 0 = lr at any length)")
     t.add_argument("--batch-size", type=int, help="pixels per step; 0 = whole image")
     t.add_argument("--schedule", choices=["cosine", "constant", "staged"], help="LR schedule; staged = the paper's 3 stages lr, lr/10, lr/100")
     t.add_argument("--grid-update-every", type=int, help="KAN: refit grids every N steps …")
