@@ -370,11 +370,12 @@ def _resumed_settings(state: dict, checkpoint: Path, data: ImageData, model: str
                           f"({saved['image']['width']}x{saved['image']['height']}, {saved['image']['channels']} channels)")
     saved_spec = {k: v for k, v in state["trainer"]["spec"].items() if k != "name"}
     resolved = model_spec_for(model, model_options, data.channels) if model_options else {}
-    wanted = TrainConfig.from_dict({**saved["train"], **train_options}).to_dict()
+    saved_train = TrainConfig.from_dict(saved["train"]).to_dict()  # a setting newer than the run: its default then
+    wanted = TrainConfig.from_dict({**saved_train, **train_options}).to_dict()
     _refuse_changes({**{k: (resolved[k], saved_spec.get(k)) for k in model_options},
-                     **{k: (wanted[k], saved["train"][k]) for k in train_options if k not in CHANGEABLE_ON_RESUME}}, checkpoint)
+                     **{k: (wanted[k], saved_train[k]) for k in train_options if k not in CHANGEABLE_ON_RESUME}}, checkpoint)
     changed = {k: v for k, v in train_options.items() if k in CHANGEABLE_ON_RESUME}
-    return saved_spec, TrainConfig.from_dict({**saved["train"], **changed})
+    return saved_spec, TrainConfig.from_dict({**saved_train, **changed})
 
 
 def _split_options(model: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

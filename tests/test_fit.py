@@ -358,6 +358,24 @@ def test_a_kan_checkpoint_from_before_new_kan_options_rebuilds_the_kan_it_was(ph
     assert (resumed["directions"], resumed["levels"]) == (directions, 0)
 
 
+def test_a_checkpoint_from_before_lr_steps_resumes_at_its_rate(photo32, tmp_path, capsys):
+    """Runs saved before lr_steps existed trained at their rate at any length: they resume so
+    (lr_steps 0), naming it is no error, and naming another value is refused like any setting."""
+    run = small_fit(tmp_path, photo32)
+    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    train = {k: v for k, v in payload["config"]["train"].items() if k != "lr_steps"}
+    history = {k: v for k, v in payload["trainer"]["history"].items() if k != "lr"}
+    torch.save({**payload, "config": {**payload["config"], "train": train}, "trainer": {**payload["trainer"], "history": history}},
+               tmp_path / "old.pt")
+    assert run_cli("fit", "--resume", tmp_path / "old.pt", "-o", tmp_path / "other", "--lr-steps", "5", "-q") == 2
+    assert "--lr-steps" in capsys.readouterr().err
+    assert run_cli("fit", "--resume", tmp_path / "old.pt", "-o", tmp_path / "resumed", "--lr-steps", "0", "--steps", "25", "-q") == 0
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert metrics["config"]["train"]["lr_steps"] == 0 and metrics["steps_done"] == 25
+    lrs = metrics["history"]["lr"]
+    assert len(lrs) == len(metrics["history"]["step"]) and lrs[0] is None and lrs[-1] is not None
+
+
 def test_a_fit_that_names_no_steps_trains_longer_on_a_larger_image(photo32, tmp_path):
     from kanimg.fitting import MAX_DEFAULT_STEPS, steps_for_image, train_config_for
 

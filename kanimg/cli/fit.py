@@ -34,8 +34,9 @@ def add(sub) -> None:
     t = fit.add_argument_group("training (defaults depend on the model family)")
     t.add_argument("--steps", type=int, help="optimisation steps (default 2000 up to 256×256 pixels, then 2000·√(pixels/65,536), at most 20,000)")
     t.add_argument("--lr", type=float, help="initial learning rate (of a run up to --lr-steps long)")
-    t.add_argument("--lr-steps", type=int, help="the run length --lr is for: a longer run of S steps starts at "
-                                               "lr·√(lr-steps/S) (default: the family's, e.g. kan 2400; 0 = lr at any length)")
+    t.add_argument("--lr-steps", type=int, help="the run length --lr is for: a longer run of S steps starts at lr·√(lr-steps/S); "
+                                               "under a time budget (compare --budget-seconds) S from the pace so far "
+                                               "(default: the family's, e.g. kan 2400; 0 = lr at any length)")
     t.add_argument("--batch-size", type=int, help="pixels per step; 0 = whole image")
     t.add_argument("--schedule", choices=["cosine", "constant", "staged"], help="LR schedule; staged = the paper's 3 stages lr, lr/10, lr/100")
     t.add_argument("--grid-update-every", type=int, help="KAN: refit grids every N steps …")
