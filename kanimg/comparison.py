@@ -9,7 +9,8 @@ Protocols (each record says which one it ran under):
 - a preset: the KAN paper's table, every model trained with the paper's one recipe.
 
 Each image × model is an ordinary ``kanimg fit`` run folder under ``OUT/runs/``; a run that
-finished with the same request is skipped, an interrupted one is resumed from its checkpoint.
+finished with the same request is skipped, an interrupted one is resumed from its checkpoint,
+and one trained under other defaults of its family (an older kanimg's) is fitted again.
 Under torchrun the runs are shared out among the ranks (kanimg.distributed); rank 0 checks
 the folder first and writes every table and page at the end, the same as one process would,
 each record saying which rank ran it.
@@ -34,6 +35,7 @@ from .fitting import ResumeMismatch, fit, model_spec_for
 from .gallery import file_data_uri, html_page, png_data_uri
 from .io import list_images, load_image
 from .models import get_entry, param_count
+from .train import TrainConfig
 from .plots import error_map, gallery_png, psnr_time_svg
 from .results import COMPARE_COLUMNS, describe_protocol, mean_records, record_table, results_payload, write_results
 
@@ -253,16 +255,26 @@ def _protocol(preset, steps, budget_seconds, match_params) -> dict:
 
 
 def _request(name, data, protocol, preset, steps, budget_seconds, match_params, seed, execution) -> dict:
-    """Everything that decides one run: model options, training options, data options."""
+    """Everything that decides one run: model options, training options, data options, and the
+    defaults the run takes for every option none of those names."""
     if preset is not None:
         train = {**preset.train, **({"steps": steps} if steps else {}), "seed": seed, **execution}
-        return {"spec": {}, "train": train, "grey": preset.grey, "coords": preset.coords, "protocol": protocol}
+        return {"spec": {}, "train": train, "grey": preset.grey, "coords": preset.coords, "protocol": protocol,
+                "defaults": _defaults(name)}
     spec = widths_for_params(name, data.channels, match_params, (data.height, data.width)) if match_params is not None else {}
     if budget_seconds is not None:
         train = {"budget_seconds": float(budget_seconds), "eval_every": 100}
     else:
         train = {"steps": protocol["steps"]}
-    return {"spec": spec, "train": {**train, "seed": seed, **execution}, "grey": False, "coords": "centers", "protocol": protocol}
+    return {"spec": spec, "train": {**train, "seed": seed, **execution}, "grey": False, "coords": "centers", "protocol": protocol,
+            "defaults": _defaults(name)}
+
+
+def _defaults(name: str) -> dict:
+    """The family's model and training defaults as plain JSON values: a run trained under other
+    ones (before kanimg changed them) is not this request's run, though its options match."""
+    entry = get_entry(name)
+    return json.loads(json.dumps({"spec": entry.default_spec(), "train": TrainConfig.from_dict(entry.train_defaults).to_dict()}))
 
 
 def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: str, progress: bool) -> bool:
@@ -270,14 +282,18 @@ def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: st
     folder = out / "runs" / stem / name
     marker = folder / "compare-request.json"
     metrics_file = folder / "metrics.json"
-    done = metrics_file.exists() and marker.exists() and json.loads(marker.read_text()) == request
-    if done and not json.loads(metrics_file.read_text())["interrupted"] and not staging_folder(folder).exists():
+    previous = json.loads(marker.read_text()) if marker.exists() else None
+    if previous == request and metrics_file.exists() and not json.loads(metrics_file.read_text())["interrupted"] \
+            and not staging_folder(folder).exists():
         log.info("%s on %s: finished earlier, skipped", name, stem)
         return False
+    stale = previous is not None and previous.get("defaults") != request["defaults"]
     options = dict(out=folder, force=True, device=device, grey=request["grey"], coords=request["coords"], progress=progress,
                    **request["spec"], **request["train"])
     result = None
-    if latest_checkpoint(folder) is not None:  # interrupted, killed, or asked for more steps
+    if stale:
+        log.info("%s on %s: trained under other defaults of %s (an older kanimg), fitting anew", name, stem, name)
+    elif latest_checkpoint(folder) is not None:  # interrupted, killed, or asked for more steps
         try:
             log.info("%s on %s: resuming", name, stem)
             result = fit(image, name, resume=True, **options)

@@ -80,6 +80,36 @@ def test_interrupted_comparison_resumes_where_it_stopped(photos, tmp_path):
     assert [r["steps"] for r in second.records] == [20, 20]
 
 
+def test_a_run_trained_under_other_defaults_is_fitted_again_not_reused(photos, tmp_path):
+    """After an upgrade that changes a family's defaults (its learning rate, say), the same
+    command must not report the old run as today's model."""
+    from kanimg.models import get_entry
+
+    image = photos / "face.png"
+    out = tmp_path / "cmp"
+    compare(image, TINY, out, steps=15, progress=False)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((args[1], kwargs.get("resume")))
+        return real_fit(*args, **kwargs)
+
+    from kanimg import comparison as compare_module
+
+    real_fit = compare_module.fit
+    mlp = get_entry("mlp")
+    lr = mlp.train_defaults.get("lr", 1e-3)
+    with mock.patch.dict(mlp.train_defaults, {"lr": lr / 2}), mock.patch("kanimg.comparison.fit", spy):
+        again = compare(image, TINY, out, steps=15, progress=False)
+    assert calls == [("mlp", None)]  # kan reused; mlp fitted anew, not resumed from the old run
+    saved = json.loads((out / "runs" / "face" / "mlp" / "metrics.json").read_text())
+    assert saved["config"]["train"]["lr"] == pytest.approx(lr / 2)
+    assert not again.interrupted
+    with mock.patch.dict(mlp.train_defaults, {"lr": lr / 2}), \
+            mock.patch("kanimg.comparison.fit", side_effect=AssertionError("should have been skipped")):
+        compare(image, TINY, out, steps=15, progress=False)  # under the same defaults: reused
+
+
 def test_equal_time_protocol_gives_each_model_the_budget(photos, tmp_path):
     result = compare(photos / "face.png", TINY, tmp_path / "t", budget_seconds=0.4, progress=False)
     for r in result.records:
