@@ -287,7 +287,7 @@ def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: st
             and not staging_folder(folder).exists():
         log.info("%s on %s: finished earlier, skipped", name, stem)
         return False
-    stale = previous is not None and previous.get("defaults") != request["defaults"]
+    stale = previous is not None and (not isinstance(previous, dict) or previous.get("defaults") != request["defaults"])
     options = dict(out=folder, force=True, device=device, grey=request["grey"], coords=request["coords"], progress=progress,
                    **request["spec"], **request["train"])
     result = None
