@@ -28,10 +28,10 @@ import numpy as np
 
 from . import distributed
 from .errors import KanimgError
-from .checkpoints import latest_checkpoint
+from .checkpoints import latest_checkpoint, load_checkpoint
 from .files import (OutputLock, atomic_path, atomic_write_bytes, check_replaceable, check_writable, read_marker, staging_folder,
                     write_marker)
-from .fitting import ResumeMismatch, fit, model_spec_for
+from .fitting import CHANGEABLE_ON_RESUME, ResumeMismatch, fit, model_spec_for
 from .gallery import file_data_uri, html_page, png_data_uri
 from .io import list_images, load_image
 from .models import get_entry, param_count
@@ -256,7 +256,7 @@ def _protocol(preset, steps, budget_seconds, match_params) -> dict:
 
 def _request(name, data, protocol, preset, steps, budget_seconds, match_params, seed, execution) -> dict:
     """Everything that decides one run: model options, training options, data options, and the
-    defaults the run takes for every option none of those names."""
+    defaults (the family's and TrainConfig's values) it takes for the options none of those names."""
     if preset is not None:
         train = {**preset.train, **({"steps": steps} if steps else {}), "seed": seed, **execution}
         return {"spec": {}, "train": train, "grey": preset.grey, "coords": preset.coords, "protocol": protocol,
@@ -277,6 +277,40 @@ def _defaults(name: str) -> dict:
     return json.loads(json.dumps({"spec": entry.default_spec(), "train": TrainConfig.from_dict(entry.train_defaults).to_dict()}))
 
 
+def _saved_settings(folder: Path) -> dict | None:
+    """The settings ({"model": spec, "train": options}) of a run folder's latest checkpoint (a
+    staged one first), else of its metrics.json; None when it has neither or they cannot be read
+    (resuming then says what is wrong)."""
+    checkpoint = latest_checkpoint(folder)
+    try:
+        config = load_checkpoint(checkpoint)["config"] if checkpoint is not None else \
+            json.loads((folder / "metrics.json").read_text())["config"]
+        return json.loads(json.dumps({"model": dict(config["model"]), "train": dict(config["train"])}))  # lists, not tuples
+    except (KanimgError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _trained_otherwise(saved: dict, request: dict) -> bool:
+    """Whether a run trained with ``saved`` settings took another value than today's defaults for
+    an option ``request`` leaves to them. A training option missing from an older run had
+    TrainConfig's value; steps, evaluations, compilation and the batch (grown on a GPU) may
+    differ, and so may the options sized to the image (default None) and the output width."""
+    for key, default in request["defaults"]["spec"].items():
+        if key in request["spec"] or default is None:
+            continue
+        value = saved["model"].get(key)
+        if key == "widths":
+            value, default = list(value or [])[:-1], default[:-1]
+        if value != default:
+            return True
+    try:
+        trained = json.loads(json.dumps(TrainConfig.from_dict(saved["train"]).to_dict()))
+    except (KanimgError, TypeError):
+        return True
+    loose = {*request["train"], *CHANGEABLE_ON_RESUME, "batch_size"}
+    return any(trained.get(key) != value for key, value in request["defaults"]["train"].items() if key not in loose)
+
+
 def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: str, progress: bool) -> bool:
     """Fit one model (or reuse / resume its earlier run); True when Ctrl-C stopped it."""
     folder = out / "runs" / stem / name
@@ -287,7 +321,11 @@ def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: st
             and not staging_folder(folder).exists():
         log.info("%s on %s: finished earlier, skipped", name, stem)
         return False
-    stale = previous is not None and (not isinstance(previous, dict) or previous.get("defaults") != request["defaults"])
+    if isinstance(previous, dict) and previous.get("defaults") == request["defaults"]:
+        stale = False
+    else:  # marked under other defaults or before markers held them, or killed before its first marker
+        saved = _saved_settings(folder)
+        stale = saved is not None and _trained_otherwise(saved, request)
     options = dict(out=folder, force=True, device=device, grey=request["grey"], coords=request["coords"], progress=progress,
                    **request["spec"], **request["train"])
     result = None

@@ -80,31 +80,43 @@ def test_interrupted_comparison_resumes_where_it_stopped(photos, tmp_path):
     assert [r["steps"] for r in second.records] == [20, 20]
 
 
-def test_a_run_trained_under_other_defaults_is_fitted_again_not_reused(photos, tmp_path):
+@pytest.mark.parametrize("left", ["marker", "marker without defaults", "no marker"])
+def test_a_run_trained_under_other_defaults_is_fitted_again_not_reused(photos, tmp_path, left):
     """After an upgrade that changes a family's defaults (its learning rate, say), the same
-    command must not report the old run as today's model."""
+    command must not report the old run as today's model: whether the old run was marked with
+    its defaults, marked before markers held them, or killed before its first marker."""
+    from kanimg import comparison as compare_module
     from kanimg.models import get_entry
 
     image = photos / "face.png"
     out = tmp_path / "cmp"
     compare(image, TINY, out, steps=15, progress=False)
-    calls = []
+    marker = out / "runs" / "face" / "mlp" / "compare-request.json"
+    if left == "marker without defaults":
+        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "defaults"}))
+    elif left == "no marker":
+        marker.unlink()
+    real_fit, calls = compare_module.fit, []
 
     def spy(*args, **kwargs):
         calls.append((args[1], kwargs.get("resume")))
         return real_fit(*args, **kwargs)
 
-    from kanimg import comparison as compare_module
-
-    real_fit = compare_module.fit
     mlp = get_entry("mlp")
     lr = mlp.train_defaults.get("lr", 1e-3)
+    with mock.patch("kanimg.comparison.fit", spy):
+        compare(image, TINY, out, steps=15, progress=False)  # the same defaults: the run is kept
+    assert calls in ([], [("mlp", True)])
+    calls.clear()
+    if left == "marker without defaults":
+        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "defaults"}))
+    elif left == "no marker":
+        marker.unlink()
     with mock.patch.dict(mlp.train_defaults, {"lr": lr / 2}), mock.patch("kanimg.comparison.fit", spy):
         again = compare(image, TINY, out, steps=15, progress=False)
     assert calls == [("mlp", None)]  # kan reused; mlp fitted anew, not resumed from the old run
     saved = json.loads((out / "runs" / "face" / "mlp" / "metrics.json").read_text())
-    assert saved["config"]["train"]["lr"] == pytest.approx(lr / 2)
-    assert not again.interrupted
+    assert saved["config"]["train"]["lr"] == pytest.approx(lr / 2) and not again.interrupted
     with mock.patch.dict(mlp.train_defaults, {"lr": lr / 2}), \
             mock.patch("kanimg.comparison.fit", side_effect=AssertionError("should have been skipped")):
         compare(image, TINY, out, steps=15, progress=False)  # under the same defaults: reused
