@@ -31,7 +31,7 @@ from .errors import KanimgError
 from .checkpoints import latest_checkpoint, load_checkpoint
 from .files import (OutputLock, atomic_path, atomic_write_bytes, check_replaceable, check_writable, read_marker, staging_folder,
                     write_marker)
-from .fitting import CHANGEABLE_ON_RESUME, ResumeMismatch, fit, model_spec_for
+from .fitting import CHANGEABLE_ON_RESUME, ResumeMismatch, fit, model_spec_for, train_config_for
 from .gallery import file_data_uri, html_page, png_data_uri
 from .io import list_images, load_image
 from .models import get_entry, param_count
@@ -274,7 +274,7 @@ def _defaults(name: str) -> dict:
     """The family's model and training defaults as plain JSON values: a run trained under other
     ones (before kanimg changed them) is not this request's run, though its options match."""
     entry = get_entry(name)
-    return json.loads(json.dumps({"spec": entry.default_spec(), "train": TrainConfig.from_dict(entry.train_defaults).to_dict()}))
+    return json.loads(json.dumps({"spec": entry.default_spec(), "train": train_config_for(name, {}).to_dict()}))
 
 
 def _saved_settings(folder: Path) -> dict | None:
