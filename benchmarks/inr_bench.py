@@ -27,10 +27,13 @@ from pathlib import Path
 import numpy as np
 
 import kanimg
+from kanimg.checkpoints import latest_checkpoint
 from kanimg.comparison import compare
+from kanimg.fitting import ResumeMismatch
 from kanimg.io import default_image
 from kanimg.models import get_entry, model_names, register_variant
 from kanimg.results import machine, versions
+from kanimg.train import TrainConfig
 
 CROP = 256
 # name: (scikit-image loader, or "bundled"), every one a photograph
@@ -282,6 +285,32 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def sweep_run(image: Path, family: str, run: Path, spec: dict, train: dict, budget: float, quiet: bool) -> dict:
+    """One candidate's run on one photo (its metrics): reused when it finished with these
+    settings, resumed when it was stopped or killed, fitted anew when an earlier sweep trained
+    other settings under its label (the candidate lists changed between rounds)."""
+    # a candidate's rate is the rate at every length (lr_steps 0): the sweep chooses it per budget
+    settings = {"model": spec, "train": {"lr_steps": 0, **train, "budget_seconds": float(budget), "eval_every": 100}}
+    metrics_file = run / "metrics.json"
+    if metrics_file.exists():
+        metrics = json.loads(metrics_file.read_text())
+        # an option missing from an older run's file had its default then; tuples as lists, as the file holds them
+        trained = json.loads(json.dumps({"model": {**get_entry(family).default_spec(), **metrics["config"]["model"]},
+                                         "train": {**TrainConfig().to_dict(), **metrics["config"]["train"]}}))
+        wanted = json.loads(json.dumps(settings))
+        if not metrics["interrupted"] and all(trained[part].get(k) == v for part in wanted for k, v in wanted[part].items()):
+            return metrics
+    options = dict(out=run, progress=not quiet, **settings["model"], **settings["train"])
+    if latest_checkpoint(run) is not None:
+        try:
+            kanimg.fit(image, family, resume=True, **options)
+            return json.loads(metrics_file.read_text())
+        except ResumeMismatch as exc:
+            print(f"{run}: trained with other settings ({exc}), fitting anew", file=sys.stderr, flush=True)
+    kanimg.fit(image, family, force=True, **options)
+    return json.loads(metrics_file.read_text())
+
+
 def tune(out: Path, budgets: list[float], families: list[str], quiet: bool, only: set[str] | None = None,
          lr_round: bool = False) -> dict:
     """Every candidate of every family (or those labelled in ``only``, e.g. kan#12), or with
@@ -298,13 +327,7 @@ def tune(out: Path, budgets: list[float], families: list[str], quiet: bool, only
                     continue
                 for image in sorted(folder.glob("*.png")):
                     run = out / "runs" / f"{budget:g}s" / image.stem / label.replace("#", "-")
-                    if (run / "metrics.json").exists():
-                        metrics = json.loads((run / "metrics.json").read_text())
-                    else:
-                        # a candidate's rate is the rate at every length (lr_steps 0): the sweep chooses it per budget
-                        kanimg.fit(image, family, out=run, progress=not quiet, **spec, **{"lr_steps": 0, **train},
-                                   budget_seconds=budget, eval_every=100)
-                        metrics = json.loads((run / "metrics.json").read_text())
+                    metrics = sweep_run(image, family, run, spec, train, budget, quiet)
                     records.append({"set": "tune", "budget": budget, "candidate": label, "family": family, "spec": spec,
                                     "train": train, "image": image.stem, "seed": 0, "psnr": metrics["metrics"]["psnr"],
                                     "steps": metrics["steps_done"]})

@@ -274,7 +274,12 @@ def _defaults(name: str) -> dict:
     """The family's model and training defaults as plain JSON values: a run trained under other
     ones (before kanimg changed them) is not this request's run, though its options match."""
     entry = get_entry(name)
-    return json.loads(json.dumps({"spec": entry.default_spec(), "train": train_config_for(name, {}).to_dict()}))
+    return _plain({"spec": entry.default_spec(), "train": train_config_for(name, {}).to_dict()})
+
+
+def _plain(values: dict) -> dict:
+    """``values`` as a marker read back from JSON holds them (tuples as lists), to compare with one."""
+    return json.loads(json.dumps(values))
 
 
 def _saved_settings(folder: Path) -> dict | None:
@@ -285,7 +290,7 @@ def _saved_settings(folder: Path) -> dict | None:
     try:
         config = load_checkpoint(checkpoint)["config"] if checkpoint is not None else \
             json.loads((folder / "metrics.json").read_text())["config"]
-        return json.loads(json.dumps({"model": dict(config["model"]), "train": dict(config["train"])}))  # lists, not tuples
+        return _plain({"model": dict(config["model"]), "train": dict(config["train"])})
     except (KanimgError, OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -304,7 +309,7 @@ def _trained_otherwise(saved: dict, request: dict) -> bool:
         if value != default:
             return True
     try:
-        trained = json.loads(json.dumps(TrainConfig.from_dict(saved["train"]).to_dict()))
+        trained = _plain(TrainConfig.from_dict(saved["train"]).to_dict())
     except (KanimgError, TypeError):
         return True
     loose = {*request["train"], *CHANGEABLE_ON_RESUME, "batch_size"}

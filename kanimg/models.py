@@ -197,16 +197,17 @@ def _hash_options(levels: int, features: int, log2_table_size: int | None, base_
 MAX_LOG2_TABLE = 19
 
 
-def encoding_for_image(height: int, width: int, entries_per_pixel: int = 1) -> dict[str, int]:
-    """The hash encoding's finest resolution and table size for an image of height × width."""
+def encoding_for_image(height: int, width: int, base_resolution: int, entries_per_pixel: int = 1) -> dict[str, int]:
+    """The hash encoding's finest resolution and table size for an image of height × width (an
+    image smaller than the coarsest level gets that level alone: finest = base)."""
     log2_size = math.ceil(math.log2(height * width * entries_per_pixel))
-    return {"finest_resolution": max(height, width), "log2_table_size": min(MAX_LOG2_TABLE, max(16, log2_size))}
+    return {"finest_resolution": max(height, width, base_resolution), "log2_table_size": min(MAX_LOG2_TABLE, max(16, log2_size))}
 
 
 def _sized_to_image(spec: dict[str, Any], height: int, width: int) -> dict[str, Any]:
     """A KAN's grids (and its encoding's size) for an image of height × width."""
     encoded = spec["levels"] > 0
-    return {"grids": kan_grids_for(spec["widths"], height, width, encoded), **(encoding_for_image(height, width) if encoded else {})}
+    return {"grids": kan_grids_for(spec["widths"], height, width, encoded), **(encoding_for_image(height, width, spec["base_resolution"]) if encoded else {})}
 
 
 # The default KAN: a multiresolution hash encoding (as the hashgrid baseline's) read out by one
@@ -298,7 +299,7 @@ def rff(widths: tuple[int, ...] = (2, 256, 256, 1), scale: float = 15.0, num_fea
 
 
 @register("hashgrid", train_defaults={"lr": 2e-2, "batch_size": 4096, "lr_steps": 11000}, description="multiresolution hash encoding + ReLU MLP",
-          for_image=lambda spec, height, width: encoding_for_image(height, width, entries_per_pixel=4))
+          for_image=lambda spec, height, width: encoding_for_image(height, width, spec["base_resolution"], entries_per_pixel=4))
 def hashgrid(
     widths: tuple[int, ...] = (2, 64, 1),
     levels: int = 16,

@@ -2,6 +2,7 @@
 targets are measured by the scripts, not by unit tests)."""
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -162,6 +163,27 @@ def test_inr_bench_tuning_sweep_tries_every_candidate(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "tune.json").read_text())
     assert sorted(result["summary"]["tune"]["0.2"]) == ["mlp#0", "mlp#1", "rff#0", "rff#1"]
     assert {r["train"].get("lr") for r in result["records"] if r["family"] == "mlp"} == {None, 3e-3}
+
+    # run again: finished runs are reused, a candidate whose settings changed under its label is
+    # fitted anew, and a run killed mid-way (only its staging folder's checkpoint) is resumed
+    runs = tmp_path / "tune" / "runs" / "0.2s" / "coffee"
+    older = json.loads((runs / "mlp-0" / "metrics.json").read_text())
+    del older["config"]["train"]["lr_steps"]  # written before the option existed: it had its default then
+    (runs / "mlp-0" / "metrics.json").write_text(json.dumps(older))
+    reused = (runs / "mlp-0" / "metrics.json").read_bytes()
+    killed = runs / "rff-1"
+    staging = killed.parent / f".{killed.name}.partial"
+    staging.mkdir()
+    (killed / "checkpoint.pt").rename(staging / "checkpoint.pt")
+    shutil.rmtree(killed)
+    monkeypatch.setitem(bench.CANDIDATES, "mlp", [({}, {}), ({}, {"lr": 1e-2})])
+    assert bench.main(["--tune", "--budgets", "0.2", "--models", "mlp,rff", "-o", str(tmp_path / "tune"),
+                       "--json", str(tmp_path / "again.json"), "-q"]) == 0
+    assert (runs / "mlp-0" / "metrics.json").read_bytes() == reused
+    assert json.loads((runs / "mlp-1" / "metrics.json").read_text())["config"]["train"]["lr"] == 1e-2
+    assert json.loads((killed / "metrics.json").read_text())["config"]["model"]["scale"] == 5.0 and not staging.exists()
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert sorted(again["summary"]["tune"]["0.2"]) == ["mlp#0", "mlp#1", "rff#0", "rff#1"]
 
     # a later round runs only the candidates it names
     assert bench.main(["--tune", "--budgets", "0.2", "--models", "mlp,rff", "--candidates", "rff#1", "-o", str(tmp_path / "round"),

@@ -398,6 +398,16 @@ def test_a_fit_that_names_no_steps_trains_longer_on_a_larger_image(photo32, tmp_
     assert result.trainer.step == 7
 
 
+@pytest.mark.parametrize("name", ["kan", "hashgrid"])
+def test_an_image_smaller_than_the_coarsest_hash_level_fits(name):
+    """Sized to the image, the finest level may not fall below the coarsest (16 cells): a 9×13
+    icon gets that level alone instead of an error about options the user never set."""
+    pixels = np.random.default_rng(0).integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    result = fit(pixels, name, steps=3, progress=False)
+    assert result.config["model"]["finest_resolution"] == result.config["model"]["base_resolution"] == 16
+    assert result.render().shape == (9, 13, 3)
+
+
 def test_a_checkpoint_of_a_renamed_model_still_renders(photo32, tmp_path):
     """kan-ridge8 became kan, then kan-ridge: its checkpoints are rebuilt under today's name."""
     spec, train, _ = FITS["kan"]
