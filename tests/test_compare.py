@@ -92,10 +92,14 @@ def test_a_run_trained_under_other_defaults_is_fitted_again_not_reused(photos, t
     out = tmp_path / "cmp"
     compare(image, TINY, out, steps=15, progress=False)
     marker = out / "runs" / "face" / "mlp" / "compare-request.json"
-    if left == "marker without defaults":
-        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "defaults"}))
-    elif left == "no marker":
-        marker.unlink()
+
+    def leave_as_case():
+        if left == "marker without defaults":
+            marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "defaults"}))
+        elif left == "no marker":
+            marker.unlink()
+
+    leave_as_case()
     real_fit, calls = compare_module.fit, []
 
     def spy(*args, **kwargs):
@@ -108,10 +112,7 @@ def test_a_run_trained_under_other_defaults_is_fitted_again_not_reused(photos, t
         compare(image, TINY, out, steps=15, progress=False)  # the same defaults: the run is kept
     assert calls in ([], [("mlp", True)])
     calls.clear()
-    if left == "marker without defaults":
-        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "defaults"}))
-    elif left == "no marker":
-        marker.unlink()
+    leave_as_case()
     with mock.patch.dict(mlp.train_defaults, {"lr": lr / 2}), mock.patch("kanimg.comparison.fit", spy):
         again = compare(image, TINY, out, steps=15, progress=False)
     assert calls == [("mlp", None)]  # kan reused; mlp fitted anew, not resumed from the old run
