@@ -4,7 +4,8 @@ whose winners are the registry's defaults.
     python benchmarks/inr_bench.py -o runs/inr-bench                          # 30/120/600 s, seeds 0-2
     python benchmarks/inr_bench.py --budgets 30 --seeds 0 -o runs/inr-bench   # a quicker pass
     python benchmarks/inr_bench.py --tune --budgets 30 -o runs/inr-tune       # the tuning sweep
-    python benchmarks/inr_bench.py --tune --lr-round --budgets 120 -o runs/lr  # the winners' rate at 120 s
+    python benchmarks/inr_bench.py --tune --lr-round --budgets 120 -o runs/lr  # the winners at 1, 1/2, 1/4 their rate at 120 s
+    python benchmarks/inr_bench.py --tune --lr-round 0.25,0.125 --budgets 600 -o runs/lr600  # other fractions
     python benchmarks/inr_bench.py --budgets 120 --models kan-lr0.5,hashgrid-lr0.5 -o runs/b  # a family at half its rate
 
 Photos come from scikit-image's bundled data (no download) and the photograph bundled with
@@ -155,11 +156,22 @@ CANDIDATES = {
 
 # The learning-rate round: each family's 30 s winner (the registry's defaults), its rate scaled,
 # at a longer budget. The best rate falls as the budget grows (docs/benchmark.md), so a longer
-# budget's fair comparison tunes the rate again, the same three rates for every family.
+# budget's fair comparison tunes the rate again, the same scales for every family. A candidate
+# is labelled by its scale (kan-lr0.5), the name under which the benchmark runs it.
 WINNERS = {"kan": 17, "hashgrid": 20, "siren": 18, "rff": 20, "mlp": 19}
 LR_SCALES = (1.0, 0.5, 0.25)
-LR_ROUND = {family: [(spec, {**train, "lr": train["lr"] * scale}) for scale in LR_SCALES]
+
+
+def lr_round(scales: tuple[float, ...] = LR_SCALES) -> dict[str, dict[str, tuple[dict, dict]]]:
+    """Per family, its winner at each scale of its rate, by label."""
+    return {family: {f"{family}-lr{scale:g}": (spec, {**train, "lr": train["lr"] * scale}) for scale in scales}
             for family, (spec, train) in ((f, CANDIDATES[f][i]) for f, i in WINNERS.items())}
+
+
+def sweep_table() -> dict[str, dict[str, tuple[dict, dict]]]:
+    """Per family, the sweep's candidates by label (kan#17)."""
+    return {family: {f"{family}#{index}": candidate for index, candidate in enumerate(candidates)}
+            for family, candidates in CANDIDATES.items()}
 
 LR_VARIANT = re.compile(r"^([a-z]+)-lr([0-9.]+)$")
 
@@ -311,18 +323,15 @@ def sweep_run(image: Path, family: str, run: Path, spec: dict, train: dict, budg
     return json.loads(metrics_file.read_text())
 
 
-def tune(out: Path, budgets: list[float], families: list[str], quiet: bool, only: set[str] | None = None,
-         lr_round: bool = False) -> dict:
-    """Every candidate of every family (or those labelled in ``only``, e.g. kan#12), or with
-    ``lr_round`` the winners at LR_SCALES of their rate (labelled kan-lr#0…2), on the tuning
-    photos at each budget (seed 0)."""
+def tune(out: Path, budgets: list[float], families: list[str], quiet: bool, table: dict[str, dict[str, tuple[dict, dict]]],
+         only: set[str] | None = None) -> dict:
+    """Every candidate of ``table`` (sweep_table() or lr_round()) of every family, or those
+    labelled in ``only`` (e.g. kan#12), on the tuning photos at each budget (seed 0)."""
     folder = write_photos(out / "photos", TUNE, crop=True)
-    table, tag = (LR_ROUND, "-lr") if lr_round else (CANDIDATES, "")
     records = []
     for budget in budgets:
         for family in families:
-            for index, (spec, train) in enumerate(table[family]):
-                label = f"{family}{tag}#{index}"
+            for label, (spec, train) in table[family].items():
                 if only and label not in only:
                     continue
                 for image in sorted(folder.glob("*.png")):
@@ -346,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", help="benchmark only these photos, comma-separated (e.g. camera,chelsea,camera-full): "
                                          "a part of a long run, merged with the others by --from-json")
     parser.add_argument("--tune", action="store_true", help="run the tuning sweep instead of the benchmark")
-    parser.add_argument("--lr-round", action="store_true",
-                        help="--tune: each family's winner at 1, 1/2 and 1/4 of its learning rate (for budgets past the sweep's)")
+    parser.add_argument("--lr-round", nargs="?", const=",".join(f"{s:g}" for s in LR_SCALES), metavar="SCALES",
+                        help="--tune: each family's winner at these fractions of its learning rate, comma-separated "
+                             "(default 1,0.5,0.25; for budgets past the sweep's)")
     parser.add_argument("-o", "--out", type=Path, default=Path("runs/inr-bench"))
     parser.add_argument("--json", type=Path, help="results JSON (default: benchmarks/results/inr_bench[-tune].json)")
     parser.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
@@ -356,7 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    table = LR_ROUND if args.lr_round else CANDIDATES
+    try:
+        scales = tuple(float(x) for x in args.lr_round.split(",")) if args.lr_round else ()
+        if not all(0 < s <= 10 for s in scales):
+            raise ValueError
+        table = lr_round(scales) if args.lr_round else sweep_table()
+    except ValueError:
+        print(f"inr_bench: --lr-round takes fractions of the rate, comma-separated (e.g. 0.25,0.125), not {args.lr_round!r}",
+              file=sys.stderr)
+        return 2
     if args.from_json:
         records = [r for p in args.from_json for r in json.loads(p.read_text())["records"] if r["model"] in models]
         result, key, title = {"records": records}, "model", "Benchmark"
@@ -365,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"inr_bench: no candidates for {', '.join(unknown)}; choose from {', '.join(table)}", file=sys.stderr)
             return 2
-        result, key, title = tune(args.out, budgets, models, args.quiet, set(args.candidates.split(',')) if args.candidates else None,
-                                  args.lr_round), "candidate", "Tuning sweep"
+        result, key, title = tune(args.out, budgets, models, args.quiet, table,
+                                  set(args.candidates.split(',')) if args.candidates else None), "candidate", "Tuning sweep"
     else:
         photos = [p.strip() for p in args.photos.split(",") if p.strip()] if args.photos else None
         unknown = sorted(set(photos or []) - set(EVAL) - set(FULL))
@@ -387,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tune:
         args.out.mkdir(parents=True, exist_ok=True)
         plot(summary, args.out / "psnr-vs-budget.png")
-    payload = {"summary": summary, **result, "candidates": {f: [list(c) for c in table[f]] for f in table} if args.tune else None,
+    payload = {"summary": summary, **result, "candidates": {f: {label: list(c) for label, c in table[f].items()} for f in table} if args.tune else None,
                "command": "python benchmarks/inr_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "machine": machine(), "versions": versions()}
     path = args.json or Path(__file__).resolve().parent / "results" / f"inr_bench{'-tune' if args.tune else ''}.json"

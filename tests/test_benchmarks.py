@@ -195,26 +195,37 @@ def test_inr_bench_lr_round_scales_each_winners_rate(tmp_path, monkeypatch, caps
     """A longer budget's round starts from the registry's defaults (the sweep's winners) and
     only scales their rate; the benchmark runs a family at a scaled rate by name."""
     bench = load("inr_bench")
-    for family, candidates in bench.LR_ROUND.items():
+    for family, candidates in bench.lr_round().items():
         entry = get_entry(family)
-        spec, train = candidates[0]
+        assert list(candidates) == [f"{family}-lr1", f"{family}-lr0.5", f"{family}-lr0.25"]
+        spec, train = candidates[f"{family}-lr1"]
         assert {k: train[k] for k in ("lr", "batch_size")} == {k: entry.train_defaults[k] for k in ("lr", "batch_size")}
         defaults = entry.default_spec()
         assert {k: v for k, v in spec.items() if defaults[k] is not None} == {k: defaults[k] for k in spec if defaults[k] is not None}
-        assert [c[1]["lr"] / train["lr"] for c in candidates] == list(bench.LR_SCALES)
-        assert all(c[0] == spec for c in candidates)
+        assert [c[1]["lr"] / train["lr"] for c in candidates.values()] == list(bench.LR_SCALES)
+        assert all(c[0] == spec for c in candidates.values())
 
     monkeypatch.setattr(bench, "TUNE", {"coffee": "coffee"})
     monkeypatch.setattr(bench, "CROP", 24)
     assert bench.main(["--tune", "--lr-round", "--budgets", "0.2", "--models", "rff", "-o", str(tmp_path / "lr"),
                        "--json", str(tmp_path / "lr.json"), "-q"]) == 0
     result = json.loads((tmp_path / "lr.json").read_text())
-    assert sorted(result["summary"]["tune"]["0.2"]) == ["rff-lr#0", "rff-lr#1", "rff-lr#2"]
+    assert sorted(result["summary"]["tune"]["0.2"]) == ["rff-lr0.25", "rff-lr0.5", "rff-lr1"]
     assert sorted(r["train"]["lr"] for r in result["records"]) == sorted(1e-3 * s for s in bench.LR_SCALES)
     # a candidate's rate holds at any length (rff's default would lower it past 11,000 steps)
     trained = [json.loads(p.read_text())["config"]["train"] for p in (tmp_path / "lr" / "runs").rglob("metrics.json")]
     assert len(trained) == 3 and {t["lr_steps"] for t in trained} == {0}
-    assert set(result["candidates"]) == set(bench.LR_ROUND)
+    assert set(result["candidates"]) == set(bench.lr_round())
+    # a longer budget's round goes below: other fractions, the same family's runs beside the first round's
+    assert bench.main(["--tune", "--lr-round", "0.125", "--budgets", "0.2", "--models", "rff", "-o", str(tmp_path / "lr"),
+                       "--json", str(tmp_path / "lr8.json"), "-q"]) == 0
+    result = json.loads((tmp_path / "lr8.json").read_text())
+    assert [(r["candidate"], r["train"]["lr"]) for r in result["records"]] == [("rff-lr0.125", 1e-3 * 0.125)]
+    assert len(list((tmp_path / "lr" / "runs").rglob("metrics.json"))) == 4
+    for bad in ("0", "-0.5", "half", "0.5,"):
+        assert bench.main(["--tune", "--lr-round", bad, "--budgets", "0.2", "--models", "rff", "-o", str(tmp_path / "z"), "-q"]) == 2
+        assert "--lr-round takes fractions of the rate" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
     assert bench.main(["--tune", "--lr-round", "--budgets", "0.2", "--models", "kan-ridge", "-o", str(tmp_path / "x"), "-q"]) == 2
     assert "no candidates for kan-ridge" in capsys.readouterr().err
     assert bench.main(["--budgets", "0.2", "--models", "kan,nosuch", "--no-full", "-o", str(tmp_path / "y"), "-q"]) == 2
