@@ -173,6 +173,7 @@ def sweep_table() -> dict[str, dict[str, tuple[dict, dict]]]:
     return {family: {f"{family}#{index}": candidate for index, candidate in enumerate(candidates)}
             for family, candidates in CANDIDATES.items()}
 
+
 LR_VARIANT = re.compile(r"^([a-z]+)-lr([0-9.]+)$")
 
 
