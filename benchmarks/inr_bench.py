@@ -367,15 +367,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    try:
-        scales = tuple(float(x) for x in args.lr_round.split(",")) if args.lr_round else ()
-        if not all(0 < s <= 10 for s in scales):
-            raise ValueError
-        table = lr_round(scales) if args.lr_round else sweep_table()
-    except ValueError:
-        print(f"inr_bench: --lr-round takes fractions of the rate, comma-separated (e.g. 0.25,0.125), not {args.lr_round!r}",
-              file=sys.stderr)
-        return 2
+    table = sweep_table()
+    if args.lr_round:
+        try:
+            scales = tuple(float(x) for x in args.lr_round.split(","))
+        except ValueError:
+            scales = ()
+        if not scales or not all(0 < s <= 10 for s in scales):
+            print(f"inr_bench: --lr-round takes fractions of the rate, comma-separated (e.g. 0.25,0.125), not {args.lr_round!r}",
+                  file=sys.stderr)
+            return 2
+        table = lr_round(scales)
     if args.from_json:
         records = [r for p in args.from_json for r in json.loads(p.read_text())["records"] if r["model"] in models]
         result, key, title = {"records": records}, "model", "Benchmark"
