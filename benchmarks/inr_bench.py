@@ -30,6 +30,7 @@ import numpy as np
 import kanimg
 from kanimg.checkpoints import latest_checkpoint
 from kanimg.comparison import compare
+from kanimg.files import as_stored
 from kanimg.fitting import ResumeMismatch
 from kanimg.io import default_image
 from kanimg.models import get_entry, model_names, register_variant
@@ -308,9 +309,9 @@ def sweep_run(image: Path, family: str, run: Path, spec: dict, train: dict, budg
     if metrics_file.exists():
         metrics = json.loads(metrics_file.read_text())
         # an option missing from an older run's file had its default then; tuples as lists, as the file holds them
-        trained = json.loads(json.dumps({"model": {**get_entry(family).default_spec(), **metrics["config"]["model"]},
-                                         "train": {**TrainConfig().to_dict(), **metrics["config"]["train"]}}))
-        wanted = json.loads(json.dumps(settings))
+        trained = as_stored({"model": {**get_entry(family).default_spec(), **metrics["config"]["model"]},
+                             "train": {**TrainConfig().to_dict(), **metrics["config"]["train"]}})
+        wanted = as_stored(settings)
         if not metrics["interrupted"] and all(trained[part].get(k) == v for part in wanted for k, v in wanted[part].items()):
             return metrics
     options = dict(out=run, progress=not quiet, **settings["model"], **settings["train"])

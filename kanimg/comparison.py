@@ -29,7 +29,7 @@ import numpy as np
 from . import distributed
 from .errors import KanimgError
 from .checkpoints import latest_checkpoint, load_checkpoint
-from .files import (OutputLock, atomic_path, atomic_write_bytes, check_replaceable, check_writable, read_marker, staging_folder,
+from .files import (OutputLock, as_stored, atomic_path, atomic_write_bytes, check_replaceable, check_writable, read_marker, staging_folder,
                     write_marker)
 from .fitting import CHANGEABLE_ON_RESUME, ResumeMismatch, fit, model_spec_for, train_config_for
 from .gallery import file_data_uri, html_page, png_data_uri
@@ -274,12 +274,7 @@ def _defaults(name: str) -> dict:
     """The family's model and training defaults as plain JSON values: a run trained under other
     ones (before kanimg changed them) is not this request's run, though its options match."""
     entry = get_entry(name)
-    return _plain({"spec": entry.default_spec(), "train": train_config_for(name, {}).to_dict()})
-
-
-def _plain(values: dict) -> dict:
-    """``values`` as a marker read back from JSON holds them (tuples as lists), to compare with one."""
-    return json.loads(json.dumps(values))
+    return as_stored({"spec": entry.default_spec(), "train": train_config_for(name, {}).to_dict()})
 
 
 def _saved_settings(folder: Path) -> dict | None:
@@ -290,7 +285,7 @@ def _saved_settings(folder: Path) -> dict | None:
     try:
         config = load_checkpoint(checkpoint)["config"] if checkpoint is not None else \
             json.loads((folder / "metrics.json").read_text())["config"]
-        return _plain({"model": dict(config["model"]), "train": dict(config["train"])})
+        return as_stored({"model": dict(config["model"]), "train": dict(config["train"])})
     except (KanimgError, OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -309,7 +304,7 @@ def _trained_otherwise(saved: dict, request: dict) -> bool:
         if value != default:
             return True
     try:
-        trained = _plain(TrainConfig.from_dict(saved["train"]).to_dict())
+        trained = as_stored(TrainConfig.from_dict(saved["train"]).to_dict())
     except (KanimgError, TypeError):
         return True
     loose = {*request["train"], *CHANGEABLE_ON_RESUME, "batch_size"}

@@ -52,6 +52,12 @@ def write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(_jsonable(payload), indent=2) + "\n").encode())
 
 
+def as_stored(value: Any) -> Any:
+    """``value`` as a JSON file gives it back (tuples as lists, keys as strings), to compare a
+    setting with one read from a run's files."""
+    return json.loads(json.dumps(value))
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}

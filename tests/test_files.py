@@ -1,4 +1,5 @@
 """Output safety: atomic run folders, output locks, and what may be replaced."""
+import json
 import os
 import signal
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kanimg.errors import KanimgError
-from kanimg.files import MARKER, OutputLock, RunFolder, check_replaceable, check_writable, staging_folder
+from kanimg.files import MARKER, OutputLock, RunFolder, as_stored, check_replaceable, check_writable, staging_folder
 
 
 def test_a_run_folder_appears_whole_and_replaces_only_with_replace(tmp_path):
@@ -104,3 +105,12 @@ def test_check_writable_names_the_folder_and_the_reason(tmp_path):
         with pytest.raises(KanimgError, match="/proc: cannot write there"):
             check_writable(Path("/proc"))
     assert not [p for p in tmp_path.iterdir()]  # the probe leaves nothing
+
+
+def test_as_stored_gives_settings_as_a_json_file_gives_them_back(tmp_path):
+    settings = {"widths": (16, 3), "grid": 8, 5: {"nested": (1.5, None)}}
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(settings))
+    stored = json.loads(path.read_text())
+    assert as_stored(settings) == stored == {"widths": [16, 3], "grid": 8, "5": {"nested": [1.5, None]}}
+    assert as_stored(settings) != settings  # the tuples and the int key differ as they were given
