@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
@@ -30,12 +31,13 @@ import numpy as np
 import kanimg
 from kanimg.checkpoints import latest_checkpoint
 from kanimg.comparison import compare
-from kanimg.files import as_stored
-from kanimg.fitting import ResumeMismatch
+from kanimg.device import resolve_device
+from kanimg.errors import KanimgError
+from kanimg.files import atomic_write_bytes, read_json_object, staging_folder
+from kanimg.fitting import ResumeMismatch, saved_config, trained_otherwise
 from kanimg.io import default_image
 from kanimg.models import get_entry, model_names, register_variant
 from kanimg.results import machine, versions
-from kanimg.train import TrainConfig
 
 CROP = 256
 # name: (scikit-image loader, or "bundled"), every one a photograph
@@ -175,7 +177,7 @@ def sweep_table() -> dict[str, dict[str, tuple[dict, dict]]]:
             for family, candidates in CANDIDATES.items()}
 
 
-LR_VARIANT = re.compile(r"^([a-z]+)-lr([0-9.]+)$")
+LR_VARIANT = re.compile(r"^([a-z]+)-lr([0-9]*\.?[0-9]+)$")
 
 
 def register_lr_variants(models: list[str]) -> None:
@@ -185,6 +187,8 @@ def register_lr_variants(models: list[str]) -> None:
         match = LR_VARIANT.match(name)
         if match and name not in model_names():
             family, scale = match[1], float(match[2])
+            if scale <= 0:
+                raise KanimgError(f"{name}: a family's rate scaled by {scale:g} cannot train; give a fraction above 0")
             entry = get_entry(family)
             register_variant(name, family, f"{family} at {scale:g}× its learning rate",
                              {**entry.train_defaults, "lr": entry.train_defaults["lr"] * scale, "lr_steps": 0})
@@ -301,28 +305,28 @@ def plot(summary: dict, path: Path) -> None:
 
 def sweep_run(image: Path, family: str, run: Path, spec: dict, train: dict, budget: float, quiet: bool) -> dict:
     """One candidate's run on one photo (its metrics): reused when it finished with these
-    settings, resumed when it was stopped or killed, fitted anew when an earlier sweep trained
-    other settings under its label (the candidate lists changed between rounds)."""
+    settings, resumed when it was stopped or killed with them, fitted anew when it trained others
+    (an earlier round's candidate under its label, or a family default that has changed since)."""
     # a candidate's rate is the rate at every length (lr_steps 0): the sweep chooses it per budget
-    settings = {"model": spec, "train": {"lr_steps": 0, **train, "budget_seconds": float(budget), "eval_every": 100}}
-    metrics_file = run / "metrics.json"
-    if metrics_file.exists():
-        metrics = json.loads(metrics_file.read_text())
-        # an option missing from an older run's file had its default then; tuples as lists, as the file holds them
-        trained = as_stored({"model": {**get_entry(family).default_spec(), **metrics["config"]["model"]},
-                             "train": {**TrainConfig().to_dict(), **metrics["config"]["train"]}})
-        wanted = as_stored(settings)
-        if not metrics["interrupted"] and all(trained[part].get(k) == v for part in wanted for k, v in wanted[part].items()):
-            return metrics
-    options = dict(out=run, progress=not quiet, **settings["model"], **settings["train"])
-    if latest_checkpoint(run) is not None:
+    options = {**spec, "lr_steps": 0, **train, "budget_seconds": float(budget), "eval_every": 100}
+    saved = saved_config(run)
+    stale = saved is not None and trained_otherwise(saved, family, options, resolve_device("auto"))
+    metrics = read_json_object(run / "metrics.json")
+    if not stale and metrics is not None and metrics.get("interrupted") is False and not staging_folder(run).exists():
+        return metrics
+    result = None
+    if stale:
+        print(f"{run}: trained with other settings, fitting anew", file=sys.stderr, flush=True)
+    elif latest_checkpoint(run) is not None:
         try:
-            kanimg.fit(image, family, resume=True, **options)
-            return json.loads(metrics_file.read_text())
+            result = kanimg.fit(image, family, out=run, progress=not quiet, resume=True, **options)
         except ResumeMismatch as exc:
             print(f"{run}: trained with other settings ({exc}), fitting anew", file=sys.stderr, flush=True)
-    kanimg.fit(image, family, force=True, **options)
-    return json.loads(metrics_file.read_text())
+    if result is None:
+        result = kanimg.fit(image, family, out=run, progress=not quiet, force=True, **options)
+    if result.interrupted:  # fit stops at Ctrl-C and returns: the sweep stops with it
+        raise KeyboardInterrupt
+    return json.loads((run / "metrics.json").read_text())
 
 
 def tune(out: Path, budgets: list[float], families: list[str], quiet: bool, table: dict[str, dict[str, tuple[dict, dict]]],
@@ -347,6 +351,22 @@ def tune(out: Path, budgets: list[float], families: list[str], quiet: bool, tabl
     return {"records": records}
 
 
+RECORD_KEYS = {"set", "budget", "model", "image", "seed", "psnr", "steps"}  # what summarise() reads of a benchmark record
+
+
+def _numbers(text: str, kind: type) -> list | None:
+    """Comma-separated numbers, or None when one is not a number of that kind."""
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        return None
+
+
+def _refuse(message: str) -> int:
+    print(f"inr_bench: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="30,120,600", help="training seconds per model, comma-separated")
@@ -366,43 +386,57 @@ def main(argv: list[str] | None = None) -> int:
                         help="train nothing: summarise and plot these benchmark results of --models together (e.g. budgets run at different times)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
-    budgets = [float(b) for b in args.budgets.split(",")]
+    budgets = _numbers(args.budgets, float)
+    seeds = _numbers(args.seeds, int)
+    if budgets is None or not all(0 < b < math.inf for b in budgets):
+        return _refuse(f"--budgets takes training seconds above 0, comma-separated (e.g. 30,120), not {args.budgets!r}")
+    if seeds is None or not all(s >= 0 for s in seeds):
+        return _refuse(f"--seeds takes seeds from 0, comma-separated (e.g. 0,1,2), not {args.seeds!r}")
+    if not args.tune and (args.lr_round is not None or args.candidates is not None):
+        return _refuse("--lr-round and --candidates choose what a tuning sweep runs: give them with --tune")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     table = sweep_table()
-    if args.lr_round:
-        try:
-            scales = tuple(float(x) for x in args.lr_round.split(","))
-        except ValueError:
-            scales = ()
+    if args.lr_round is not None:
+        scales = _numbers(args.lr_round, float)
         if not scales or not all(0 < s <= 10 for s in scales):
-            print(f"inr_bench: --lr-round takes fractions of the rate, comma-separated (e.g. 0.25,0.125), not {args.lr_round!r}",
-                  file=sys.stderr)
-            return 2
-        table = lr_round(scales)
+            return _refuse(f"--lr-round takes fractions of the rate, comma-separated (e.g. 0.25,0.125), not {args.lr_round!r}")
+        table = lr_round(tuple(scales))
+    path = args.json or Path(__file__).resolve().parent / "results" / f"inr_bench{'-tune' if args.tune else ''}.json"
     if args.from_json:
-        records = [r for p in args.from_json for r in json.loads(p.read_text())["records"] if r["model"] in models]
+        if path.resolve() in {p.resolve() for p in args.from_json}:
+            return _refuse(f"{path} is one of the results read by --from-json: name another file with --json")
+        records = []
+        for source in args.from_json:
+            if not source.is_file():
+                return _refuse(f"{source}: no such file")
+            part = (read_json_object(source) or {}).get("records")
+            if not isinstance(part, list) or not all(isinstance(r, dict) and RECORD_KEYS <= set(r) for r in part):
+                return _refuse(f"{source}: not a results file of this benchmark (a JSON object whose records have "
+                               f"{', '.join(sorted(RECORD_KEYS))})")
+            records += [r for r in part if r["model"] in models]
+        if not records:
+            return _refuse(f"no record of {', '.join(models)} in {', '.join(map(str, args.from_json))}")
         result, key, title = {"records": records}, "model", "Benchmark"
     elif args.tune:
         unknown = sorted(set(models) - set(table))
         if unknown:
-            print(f"inr_bench: no candidates for {', '.join(unknown)}; choose from {', '.join(table)}", file=sys.stderr)
-            return 2
+            return _refuse(f"no candidates for {', '.join(unknown)}; choose from {', '.join(table)}")
         result, key, title = tune(args.out, budgets, models, args.quiet, table,
                                   set(args.candidates.split(',')) if args.candidates else None), "candidate", "Tuning sweep"
     else:
         photos = [p.strip() for p in args.photos.split(",") if p.strip()] if args.photos else None
         unknown = sorted(set(photos or []) - set(EVAL) - set(FULL))
         if unknown:
-            print(f"inr_bench: unknown photo {', '.join(unknown)}; choose from {', '.join([*EVAL, *FULL])}", file=sys.stderr)
-            return 2
-        register_lr_variants(models)
+            return _refuse(f"unknown photo {', '.join(unknown)}; choose from {', '.join([*EVAL, *FULL])}")
+        try:
+            register_lr_variants(models)
+        except KanimgError as error:
+            return _refuse(str(error))
         unknown = sorted(set(models) - set(model_names()))
         if unknown:
-            print(f"inr_bench: unknown model {', '.join(unknown)}; choose from {', '.join(model_names(False))}, "
-                  f"or a family at a fraction of its rate (e.g. kan-lr0.5)", file=sys.stderr)
-            return 2
-        result, key, title = bench(args.out, budgets, [int(s) for s in args.seeds.split(",")], models, not args.no_full, args.quiet,
-                                   photos), "model", "Benchmark"
+            return _refuse(f"unknown model {', '.join(unknown)}; choose from {', '.join(model_names(False))}, "
+                           f"or a family at a fraction of its rate (e.g. kan-lr0.5)")
+        result, key, title = bench(args.out, budgets, seeds, models, not args.no_full, args.quiet, photos), "model", "Benchmark"
     summary = summarise(result["records"], key)
     text = markdown(summary, title)
     print(text)
@@ -412,9 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"summary": summary, **result, "candidates": {f: {label: list(c) for label, c in table[f].items()} for f in table} if args.tune else None,
                "command": "python benchmarks/inr_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "machine": machine(), "versions": versions()}
-    path = args.json or Path(__file__).resolve().parent / "results" / f"inr_bench{'-tune' if args.tune else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
     print(f"{path}" + ("" if args.tune else f", {args.out / 'psnr-vs-budget.png'}"))
     return 0
 
@@ -422,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         raise SystemExit(main())
+    except KanimgError as error:  # e.g. a model option no family takes: one line, as kanimg's own commands
+        print(f"inr_bench: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:  # finished runs stay finished: the same command goes on from there
         print("inr_bench: interrupted; run the same command again to go on from the finished runs", file=sys.stderr)
         raise SystemExit(130) from None

@@ -28,14 +28,14 @@ import numpy as np
 
 from . import distributed
 from .errors import KanimgError
-from .checkpoints import latest_checkpoint, load_checkpoint
-from .files import (OutputLock, as_stored, atomic_path, atomic_write_bytes, check_replaceable, check_writable, read_marker, staging_folder,
-                    write_marker)
-from .fitting import CHANGEABLE_ON_RESUME, ResumeMismatch, fit, model_spec_for, train_config_for
+from .checkpoints import latest_checkpoint
+from .device import resolve_device
+from .files import (OutputLock, as_stored, atomic_path, atomic_write_bytes, check_replaceable, check_writable, read_json_object,
+                    read_marker, staging_folder, write_marker)
+from .fitting import ResumeMismatch, fit, model_spec_for, saved_config, train_config_for, trained_otherwise
 from .gallery import file_data_uri, html_page, png_data_uri
 from .io import list_images, load_image
 from .models import get_entry, param_count
-from .train import TrainConfig
 from .plots import error_map, gallery_png, psnr_time_svg
 from .results import COMPARE_COLUMNS, describe_protocol, mean_records, record_table, results_payload, write_results
 
@@ -277,60 +277,23 @@ def _defaults(name: str) -> dict:
     return as_stored({"spec": entry.default_spec(), "train": train_config_for(name, {}).to_dict()})
 
 
-def _saved_settings(folder: Path) -> dict | None:
-    """The settings ({"model": spec, "train": options}) of a run folder's latest checkpoint (a
-    staged one first), else of its metrics.json; None when it has neither or they cannot be read
-    (resuming then says what is wrong)."""
-    checkpoint = latest_checkpoint(folder)
-    try:
-        config = load_checkpoint(checkpoint)["config"] if checkpoint is not None else \
-            json.loads((folder / "metrics.json").read_text())["config"]
-        return as_stored({"model": dict(config["model"]), "train": dict(config["train"])})
-    except (KanimgError, OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _trained_otherwise(saved: dict, request: dict) -> bool:
-    """Whether a run trained with ``saved`` settings took another value than today's defaults for
-    an option ``request`` leaves to them. A training option missing from an older run had
-    TrainConfig's value; steps, evaluations, compilation and the batch (grown on a GPU) may
-    differ, and so may the options sized to the image (default None) and the output width."""
-    for key, default in request["defaults"]["spec"].items():
-        if key in request["spec"] or default is None:
-            continue
-        value = saved["model"].get(key)
-        if key == "widths":
-            value, default = list(value or [])[:-1], default[:-1]
-        if value != default:
-            return True
-    try:
-        trained = as_stored(TrainConfig.from_dict(saved["train"]).to_dict())
-    except (KanimgError, TypeError):
-        return True
-    loose = {*request["train"], *CHANGEABLE_ON_RESUME, "batch_size"}
-    return any(trained.get(key) != value for key, value in request["defaults"]["train"].items() if key not in loose)
-
-
 def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: str, progress: bool) -> bool:
     """Fit one model (or reuse / resume its earlier run); True when Ctrl-C stopped it."""
     folder = out / "runs" / stem / name
     marker = folder / "compare-request.json"
     metrics_file = folder / "metrics.json"
-    previous = json.loads(marker.read_text()) if marker.exists() else None
-    if previous == request and metrics_file.exists() and not json.loads(metrics_file.read_text())["interrupted"] \
+    if read_json_object(marker) == request and (read_json_object(metrics_file) or {}).get("interrupted") is False \
             and not staging_folder(folder).exists():
         log.info("%s on %s: finished earlier, skipped", name, stem)
         return False
-    if isinstance(previous, dict) and previous.get("defaults") == request["defaults"]:
-        stale = False
-    else:  # marked under other defaults or before markers held them, or killed before its first marker
-        saved = _saved_settings(folder)
-        stale = saved is not None and _trained_otherwise(saved, request)
+    saved = saved_config(folder)  # another request, other defaults (an older kanimg), or killed before its first marker
+    stale = saved is not None and trained_otherwise(saved, name, {**request["spec"], **request["train"]}, resolve_device(device))
     options = dict(out=folder, force=True, device=device, grey=request["grey"], coords=request["coords"], progress=progress,
                    **request["spec"], **request["train"])
     result = None
     if stale:
-        log.info("%s on %s: trained under other defaults of %s (an older kanimg), fitting anew", name, stem, name)
+        log.info("%s on %s: trained with other settings (another request, or other defaults of an older kanimg), fitting anew",
+                 name, stem)
     elif latest_checkpoint(folder) is not None:  # interrupted, killed, or asked for more steps
         try:
             log.info("%s on %s: resuming", name, stem)

@@ -103,13 +103,19 @@ def write_marker(folder: Path, kind: str, **info) -> None:
     atomic_write_bytes(Path(folder) / MARKER, json.dumps({"kind": kind, **info}, indent=2).encode())
 
 
-def read_marker(folder: Path) -> dict | None:
-    """The marker of a folder kanimg built, or None (no marker, or an unreadable one)."""
+def read_json_object(path: Path) -> dict | None:
+    """A JSON object kanimg wrote, or None when the file is missing, damaged or holds something
+    else: whoever reads it then treats it as absent, never as valid."""
     try:
-        value = json.loads((Path(folder) / MARKER).read_text())
+        value = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The marker of a folder kanimg built, or None (no marker, or an unreadable one)."""
+    return read_json_object(Path(folder) / MARKER)
 
 
 class OutputLock:

@@ -7,8 +7,10 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import pytest
 
 import kanimg.models
+import kanimg.train
 from kanimg.models import get_entry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,10 +187,61 @@ def test_inr_bench_tuning_sweep_tries_every_candidate(tmp_path, monkeypatch):
     again = json.loads((tmp_path / "again.json").read_text())
     assert sorted(again["summary"]["tune"]["0.2"]) == ["mlp#0", "mlp#1", "rff#0", "rff#1"]
 
+    # a candidate that leaves an option to its family's default, after that default changed: fitted anew
+    half = get_entry("mlp").train_defaults["lr"] / 2
+    with mock.patch.dict(get_entry("mlp").train_defaults, {"lr": half}):
+        assert bench.main(["--tune", "--budgets", "0.2", "--models", "mlp", "--candidates", "mlp#0", "-o", str(tmp_path / "tune"),
+                           "--json", str(tmp_path / "later.json"), "-q"]) == 0
+    assert json.loads((runs / "mlp-0" / "metrics.json").read_text())["config"]["train"]["lr"] == half
+
+    # Ctrl-C stops the sweep (fit returns what it reached; the sweep does not go on to the next run)
+    original = kanimg.train.Trainer._before_step
+
+    def interrupted(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    with mock.patch.object(kanimg.train.Trainer, "_before_step", interrupted), pytest.raises(KeyboardInterrupt):
+        bench.main(["--tune", "--budgets", "60", "--models", "mlp,rff", "-o", str(tmp_path / "stopped"), "-q"])
+    [stopped] = [json.loads(p.read_text()) for p in (tmp_path / "stopped" / "runs").rglob("metrics.json")]
+    assert stopped["interrupted"] and stopped["steps_done"] == 3
+
     # a later round runs only the candidates it names
     assert bench.main(["--tune", "--budgets", "0.2", "--models", "mlp,rff", "--candidates", "rff#1", "-o", str(tmp_path / "round"),
                        "--json", str(tmp_path / "round.json"), "-q"]) == 0
     assert list(json.loads((tmp_path / "round.json").read_text())["summary"]["tune"]["0.2"]) == ["rff#1"]
+
+
+def test_inr_bench_refuses_bad_arguments_and_results_in_one_line(tmp_path, capsys):
+    bench = load("inr_bench")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"records": [{"set": "crops", "budget": 0.2, "model": "mlp", "image": "camera", "seed": 0,
+                                             "psnr": 20.0, "steps": 5}]}))
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "tune.json").write_text(json.dumps({"records": [{"candidate": "mlp#0", "budget": 0.2}]}))
+    out = ["-o", str(tmp_path / "out"), "-q"]
+    cases = {
+        ("--budgets", "0"): "--budgets takes training seconds above 0",
+        ("--budgets", "30,,120"): "--budgets takes training seconds above 0",
+        ("--budgets", "nan"): "--budgets takes training seconds above 0",
+        ("--seeds", "x"): "--seeds takes seeds from 0",
+        ("--tune", "--lr-round="): "--lr-round takes fractions of the rate",
+        ("--lr-round", "0.5"): "give them with --tune",
+        ("--candidates", "kan#1"): "give them with --tune",
+        ("--models", "kan-lr0", "--no-full"): "kan-lr0: a family's rate scaled by 0 cannot train",
+        ("--models", "nosuch-lr0.5", "--no-full"): "unknown model 'nosuch'",
+        ("--from-json", str(tmp_path / "missing.json")): "missing.json: no such file",
+        ("--from-json", str(tmp_path / "broken.json")): "not a results file of this benchmark",
+        ("--from-json", str(tmp_path / "tune.json")): "not a results file of this benchmark",
+        ("--from-json", str(good), "--models", "kan"): "no record of kan in",
+        ("--from-json", str(good), "--json", str(good)): "is one of the results read by --from-json",
+    }
+    for args, message in cases.items():
+        assert bench.main([*args, *out]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (args, err)
+    assert not (tmp_path / "out").exists() and json.loads(good.read_text())["records"][0]["psnr"] == 20.0
 
 
 def test_inr_bench_lr_round_scales_each_winners_rate(tmp_path, monkeypatch, capsys):
@@ -250,11 +303,11 @@ def test_kan_heads_trains_every_readout_of_the_same_encoding(tmp_path, monkeypat
     assert heads.main(["--steps", "4", "--photos", "coffee", "-o", str(tmp_path / "heads"), "--json", str(tmp_path / "heads.json")]) == 0
     records = {r["head"]: r for r in json.loads((tmp_path / "heads.json").read_text())["records"]}
     assert list(records) == list(heads.HEADS)
-    linear, mlp, kan = records["linear"], records["ReLU MLP [64, 64] (hashgrid@2-hidden)"], records["one KAN layer (kan)"]
+    linear, mlp, kan = records["linear"], records["ReLU MLP [64, 64] (hashgrid@2-hidden)"], records["one KAN layer, no grid updates (kan)"]
     # one encoding (16 levels × 2 features), three readouts: 32·3 + 3, the MLP's, 3 KAN edges per feature
     assert mlp["params"] - linear["params"] == (32 * 64 + 64) + (64 * 64 + 64) + (64 * 3 + 3) - (32 * 3 + 3)
     assert kan["params"] > linear["params"]
-    assert "| one KAN layer (kan) |" in capsys.readouterr().out
+    assert "| one KAN layer, no grid updates (kan) |" in capsys.readouterr().out
 
 
 def test_latent_synthesis_scores_every_synthesis_the_codecs_way(tmp_path, monkeypatch, capsys):

@@ -80,11 +80,12 @@ def test_interrupted_comparison_resumes_where_it_stopped(photos, tmp_path):
     assert [r["steps"] for r in second.records] == [20, 20]
 
 
-@pytest.mark.parametrize("left", ["marker", "marker without defaults", "no marker"])
-def test_a_run_trained_under_other_defaults_is_fitted_again_not_reused(photos, tmp_path, left):
-    """After an upgrade that changes a family's defaults (its learning rate, say), the same
-    command must not report the old run as today's model: whether the old run was marked with
-    its defaults, marked before markers held them, or killed before its first marker."""
+@pytest.mark.parametrize("left,option", [("marker", "lr"), ("marker without defaults", "lr"), ("no marker", "lr"),
+                                         ("marker without defaults", "batch_size")])
+def test_a_run_trained_under_other_defaults_is_fitted_again_not_reused(photos, tmp_path, left, option):
+    """After an upgrade that changes a family's defaults (its learning rate or batch size, say),
+    the same command must not report the old run as today's model: whether the old run was
+    marked with its defaults, marked before markers held them, or killed before its first marker."""
     from kanimg import comparison as compare_module
     from kanimg.models import get_entry
 
@@ -107,18 +108,19 @@ def test_a_run_trained_under_other_defaults_is_fitted_again_not_reused(photos, t
         return real_fit(*args, **kwargs)
 
     mlp = get_entry("mlp")
-    lr = mlp.train_defaults.get("lr", 1e-3)
+    value = mlp.train_defaults[option]
+    changed = {option: value // 2 if isinstance(value, int) else value / 2}
     with mock.patch("kanimg.comparison.fit", spy):
         compare(image, TINY, out, steps=15, progress=False)  # the same defaults: the run is kept
     assert calls in ([], [("mlp", True)])
     calls.clear()
     leave_as_case()
-    with mock.patch.dict(mlp.train_defaults, {"lr": lr / 2}), mock.patch("kanimg.comparison.fit", spy):
+    with mock.patch.dict(mlp.train_defaults, changed), mock.patch("kanimg.comparison.fit", spy):
         again = compare(image, TINY, out, steps=15, progress=False)
     assert calls == [("mlp", None)]  # kan reused; mlp fitted anew, not resumed from the old run
     saved = json.loads((out / "runs" / "face" / "mlp" / "metrics.json").read_text())
-    assert saved["config"]["train"]["lr"] == pytest.approx(lr / 2) and not again.interrupted
-    with mock.patch.dict(mlp.train_defaults, {"lr": lr / 2}), \
+    assert saved["config"]["train"][option] == pytest.approx(changed[option]) and not again.interrupted
+    with mock.patch.dict(mlp.train_defaults, changed), \
             mock.patch("kanimg.comparison.fit", side_effect=AssertionError("should have been skipped")):
         compare(image, TINY, out, steps=15, progress=False)  # under the same defaults: reused
 
@@ -154,6 +156,8 @@ def test_an_output_folder_holding_something_else_is_refused(photos, tmp_path, ca
     assert (out / "index.html").read_bytes() == index
     again = compare(photos / "face.png", ["mlp"], out, steps=6, force=True, progress=False)  # the run is extended
     assert again.records[0]["steps"] == 6 and again.records[0]["finished"]
+    fewer = compare(photos / "face.png", ["mlp"], out, steps=5, force=True, progress=False)  # not cut short: fitted anew
+    assert fewer.records[0]["steps"] == 5 and json.loads((out / "runs/face/mlp/metrics.json").read_text())["resumed_from_step"] is None
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "index.html").write_text("my page")

@@ -330,6 +330,34 @@ def test_every_family_round_trips_through_its_checkpoint(name, photo32, tmp_path
     assert np.array_equal(load_image(tmp_path / "again.png").pixels, load_image(run / "reconstruction.png").pixels)
 
 
+@pytest.mark.parametrize("name", ["kan", "hashgrid", "siren", "rff", "mlp", "kan-ridge", "kan2"])
+def test_a_run_is_told_apart_from_other_settings_by_what_it_recorded(name, photo32, tmp_path):
+    """trained_otherwise decides whether compare and the tuning sweep may reuse or resume a run:
+    today's settings match the run's own files (finished or killed, defaults sized to the image),
+    and any other option, default, or fewer steps do not."""
+    from kanimg.fitting import saved_config, trained_otherwise
+
+    options = {"steps": 3, "eval_every": 3, "seed": 1}
+    run = tmp_path / name
+    fit(photo32, name, **options, out=run, progress=False)
+    config = saved_config(run)
+    assert config == json.loads((run / "metrics.json").read_text())["config"]
+    assert not trained_otherwise(config, name, options)
+    assert not trained_otherwise(config, name, {**options, "steps": 30, "eval_every": 10})  # a resume may extend it
+    assert trained_otherwise(config, name, {**options, "steps": 2})
+    assert trained_otherwise(config, name, {**options, "seed": 2})
+    assert trained_otherwise(config, "mlp" if name != "mlp" else "rff", options)
+    entry = get_entry(name)
+    with mock.patch.dict(entry.train_defaults, {"lr": entry.train_defaults["lr"] * 2}):
+        assert trained_otherwise(config, name, options)
+    option = "widths" if name != "kan" else "grids"
+    changed = [2, 7, 3] if option == "widths" else [5]
+    assert trained_otherwise(config, name, {**options, option: changed})
+    (run / "checkpoint.pt").unlink()  # the files then say nothing: resuming will say what is wrong
+    (run / "metrics.json").write_text("{")
+    assert saved_config(run) is None
+
+
 @pytest.mark.parametrize("directions", [0, 8])
 def test_a_kan_checkpoint_from_before_new_kan_options_rebuilds_the_kan_it_was(photo32, tmp_path, directions):
     """The default KAN gained ridge directions, then a hash encoding; a checkpoint whose specs
