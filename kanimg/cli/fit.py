@@ -25,7 +25,7 @@ def add(sub) -> None:
                         f"presets {', '.join(n for n in model_names() if n not in model_names(False))}")
     m.add_argument("--widths", type=int_list("--widths"), help="layer widths from 2 (x, y) to the channel count, e.g. 2,64,64,3")
     m.add_argument("--grids", type=int_list("--grids"), help="KAN: grid intervals per layer, e.g. 64,10,10")
-    m.add_argument("--levels", type=int, help="KAN: levels of the hash encoding its first layer sees (default 16; 0 = the coordinates)")
+    m.add_argument("--levels", type=int, help="kan, hashgrid: levels of the hash encoding (default 16; kan: 0 = the coordinates)")
     m.add_argument("--directions", type=int, help="KAN on the coordinates (--levels 0): the first layer sees (x, y) along K evenly spaced directions (kan-ridge: 8)")
     m.add_argument("--grid-kind", choices=["uniform", "percentile"], help="KAN: where grid updates put the knots (default: percentile)")
     m.add_argument("--omega0", type=float, help="SIREN: frequency factor ω0 (default 90)")
