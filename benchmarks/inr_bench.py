@@ -28,15 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-import kanimg
-from kanimg.checkpoints import latest_checkpoint
 from kanimg.comparison import compare
-from kanimg.device import resolve_device
 from kanimg.errors import KanimgError
-from kanimg.files import atomic_write_bytes, read_json_object, staging_folder
-from kanimg.fitting import ResumeMismatch, saved_config, trained_otherwise
+from kanimg.files import atomic_write_bytes, read_json_object
 from kanimg.io import default_image
 from kanimg.models import get_entry, model_names, register_variant
+from kanimg.reruns import fit_run
 from kanimg.results import machine, versions
 
 CROP = 256
@@ -309,22 +306,9 @@ def sweep_run(image: Path, family: str, run: Path, spec: dict, train: dict, budg
     (an earlier round's candidate under its label, or a family default that has changed since)."""
     # a candidate's rate is the rate at every length (lr_steps 0): the sweep chooses it per budget
     options = {**spec, "lr_steps": 0, **train, "budget_seconds": float(budget), "eval_every": 100}
-    saved = saved_config(run)
-    stale = saved is not None and trained_otherwise(saved, family, options, resolve_device("auto"))
-    metrics = read_json_object(run / "metrics.json")
-    if not stale and metrics is not None and metrics.get("interrupted") is False and not staging_folder(run).exists():
-        return metrics
-    result = None
-    if stale:
-        print(f"{run}: trained with other settings, fitting anew", file=sys.stderr, flush=True)
-    elif latest_checkpoint(run) is not None:
-        try:
-            result = kanimg.fit(image, family, out=run, progress=not quiet, resume=True, **options)
-        except ResumeMismatch as exc:
-            print(f"{run}: trained with other settings ({exc}), fitting anew", file=sys.stderr, flush=True)
-    if result is None:
-        result = kanimg.fit(image, family, out=run, progress=not quiet, force=True, **options)
-    if result.interrupted:  # fit stops at Ctrl-C and returns: the sweep stops with it
+    result = fit_run(run, image, family, progress=not quiet, note=lambda message: print(message, file=sys.stderr, flush=True),
+                     **options)
+    if result is not None and result.interrupted:  # fit stops at Ctrl-C and returns: the sweep stops with it
         raise KeyboardInterrupt
     return json.loads((run / "metrics.json").read_text())
 

@@ -9,8 +9,9 @@ Protocols (each record says which one it ran under):
 - a preset: the KAN paper's table, every model trained with the paper's one recipe.
 
 Each image × model is an ordinary ``kanimg fit`` run folder under ``OUT/runs/``; a run that
-finished with the same request is skipped, an interrupted one is resumed from its checkpoint,
-and one trained under other defaults of its family (an older kanimg's) is fitted again.
+finished with the same settings is skipped, an interrupted or shorter one is resumed from its
+checkpoint, and one trained otherwise (other options, or the defaults of an older kanimg) is
+fitted again (kanimg.reruns).
 Under torchrun the runs are shared out among the ranks (kanimg.distributed); rank 0 checks
 the folder first and writes every table and page at the end, the same as one process would,
 each record saying which rank ran it.
@@ -28,15 +29,13 @@ import numpy as np
 
 from . import distributed
 from .errors import KanimgError
-from .checkpoints import latest_checkpoint
-from .device import resolve_device
-from .files import (OutputLock, as_stored, atomic_path, atomic_write_bytes, check_replaceable, check_writable, read_json_object,
-                    read_marker, staging_folder, write_marker)
-from .fitting import ResumeMismatch, fit, model_spec_for, saved_config, train_config_for, trained_otherwise
+from .files import OutputLock, atomic_path, atomic_write_bytes, check_replaceable, check_writable, read_marker, write_marker
+from .fitting import model_spec_for
 from .gallery import file_data_uri, html_page, png_data_uri
 from .io import list_images, load_image
 from .models import get_entry, param_count
 from .plots import error_map, gallery_png, psnr_time_svg
+from .reruns import fit_run
 from .results import COMPARE_COLUMNS, describe_protocol, mean_records, record_table, results_payload, write_results
 
 log = logging.getLogger(__name__)
@@ -255,56 +254,28 @@ def _protocol(preset, steps, budget_seconds, match_params) -> dict:
 
 
 def _request(name, data, protocol, preset, steps, budget_seconds, match_params, seed, execution) -> dict:
-    """Everything that decides one run: model options, training options, data options, and the
-    defaults (the family's and TrainConfig's values) it takes for the options none of those names."""
+    """Everything that decides one run: model options, training options and data options (the
+    family's defaults fill the rest when the run is fitted)."""
     if preset is not None:
         train = {**preset.train, **({"steps": steps} if steps else {}), "seed": seed, **execution}
-        return {"spec": {}, "train": train, "grey": preset.grey, "coords": preset.coords, "protocol": protocol,
-                "defaults": _defaults(name)}
+        return {"spec": {}, "train": train, "grey": preset.grey, "coords": preset.coords, "protocol": protocol}
     spec = widths_for_params(name, data.channels, match_params, (data.height, data.width)) if match_params is not None else {}
     if budget_seconds is not None:
         train = {"budget_seconds": float(budget_seconds), "eval_every": 100}
     else:
         train = {"steps": protocol["steps"]}
-    return {"spec": spec, "train": {**train, "seed": seed, **execution}, "grey": False, "coords": "centers", "protocol": protocol,
-            "defaults": _defaults(name)}
-
-
-def _defaults(name: str) -> dict:
-    """The family's model and training defaults as plain JSON values: a run trained under other
-    ones (before kanimg changed them) is not this request's run, though its options match."""
-    entry = get_entry(name)
-    return as_stored({"spec": entry.default_spec(), "train": train_config_for(name, {}).to_dict()})
+    return {"spec": spec, "train": {**train, "seed": seed, **execution}, "grey": False, "coords": "centers", "protocol": protocol}
 
 
 def _run(image: Path, stem: str, name: str, request: dict, out: Path, device: str, progress: bool) -> bool:
     """Fit one model (or reuse / resume its earlier run); True when Ctrl-C stopped it."""
     folder = out / "runs" / stem / name
-    marker = folder / "compare-request.json"
-    metrics_file = folder / "metrics.json"
-    if read_json_object(marker) == request and (read_json_object(metrics_file) or {}).get("interrupted") is False \
-            and not staging_folder(folder).exists():
-        log.info("%s on %s: finished earlier, skipped", name, stem)
-        return False
-    saved = saved_config(folder)  # another request, other defaults (an older kanimg), or killed before its first marker
-    stale = saved is not None and trained_otherwise(saved, name, {**request["spec"], **request["train"]}, resolve_device(device))
-    options = dict(out=folder, force=True, device=device, grey=request["grey"], coords=request["coords"], progress=progress,
-                   **request["spec"], **request["train"])
-    result = None
-    if stale:
-        log.info("%s on %s: trained with other settings (another request, or other defaults of an older kanimg), fitting anew",
-                 name, stem)
-    elif latest_checkpoint(folder) is not None:  # interrupted, killed, or asked for more steps
-        try:
-            log.info("%s on %s: resuming", name, stem)
-            result = fit(image, name, resume=True, **options)
-        except ResumeMismatch as exc:
-            log.info("%s on %s: fitting anew (%s)", name, stem, exc)
+    result = fit_run(folder, image, name, device=device, progress=progress, grey=request["grey"], coords=request["coords"],
+                     note=log.info, **request["spec"], **request["train"])
     if result is None:
-        log.info("%s on %s: fitting", name, stem)
-        result = fit(image, name, **options)
-    atomic_write_bytes(marker, json.dumps(request, indent=2).encode())
-    return result.interrupted
+        log.info("%s on %s: finished earlier, skipped", name, stem)
+    atomic_write_bytes(folder / "compare-request.json", json.dumps(request, indent=2).encode())
+    return result is not None and result.interrupted
 
 
 def run_record(folder: Path, out: Path) -> dict:

@@ -31,11 +31,11 @@ from .checkpoints import (CHECKPOINT_SECONDS, PeriodicCheckpoint, best_model, ch
                           load_checkpoint, run_folder_of, save_checkpoint)
 from .device import resolve_device
 from .errors import KanimgError, first_line
-from .files import RunFolder, as_stored, read_json_object, staging_folder, write_json
+from .files import RunFolder, staging_folder, write_json
 from .io import ImageData, ImageLike, as_image, default_image, save_png
 from .mapped import MappedImage, open_image
 from .metrics import reconstruction_metrics
-from .models import build_model, get_entry, param_count, saved_spec
+from .models import build_model, get_entry, param_count
 from .plots import error_map, plot_curves, save_rgb8
 from .render import render
 from .results import versions
@@ -279,7 +279,7 @@ def fit(
         image = image if image is not None else saved["image"]["path"]
         replace = force or Path(out).resolve() == run_folder_of(checkpoint).resolve()  # continuing a run updates its own folder
     model, coords = model or "kan", coords or "centers"
-    model_options, train_options = _split_options(model, {k: v for k, v in {**options, "steps": steps}.items() if v is not None})
+    model_options, train_options = split_options(model, {k: v for k, v in {**options, "steps": steps}.items() if v is not None})
     if coords not in COORDINATES:
         raise KanimgError(f"unknown coordinate convention {coords!r}; choose from {', '.join(COORDINATES)}")
     source = Path(image) if isinstance(image, (str, os.PathLike)) else (default_image() if image is None else None)
@@ -378,47 +378,7 @@ def _resumed_settings(state: dict, checkpoint: Path, data: ImageData, model: str
     return spec_of_run, TrainConfig.from_dict({**saved_train, **changed})
 
 
-def saved_config(folder: Path) -> dict | None:
-    """What a run folder records of how its run was made (its latest checkpoint's config, a
-    staged one first, else its metrics.json's); None when it has neither or they cannot be read
-    (resuming then says what is wrong)."""
-    checkpoint = latest_checkpoint(folder)
-    if checkpoint is None:
-        config = (read_json_object(Path(folder) / "metrics.json") or {}).get("config")
-    else:
-        try:
-            config = load_checkpoint(checkpoint)["config"]
-        except (KanimgError, OSError, KeyError, TypeError):
-            return None
-    return config if isinstance(config, dict) else None
-
-
-def trained_otherwise(config: dict, model: str, options: dict[str, Any], device: torch.device | None = None) -> bool:
-    """Whether the run that ``config`` (saved_config) describes trained other settings than
-    ``fit(image, model, **options)`` would train today on the same image: any model option or
-    training field but those a resume may change, a default of the family that changed since
-    (the run then had the old one), and more steps than asked for. How a run is reused or
-    resumed (``kanimg compare``, the tuning sweep) starts here."""
-    try:
-        image, train = config["image"], TrainConfig.from_dict(config["train"])  # a field newer than the run: its default then
-        size = (int(image["height"]), int(image["width"]))
-        model_options, train_options = _split_options(model, {k: v for k, v in options.items() if v is not None})
-        spec = as_stored(model_spec_for(model, model_options, int(image["channels"]), size))
-        wanted = as_stored(train_config_for(model, train_options, size, device).to_dict())
-        saved = as_stored(saved_spec(config["model"]))
-    except (KanimgError, KeyError, TypeError, ValueError):
-        return True
-    if saved.get("name") != model:
-        return True
-    extended = bool(train.grid_schedule)  # grid extension rewrites the grids as it goes
-    if any(value is not None and saved.get(key) != value for key, value in spec.items() if not (extended and key == "grids")):
-        return True
-    trained = as_stored(train.to_dict())
-    return trained["steps"] > wanted["steps"] or \
-        any(trained.get(key) != value for key, value in wanted.items() if key not in CHANGEABLE_ON_RESUME)
-
-
-def _split_options(model: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_options(model: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The model's options and TrainConfig's fields among ``options`` (unknown names refused)."""
     model_keys = set(get_entry(model).defaults)
     train_keys = {f.name for f in fields(TrainConfig)}

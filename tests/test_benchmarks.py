@@ -11,6 +11,7 @@ import pytest
 
 import kanimg.models
 import kanimg.train
+from kanimg.checkpoints import load_checkpoint, save_checkpoint
 from kanimg.models import get_entry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +147,7 @@ def test_inr_bench_in_parts_by_photo_merges_into_the_whole(tmp_path, monkeypatch
     assert bench.main([*common, "--photos", "moon", "-o", str(out), "--json", str(tmp_path / "x.json")]) == 2
     assert "unknown photo moon" in capsys.readouterr().err
 
-    with mock.patch("kanimg.comparison.fit", side_effect=AssertionError("trained again")):
+    with mock.patch("kanimg.reruns.fit", side_effect=AssertionError("trained again")):
         assert bench.main([*common, "-o", str(out), "--json", str(tmp_path / "whole.json")]) == 0
     whole = json.loads((tmp_path / "whole.json").read_text())
     assert sorted(r["image"] for r in whole["records"]) == ["astronaut", "camera", "coins"]
@@ -172,6 +173,9 @@ def test_inr_bench_tuning_sweep_tries_every_candidate(tmp_path, monkeypatch):
     older = json.loads((runs / "mlp-0" / "metrics.json").read_text())
     del older["config"]["train"]["lr_steps"]  # written before the option existed: it had its default then
     (runs / "mlp-0" / "metrics.json").write_text(json.dumps(older))
+    state = load_checkpoint(runs / "mlp-0" / "checkpoint.pt")  # what the run's decision reads first
+    del state["config"]["train"]["lr_steps"]
+    save_checkpoint(runs / "mlp-0" / "checkpoint.pt", state)
     reused = (runs / "mlp-0" / "metrics.json").read_bytes()
     killed = runs / "rff-1"
     staging = killed.parent / f".{killed.name}.partial"

@@ -46,7 +46,7 @@ def test_compare_folder_writes_every_output_and_skips_finished_runs(photos, tmp_
     assert "Mean over images" in (out / "results.md").read_text()
     assert len((out / "results.csv").read_text().strip().splitlines()) == 5
     # a second run with the same request trains nothing
-    with mock.patch("kanimg.comparison.fit", side_effect=AssertionError("should have been skipped")):
+    with mock.patch("kanimg.reruns.fit", side_effect=AssertionError("should have been skipped")):
         again = compare(photos, TINY, out, steps=15, progress=False)
     assert [r["psnr"] for r in again.records] == [r["psnr"] for r in result.records]
 
@@ -65,28 +65,27 @@ def test_interrupted_comparison_resumes_where_it_stopped(photos, tmp_path):
     with mock.patch.object(Trainer, "_before_step", before):
         first = compare(image, TINY, out, steps=20, progress=False)
     assert first.interrupted and [r["model"] for r in first.records] == ["kan"]
-    from kanimg import comparison as compare_module
+    from kanimg import reruns
 
-    real_fit = compare_module.fit
+    real_fit = reruns.fit
 
     def spy(*args, **kwargs):
         state["calls"] += 1
         assert args[1] == "mlp" and kwargs["resume"] is not None  # kan skipped, mlp resumed
         return real_fit(*args, **kwargs)
 
-    with mock.patch("kanimg.comparison.fit", spy):
+    with mock.patch("kanimg.reruns.fit", spy):
         second = compare(image, TINY, out, steps=20, progress=False)
     assert state["calls"] == 1 and not second.interrupted
     assert [r["steps"] for r in second.records] == [20, 20]
 
 
-@pytest.mark.parametrize("left,option", [("marker", "lr"), ("marker without defaults", "lr"), ("no marker", "lr"),
-                                         ("marker without defaults", "batch_size")])
+@pytest.mark.parametrize("left,option", [("marker", "lr"), ("no marker", "lr"), ("marker", "batch_size")])
 def test_a_run_trained_under_other_defaults_is_fitted_again_not_reused(photos, tmp_path, left, option):
     """After an upgrade that changes a family's defaults (its learning rate or batch size, say),
-    the same command must not report the old run as today's model: whether the old run was
-    marked with its defaults, marked before markers held them, or killed before its first marker."""
-    from kanimg import comparison as compare_module
+    the same command must not report the old run as today's model, whether its compare marker
+    was written or it was killed before that; under the same defaults it is reused either way."""
+    from kanimg import reruns
     from kanimg.models import get_entry
 
     image = photos / "face.png"
@@ -95,13 +94,11 @@ def test_a_run_trained_under_other_defaults_is_fitted_again_not_reused(photos, t
     marker = out / "runs" / "face" / "mlp" / "compare-request.json"
 
     def leave_as_case():
-        if left == "marker without defaults":
-            marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "defaults"}))
-        elif left == "no marker":
+        if left == "no marker":
             marker.unlink()
 
     leave_as_case()
-    real_fit, calls = compare_module.fit, []
+    real_fit, calls = reruns.fit, []
 
     def spy(*args, **kwargs):
         calls.append((args[1], kwargs.get("resume")))
@@ -110,18 +107,18 @@ def test_a_run_trained_under_other_defaults_is_fitted_again_not_reused(photos, t
     mlp = get_entry("mlp")
     value = mlp.train_defaults[option]
     changed = {option: value // 2 if isinstance(value, int) else value / 2}
-    with mock.patch("kanimg.comparison.fit", spy):
+    with mock.patch("kanimg.reruns.fit", spy):
         compare(image, TINY, out, steps=15, progress=False)  # the same defaults: the run is kept
-    assert calls in ([], [("mlp", True)])
+    assert calls == [] and marker.exists()  # reused, and marked again for run_record
     calls.clear()
     leave_as_case()
-    with mock.patch.dict(mlp.train_defaults, changed), mock.patch("kanimg.comparison.fit", spy):
+    with mock.patch.dict(mlp.train_defaults, changed), mock.patch("kanimg.reruns.fit", spy):
         again = compare(image, TINY, out, steps=15, progress=False)
     assert calls == [("mlp", None)]  # kan reused; mlp fitted anew, not resumed from the old run
     saved = json.loads((out / "runs" / "face" / "mlp" / "metrics.json").read_text())
     assert saved["config"]["train"][option] == pytest.approx(changed[option]) and not again.interrupted
     with mock.patch.dict(mlp.train_defaults, changed), \
-            mock.patch("kanimg.comparison.fit", side_effect=AssertionError("should have been skipped")):
+            mock.patch("kanimg.reruns.fit", side_effect=AssertionError("should have been skipped")):
         compare(image, TINY, out, steps=15, progress=False)  # under the same defaults: reused
 
 
@@ -176,15 +173,15 @@ def test_a_killed_run_of_a_comparison_is_resumed_from_its_staged_checkpoint(phot
     staging.mkdir()
     shutil.copy(run / "checkpoint.pt", staging / "checkpoint.pt")
     shutil.rmtree(run)
-    from kanimg import comparison as compare_module
+    from kanimg import reruns
 
-    real_fit, calls = compare_module.fit, []
+    real_fit, calls = reruns.fit, []
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("resume"))
         return real_fit(*args, **kwargs)
 
-    with mock.patch("kanimg.comparison.fit", spy):
+    with mock.patch("kanimg.reruns.fit", spy):
         again = compare(photos / "face.png", ["mlp"], out, steps=10, progress=False)
     assert calls == [True] and again.records[0]["finished"]
     assert json.loads((run / "metrics.json").read_text())["resumed_from_step"] == 10

@@ -332,30 +332,74 @@ def test_every_family_round_trips_through_its_checkpoint(name, photo32, tmp_path
 
 @pytest.mark.parametrize("name", ["kan", "hashgrid", "siren", "rff", "mlp", "kan-ridge", "kan2"])
 def test_a_run_is_told_apart_from_other_settings_by_what_it_recorded(name, photo32, tmp_path):
-    """trained_otherwise decides whether compare and the tuning sweep may reuse or resume a run:
+    """standing decides whether compare and the tuning sweep may reuse, resume or extend a run:
     today's settings match the run's own files (finished or killed, defaults sized to the image),
-    and any other option, default, or fewer steps do not."""
-    from kanimg.fitting import saved_config, trained_otherwise
+    more steps extend it, and any other option, default, or fewer steps do not."""
+    from kanimg.reruns import saved_config, standing
 
     options = {"steps": 3, "eval_every": 3, "seed": 1}
     run = tmp_path / name
     fit(photo32, name, **options, out=run, progress=False)
     config = saved_config(run)
     assert config == json.loads((run / "metrics.json").read_text())["config"]
-    assert not trained_otherwise(config, name, options)
-    assert not trained_otherwise(config, name, {**options, "steps": 30, "eval_every": 10})  # a resume may extend it
-    assert trained_otherwise(config, name, {**options, "steps": 2})
-    assert trained_otherwise(config, name, {**options, "seed": 2})
-    assert trained_otherwise(config, "mlp" if name != "mlp" else "rff", options)
+    assert standing(config, name, options) == standing(config, name, {**options, "coords": "centers", "grey": False}) == "same"
+    assert standing(config, name, {**options, "eval_every": 1, "compile": None}) == "same"
+    assert standing(config, name, {**options, "steps": 30, "eval_every": 10}) == "shorter"  # a resume extends it
+    assert standing(config, name, {**options, "steps": 2}) == "other"
+    assert standing(config, name, {**options, "seed": 2}) == "other"
+    assert standing(config, name, {**options, "coords": "linspace"}) == "other"
+    assert standing(config, name, {**options, "grey": True}) == "other"
+    assert standing(config, "mlp" if name != "mlp" else "rff", options) == "other"
     entry = get_entry(name)
     with mock.patch.dict(entry.train_defaults, {"lr": entry.train_defaults["lr"] * 2}):
-        assert trained_otherwise(config, name, options)
+        assert standing(config, name, options) == "other"
     option = "widths" if name != "kan" else "grids"
     changed = [2, 7, 3] if option == "widths" else [5]
-    assert trained_otherwise(config, name, {**options, option: changed})
+    assert standing(config, name, {**options, option: changed}) == "other"
     (run / "checkpoint.pt").unlink()  # the files then say nothing: resuming will say what is wrong
     (run / "metrics.json").write_text("{")
     assert saved_config(run) is None
+
+
+def test_a_run_folder_is_reused_resumed_extended_or_fitted_anew(photo32, tmp_path):
+    """fit_run trains no more than a request needs: nothing for a finished run with its
+    settings, a resume for a stopped or shorter one, a new fit for one with other settings."""
+    from kanimg import reruns
+
+    options = {"widths": [2, 8, 3], "steps": 6, "eval_every": 3, "seed": 1}
+    run, calls = tmp_path / "run", []
+    real_fit = reruns.fit
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("resume"))
+        return real_fit(*args, **kwargs)
+
+    with mock.patch("kanimg.reruns.fit", spy):
+        assert reruns.fit_run(run, photo32, "mlp", progress=False, **options).metrics["psnr"] > 0
+        assert reruns.fit_run(run, photo32, "mlp", progress=False, **options) is None
+        reruns.fit_run(run, photo32, "mlp", progress=False, **{**options, "steps": 9})
+        longer = json.loads((run / "metrics.json").read_text())
+        notes = []
+        reruns.fit_run(run, photo32, "mlp", progress=False, note=notes.append, **{**options, "lr": 1e-3})
+        other = json.loads((run / "metrics.json").read_text())
+    assert calls == [None, True, None]
+    assert (longer["steps_done"], longer["resumed_from_step"]) == (9, 6)
+    assert (other["steps_done"], other["resumed_from_step"], other["config"]["train"]["lr"]) == (6, None, 1e-3)
+    assert "other settings" in notes[0]
+
+    # a finished run whose checkpoint cannot be read is still reused by what metrics.json records
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with mock.patch("kanimg.reruns.fit", side_effect=AssertionError("trained again")):
+        assert reruns.fit_run(run, photo32, "mlp", progress=False, **{**options, "lr": 1e-3}) is None
+
+    # grey, the other coordinates and a time budget (where steps do not count) are reused too
+    clocked = {"widths": [2, 8, 1], "budget_seconds": 0.2, "eval_every": 5, "grey": True, "coords": "linspace"}
+    reruns.fit_run(tmp_path / "clocked", photo32, "mlp", progress=False, **clocked)
+    with mock.patch("kanimg.reruns.fit", side_effect=AssertionError("trained again")):
+        assert reruns.fit_run(tmp_path / "clocked", photo32, "mlp", progress=False, **clocked, steps=123_456) is None
+    config = reruns.saved_config(tmp_path / "clocked")
+    assert reruns.standing(config, "mlp", {**clocked, "grey": False}) == reruns.standing(config, "mlp", {**clocked, "coords": None}) \
+        == reruns.standing(config, "mlp", {**clocked, "budget_seconds": 0.3}) == "other"
 
 
 @pytest.mark.parametrize("directions", [0, 8])
