@@ -11,7 +11,7 @@ import torch
 
 from .errors import KanimgError, first_line
 from .files import atomic_path, staging_folder
-from .models import build_model, saved_spec
+from .models import MAX_PARAMETERS, build_model, param_count, saved_spec
 from .results import versions
 
 if TYPE_CHECKING:
@@ -119,9 +119,21 @@ def best_model(trainer_state: dict, device: torch.device | str = "cpu") -> torch
     """The best evaluated model of a Trainer.state_dict() (the latest weights if none was
     evaluated), rebuilt from its own spec since grids may have been extended after it."""
     spec = dict(trainer_state["best_spec"] or trainer_state["spec"])
-    model = build_model(spec.pop("name"), **spec)
+    name = spec.pop("name")
+    if param_count(name, spec) > MAX_PARAMETERS:  # a crafted spec: refuse before allocating
+        raise KanimgError(f"the checkpoint's model has over {MAX_PARAMETERS:,} parameters, more than kanimg builds")
+    model = build_model(name, **spec)
     try:
         model.load_state_dict(trainer_state["best_model"] or trainer_state["model"])
     except (KeyError, TypeError, RuntimeError) as exc:
         raise KanimgError(f"the checkpoint's weights do not fit its model ({first_line(exc)})") from None
     return model.to(device)
+
+
+def checkpoint_to_device(value: Any, dev: torch.device) -> Any:
+    """Move a checkpoint's tensors (not RNG states, which live on the CPU) to ``dev``."""
+    if isinstance(value, dict):
+        return {k: (v if k == "generator" else checkpoint_to_device(v, dev)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [checkpoint_to_device(v, dev) for v in value]
+    return value.to(dev) if isinstance(value, torch.Tensor) else value

@@ -131,8 +131,8 @@ def compare(
         precision, compile: how every model's training steps run (TrainConfig); None / False
             keep the defaults (fp32, eager).
         force: write into a folder that holds a different comparison (its tables are replaced;
-            its runs are kept and reused where they match). Without it such a folder is refused;
-            the same comparison again continues where it stopped.
+            its runs are reused where they match, and fitted anew in their place where not).
+            Without it such a folder is refused; the same comparison again continues where it stopped.
     """
     images = list_images(Path(path))
     chosen = PRESETS.get(preset) if preset else None
@@ -174,8 +174,8 @@ def _output_folder(out: Path, request: dict, force: bool) -> Iterator[None]:
         if marker is None:
             check_replaceable(out)  # a folder kanimg did not write is refused, --force or not
         if (marker is None or marker.get("kind") != "compare" or marker.get("request") != request) and not force:
-            raise KanimgError(f"{out} holds another comparison; pass --force to replace its tables (its runs are kept "
-                              f"and reused where they match), or choose another -o")
+            raise KanimgError(f"{out} holds another comparison; pass --force to replace its tables (its runs are reused "
+                              f"where they match, fitted anew where not), or choose another -o")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -4,6 +4,7 @@ to replace is ever deleted."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -68,6 +69,19 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     return value
+
+
+def file_sha256(path: Path) -> str | None:
+    """The file's SHA-256 (hex), read in blocks; None when it cannot be read. It tells an
+    edited photo from the one a run was fitted on, whatever its name and size."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            while block := file.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def check_writable(folder: Path) -> None:
@@ -175,15 +189,17 @@ class RunFolder:
     output finds it; what to do with it is the caller's choice (``leftover`` says it is there;
     :meth:`clear` empties it). A run that fails keeps its staging folder when it holds
     anything, so nothing is lost; an older result in ``final`` stays intact until the end.
-    An existing ``final`` is only replaced when ``replace`` is set, and only if kanimg built it.
+    An existing ``final`` is only replaced when ``replace`` is set, and only if kanimg built it;
+    with ``keep_others`` (a folder whose outputs have fixed names, such as a fit's: anything
+    else in it is the user's, e.g. a render) what the new folder does not hold is carried over.
 
         with RunFolder(Path("runs/photo-kan"), kind="fit") as staging:
             ...write files into staging...
         # here runs/photo-kan holds them
     """
 
-    def __init__(self, final: Path, kind: str, replace: bool = False) -> None:
-        self.final, self.kind = Path(final), kind
+    def __init__(self, final: Path, kind: str, replace: bool = False, keep_others: bool = False) -> None:
+        self.final, self.kind, self.keep_others = Path(final), kind, keep_others
         if self.final.exists() and not self.final.is_dir():
             raise KanimgError(f"{self.final} exists and is not a folder")
         if self.final.exists() and not replace:
@@ -226,11 +242,37 @@ class RunFolder:
                 return
             old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
             if self.final.exists():
+                if self.keep_others and (read_marker(self.final) or {}).get("kind", self.kind) == self.kind:
+                    _carry_over(self.final, self.staging)
                 os.replace(self.final, old)
             os.replace(self.staging, self.final)
             shutil.rmtree(old, ignore_errors=True)
         finally:
             self.lock.__exit__()
+
+
+def _carry_over(source: Path, target: Path, top: bool = True) -> None:
+    """Put into ``target`` what ``source`` holds and it does not, folders merged entry by
+    entry, as hard links where the file system allows (else copies, each complete before it
+    is named), so ``source`` stays whole until it is replaced and a kill midway loses nothing:
+    the next carry-over finishes the job."""
+    for entry in source.iterdir():
+        dest = target / entry.name
+        if top and entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            if not dest.is_symlink() and not (dest.exists() and not dest.is_dir()):
+                dest.mkdir(exist_ok=True)
+                _carry_over(entry, dest, top=False)
+        elif not (dest.exists() or dest.is_symlink()):
+            try:
+                os.link(entry, dest, follow_symlinks=False)
+            except OSError:  # a file system without hard links
+                if entry.is_symlink():
+                    os.symlink(os.readlink(entry), dest)
+                else:
+                    with atomic_path(dest) as tmp:
+                        shutil.copy2(entry, tmp)
 
 
 def staging_folder(final: Path) -> Path:

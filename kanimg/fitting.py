@@ -27,15 +27,15 @@ import numpy as np
 import torch
 
 from . import distributed
-from .checkpoints import (CHECKPOINT_SECONDS, PeriodicCheckpoint, best_model, checkpoint_payload, latest_checkpoint,
-                          load_checkpoint, run_folder_of, save_checkpoint)
+from .checkpoints import (CHECKPOINT_SECONDS, PeriodicCheckpoint, best_model, checkpoint_payload, checkpoint_to_device,
+                          latest_checkpoint, load_checkpoint, run_folder_of, save_checkpoint)
 from .device import resolve_device
 from .errors import KanimgError, first_line
-from .files import RunFolder, staging_folder, write_json
+from .files import RunFolder, file_sha256, staging_folder, write_json
 from .io import ImageData, ImageLike, as_image, default_image, save_png
 from .mapped import MappedImage, open_image
 from .metrics import reconstruction_metrics
-from .models import build_model, get_entry, param_count
+from .models import MAX_PARAMETERS, build_model, get_entry, param_count
 from .plots import error_map, plot_curves, save_rgb8
 from .render import render
 from .results import versions
@@ -110,8 +110,6 @@ def steps_for_image(height: int, width: int) -> int:
 
 # Settings a resumed run may change; every other one it keeps (and a different value is refused).
 CHANGEABLE_ON_RESUME = ("steps", "eval_every", "compile")
-# Largest model fit() builds: parameters, gradients and two Adam moments take 16 bytes each.
-MAX_PARAMETERS = 200_000_000
 
 
 class ResumeMismatch(KanimgError):
@@ -180,7 +178,7 @@ class Fit:
     def save(self, folder: str | os.PathLike, force: bool = False) -> Path:
         """Write the run folder ``kanimg fit`` writes (reconstruction, error map, metrics.json,
         curves, checkpoint); an existing folder only with ``force`` (and only one kanimg wrote)."""
-        run = RunFolder(Path(folder), "fit", replace=force)
+        run = RunFolder(Path(folder), "fit", replace=force, keep_others=True)
         with run as staging:
             self.write(staging)
         return run.final
@@ -290,11 +288,11 @@ def fit(
     else:
         spec, cfg = _resumed_settings(state, checkpoint, data, model, model_options, train_options)
     check_model_size(model, spec, cfg)
-    folder = RunFolder(Path(out), "fit", replace=replace) if out is not None else None
+    folder = RunFolder(Path(out), "fit", replace=replace, keep_others=True) if out is not None else None
     trainer = new_trainer(model, spec, cfg, data, coords, dev, progress)
     if state is not None:
         try:
-            trainer.load_state_dict(_to_device(state["trainer"], dev))
+            trainer.load_state_dict(checkpoint_to_device(state["trainer"], dev))
             best_model(state["trainer"])  # the best weights are what the run exports: check them now, not after training
         except (KeyError, TypeError, ValueError, RuntimeError, KanimgError) as exc:
             raise KanimgError(f"{checkpoint}: its training state does not fit its model ({first_line(exc)})") from None
@@ -406,7 +404,8 @@ def run_config(trainer: Trainer, data: ImageData, image_path: str | None, grey: 
         "model": trainer.model.spec, "train": trainer.config.to_dict(), "device": str(trainer.device), "grey": grey, "coords": coords,
         "world_size": trainer.place.size,
         "image": {"path": image_path, "name": data.name, "height": data.height, "width": data.width,
-                  "channels": data.channels, "mode": data.mode, "bit_depth": data.bit_depth},
+                  "channels": data.channels, "mode": data.mode, "bit_depth": data.bit_depth,
+                  "sha256": file_sha256(Path(image_path)) if image_path else None},
     }
 
 
@@ -460,12 +459,3 @@ def check_model_size(model: str, spec: dict[str, Any], cfg: TrainConfig) -> None
 
 def _describe(spec: dict[str, Any]) -> str:
     return f"widths {_show(spec['widths'])}" + (f", grids {_show(spec['grids'])}" if "grids" in spec else "")
-
-
-def _to_device(value: Any, dev: torch.device) -> Any:
-    """Move a checkpoint's tensors (not RNG states, which live on the CPU) to ``dev``."""
-    if isinstance(value, dict):
-        return {k: (v if k == "generator" else _to_device(v, dev)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_device(v, dev) for v in value]
-    return value.to(dev) if isinstance(value, torch.Tensor) else value

@@ -15,8 +15,10 @@ EXIF orientation is applied, so pixels are fitted the way viewers show them.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -81,7 +83,19 @@ def list_images(path: str | os.PathLike) -> list[Path]:
     images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise KanimgError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    seen: dict[str, Path] = {}
+    for image in images:  # results are named by the file's stem: two files must not share one
+        name = safe_name(image.stem)
+        if name in seen:
+            raise KanimgError(f"{path}: {seen[name].name} and {image.name} share the name {name!r}, "
+                              f"which names their results; rename one")
+        seen[name] = image
     return images
+
+
+def safe_name(name: str) -> str:
+    """``name`` as output files are named after it: letters, digits, '.', '_' and '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def load_image(path: str | os.PathLike, grey: bool = False, max_pixels: int = MAX_PIXELS) -> ImageData:
@@ -222,13 +236,33 @@ def _decode_png16(path: Path) -> tuple[np.ndarray, str, int]:
     import png  # pypng
 
     try:
+        _refuse_inflation_bomb(png.Reader(filename=str(path)), path)
         width, height, rows, info = png.Reader(filename=str(path)).asDirect()
         array = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows])
-    except png.Error as exc:
+    except (png.Error, zlib.error) as exc:
         raise KanimgError(f"{path}: cannot decode image ({exc})") from None
     planes = info["planes"]
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[planes]
     return array.reshape(height, width, planes), mode, 16
+
+
+def _refuse_inflation_bomb(reader, path: Path) -> None:
+    """pypng inflates each IDAT chunk whole, however large it grows: inflate the image data
+    here first, a megabyte at a time, and refuse it when it holds more than the header's size
+    needs (interlacing's filter bytes included, with room to spare)."""
+    reader.preamble()
+    limit = 2 * reader.height * (1 + reader.row_bytes) + 4096
+    inflater, total = zlib.decompressobj(), 0
+    while True:
+        kind, data = reader.chunk()
+        if kind == b"IEND":
+            return
+        while kind == b"IDAT" and data:
+            total += len(inflater.decompress(data, 1 << 20))
+            if total > limit:
+                raise KanimgError(f"{path}: its image data inflates past what a {reader.width}x{reader.height} "
+                                  f"image holds (possible decompression bomb)")
+            data = inflater.unconsumed_tail
 
 
 def _tiff_bits(im: Image.Image) -> int:
@@ -280,14 +314,15 @@ def quantize(pixels: np.ndarray, bit_depth: int = 8) -> np.ndarray:
 
 
 def save_png(path: str | os.PathLike, pixels: np.ndarray, bit_depth: int = 8) -> None:
-    """Write (H, W, C) float pixels in [0, 1] as a PNG with 1–4 channels, atomically.
+    """Write (H, W, C) pixels as a PNG with 1–4 channels, atomically.
 
     Args:
-        pixels: values outside [0, 1] are clipped.
+        pixels: floats in [0, 1] (values outside are clipped), or the PNG's own integers
+            (uint8 for 8 bits, uint16 for 16), written as they are, without a float copy.
         bit_depth: 8 or 16.
     """
     path = Path(path)
-    ints = quantize(pixels, bit_depth)
+    ints = pixels if pixels.dtype == (np.uint16 if bit_depth > 8 else np.uint8) else quantize(pixels, bit_depth)
     channels = ints.shape[2]
     if bit_depth == 8:
         with atomic_path(path) as tmp:

@@ -122,6 +122,10 @@ def saved_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return {**OPTIONS_ADDED_LATER.get(get_entry(name).family, {}), **spec, "name": name}
 
 
+# Largest model kanimg builds: in training, parameters, gradients and two Adam moments take 16 bytes each.
+MAX_PARAMETERS = 200_000_000
+
+
 def param_count(name: str, spec: dict[str, Any]) -> int:
     """Parameters of a registered model with ``spec``, built on the meta device (no memory)."""
     with torch.device("meta"):

@@ -16,7 +16,7 @@ import torch
 from .checkpoints import latest_checkpoint, load_checkpoint
 from .device import resolve_device
 from .errors import KanimgError
-from .files import as_stored, read_json_object, staging_folder
+from .files import as_stored, file_sha256, read_json_object, staging_folder
 from .fitting import CHANGEABLE_ON_RESUME, Fit, ResumeMismatch, split_options, fit, model_spec_for, train_config_for
 from .models import saved_spec
 from .train import TrainConfig
@@ -40,24 +40,28 @@ def saved_config(folder: Path) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
-def standing(config: dict, model: str, options: dict[str, Any], device: torch.device | None = None) -> Standing:
+def standing(config: dict, model: str, options: dict[str, Any], device: torch.device | None = None,
+             image_file: Path | None = None) -> Standing:
     """How the run that ``config`` (saved_config) describes stands to ``fit(image, model,
     **options)`` today on the same image: "same" settings; "shorter" (the same but fewer steps,
     which a resume extends); or "other": any model option, training field (but eval_every and
     compile), ``grey`` or ``coords`` differs, a default of the family changed since (the run had
-    the old one), or it trained more steps than asked for. Under a time budget the steps do
-    not count (the clock ends the run)."""
+    the old one), it trained more steps than asked for, or ``image_file`` is not the file it was
+    fitted on (edited since; runs older than the record of the file's digest are taken as
+    fitted on it). Under a time budget the steps do not count (the clock ends the run)."""
     options = {k: v for k, v in options.items() if v is not None}
     if (config.get("grey"), config.get("coords")) != (options.pop("grey", False), options.pop("coords", "centers")):
         return "other"
     try:
         image, train = config["image"], TrainConfig.from_dict(config["train"])  # a field newer than the run: its default then
+        if image_file is not None and image.get("sha256") not in (None, file_sha256(image_file)):
+            return "other"
         size = (int(image["height"]), int(image["width"]))
         model_options, train_options = split_options(model, options)
         spec = as_stored(model_spec_for(model, model_options, int(image["channels"]), size))
         wanted = as_stored(train_config_for(model, train_options, size, device).to_dict())
         saved = as_stored(saved_spec(config["model"]))
-    except (KanimgError, KeyError, TypeError, ValueError):
+    except (KanimgError, AttributeError, KeyError, TypeError, ValueError):
         return "other"
     if saved.get("name") != model:
         return "other"
@@ -80,12 +84,12 @@ def fit_run(folder: Path, image: Path, model: str, *, device: str = "auto", prog
     settings). ``note`` hears why a run is resumed or fitted anew."""
     folder = Path(folder)
     config = saved_config(folder)
-    state = None if config is None else standing(config, model, options, resolve_device(device))
+    state = None if config is None else standing(config, model, options, resolve_device(device), Path(image))
     finished = (read_json_object(folder / "metrics.json") or {}).get("interrupted") is False
     if state == "same" and finished and not staging_folder(folder).exists():
         return None
     if state == "other":
-        note(f"{folder}: trained with other settings (other options, or defaults of an older kanimg), fitting anew")
+        note(f"{folder}: trained with other settings (other options, defaults of an older kanimg, or the image before an edit), fitting anew")
     elif latest_checkpoint(folder) is not None:  # stopped, killed, or shorter; an unreadable one says what is wrong
         try:
             note(f"{folder}: resuming")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
@@ -98,6 +99,7 @@ class TrainConfig:
             raise KanimgError("grid update and eval periods must not be negative")
         if self.lr_steps < 0:
             raise KanimgError(f"lr_steps must be 0 (the rate at any length) or positive, got {self.lr_steps}")
+        check_seed(self.seed)
         self.grid_schedule = sorted([int(s), [int(g) for g in grids]] for s, grids in self.grid_schedule)
         for at, grids in self.grid_schedule:
             if at < 0 or not grids or min(grids) < 1:
@@ -116,6 +118,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_seed(seed: int) -> None:
+    """Refuse seeds the random generators cannot take (torch's and numpy's: 0 … 2⁶³ − 1)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise KanimgError(f"the seed must be a whole number from 0 to 2**63 - 1, got {seed!r}")
 
 
 def stage_of(progress: float, config: TrainConfig) -> int:

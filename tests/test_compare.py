@@ -196,6 +196,11 @@ def test_compare_bad_input(photos, tmp_path, capsys):
         compare(photos, ["kan", "vit"], tmp_path / "o")
     with pytest.raises(KanimgError, match="unknown preset"):
         compare(photos, None, tmp_path / "o", preset="paper-slow")
+    (tmp_path / "twins").mkdir()
+    for name in ("photo.png", "photo.jpg"):
+        shutil.copy(sorted(Path(photos).iterdir())[0], tmp_path / "twins" / name)
+    with pytest.raises(KanimgError, match="share the name 'photo'"):
+        compare(tmp_path / "twins", TINY, tmp_path / "o")
     assert not (tmp_path / "o").exists()
     assert main(["compare", str(tmp_path / "missing.png"), "-o", str(tmp_path / "o2")]) == 2
     assert "no such file" in capsys.readouterr().err

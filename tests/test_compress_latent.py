@@ -15,7 +15,7 @@ from scipy import stats
 
 from conftest import photo_crop
 from kanimg.cli import main
-from kanimg.compress import kimg, latent, latent_codec, neural
+from kanimg.compress import kimg, latent, latent_codec, neural, resume
 from kanimg.compress.bitstream import decode_image, decode_model, encode_model
 from kanimg.compress.kimg import ImageInfo
 from kanimg.compress.entropy import StreamDecoder, cost_bits, encode_streams, fit_model
@@ -396,13 +396,20 @@ def test_too_many_levels_or_a_huge_synthesis_is_refused_before_decoding():
 
 
 def test_cli_compresses_and_decodes_with_the_latent_model(tmp_path):
+    from unittest import mock
+
+    from kanimg.compress.bitstream import DecodedImage
+
     source = tmp_path / "crop.png"
     Image.fromarray(photo_crop(40)).save(source)
     out = tmp_path / "crop.kimg"
     assert main(["compress", str(source), "--model", "latent", "--bpp", "2", "--steps", "100", "-o", str(out), "-q"]) == 0
-    assert main(["decode", str(out), "-o", str(tmp_path / "back.png")]) == 0
+    no_floats = property(lambda self: pytest.fail("decode made a float copy of the image to write it"))
+    with mock.patch.object(DecodedImage, "pixels", no_floats):  # the PNG is written from the integers
+        assert main(["decode", str(out), "-o", str(tmp_path / "back.png")]) == 0
     with Image.open(tmp_path / "back.png") as back:
         assert back.size == (40, 40)
+        assert np.array_equal(np.asarray(back), decode_image(out.read_bytes()).integers)
 
 
 def test_a_latent_file_decodes_the_same_in_a_fresh_process(tmp_path):
@@ -484,3 +491,41 @@ def test_the_rounding_phase_trains_through_the_precision_the_file_will_choose(mo
     training = latent_codec.train_latent(model, as_image(photo_crop(16)), 2.0, steps=50)
     assert len(picked) == 1 and picked[0][1] == float("inf")  # chosen once, by λ alone
     assert seen == [9] * 10 and training.synthesis_bits == 9  # the last 20 % of the steps
+
+
+@pytest.mark.parametrize("model, bpp", [("latent", "2"), ("kan", "8")])
+def test_an_interrupted_compress_continues_from_its_kept_state_to_the_same_bytes(model, bpp, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or a kill) after step 60 of 100: the state kept beside the output brings the
+    same command back to that step, and the file is byte for byte the uninterrupted one's."""
+    source = tmp_path / "crop.png"
+    Image.fromarray(photo_crop(24)).save(source)
+    args = ["compress", str(source), "--model", model, "--bpp", bpp, "--steps", "100", "--qat-steps", "0", "-q"]
+    assert main(args + ["-o", str(tmp_path / "whole.kimg")]) == 0
+    state = tmp_path / ".cut.kimg.partial.pt"
+    assert not (tmp_path / ".whole.kimg.partial.pt").exists()  # removed once the file is written
+
+    monkeypatch.setattr(resume, "CHECKPOINT_SECONDS", 0.0)  # kept after every step
+    real_keep, kept = resume.keep_state, []
+
+    def keep_then_stop_at_60(*a, **k):
+        assert real_keep(*a, **k)
+        kept.append(1)
+        if len(kept) == 60:
+            raise KeyboardInterrupt
+        return True
+
+    monkeypatch.setattr(resume, "keep_state", keep_then_stop_at_60)
+    assert main(args + ["-o", str(tmp_path / "cut.kimg")]) == 130
+    assert not (tmp_path / "cut.kimg").exists() and state.is_file()
+    capsys.readouterr()
+    kept.clear()
+    monkeypatch.setattr(resume, "keep_state", lambda *a, **k: kept.append(1) or real_keep(*a, **k))
+    assert main(args[:-1] + ["-o", str(tmp_path / "cut.kimg")]) == 0
+    assert len(kept) == 40  # steps 61 … 100: the first 60 were not trained again
+    assert "stopped at step 60 of 100" in capsys.readouterr().err
+    assert (tmp_path / "cut.kimg").read_bytes() == (tmp_path / "whole.kimg").read_bytes()
+    assert not state.exists()
+
+    state.write_bytes(b"damaged")  # a state that is not this training's is trained over
+    assert main(args + ["-o", str(tmp_path / "cut.kimg"), "--force"]) == 0
+    assert (tmp_path / "cut.kimg").read_bytes() == (tmp_path / "whole.kimg").read_bytes()

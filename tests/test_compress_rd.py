@@ -133,7 +133,7 @@ def test_rd_on_a_folder_gives_per_image_and_mean_curves(tmp_path):
     assert len((out / "results.csv").read_text().strip().splitlines()) == 1 + len(results["records"])
 
 
-def test_an_interrupted_rd_keeps_its_network_points_and_continues(crop, tmp_path):
+def test_an_interrupted_rd_keeps_its_network_points_and_continues(crop, tmp_path, capsys):
     """Ctrl-C (or a kill) after the first fitted point: the point is kept in the staging folder,
     and the same command trains only what is missing; other options train anew."""
     from unittest import mock
@@ -163,7 +163,10 @@ def test_an_interrupted_rd_keeps_its_network_points_and_continues(crop, tmp_path
         raise KeyboardInterrupt
 
     with mock.patch.object(neural, "compress_image", refuse):  # other options: the kept point is not theirs
-        assert main(args[:-3] + ["--seed", "3", "-o", str(out), "-q"]) == 130
+        for other in (["--seed", "3"], ["--bpp", "6"]):  # whose end would delete it: refused without --force
+            assert main(args[:-3] + other + ["-o", str(out), "-q"]) == 2
+            assert "another rd experiment" in capsys.readouterr().err
+        assert main(args[:-3] + ["--seed", "3", "-o", str(out), "-q", "--force"]) == 130
     assert fitted.pop() == ("asked", 4.5)
 
     def counting(image, bpp, config):
@@ -177,3 +180,35 @@ def test_an_interrupted_rd_keeps_its_network_points_and_continues(crop, tmp_path
     results = json.loads((out / "results.json").read_text())
     assert results["codecs"]["kan"]["results"]["bpp"][0] == 8 * len(first) / (32 * 32)
     assert not (tmp_path / ".rd.partial").exists() and not (out / "points").exists()
+
+
+def test_a_network_point_killed_mid_training_continues_from_its_kept_state(crop, tmp_path, monkeypatch, capsys):
+    """The latent codec's training state is kept beside the point's files while it trains, so
+    an rd stopped inside a point loses at most CHECKPOINT_SECONDS of it."""
+    from kanimg.compress import latent_codec, resume
+
+    out = tmp_path / "rd"
+    args = ["rd", str(crop), "--models", "latent", "--codecs", "jpeg", "--bpp", "2", "--steps", "60", "-o", str(out), "-q"]
+    monkeypatch.setattr(resume, "CHECKPOINT_SECONDS", 0.0)
+    real_keep, real_rate, calls = resume.keep_state, latent_codec.rounded_rate, []
+
+    def keep_then_stop_at_30(path, key, **state):
+        assert real_keep(path, key, **state)
+        if state["step"] == 30:
+            raise KeyboardInterrupt
+        return True
+
+    monkeypatch.setattr(resume, "keep_state", keep_then_stop_at_30)
+    assert main(args) == 130
+    import torch
+
+    kept = tmp_path / ".rd.partial" / "points" / "crop-latent-2bpp.partial.pt"
+    assert torch.load(kept, weights_only=True)["step"] == 30
+    monkeypatch.setattr(resume, "keep_state", real_keep)
+    assert main([a if a != "2" else "3" for a in args]) == 2  # another rd (at 3 bpp) would delete it at its end
+    assert "another rd experiment" in capsys.readouterr().err and kept.is_file()
+    monkeypatch.setattr(latent_codec, "rounded_rate", lambda *a: calls.append(1) or real_rate(*a))
+    calls.clear()
+    assert main(args) == 0
+    assert len(calls) == 3  # steps 30, 40, 50: the first 30 were not trained again
+    assert not any(p.name.endswith(".partial.pt") for p in out.rglob("*"))

@@ -207,6 +207,11 @@ def test_broken_checkpoints_are_one_line_errors(photo32, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y").exists()
     assert run_cli("render", good, "--size", "100000x100000") == 2
     assert "over the limit" in capsys.readouterr().err
+    huge = {**payload["trainer"], "best_spec": {**payload["trainer"]["spec"], "widths": [2, 60_000, 60_000, 3]}}
+    torch.save({**payload, "trainer": huge}, tmp_path / "huge.pt")
+    with mock.patch("kanimg.checkpoints.build_model", side_effect=AssertionError("built before checking its size")):
+        assert run_cli("render", tmp_path / "huge.pt", "-o", tmp_path / "x.png") == 2
+    assert "parameters" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(photo32, tmp_path, capsys):
@@ -238,10 +243,17 @@ def test_resume_never_replaces_another_folder_without_force(photo32, tmp_path, c
     assert run_cli("fit", "--resume", run / "checkpoint.pt", "-o", other, "--steps", "30", "--force", "-q") == 2
     assert "not a folder kanimg wrote" in capsys.readouterr().err
     assert (other / "notes.txt").read_text() == "mine" and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
-    # its own folder is what a resume updates
+    # its own folder is what a resume updates, keeping what the user put there (a render, notes)
+    assert run_cli("render", run / "checkpoint.pt", "--size", "8x8") == 0
+    (run / "mine").mkdir()
+    (run / "mine" / "notes.txt").write_text("kept")
     assert run_cli("fit", "--resume", run / "checkpoint.pt", "--steps", "30", "-q") == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps_done"] == 30 and metrics["resumed_from_step"] == 20
+    assert (run / "render-8x8.png").is_file() and (run / "mine" / "notes.txt").read_text() == "kept"
+    assert run_cli("fit", photo32, "-o", run, "--model", "mlp", "--widths", "2,8,3", "--steps", "5", "--force", "-q") == 0
+    assert json.loads((run / "metrics.json").read_text())["model"]["name"] == "mlp"  # kanimg's own outputs replaced
+    assert (run / "render-8x8.png").is_file() and (run / "mine" / "notes.txt").read_text() == "kept"
 
 
 def test_resume_refuses_settings_it_cannot_change(photo32, tmp_path, capsys):
@@ -400,6 +412,17 @@ def test_a_run_folder_is_reused_resumed_extended_or_fitted_anew(photo32, tmp_pat
     config = reruns.saved_config(tmp_path / "clocked")
     assert reruns.standing(config, "mlp", {**clocked, "grey": False}) == reruns.standing(config, "mlp", {**clocked, "coords": None}) \
         == reruns.standing(config, "mlp", {**clocked, "budget_seconds": 0.3}) == "other"
+
+    # the same file name with other pixels is another image: fitted anew
+    edited = tmp_path / "edited" / "photo.png"
+    edited.parent.mkdir()
+    edited.write_bytes(Path(photo32).read_bytes())
+    reruns.fit_run(tmp_path / "e", edited, "mlp", progress=False, **options)
+    assert reruns.standing(reruns.saved_config(tmp_path / "e"), "mlp", options, image_file=edited) == "same"
+    Image.fromarray(255 - np.asarray(Image.open(photo32))).save(edited)
+    notes = []
+    assert reruns.fit_run(tmp_path / "e", edited, "mlp", progress=False, note=notes.append, **options) is not None
+    assert "other settings" in notes[0]
 
 
 @pytest.mark.parametrize("directions", [0, 8])

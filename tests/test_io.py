@@ -62,6 +62,13 @@ def test_sixteen_bit_png_round_trip(tmp_path):
     assert np.array_equal(quantize(back.pixels, 16), quantize(pixels, 16))
 
 
+@pytest.mark.parametrize("depth, dtype", [(8, np.uint8), (16, np.uint16)])
+def test_integer_pixels_are_written_as_they_are(tmp_path, depth, dtype):
+    ints = RNG.integers(0, 2**depth, (4, 5, 3), dtype=dtype)
+    save_png(tmp_path / "i.png", ints, depth)
+    assert np.array_equal(quantize(load_image(tmp_path / "i.png").pixels, depth), ints)
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_matches_pillow(tmp_path, orientation):
     im = Image.fromarray(RGB8)
@@ -79,12 +86,13 @@ def test_grey_conversion_matches_pillow(tmp_path):
     assert data.mode == "L" and np.abs(data.pixels[..., 0] - expected).max() <= 1 / 255
 
 
-def png_with_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims any size (for zero-size and decompression-bomb cases)."""
+def png_with_header(width: int, height: int, depth: int = 8, colour: int = 0, idat: bytes = zlib.compress(b"\0" * 16)) -> bytes:
+    """A PNG whose header claims any size and whose image data is any bytes, every checksum
+    right (for zero-size, garbage and decompression-bomb cases)."""
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def bad_files(tmp_path):
@@ -97,11 +105,15 @@ def bad_files(tmp_path):
         "truncated": (tmp_path / "trunc.png", "cannot decode"),
         "zero size": (tmp_path / "zero.png", "zero size|cannot decode|not an image"),
         "bomb": (tmp_path / "bomb.png", "decompression bomb"),
+        "16-bit colour, garbage data": (tmp_path / "garbage16.png", "cannot decode"),
+        "16-bit colour, data inflating past its size": (tmp_path / "inflate16.png", "decompression bomb"),
     }
     (tmp_path / "notes.txt").write_text("hello, not pixels\n")
     (tmp_path / "trunc.png").write_bytes(good[: len(good) // 2])
     (tmp_path / "zero.png").write_bytes(png_with_header(0, 10))
     (tmp_path / "bomb.png").write_bytes(png_with_header(30000, 30000))
+    (tmp_path / "garbage16.png").write_bytes(png_with_header(10, 10, 16, 2, idat=bytes(range(256)) * 4))
+    (tmp_path / "inflate16.png").write_bytes(png_with_header(10, 10, 16, 2, idat=zlib.compress(b"\0" * 50_000_000, 9)))
     return files
 
 

@@ -64,7 +64,8 @@ def test_grid_updates_every_n_steps_in_the_first_m_of_a_stage():
 
 
 def test_invalid_configs_are_clear_errors():
-    for bad in ({"steps": 0}, {"lr": -1.0}, {"batch_size": -2}, {"schedule": "warmup"}, {"budget_seconds": -1}):
+    for bad in ({"steps": 0}, {"lr": -1.0}, {"batch_size": -2}, {"schedule": "warmup"}, {"budget_seconds": -1},
+                {"seed": -1}, {"seed": 2**64}, {"seed": 1.5}):
         with pytest.raises(KanimgError):
             TrainConfig(**bad)
 

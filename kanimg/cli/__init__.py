@@ -80,6 +80,22 @@ def _speaker() -> str:
     return f"kanimg[rank {place.rank}]" if place.size > 1 else "kanimg"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a line is logged (a caller, a notebook or a test
+    may replace it after the handler was made), as logging's own last-resort handler does."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
     """kanimg's own log lines (e.g. the one-time kernel build) on stderr, nothing from others;
     under torchrun each line says its rank."""
@@ -88,7 +104,7 @@ def _setup_logging(quiet: bool) -> None:
     prefix = _speaker()
     handler = next((h for h in log.handlers if getattr(h, "kanimg_cli", False)), None)
     if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.kanimg_cli = True
         log.addHandler(handler)
     handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))

@@ -29,7 +29,8 @@ def add(sub) -> None:
     execution_flags(cmp)
     cmp.add_argument("-o", "--out", type=Path, default=Path("runs/compare"),
                      help="output folder (default: runs/compare); the same command again continues it, reusing finished runs")
-    cmp.add_argument("--force", action="store_true", help="write into a folder that holds another comparison (its runs are kept and reused)")
+    cmp.add_argument("--force", action="store_true", help="write into a folder that holds another comparison (its runs with today's settings are reused, "
+                     "the others fitted anew in their place)")
     cmp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     cmp.set_defaults(func=cmd_compare)
 

@@ -64,7 +64,8 @@ def add(sub) -> None:
                     help=f"target bit rates (default {DEFAULT_BPPS})")
     _network_options(rd)
     rd.add_argument("-o", "--out", type=Path, help="output folder (default: rd-<image or folder name>)")
-    rd.add_argument("--force", action="store_true", help="replace an existing output folder")
+    rd.add_argument("--force", action="store_true",
+                    help="replace an existing output folder, or discard the points of another experiment interrupted there")
     rd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     rd.set_defaults(func=cmd_rd)
 

@@ -21,6 +21,7 @@ from ..io import ImageLike, as_image, load_image, save_png
 from .bitstream import DecodedImage, decode_image
 from .kimg import MAX_FILE_BYTES
 from .neural import CompressConfig, CompressResult, compress_image
+from .resume import resumable
 
 
 def compress(image: ImageLike, bpp: float, **options: Any) -> bytes:
@@ -53,11 +54,17 @@ def _check_output(out: Path, force: bool) -> None:
 
 
 def compress_file(image: Path, out: Path, bpp: float, config: CompressConfig, force: bool = False) -> CompressResult:
-    """Fit ``image`` at about ``bpp`` and write the .kimg file ``out`` (checked before fitting)."""
+    """Fit ``image`` at about ``bpp`` and write the .kimg file ``out`` (checked before fitting).
+
+    The training keeps its state beside ``out`` (``.NAME.partial.pt``) every 30 s, so the same
+    command after Ctrl-C or a kill continues where it stopped."""
     out = Path(out)
     _check_output(out, force)
-    result = compress_image(load_image(image), bpp, config)
+    state = out.with_name(f".{out.name}.partial.pt")
+    with resumable(state):
+        result = compress_image(load_image(image), bpp, config)
     atomic_write_bytes(out, result.data)
+    state.unlink(missing_ok=True)
     return result
 
 
@@ -81,5 +88,5 @@ def decode_file(path: Path, out: Path, force: bool = False) -> DecodedImage:
     out = Path(out)
     _check_output(out, force)
     decoded = decode_image(read_kimg_bytes(path))
-    save_png(out, decoded.pixels, decoded.image.bit_depth)
+    save_png(out, decoded.integers, decoded.image.bit_depth)  # no float copy of a large image
     return decoded

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..io import ImageData
 from ..metrics import psnr
+from . import resume
 from .bitstream import DecodedImage, decode_image, encode_model
 from .kimg import ImageInfo
 from .latent import LatentImage, code_latents
@@ -110,8 +111,21 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
     weights_per_pixel = sum(p.numel() for p in model.synthesis_parameters()) / pixels
     synthesis_bits, choose_at = WEIGHT_BITS_ESTIMATE, math.ceil(CHOOSE_BITS_AT * steps)
     optimiser = torch.optim.Adam(model.parameters(), lr=LR)
-    lam, overhead, history = LAMBDA_START, 0.0, []
-    bar = tqdm(range(steps), desc="latent fit", unit="step", disable=not progress, leave=False)
+    lam, overhead, rounded, history, start = LAMBDA_START, 0.0, 0.0, [], 0
+    state_file = resume.state_file() if measure_files else None
+    key = resume.training_key(image, codec="latent", bpp=float(bpp), steps=int(steps), seed=int(seed), spec=model.spec) \
+        if state_file is not None else {}
+    saved = resume.saved_state(state_file, key, model)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimiser.load_state_dict(saved["optimiser"])
+        torch.set_rng_state(saved["rng"])
+        start, lam, overhead, rounded = saved["step"], saved["lam"], saved["overhead"], saved["rounded"]
+        synthesis_bits, history = saved["synthesis_bits"], saved["history"]
+        log.info("continuing the latent training that stopped at step %d of %d (%s)", start, steps, state_file)
+
+    kept = time.monotonic()
+    bar = tqdm(range(start, steps), desc="latent fit", unit="step", disable=not progress, leave=False, initial=start, total=steps)
     for step in bar:
         for group in optimiser.param_groups:
             group["lr"] = LR * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -137,6 +151,12 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
         lam *= math.exp(speed * math.log(max(rounded + overhead, 1e-6) / (bpp * (1 - RATE_MARGIN))))
         if progress and step % 50 == 0:
             bar.set_postfix(psnr=f"{10 * math.log10(4 / max(mse.item(), 1e-12)):.2f}", bpp=f"{rounded + overhead:.3f}")
+        if state_file is not None and (time.monotonic() - kept >= resume.CHECKPOINT_SECONDS or step == steps - 1):
+            if not resume.keep_state(state_file, key, step=step + 1, model=model.state_dict(), optimiser=optimiser.state_dict(),
+                                     rng=torch.get_rng_state(), lam=lam, overhead=overhead, rounded=rounded,
+                                     synthesis_bits=synthesis_bits, history=history):
+                state_file = None
+            kept = time.monotonic()
     with torch.no_grad():
         out, _ = model("round")
         mse = float(F.mse_loss(out.clamp(-1, 1), target))

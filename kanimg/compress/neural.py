@@ -16,13 +16,15 @@ from typing import Any
 import torch
 
 from .. import distributed
+from ..checkpoints import checkpoint_to_device
 from ..device import resolve_device
 from ..errors import KanimgError
 from ..io import ImageData
 from ..metrics import psnr
 from ..models import build_model
 from ..sampling import ImageTarget
-from ..train import Trainer, TrainConfig
+from ..train import Trainer, TrainConfig, check_seed
+from . import resume
 from .allocate import allocate
 from .bitstream import DecodedModel, decode_image, encode_model, render_integers
 from .kimg import ImageInfo
@@ -97,6 +99,7 @@ class CompressConfig:
             raise KanimgError(f"unknown compression model {self.model!r}; choose from auto, {', '.join(MODELS)}")
         if (self.steps is not None and self.steps < 1) or self.qat_steps < 0:
             raise KanimgError("steps must be at least 1 and qat_steps not negative")
+        check_seed(self.seed)
         if self.bits is not None:
             QuantConfig(self.bits, self.granularity)  # validates
             if self.model == "latent" and self.bits == FLOAT16:
@@ -186,7 +189,20 @@ def _fit(image: ImageData, spec: dict, config: CompressConfig) -> tuple[torch.nn
         model = build_model(**spec).to(device)
     target = ImageTarget(image.pixels, "centers", device)
     trainer = Trainer(model, target, train_config, progress=config.progress)
-    trainer.train()
+    state_file = resume.state_file()
+    key = resume.training_key(image, codec=config.model, spec=spec, train=train_config.to_dict())
+    saved = resume.saved_state(state_file, key, model, weights=("trainer", "model"))
+    if saved is not None:
+        trainer.load_state_dict(checkpoint_to_device(saved["trainer"], device))
+        log.info("continuing the %s training that stopped at step %d of %d (%s)", config.model, trainer.step, steps, state_file)
+    kept, keeping = [time.monotonic()], [state_file is not None]
+
+    def keep(trainer: Trainer) -> None:
+        if keeping[0] and (time.monotonic() - kept[0] >= resume.CHECKPOINT_SECONDS or trainer.step == steps):
+            keeping[0] = resume.keep_state(state_file, key, trainer=trainer.state_dict())
+            kept[0] = time.monotonic()
+
+    trainer.train(keep)
     model.load_state_dict(trainer.best_state)
     fold_spline_scales(model)
     return model, target, train_config

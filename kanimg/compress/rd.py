@@ -7,11 +7,11 @@ PSNR at the target bit rates, comparisons at equal bpp, and BD metrics against J
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..errors import KanimgError
-from ..io import ImageData, list_images, load_image
+from ..io import ImageData, list_images, load_image, safe_name
 from ..results import results_payload
 from .bd import bd_psnr, bd_rate
 from .codecs import CLASSIC, NEURAL, Point, get_codec, measure, run_sweep
+from .resume import resumable
 
 log = logging.getLogger(__name__)
 REFERENCE = "jpeg"
@@ -101,7 +102,7 @@ class PointCache:
 
     def _path(self, key: dict[str, Any], suffix: str) -> Path:
         """The point's file: e.g. photo-kan-0.3bpp.json (named whole: a bpp's dot is no suffix)."""
-        return self.folder / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', key['image'])}-{key['codec']}-{key['bpp']:g}bpp{suffix}"
+        return self.folder / f"{safe_name(key['image'])}-{key['codec']}-{key['bpp']:g}bpp{suffix}"
 
     def load(self, key: dict[str, Any]) -> tuple[Point, bytes] | None:
         try:
@@ -113,12 +114,34 @@ class PointCache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def others(self, expected: list[dict[str, Any]]) -> int:
+        """How many pieces of work here (finished points, or a point's training state) are not
+        among the ``expected`` points (this experiment's keys): another experiment's, stopped."""
+        keys = [json.loads(json.dumps(key)) for key in expected]
+        states = {self._path(key, ".partial.pt").name for key in expected}
+        count = 0
+        for file in self.folder.glob("*"):
+            if file.name.endswith(".partial.pt"):
+                count += file.name not in states
+            elif file.suffix == ".json":
+                try:
+                    count += json.loads(file.read_text())["key"] not in keys
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+        return count
+
+    def state_path(self, key: dict[str, Any]) -> Path:
+        """Where the point's training keeps its state while it runs (see :mod:`kanimg.compress.resume`)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self._path(key, ".partial.pt")
+
     def save(self, key: dict[str, Any], point: Point, data: bytes) -> None:
         from ..files import atomic_write_bytes, write_json
 
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self._path(key, ".kimg"), data)
         write_json(self._path(key, ".json"), {"key": key, "point": asdict(point)})  # last: the point is complete
+        self._path(key, ".partial.pt").unlink(missing_ok=True)
 
 
 def _experiment(path: Path, config: RDConfig) -> tuple[list[Path], list[ImageData], dict[str, Any]]:
@@ -189,7 +212,8 @@ def _run_neural(codec, image: ImageData, bpps: Sequence[float], bitstreams: list
             point, data = cached
         else:
             started = time.perf_counter()
-            encoded = next(codec.sweep(image, [bpp]))
+            with resumable(cache.state_path(key)) if cache is not None else contextlib.nullcontext():
+                encoded = next(codec.sweep(image, [bpp]))
             point, data = measure(codec, image, encoded, time.perf_counter() - started), encoded.data
             point.info["rank"] = rank
             if cache is not None:

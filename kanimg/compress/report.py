@@ -4,13 +4,14 @@ folder and moved into place."""
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from .. import distributed
+from ..errors import KanimgError
 from ..files import RunFolder, atomic_write_bytes
+from ..io import list_images, load_image, safe_name
 from ..plots import plot_rd
 from ..results import markdown_table, write_results
 from .codecs import CLASSIC, NEURAL
@@ -35,7 +36,20 @@ def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, p
     """
     place = distributed.world()
     with contextlib.ExitStack() as stack:
-        staging = distributed.main_first(place, lambda: stack.enter_context(RunFolder(Path(out), "rd", replace=force)))
+        def claim_folder() -> Path:
+            run = RunFolder(Path(out), "rd", replace=force)
+            staging = stack.enter_context(run)
+            if run.leftover and not force:  # this experiment's end would delete another's points
+                images = [load_image(f) for f in list_images(Path(path))]
+                others = PointCache(staging / "points").others(
+                    [PointCache.key(image, codec, bpp, config.neural) for image in images for codec in config.models for bpp in config.bpps])
+                if others:
+                    raise KanimgError(f"{out}: {others} network point(s) of another rd experiment (finished or in "
+                                      f"training) wait in {staging}; run that command again to finish it, or pass "
+                                      f"--force to discard them")
+            return staging
+
+        staging = distributed.main_first(place, claim_folder)
         if place.size > 1:
             fit_network_points(Path(path), config, PointCache(staging / "points"), place)  # every rank's points in the cache
         if not place.is_main:
@@ -58,17 +72,13 @@ def write_report(result: RDResult, summary: dict[str, Any], folder: Path) -> Non
     if len(summary["images"]) > 1:
         for img in summary["images"]:
             curves = {n: summary["codecs"][n]["per_image"][img["name"]]["results"] for n in names}
-            plot_rd(folder / f"rd-{_safe(img['name'])}.png", curves, img["name"], summary["bpp_targets"])
+            plot_rd(folder / f"rd-{safe_name(img['name'])}.png", curves, img["name"], summary["bpp_targets"])
     streams = folder / "kimg"
     for img in result.images:
         for name, blobs in img.bitstreams.items():
             for point, blob in zip(img.points[name], blobs):
                 streams.mkdir(exist_ok=True)
-                atomic_write_bytes(streams / f"{_safe(img.name)}-{name}-{point.setting.split()[1]}bpp.kimg", blob)
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+                atomic_write_bytes(streams / f"{safe_name(img.name)}-{name}-{point.setting.split()[1]}bpp.kimg", blob)
 
 
 # ----------------------------------------------------------------------------- Markdown

@@ -1,0 +1,86 @@
+"""The training state an encode keeps while it trains, so that Ctrl-C or a kill costs at most
+CHECKPOINT_SECONDS of it: the caller names a file with :func:`resumable` (``kanimg compress``
+beside its output, ``kanimg rd`` beside each point's), the codecs' trainings keep their state
+there and continue from it when it is the same training's, and the caller removes the file
+once its output is written."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..files import atomic_path
+from ..io import ImageData
+
+log = logging.getLogger(__name__)
+CHECKPOINT_SECONDS = 30.0
+_STATE_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("encode_state_file", default=None)
+
+
+@contextlib.contextmanager
+def resumable(path: Path) -> Iterator[None]:
+    """Within it, an encode's training keeps its state in ``path`` and continues from it."""
+    token = _STATE_FILE.set(Path(path))
+    try:
+        yield
+    finally:
+        _STATE_FILE.reset(token)
+
+
+def state_file() -> Path | None:
+    """The file the encode in progress keeps its state in (None outside :func:`resumable`)."""
+    return _STATE_FILE.get()
+
+
+def training_key(image: ImageData, **settings: Any) -> dict[str, Any]:
+    """What tells one training from another: the image's pixels and shape, every setting it
+    ran with, and the kanimg that ran it (whose state another version may not read)."""
+    from .. import __version__
+
+    digest = hashlib.sha256(np.ascontiguousarray(image.pixels).tobytes()).hexdigest()[:32]
+    return {"pixels_sha256": digest, "shape": list(image.pixels.shape), "kanimg": __version__, **settings}
+
+
+def saved_state(path: Path | None, key: dict[str, Any], model: torch.nn.Module,
+                weights: Sequence[str] = ("model",)) -> dict[str, Any] | None:
+    """The state ``path`` holds of the training ``key`` names, whose weights (at ``weights``
+    in it) fit ``model`` name for name and shape for shape; None if there is none, or it is
+    another training's, or it cannot be read (that training starts over and replaces it)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # writes are atomic, so a kill leaves none half-written; any damage means: start over
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        return None
+    try:
+        saved = state
+        for name in weights:
+            saved = saved[name]
+        ours = model.state_dict()
+        fits = saved.keys() == ours.keys() and all(getattr(saved[k], "shape", None) == getattr(v, "shape", None)
+                                                   for k, v in ours.items())  # extra state (a KAN's knots) has none
+    except (KeyError, TypeError, AttributeError):
+        fits = False
+    if not fits:
+        log.warning("the training state in %s does not fit this training; starting over", path)
+    return state if fits else None
+
+
+def keep_state(path: Path, key: dict[str, Any], **state: Any) -> bool:
+    """Write the training's state (atomically: a kill leaves the previous one). False when it
+    cannot be written (a full disk): the encode goes on without it, as it would have before."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save({"key": key, **state}, tmp)
+    except OSError as exc:
+        log.warning("cannot keep the training state in %s (%s); going on without it", path, exc.strerror or exc)
+        return False
+    return True
