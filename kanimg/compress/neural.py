@@ -190,7 +190,7 @@ def _fit(image: ImageData, spec: dict, config: CompressConfig) -> tuple[torch.nn
     target = ImageTarget(image.pixels, "centers", device)
     trainer = Trainer(model, target, train_config, progress=config.progress)
     state_file = resume.state_file()
-    key = resume.training_key(image, codec=config.model, spec=spec, train=train_config.to_dict())
+    key = resume.training_key(image, codec=config.model, spec=spec, train=train_config.to_dict()) if state_file is not None else {}
     saved = resume.saved_state(state_file, key, model, weights=("trainer", "model"))
     if saved is not None:
         trainer.load_state_dict(checkpoint_to_device(saved["trainer"], device))

@@ -8,7 +8,6 @@ PSNR at the target bit rates, comparisons at equal bpp, and BD metrics against J
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ from ..io import ImageData, list_images, load_image, safe_name
 from ..results import results_payload
 from .bd import bd_psnr, bd_rate
 from .codecs import CLASSIC, NEURAL, Point, get_codec, measure, run_sweep
-from .resume import resumable
+from .resume import pixels_sha256, resumable
 
 log = logging.getLogger(__name__)
 REFERENCE = "jpeg"
@@ -97,8 +96,7 @@ class PointCache:
 
     @staticmethod
     def key(image: ImageData, codec: str, bpp: float, options: dict[str, Any]) -> dict[str, Any]:
-        digest = hashlib.sha256(np.ascontiguousarray(image.pixels).tobytes()).hexdigest()[:32]
-        return {"image": image.name, "pixels_sha256": digest, "codec": codec, "bpp": bpp, "options": options}
+        return {"image": image.name, "pixels_sha256": pixels_sha256(image), "codec": codec, "bpp": bpp, "options": options}
 
     def _path(self, key: dict[str, Any], suffix: str) -> Path:
         """The point's file: e.g. photo-kan-0.3bpp.json (named whole: a bpp's dot is no suffix)."""

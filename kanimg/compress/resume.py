@@ -43,8 +43,12 @@ def training_key(image: ImageData, **settings: Any) -> dict[str, Any]:
     ran with, and the kanimg that ran it (whose state another version may not read)."""
     from .. import __version__
 
-    digest = hashlib.sha256(np.ascontiguousarray(image.pixels).tobytes()).hexdigest()[:32]
-    return {"pixels_sha256": digest, "shape": list(image.pixels.shape), "kanimg": __version__, **settings}
+    return {"pixels_sha256": pixels_sha256(image), "shape": list(image.pixels.shape), "kanimg": __version__, **settings}
+
+
+def pixels_sha256(image: ImageData) -> str:
+    """A digest of the image's pixels (what rd's kept points and kept trainings are keyed by)."""
+    return hashlib.sha256(np.ascontiguousarray(image.pixels).tobytes()).hexdigest()[:32]
 
 
 def saved_state(path: Path | None, key: dict[str, Any], model: torch.nn.Module,
