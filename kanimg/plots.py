@@ -148,14 +148,19 @@ def plot_rd(path: Path, curves: dict[str, dict], title: str, targets: Sequence[f
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     top = max(targets) * 1.15
+    drawn = 0
     for name, curve in curves.items():
         pairs = sorted((b, p) for b, p in zip(curve["bpp"], curve["psnr"]) if b <= top)
         if pairs:
             ax.plot([b for b, _ in pairs], [p for _, p in pairs], marker=RD_MARKERS.get(name, "."), ms=4, lw=1.4, label=name)
+            drawn += 1
     for target in targets:
         ax.axvline(target, color="0.85", lw=0.8, zorder=0)
     ax.set(xlabel="bits per pixel (file size × 8 / pixels)", ylabel="PSNR (dB, decoded 8-bit image)", title=title, xlim=(0, top))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    if drawn:
+        ax.legend(loc="lower right")
+    else:  # an empty frame would look like a failed plot: say why it is empty
+        ax.text(0.5, 0.5, f"no file of at most {top:.3g} bpp", transform=ax.transAxes, ha="center", va="center", color="0.4")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

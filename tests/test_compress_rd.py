@@ -202,13 +202,28 @@ def test_a_network_point_killed_mid_training_continues_from_its_kept_state(crop,
     assert main(args) == 130
     import torch
 
-    kept = tmp_path / ".rd.partial" / "points" / "crop-latent-2bpp.partial.pt"
+    [kept] = (tmp_path / ".rd.partial" / "points").glob("crop-latent-2bpp-*.partial.pt")
     assert torch.load(kept, weights_only=True)["step"] == 30
     monkeypatch.setattr(resume, "keep_state", real_keep)
-    assert main([a if a != "2" else "3" for a in args]) == 2  # another rd (at 3 bpp) would delete it at its end
-    assert "another rd experiment" in capsys.readouterr().err and kept.is_file()
+    for other in ([a if a != "2" else "3" for a in args], args + ["--seed", "1"]):  # another rd, even at 2 bpp,
+        assert main(other) == 2  # would delete or replace it: refused without --force
+        assert "another rd experiment" in capsys.readouterr().err and kept.is_file()
+        assert torch.load(kept, weights_only=True)["step"] == 30
     monkeypatch.setattr(latent_codec, "rounded_rate", lambda *a: calls.append(1) or real_rate(*a))
     calls.clear()
     assert main(args) == 0
     assert len(calls) == 3  # steps 30, 40, 50: the first 30 were not trained again
     assert not any(p.name.endswith(".partial.pt") for p in out.rglob("*"))
+
+
+def test_an_rd_plot_with_no_point_in_range_says_so_without_a_warning(tmp_path, recwarn):
+    from matplotlib.image import imread
+
+    from kanimg.plots import plot_rd
+
+    far = {"jpeg": {"bpp": [5.0, 6.0], "psnr": [40.0, 42.0]}}
+    plot_rd(tmp_path / "empty.png", far, "nothing below 0.35 bpp", [0.1, 0.3])
+    plot_rd(tmp_path / "drawn.png", {"jpeg": {"bpp": [0.2, 0.3], "psnr": [30.0, 32.0]}}, "one curve", [0.1, 0.3])
+    assert not [w for w in recwarn if "legend" in str(w.message).lower()]
+    empty, drawn = imread(tmp_path / "empty.png"), imread(tmp_path / "drawn.png")
+    assert empty.shape == drawn.shape and not np.array_equal(empty, drawn)

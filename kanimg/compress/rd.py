@@ -8,6 +8,7 @@ PSNR at the target bit rates, comparisons at equal bpp, and BD metrics against J
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -99,8 +100,13 @@ class PointCache:
         return {"image": image.name, "pixels_sha256": pixels_sha256(image), "codec": codec, "bpp": bpp, "options": options}
 
     def _path(self, key: dict[str, Any], suffix: str) -> Path:
-        """The point's file: e.g. photo-kan-0.3bpp.json (named whole: a bpp's dot is no suffix)."""
-        return self.folder / f"{safe_name(key['image'])}-{key['codec']}-{key['bpp']:g}bpp{suffix}"
+        """The point's file: e.g. photo-kan-0.3bpp.json (named whole: a bpp's dot is no suffix).
+        A training state's name also carries a digest of the whole key, since it holds no point
+        key to compare: another experiment's state at the same bpp is then another's file."""
+        name = f"{safe_name(key['image'])}-{key['codec']}-{key['bpp']:g}bpp"
+        if suffix == ".partial.pt":
+            name += "-" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return self.folder / f"{name}{suffix}"
 
     def load(self, key: dict[str, Any]) -> tuple[Point, bytes] | None:
         try:
