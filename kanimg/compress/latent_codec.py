@@ -124,7 +124,7 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
         synthesis_bits, history = saved["synthesis_bits"], saved["history"]
         log.info("continuing the latent training that stopped at step %d of %d (%s)", start, steps, state_file)
 
-    kept = time.monotonic()
+    keeper = resume.StateKeeper(state_file, key)
     bar = tqdm(range(start, steps), desc="latent fit", unit="step", disable=not progress, leave=False, initial=start, total=steps)
     for step in bar:
         for group in optimiser.param_groups:
@@ -151,12 +151,9 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
         lam *= math.exp(speed * math.log(max(rounded + overhead, 1e-6) / (bpp * (1 - RATE_MARGIN))))
         if progress and step % 50 == 0:
             bar.set_postfix(psnr=f"{10 * math.log10(4 / max(mse.item(), 1e-12)):.2f}", bpp=f"{rounded + overhead:.3f}")
-        if state_file is not None and (time.monotonic() - kept >= resume.CHECKPOINT_SECONDS or step == steps - 1):
-            if not resume.keep_state(state_file, key, step=step + 1, model=model.state_dict(), optimiser=optimiser.state_dict(),
-                                     rng=torch.get_rng_state(), lam=lam, overhead=overhead, rounded=rounded,
-                                     synthesis_bits=synthesis_bits, history=history):
-                state_file = None
-            kept = time.monotonic()
+        keeper(step == steps - 1, lambda: dict(step=step + 1, model=model.state_dict(), optimiser=optimiser.state_dict(),
+                                                rng=torch.get_rng_state(), lam=lam, overhead=overhead, rounded=rounded,
+                                                synthesis_bits=synthesis_bits, history=history))
     with torch.no_grad():
         out, _ = model("round")
         mse = float(F.mse_loss(out.clamp(-1, 1), target))

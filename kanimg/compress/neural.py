@@ -195,14 +195,8 @@ def _fit(image: ImageData, spec: dict, config: CompressConfig) -> tuple[torch.nn
     if saved is not None:
         trainer.load_state_dict(checkpoint_to_device(saved["trainer"], device))
         log.info("continuing the %s training that stopped at step %d of %d (%s)", config.model, trainer.step, steps, state_file)
-    kept, keeping = [time.monotonic()], [state_file is not None]
-
-    def keep(trainer: Trainer) -> None:
-        if keeping[0] and (time.monotonic() - kept[0] >= resume.CHECKPOINT_SECONDS or trainer.step == steps):
-            keeping[0] = resume.keep_state(state_file, key, trainer=trainer.state_dict())
-            kept[0] = time.monotonic()
-
-    trainer.train(keep)
+    keeper = resume.StateKeeper(state_file, key)
+    trainer.train(lambda trainer: keeper(trainer.step == steps, lambda: {"trainer": trainer.state_dict()}))
     model.load_state_dict(trainer.best_state)
     fold_spline_scales(model)
     return model, target, train_config

@@ -9,8 +9,9 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -88,3 +89,17 @@ def keep_state(path: Path, key: dict[str, Any], **state: Any) -> bool:
         log.warning("cannot keep the training state in %s (%s); going on without it", path, exc.strerror or exc)
         return False
     return True
+
+
+class StateKeeper:
+    """Keeps a training's state (``state()``, built only when due) in ``path`` every
+    CHECKPOINT_SECONDS and at its last step; after a write that fails it keeps no more."""
+
+    def __init__(self, path: Path | None, key: dict[str, Any]) -> None:
+        self.path, self.key, self.last = path, key, time.monotonic()
+
+    def __call__(self, final: bool, state: Callable[[], dict[str, Any]]) -> None:
+        if self.path is not None and (final or time.monotonic() - self.last >= CHECKPOINT_SECONDS):
+            if not keep_state(self.path, self.key, **state()):
+                self.path = None
+            self.last = time.monotonic()
