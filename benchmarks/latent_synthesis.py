@@ -11,7 +11,8 @@ Only the MLP has a file format, so every synthesis is scored the same way: PSNR 
 latents and the synthesis at 7 bits, at the rate training estimates (the rounded grids under
 the training rate model, plus 7 bits per synthesis parameter). Decode cost as multiply-adds
 per pixel: I·O for a linear layer, 5·I·O for a KAN layer (4 nonzero cubic B-splines and the
-SiLU base per edge; the basis itself, a few more per input, is not counted). Runs on the
+SiLU base per edge; the basis itself, a few more per input, is not counted), 3·I·O for the
+order-1 KAN layer (its linear term and two nonzero hats per edge). Runs on the
 photos inr_bench.py tunes on (TUNE). Prints a Markdown table and writes JSON.
 """
 from __future__ import annotations
@@ -51,6 +52,35 @@ def kan(widths: list[int], grid: int) -> nn.Sequential:
     return nn.Sequential(*(KANLayer(a, b, grid, GRID_RANGE) for a, b in zip(widths[:-1], widths[1:])))
 
 
+class HatKANLayer(nn.Module):
+    """A KAN layer of order-1 splines: each edge w·x plus a piecewise-linear function on
+    ``grid`` equal intervals of [lo, hi], constant beyond them (so only w·x extrapolates). Its
+    decode cost is 3 multiply-adds per edge (w·x and the two nonzero hats), against the cubic
+    layer's 5: it spends parameters, not arithmetic, and its range can cover the latents'."""
+
+    def __init__(self, fan_in: int, fan_out: int, grid: int, lo: float, hi: float) -> None:
+        super().__init__()
+        self.lo, self.hi, self.grid = lo, hi, grid
+        self.register_buffer("knots", torch.linspace(lo, hi, grid + 1), persistent=False)
+        self.values = nn.Parameter(torch.randn(fan_in * (grid + 1), fan_out) * (0.5 / fan_in ** 0.5))  # each edge's value at each knot
+        self.weight = nn.Parameter(torch.randn(fan_in, fan_out) / fan_in ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(fan_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, fan_in) → (N, fan_out)."""
+        step = (self.hi - self.lo) / self.grid
+        hats = torch.relu(1 - (x.clamp(self.lo, self.hi)[..., None] - self.knots).abs() / step)  # (N, I, G + 1)
+        return hats.reshape(len(x), -1) @ self.values + x @ self.weight + self.bias
+
+
+# the upsampled latents reach −10 … 12 after training; the hidden layer's sums are read over ±4
+HAT_RANGES = ((-12.0, 12.0), (-4.0, 4.0))
+
+
+def hat_kan(widths: list[int], grid: int) -> nn.Sequential:
+    return nn.Sequential(*(HatKANLayer(a, b, grid, *r) for a, b, r in zip(widths[:-1], widths[1:], HAT_RANGES)))
+
+
 # label: (builder of the synthesis for C channels, its multiply-adds per pixel)
 SYNTHESES: dict[str, tuple[Callable[[int], nn.Module], Callable[[int], int]]] = {
     "ReLU MLP 7 → 48 → C (the codec's)": (lambda c: relu_mlp([LEVELS, 48, c]), lambda c: 48 * (LEVELS + c)),
@@ -60,6 +90,7 @@ SYNTHESES: dict[str, tuple[Callable[[int], nn.Module], Callable[[int], int]]] = 
                                           lambda c: 16 * LEVELS + 5 * 16 * c),
     "linear 7 → 16, ReLU, KAN 16 → C, grid 5": (lambda c: nn.Sequential(nn.Linear(LEVELS, 16), nn.ReLU(), *kan([16, c], 5)),
                                                 lambda c: 16 * LEVELS + 5 * 16 * c),
+    "hat KAN 7 → 16 → C, grid 4, linear term": (lambda c: hat_kan([LEVELS, 16, c], 4), lambda c: 3 * 16 * (LEVELS + c)),
 }
 
 

@@ -342,6 +342,20 @@ def test_latent_synthesis_scores_every_synthesis_the_codecs_way(tmp_path, monkey
     assert "| KAN 7 → 6 → C, grid 5 | 540 |" in capsys.readouterr().out
 
 
+def test_the_order_1_kan_layer_is_linear_interpolation_of_its_knot_values_per_edge():
+    import torch
+
+    bench = load("latent_synthesis")
+    torch.manual_seed(0)
+    layer = bench.HatKANLayer(3, 2, 4, -2.0, 2.0)
+    x = torch.tensor([[-3.0, -2.0, 0.3], [-0.7, 1.99, 2.5], [0.0, 1.0, -1.25]])  # outside, on and between knots
+    knots, values = np.linspace(-2, 2, 5), layer.values.detach().numpy().reshape(3, 5, 2)
+    weight, bias = layer.weight.detach().numpy(), layer.bias.detach().numpy()
+    expected = np.array([[bias[o] + sum(np.interp(float(row[i]), knots, values[i, :, o]) + weight[i, o] * float(row[i]) for i in range(3))
+                          for o in range(2)] for row in x])  # np.interp is constant beyond the ends, as the layer's splines are
+    assert np.allclose(layer(x).detach().numpy(), expected, atol=1e-6)
+
+
 def test_codec_point_scores_one_file_against_webp_and_avif_with_an_override(tmp_path, monkeypatch, capsys):
     from PIL import Image
 

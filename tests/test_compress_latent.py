@@ -493,6 +493,21 @@ def test_the_rounding_phase_trains_through_the_precision_the_file_will_choose(mo
     assert seen == [9] * 10 and training.synthesis_bits == 9  # the last 20 % of the steps
 
 
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_the_latents_learn_at_their_own_rate(scale, monkeypatch):
+    """Adam's first step moves every parameter with a gradient by its rate (m / √v = ±1): the
+    grids by LATENT_LR_SCALE · LR, the synthesis and the rate model by LR."""
+    monkeypatch.setattr(latent_codec, "LATENT_LR_SCALE", scale)
+    torch.manual_seed(0)
+    model = LatentImage(16, 16, [5, 8, 3])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    latent_codec.train_latent(model, as_image(photo_crop(16)), 1.0, steps=1, measure_files=False)
+    moves = {name: float((p.detach() - before[name]).abs().max()) for name, p in model.named_parameters()}
+    lr = latent_codec.LR
+    for name, move in moves.items():
+        assert move == pytest.approx(lr * scale if name.startswith("latents.") else lr, rel=1e-3), name
+
+
 @pytest.mark.parametrize("model, bpp", [("latent", "2"), ("kan", "8")])
 def test_an_interrupted_compress_continues_from_its_kept_state_to_the_same_bytes(model, bpp, tmp_path, monkeypatch, capsys):
     """Ctrl-C (or a kill) after step 60 of 100: the state kept beside the output brings the
