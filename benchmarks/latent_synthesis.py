@@ -78,7 +78,7 @@ HAT_RANGES = ((-12.0, 12.0), (-4.0, 4.0))
 
 
 def hat_kan(widths: list[int], grid: int) -> nn.Sequential:
-    return nn.Sequential(*(HatKANLayer(a, b, grid, *r) for a, b, r in zip(widths[:-1], widths[1:], HAT_RANGES)))
+    return nn.Sequential(*(HatKANLayer(a, b, grid, *r) for a, b, r in zip(widths[:-1], widths[1:], HAT_RANGES, strict=True)))
 
 
 # label: (builder of the synthesis for C channels, its multiply-adds per pixel)
