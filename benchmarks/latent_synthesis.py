@@ -6,6 +6,7 @@ estimate, since only the MLP can be written as a file) at one target bit rate.
 
     python benchmarks/latent_synthesis.py -o runs/latent-synthesis        # coffee, rocket; 0.3 bpp; 4,000 steps
     python benchmarks/latent_synthesis.py --steps 100 --photos coffee -o /tmp/syn
+    python benchmarks/latent_synthesis.py --images photo.png --only hat --json runs/syn.json   # any image; the MLP and the hat KAN
 
 Only the MLP has a file format, so every synthesis is scored the same way: PSNR with rounded
 latents and the synthesis at 7 bits, at the rate training estimates (the rounded grids under
@@ -13,7 +14,9 @@ the training rate model, plus 7 bits per synthesis parameter). Decode cost as mu
 per pixel: I·O for a linear layer, 5·I·O for a KAN layer (4 nonzero cubic B-splines and the
 SiLU base per edge; the basis itself, a few more per input, is not counted), 3·I·O for the
 order-1 KAN layer (its linear term and two nonzero hats per edge). Runs on the
-photos inr_bench.py tunes on (TUNE). Prints a Markdown table and writes JSON.
+photos inr_bench.py tunes on (TUNE), or on ``--images``; ``--only`` picks syntheses by a part
+of their label, the MLP always among them (every other is compared with it). Prints a
+Markdown table and writes JSON.
 """
 from __future__ import annotations
 
@@ -130,17 +133,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=latent_codec.STEPS)
     parser.add_argument("--bpp", type=float, default=0.3)
     parser.add_argument("--photos", default="coffee,rocket", help="tuning photos, comma-separated")
+    parser.add_argument("--images", nargs="+", type=Path, help="image files instead of the tuning photos")
+    parser.add_argument("--only", help="comma-separated parts of synthesis labels (case-insensitive); the MLP is always run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--out", type=Path, default=Path("runs/latent-synthesis"))
     parser.add_argument("--json", type=Path, help="results JSON (default: benchmarks/results/latent_synthesis.json)")
     args = parser.parse_args(argv)
-    photos = write_photos(args.out / "photos", {name: TUNE[name] for name in args.photos.split(",")}, crop=True)
+    baseline = next(iter(SYNTHESES))
+    wanted = [part.strip().lower() for part in args.only.split(",")] if args.only else []
+    chosen = [label for label in SYNTHESES if label == baseline or not wanted or any(w in label.lower() for w in wanted)]
+    if wanted and len(chosen) == 1:
+        parser.error(f"--only {args.only!r} matches no synthesis but the MLP; labels: {', '.join(SYNTHESES)}")
+    if args.images:
+        if missing := [str(path) for path in args.images if not path.is_file()]:
+            parser.error(f"no such image: {', '.join(missing)}")
+        paths = args.images
+    else:
+        photos = write_photos(args.out / "photos", {name: TUNE[name] for name in args.photos.split(",")}, crop=True)
+        paths = sorted(photos.glob("*.png"))
     bits = latent_codec.WEIGHT_BITS_ESTIMATE
     records = []
-    for path in sorted(photos.glob("*.png")):
+    for path in paths:
         image = load_image(path)
         target = torch.from_numpy(np.ascontiguousarray(image.pixels, dtype=np.float32)).reshape(-1, image.channels).T * 2 - 1
-        for label, (build, macs) in SYNTHESES.items():
+        for label in chosen:
+            build, macs = SYNTHESES[label]
             torch.manual_seed(args.seed)
             model = SynthesisUnderTest(image.height, image.width, build(image.channels))
             started = time.perf_counter()
@@ -151,10 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                             "params": sum(p.numel() for p in model.synthesis_parameters()), "macs_per_pixel": macs(image.channels)})
             print(f"{label:42s} {path.stem:8s} {psnr:6.2f} dB {bpp:.4f} bpp {seconds:6.1f} s", file=sys.stderr, flush=True)
     images = sorted({r["image"] for r in records})
-    baseline = next(iter(SYNTHESES))
     lines = ["| synthesis | parameters | MACs / pixel | " + " | ".join(f"{i}: bpp, PSNR" for i in images)
              + " | mean PSNR − MLP (dB) | mean training (s) |", "|---|---:|---:|" + "---|" * len(images) + "---:|---:|"]
-    for label in SYNTHESES:
+    for label in chosen:
         rows = {r["image"]: r for r in records if r["synthesis"] == label}
         base = {r["image"]: r for r in records if r["synthesis"] == baseline}
         first = next(iter(rows.values()))

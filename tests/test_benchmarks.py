@@ -342,6 +342,23 @@ def test_latent_synthesis_scores_every_synthesis_the_codecs_way(tmp_path, monkey
     assert "| KAN 7 → 6 → C, grid 5 | 540 |" in capsys.readouterr().out
 
 
+def test_latent_synthesis_runs_on_any_image_with_the_mlp_beside_the_chosen_syntheses(tmp_path):
+    from PIL import Image
+
+    bench = load("latent_synthesis")
+    photo = tmp_path / "grey.png"
+    with Image.open(ROOT / "assets" / "astronaut.png") as im:
+        im.convert("L").resize((20, 16), Image.LANCZOS).save(photo)
+    out = tmp_path / "syn.json"
+    assert bench.main(["--steps", "3", "--images", str(photo), "--only", "HAT", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [r["synthesis"] for r in records] == ["ReLU MLP 7 → 48 → C (the codec's)", "hat KAN 7 → 16 → C, grid 4, linear term"]
+    assert {r["image"] for r in records} == {"grey"} and records[0]["params"] == 7 * 48 + 48 + 48 + 1  # one channel
+    for argv in (["--only", "no such synthesis"], ["--images", str(tmp_path / "missing.png")]):
+        with pytest.raises(SystemExit):
+            bench.main(argv + ["--json", str(out)])
+
+
 def test_the_order_1_kan_layer_is_linear_interpolation_of_its_knot_values_per_edge():
     import torch
 
