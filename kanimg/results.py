@@ -12,6 +12,8 @@ measured; nothing trains.
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import io
 import math
 import os
@@ -36,6 +38,17 @@ COMPARE_COLUMNS = [
 ]
 
 
+@functools.cache
+def source_digest(root: Path = Path(__file__).resolve().parent) -> str:
+    """A digest of kanimg's own source files (those under ``root``). The version number does not
+    change with every default, so kept work (rd's points, an encode's training state) is keyed
+    by this too: work that other code measured is never taken for this code's."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def versions() -> dict[str, str]:
     """Library versions recorded with every result."""
     import numpy as np
@@ -47,7 +60,7 @@ def versions() -> dict[str, str]:
     from . import __version__
 
     return {
-        "kanimg": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
+        "kanimg": __version__, "kanimg_source": source_digest(), "python": platform.python_version(), "torch": str(torch.__version__),
         "numpy": np.__version__, "pillow": PIL.__version__, "scikit-image": skimage.__version__, "scipy": scipy.__version__,
     }
 

@@ -166,6 +166,9 @@ def test_an_interrupted_rd_keeps_its_network_points_and_continues(crop, tmp_path
         for other in (["--seed", "3"], ["--bpp", "6"]):  # whose end would delete it: refused without --force
             assert main(args[:-3] + other + ["-o", str(out), "-q"]) == 2
             assert "another rd experiment" in capsys.readouterr().err
+        with mock.patch("kanimg.compress.rd.source_digest", lambda: "changed"):  # kanimg edited since: not its point either
+            assert main(args) == 2
+            assert "another rd experiment" in capsys.readouterr().err
         assert main(args[:-3] + ["--seed", "3", "-o", str(out), "-q", "--force"]) == 130
     assert fitted.pop() == ("asked", 4.5)
 

@@ -39,3 +39,31 @@ def test_tables_format_cells_and_say_n_a_for_missing_values():
     assert row.startswith("| kan | 31.23 | n/a |") and "12,345" in row
     assert markdown_table(["a", "b"], [["x", "1"]]).splitlines()[2] == "| x | 1 |"
     assert "0.1, 0.5 bpp" in describe_protocol({"kind": "rd", "bpp_targets": [0.1, 0.5]})
+
+
+def test_the_source_digest_changes_with_any_source_file_and_keys_kept_trainings(tmp_path, monkeypatch):
+    import numpy as np
+
+    from kanimg.compress import resume
+    from kanimg.io import as_image
+    from kanimg.results import source_digest, versions
+
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text("X = 1\n")
+    (package / "sub" / "b.py").write_text("Y = 2\n")
+    (package / "notes.txt").write_text("not source")
+    digests = [source_digest.__wrapped__(package)]
+    (package / "notes.txt").write_text("still not source")
+    digests.append(source_digest.__wrapped__(package))
+    (package / "sub" / "b.py").write_text("Y = 3\n")  # one constant changed
+    digests.append(source_digest.__wrapped__(package))
+    (package / "sub" / "b.py").rename(package / "c.py")  # the same bytes elsewhere
+    digests.append(source_digest.__wrapped__(package))
+    assert digests[0] == digests[1] and len(set(digests[1:])) == 3
+    assert versions()["kanimg_source"] == source_digest()
+
+    image = as_image(np.zeros((4, 4), dtype=np.uint8))
+    key = resume.training_key(image, codec="latent", steps=10)
+    monkeypatch.setattr("kanimg.results.source_digest", lambda: "edited")
+    assert resume.training_key(image, codec="latent", steps=10) != key

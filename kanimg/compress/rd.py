@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..errors import KanimgError
 from ..io import ImageData, list_images, load_image, safe_name
-from ..results import results_payload
+from ..results import results_payload, source_digest
 from .bd import bd_psnr, bd_rate
 from .codecs import CLASSIC, NEURAL, Point, get_codec, measure, run_sweep
 from .resume import pixels_sha256, resumable
@@ -90,14 +90,16 @@ class RDResult:
 class PointCache:
     """The finished network points of an RD experiment, one JSON file each beside its .kimg
     file, so an interrupted experiment (Ctrl-C, kill -9) continues where it stopped: a point is
-    reused only when its image pixels, codec, target bpp and codec options are the same."""
+    reused only when its image pixels, codec, target bpp and codec options are the same, and
+    kanimg's source is (a changed default measures another curve)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
 
     @staticmethod
     def key(image: ImageData, codec: str, bpp: float, options: dict[str, Any]) -> dict[str, Any]:
-        return {"image": image.name, "pixels_sha256": pixels_sha256(image), "codec": codec, "bpp": bpp, "options": options}
+        return {"image": image.name, "pixels_sha256": pixels_sha256(image), "codec": codec, "bpp": bpp, "options": options,
+                "kanimg_source": source_digest()}
 
     def _path(self, key: dict[str, Any], suffix: str) -> Path:
         """The point's file: e.g. photo-kan-0.3bpp.json (named whole: a bpp's dot is no suffix).

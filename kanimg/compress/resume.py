@@ -41,10 +41,12 @@ def state_file() -> Path | None:
 
 def training_key(image: ImageData, **settings: Any) -> dict[str, Any]:
     """What tells one training from another: the image's pixels and shape, every setting it
-    ran with, and the kanimg that ran it (whose state another version may not read)."""
+    ran with, and the kanimg that ran it (whose state other code may not read, or read as its own)."""
     from .. import __version__
+    from ..results import source_digest
 
-    return {"pixels_sha256": pixels_sha256(image), "shape": list(image.pixels.shape), "kanimg": __version__, **settings}
+    return {"pixels_sha256": pixels_sha256(image), "shape": list(image.pixels.shape), "kanimg": __version__,
+            "kanimg_source": source_digest(), **settings}
 
 
 def pixels_sha256(image: ImageData) -> str:
