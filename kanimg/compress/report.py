@@ -44,9 +44,9 @@ def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, p
                 others = PointCache(staging / "points").others(
                     [PointCache.key(image, codec, bpp, config.neural) for image in images for codec in config.models for bpp in config.bpps])
                 if others:
-                    raise KanimgError(f"{out}: {others} network point(s) of another rd experiment (finished or in "
-                                      f"training) wait in {staging}; run that command again to finish it, or pass "
-                                      f"--force to discard them")
+                    raise KanimgError(f"{out}: {others} network point(s) of another rd experiment (other options, or "
+                                      f"kanimg's source since changed; finished or in training) wait in {staging}; run "
+                                      f"that command again with that kanimg to finish it, or pass --force to discard them")
             return staging
 
         staging = distributed.main_first(place, claim_folder)
