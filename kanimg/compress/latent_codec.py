@@ -120,8 +120,7 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
                                   {"params": [p for p in model.parameters() if id(p) not in latents], "base": LR}])
     lam, overhead, rounded, history, start = LAMBDA_START, 0.0, 0.0, [], 0
     state_file = resume.state_file() if measure_files else None
-    key = resume.training_key(image, codec="latent", bpp=float(bpp), steps=int(steps), seed=int(seed), spec=model.spec,
-                              latent_lr_scale=LATENT_LR_SCALE) \
+    key = resume.training_key(image, codec="latent", bpp=float(bpp), steps=int(steps), seed=int(seed), spec=model.spec) \
         if state_file is not None else {}
     saved = resume.saved_state(state_file, key, model)
     if saved is not None:
