@@ -2,13 +2,14 @@
 the same size and decode cost (issue 15's "the KAN's claim"), each trained the codec's way
 (:func:`kanimg.compress.latent_codec.train_latent`: the same grids, rate model, λ steering,
 noise then rounding, 7-bit quantisation-aware rounding phase; λ steers the training's rate
-estimate, since only the MLP can be written as a file) at one target bit rate.
+estimate, since not every synthesis can be written as a file) at one target bit rate.
 
     python benchmarks/latent_synthesis.py -o runs/latent-synthesis        # coffee, rocket; 0.3 bpp; 4,000 steps
     python benchmarks/latent_synthesis.py --steps 100 --photos coffee -o /tmp/syn
-    python benchmarks/latent_synthesis.py --images photo.png --only hat --json runs/syn.json   # any image; the MLP and the hat KAN
+    python benchmarks/latent_synthesis.py --images photo.png --only hat --json runs/syn.json   # any image; the MLP and the hat KANs
 
-Only the MLP has a file format, so every synthesis is scored the same way: PSNR with rounded
+Only the MLP and the order-1 KAN (`--model latent` and `latent-kan`) have a file format, so
+every synthesis is scored the same way: PSNR with rounded
 latents and the synthesis at 7 bits, at the rate training estimates (the rounded grids under
 the training rate model, plus 7 bits per synthesis parameter). Decode cost as multiply-adds
 per pixel: I·O for a linear layer, 5·I·O for a KAN layer (4 nonzero cubic B-splines and the
@@ -41,7 +42,6 @@ from kanimg.files import write_json
 from kanimg.io import load_image
 from kanimg.metrics import psnr_from_mse
 from kanimg.nn.kan import KANLayer
-from kanimg.nn.mlp import relu_mlp
 from kanimg.results import machine, versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,47 +55,28 @@ def kan(widths: list[int], grid: int) -> nn.Sequential:
     return nn.Sequential(*(KANLayer(a, b, grid, GRID_RANGE) for a, b in zip(widths[:-1], widths[1:])))
 
 
-class HatKANLayer(nn.Module):
-    """A KAN layer of order-1 splines: each edge w·x plus a piecewise-linear function on
-    ``grid`` equal intervals of [lo, hi], constant beyond them (so only w·x extrapolates). Its
-    decode cost is 3 multiply-adds per edge (w·x and the two nonzero hats), against the cubic
-    layer's 5: it spends parameters, not arithmetic, and its range can cover the latents'."""
-
-    def __init__(self, fan_in: int, fan_out: int, grid: int, lo: float, hi: float) -> None:
-        super().__init__()
-        self.lo, self.hi, self.grid = lo, hi, grid
-        self.register_buffer("knots", torch.linspace(lo, hi, grid + 1), persistent=False)
-        self.values = nn.Parameter(torch.randn(fan_in * (grid + 1), fan_out) * (0.5 / fan_in ** 0.5))  # each edge's value at each knot
-        self.weight = nn.Parameter(torch.randn(fan_in, fan_out) / fan_in ** 0.5)
-        self.bias = nn.Parameter(torch.zeros(fan_out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, fan_in) → (N, fan_out)."""
-        step = (self.hi - self.lo) / self.grid
-        hats = torch.relu(1 - (x.clamp(self.lo, self.hi)[..., None] - self.knots).abs() / step)  # (N, I, G + 1)
-        return hats.reshape(len(x), -1) @ self.values + x @ self.weight + self.bias
+def under_test(synthesis: Callable[[int], nn.Module]) -> Callable[[int, int, int], LatentImage]:
+    return lambda height, width, channels: SynthesisUnderTest(height, width, synthesis(channels))
 
 
-# the upsampled latents reach −10 … 12 after training; the hidden layer's sums are read over ±4
-HAT_RANGES = ((-12.0, 12.0), (-4.0, 4.0))
+def codec(hidden: int, kan_grid: int | None = None) -> Callable[[int, int, int], LatentImage]:
+    """The codec's own model (a synthesis the file format stores: the ReLU MLP, or latent-kan's order-1 KAN)."""
+    return lambda height, width, channels: LatentImage(height, width, [LEVELS, hidden, channels], "mlp" if kan_grid is None else "kan", kan_grid)
 
 
-def hat_kan(widths: list[int], grid: int) -> nn.Sequential:
-    return nn.Sequential(*(HatKANLayer(a, b, grid, *r) for a, b, r in zip(widths[:-1], widths[1:], HAT_RANGES, strict=True)))
-
-
-# label: (builder of the synthesis for C channels, its multiply-adds per pixel)
-SYNTHESES: dict[str, tuple[Callable[[int], nn.Module], Callable[[int], int]]] = {
-    "ReLU MLP 7 → 48 → C (the codec's)": (lambda c: relu_mlp([LEVELS, 48, c]), lambda c: 48 * (LEVELS + c)),
-    "KAN 7 → 6 → C, grid 5": (lambda c: kan([LEVELS, 6, c], 5), lambda c: 5 * 6 * (LEVELS + c)),
-    "KAN 7 → 10 → C, grid 3": (lambda c: kan([LEVELS, 10, c], 3), lambda c: 5 * 10 * (LEVELS + c)),
-    "linear 7 → 16, KAN 16 → C, grid 5": (lambda c: nn.Sequential(nn.Linear(LEVELS, 16), *kan([16, c], 5)),
+# label: (builder of the model for an image's height, width and channels, its multiply-adds per pixel for C channels)
+SYNTHESES: dict[str, tuple[Callable[[int, int, int], LatentImage], Callable[[int], int]]] = {
+    "ReLU MLP 7 → 48 → C (the codec's)": (codec(48), lambda c: 48 * (LEVELS + c)),
+    "KAN 7 → 6 → C, grid 5": (under_test(lambda c: kan([LEVELS, 6, c], 5)), lambda c: 5 * 6 * (LEVELS + c)),
+    "KAN 7 → 10 → C, grid 3": (under_test(lambda c: kan([LEVELS, 10, c], 3)), lambda c: 5 * 10 * (LEVELS + c)),
+    "linear 7 → 16, KAN 16 → C, grid 5": (under_test(lambda c: nn.Sequential(nn.Linear(LEVELS, 16), *kan([16, c], 5))),
                                           lambda c: 16 * LEVELS + 5 * 16 * c),
-    "linear 7 → 16, ReLU, KAN 16 → C, grid 5": (lambda c: nn.Sequential(nn.Linear(LEVELS, 16), nn.ReLU(), *kan([16, c], 5)),
+    "linear 7 → 16, ReLU, KAN 16 → C, grid 5": (under_test(lambda c: nn.Sequential(nn.Linear(LEVELS, 16), nn.ReLU(), *kan([16, c], 5))),
                                                 lambda c: 16 * LEVELS + 5 * 16 * c),
-    "hat KAN 7 → 16 → C, grid 4, linear term": (lambda c: hat_kan([LEVELS, 16, c], 4), lambda c: 3 * 16 * (LEVELS + c)),
+    # order-1 KANs (kanimg.compress.latent.HatKANLayer, the codec's latent-kan): 3 multiply-adds per edge
+    "hat KAN 7 → 16 → C, grid 4, linear term": (codec(16, 4), lambda c: 3 * 16 * (LEVELS + c)),
     # no more weights than the MLP (430 against 433 for grey) and fewer multiply-adds: one kink per edge, at 0
-    "hat KAN 7 → 13 → C, grid 2, linear term": (lambda c: hat_kan([LEVELS, 13, c], 2), lambda c: 3 * 13 * (LEVELS + c)),
+    "hat KAN 7 → 13 → C, grid 2, linear term": (codec(13, 2), lambda c: 3 * 13 * (LEVELS + c)),
 }
 
 
@@ -120,7 +101,7 @@ class SynthesisUnderTest(LatentImage):
         return functional_call(self.synthesis, own, (x.T,)).T
 
 
-def score(model: SynthesisUnderTest, target: Tensor, bits: float) -> tuple[float, float]:
+def score(model: LatentImage, target: Tensor, bits: float) -> tuple[float, float]:
     """(PSNR with rounded latents and the synthesis at ``bits``, estimated bpp)."""
     pixels = model.height * model.width
     with torch.no_grad():
@@ -161,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         for label in chosen:
             build, macs = SYNTHESES[label]
             torch.manual_seed(args.seed)
-            model = SynthesisUnderTest(image.height, image.width, build(image.channels))
+            model = build(image.height, image.width, image.channels)
             started = time.perf_counter()
             latent_codec.train_latent(model, image, args.bpp, args.steps, args.seed, measure_files=False)
             seconds = time.perf_counter() - started

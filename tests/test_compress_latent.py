@@ -1,5 +1,5 @@
-"""The latent-grid codec: grids and synthesis round-trip exactly through .kimg version 4 (and
-version 3 files still decode), the decoder matches an independent numpy evaluation, the rate
+"""The latent-grid codec: grids and synthesis (a ReLU MLP or an order-1 KAN) round-trip exactly
+through .kimg versions 5 and 6 (and version 3 and 4 files still decode), the decoder matches an independent numpy evaluation, the rate
 term matches scipy's Laplace, and damaged or crafted latent files are refused."""
 import struct
 import subprocess
@@ -273,11 +273,12 @@ def test_nested_coding_pays_on_clustered_grids_and_keeps_an_empty_grid_one_strea
     assert flat.buckets == [] and len(flat.models) == 1  # all zeros: one stream is cheapest
 
 
-@pytest.mark.parametrize("version", [3, 4, 5])
+@pytest.mark.parametrize("version", [3, 4, 5, 6])
 def test_latent_files_decode_to_the_image_they_decoded_to_when_written(version):
     """A version 3 file (checkerboard contexts), a version 4 one (nested, several stages and
-    buckets per grid) and a version 5 one (the same grids and weights with one-byte models:
-    the same PNG), each written by kanimg's encoder of its time, decode to the PNG that kanimg
+    buckets per grid), a version 5 one (the same grids and weights with one-byte models:
+    the same PNG) and a version 6 one (version 5's grids under an order-1 KAN synthesis), each
+    written by kanimg's encoder of its time, decode to the PNG that kanimg
     decoded them to then, and read and write back to the same bytes: a change to the decoder
     that changes an old file's pixels, or to the writer of an old version, fails here."""
     data = (Path(__file__).parent / "data" / f"latent-v{version}.kimg").read_bytes()
@@ -544,3 +545,103 @@ def test_an_interrupted_compress_continues_from_its_kept_state_to_the_same_bytes
     state.write_bytes(b"damaged")  # a state that is not this training's is trained over
     assert main(args + ["-o", str(tmp_path / "cut.kimg"), "--force"]) == 0
     assert (tmp_path / "cut.kimg").read_bytes() == (tmp_path / "whole.kimg").read_bytes()
+
+
+# ----------------------------------------------------------------------------- the order-1 KAN synthesis (latent-kan)
+def kan_latent_like(seed=0) -> LatentImage:
+    """latent_like's grids under an order-1 KAN synthesis 5 → 6 → 3 on 4 intervals, with
+    values at the knots far from linear and inputs reaching past the first layer's knots."""
+    grids = latent_like(seed=seed)
+    torch.manual_seed(seed)
+    model = LatentImage(13, 21, [5, 6, 3], "kan", 4)
+    with torch.no_grad():
+        for ours, theirs in zip(model.latents, grids.latents):
+            ours.copy_(theirs * 3)
+        for layer in model.synthesis:
+            layer.values.normal_(0, 0.5)
+    return model
+
+
+def test_the_order_1_kan_layer_is_linear_interpolation_of_its_knot_values_per_edge():
+    torch.manual_seed(0)
+    layer = latent.HatKANLayer(3, 2, 4, 2.0)
+    x = torch.tensor([[-3.0, -2.0, 0.3], [-0.7, 1.99, 2.5], [0.0, 1.0, -1.25]])  # pixels: outside, on and between knots
+    knots, values = np.linspace(-2, 2, 5), layer.values.detach().numpy()
+    weight, bias = layer.weight.detach().numpy(), layer.bias.detach().numpy()
+    expected = np.array([[bias[o] + sum(np.interp(float(row[i]), knots, values[o, i]) + weight[o, i] * float(row[i]) for i in range(3))
+                          for o in range(2)] for row in x])  # np.interp is constant beyond the ends, as the layer's splines are
+    assert np.allclose(layer(x.T).detach().numpy().T, expected, atol=1e-6)  # channels first
+
+
+def test_the_kan_synthesis_decoder_is_an_independent_piecewise_linear_evaluation_at_any_thread_count():
+    """Each edge of an order-1 KAN layer is w·x plus the piecewise-linear function through its
+    values at the knots, constant beyond them: numpy's interp written out per edge."""
+    model = kan_latent_like()
+    data = encode_model(model, ImageInfo(13, 21, 3), QuantConfig(9))
+    decoded = decode_model(data)
+    grids, tensors = decoded.model.integer_latents(), stored_arrays(decoded.model)
+    x = np.stack([keys_bicubic(g, 13, 21) for g in grids], -1).reshape(-1, 5)
+    assert np.abs(x).max() > latent.KAN_REACH[0]  # some inputs lie beyond the knots
+    for layer in range(2):
+        weight, values, bias = tensors[3 * layer : 3 * layer + 3]
+        reach = latent.KAN_REACH[layer]
+        knots = np.linspace(-reach, reach, values.shape[-1])
+        out = x @ weight.T + bias
+        for o in range(weight.shape[0]):
+            for i in range(weight.shape[1]):
+                out[:, o] += np.interp(x[:, i], knots, values[o, i])
+        x = out
+    ours = synthesise(grids, tensors, 13, 21, kan_grid=4)
+    assert np.allclose(ours.reshape(-1, 3), x, atol=1e-12)
+    trained, _ = decoded.model("round")  # the training forward (float64 here) is the decoder
+    assert np.allclose(trained.detach().numpy().T, x, atol=1e-12)
+    threads = torch.get_num_threads()
+    try:
+        images = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            images.append(decode_image(data).integers)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(images[0], images[1])
+    assert np.array_equal(images[0], np.round(np.clip((x.reshape(13, 21, 3) + 1) / 2, 0, 1) * 255))
+
+
+def test_a_kan_synthesis_file_is_version_6_and_round_trips_to_the_same_bytes():
+    model = kan_latent_like()
+    data = encode_model(model, ImageInfo(13, 21, 3), QuantConfig(8))
+    assert data[4] == 6 and encode_model(latent_like(), ImageInfo(13, 21, 3), QuantConfig(8))[4] == 5
+    decoded = decode_model(data)
+    assert decoded.model.spec == model.spec == {"name": "latent", "widths": [5, 6, 3], "synthesis": "kan", "grid": 4}
+    for original, restored in zip(stored_arrays(model), stored_arrays(decoded.model)):
+        assert np.array_equal(restored, quantize_tensor(original, QuantConfig(8)).dequantize())
+    assert encode_model(decoded.model, ImageInfo(13, 21, 3), QuantConfig(8)) == data
+
+
+@pytest.mark.parametrize("kind, grid, message", [(2, 4, "latent synthesis kind"), (1, 0, "KAN synthesis grid 0"),
+                                                 (1, kimg.MAX_KAN_GRID + 1, "KAN synthesis grid"), (0, None, "malformed")])
+def test_a_crafted_kan_synthesis_header_is_refused_with_one_line(kind, grid, message):
+    data = encode_model(kan_latent_like(), ImageInfo(13, 21, 3), QuantConfig(8))
+    body = bytearray(data[:-4])
+    position = body.index(bytes([5, 6, 3]), 5) + 3  # after the widths: the synthesis kind, then its grid
+    assert body[position : position + 2] == bytes([1, 4])
+    body[position : position + 2] = bytes([kind]) + (kimg._varint(grid) if grid is not None else b"")  # 0: an MLP, then garbage
+    with pytest.raises(KanimgError, match=message) as info:
+        decode_image(with_checksum(bytes(body)))
+    assert "\n" not in str(info.value)
+    as_version_5 = bytearray(data[:-4])
+    as_version_5[4] = 5  # version 5 has no synthesis kind: its bytes are read as the first grid's
+    with pytest.raises(KanimgError, match="malformed"):
+        decode_image(with_checksum(bytes(as_version_5)))
+
+
+def test_cli_compresses_with_the_kan_synthesis_and_rd_runs_it(tmp_path):
+    source = tmp_path / "crop.png"
+    Image.fromarray(photo_crop(40)).save(source)
+    out = tmp_path / "crop.kimg"
+    assert main(["compress", str(source), "--model", "latent-kan", "--bpp", "2", "--steps", "60", "-o", str(out), "-q"]) == 0
+    data = out.read_bytes()
+    assert data[4] == 6 and kimg.read(data).spec["widths"] == [latent_codec.LEVELS, *latent_codec.KAN_HIDDEN, 3]
+    assert decode_image(data).integers.shape == (40, 40, 3)
+    assert main(["rd", str(source), "--models", "latent-kan", "--codecs", "jpeg", "--bpp", "2", "--steps", "30",
+                 "-o", str(tmp_path / "rd"), "-q"]) == 0

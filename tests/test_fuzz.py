@@ -33,7 +33,11 @@ def valid_files() -> list[bytes]:
     with torch.no_grad():
         for grid in latent.latents:
             grid.copy_(torch.randint(-3, 4, grid.shape).float())
-    return [encode_model(latent, ImageInfo(6, 7, 3), QuantConfig(8)), encode_model(kan, ImageInfo(6, 5, 3), QuantConfig(7)), encode_model(kan, ImageInfo(4, 4, 3), QuantConfig(16)),
+    kan_latent = LatentImage(6, 7, [3, 4, 3], "kan", 3)
+    with torch.no_grad():
+        for ours, theirs in zip(kan_latent.latents, latent.latents):
+            ours.copy_(theirs)
+    return [encode_model(latent, ImageInfo(6, 7, 3), QuantConfig(8)), encode_model(kan_latent, ImageInfo(6, 7, 3), QuantConfig(7)), encode_model(kan, ImageInfo(6, 5, 3), QuantConfig(7)), encode_model(kan, ImageInfo(4, 4, 3), QuantConfig(16)),
             encode_model(siren, ImageInfo(5, 7, 1, 16), QuantConfig(16)), encode_model(siren, ImageInfo(3, 3, 1), QuantConfig(5.5))]
 
 

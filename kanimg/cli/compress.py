@@ -40,8 +40,9 @@ def add(sub) -> None:
     comp.add_argument("image", type=Path)
     comp.add_argument("-o", "--out", type=Path, help="output .kimg file (default: <image name>.kimg here)")
     comp.add_argument("--bpp", type=float, default=0.3, help="bit budget in bits per pixel, header included (default 0.3)")
-    comp.add_argument("--model", default="auto", choices=["auto", "latent", "kan", "siren"],
-                      help="latent (latent grids + a small synthesis network, Cool-chic style), kan, siren (COIN-style); "
+    comp.add_argument("--model", default="auto", choices=["auto", "latent", "latent-kan", "kan", "siren"],
+                      help="latent (latent grids + a small ReLU synthesis network, Cool-chic style), latent-kan (the same "
+                           "grids with an order-1 KAN synthesis), kan, siren (COIN-style); "
                            "default auto: latent, or kan when the budget is under 1 KiB")
     _network_options(comp)
     comp.add_argument("--force", action="store_true", help="replace an existing output file")
@@ -57,7 +58,8 @@ def add(sub) -> None:
     rd = sub.add_parser("rd", help="rate–distortion curves: networks against JPEG / WebP / AVIF, with BD metrics")
     rd.add_argument("images", type=Path, help="an image, or a folder of images (per-image and mean curves)")
     rd.add_argument("--models", type=comma_list(str, "--models", "latent,kan,siren"), default=None,
-                    help="network codecs: latent (latent grids, compress's default), kan, siren (COIN-style); default all three")
+                    help="network codecs: latent (latent grids, compress's default), latent-kan (with a KAN synthesis), kan, "
+                         "siren (COIN-style); default latent,kan,siren")
     rd.add_argument("--codecs", type=comma_list(str, "--codecs", "jpeg,webp,avif"), default=["jpeg", "webp", "avif"],
                     help="classic codecs: jpeg, webp, avif (default: all three)")
     rd.add_argument("--bpp", type=comma_list(float, "--bpp", DEFAULT_BPPS), default=[float(b) for b in DEFAULT_BPPS.split(",")],

@@ -153,11 +153,11 @@ class NeuralCodec(Codec):
 
 
 CLASSIC = ("jpeg", "webp", "avif")
-NEURAL = ("kan", "siren", "latent")
+NEURAL = ("kan", "siren", "latent", "latent-kan")
 
 
 def get_codec(name: str, neural_options: dict[str, Any] | None = None) -> Codec:
-    """A codec by name: jpeg, webp, avif, kan, siren (COIN-style: float16 weights) or latent.
+    """A codec by name: jpeg, webp, avif, kan, siren (COIN-style: float16 weights), latent or latent-kan.
 
     Raises:
         KanimgError: unknown name.
@@ -175,7 +175,8 @@ def get_codec(name: str, neural_options: dict[str, Any] | None = None) -> Codec:
         description = {
             "kan": "KAN, uniform n-bit weights with quantisation-aware fine-tuning, range-coded (.kimg)",
             "siren": "COIN-style SIREN (ω0 = 30), float16 weights (.kimg)",
-            "latent": "latent grids + ReLU synthesis (Cool-chic style), rate–distortion trained, range-coded (.kimg v3)",
+            "latent": "latent grids + ReLU synthesis (Cool-chic style), rate–distortion trained, range-coded (.kimg v5)",
+            "latent-kan": "latent grids + order-1 KAN synthesis, rate–distortion trained, range-coded (.kimg v6)",
         }[name]
         return NeuralCodec(name, description, config)
     raise KanimgError(f"unknown codec {name!r}; choose from {', '.join(CLASSIC + NEURAL)}")

@@ -10,7 +10,8 @@ Layout (docs/kimg-format.md has the full specification):
 
 A file carries the lowest version that holds it: 2 for KAN and SIREN, 5 for latent grids
 (family 3, new in version 3, whose grids version 4 codes nested and version 5 with one-byte
-entropy models), so older readers still read every network file they can.
+entropy models) with a ReLU synthesis, 6 for latent grids with an order-1 KAN synthesis, so
+older readers still read every network file they can.
 
 Integers are little-endian; "varint" is unsigned LEB128. Reading checks, in this order: the
 magic, the version, the checksum, then every field against hard limits, so a truncated,
@@ -33,9 +34,11 @@ from .entropy import StreamModel
 from .quantize import FLOAT16, GRANULARITIES, MAX_BITS, MIN_BITS, QuantConfig
 from .tensors import Slot, parameter_count, slots
 
+SYNTHESIS_IDS = {"mlp": 0, "kan": 1}  # version 6: the latent family's synthesis
+
 MAGIC = b"KIMG"
-VERSION = 5  # the newest this module reads
-BITS_UNIT = {1: 1, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.5}  # per version: tensor bits are stored in whole (1) or half (2) bits
+VERSION = 6  # the newest this module reads
+BITS_UNIT = {1: 1, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.5, 6: 0.5}  # per version: tensor bits are stored in whole (1) or half (2) bits
 CHECKSUM_BYTES = 4
 MODEL_IDS = {"kan": 1, "siren": 2, "latent": 3}
 FIRST_VERSION = {"kan": 1, "siren": 1, "latent": 3}  # the version that introduced each family
@@ -47,6 +50,7 @@ MAX_LAYERS, MAX_WIDTH, MAX_PARAMETERS = 64, 4096, 20_000_000
 MAX_LEVELS, MAX_CONTEXTS, MAX_LATENT = 10, 7, 1 << 15  # contexts (version 3): 1 + len(latent.CONTEXT_EDGES)
 MAX_DEPTH, MAX_BUCKETS = 16, 6  # version 4: nested stages per grid (the encoder's most; a file's also ≤ its grid's halvings), buckets per set
 MAX_SYNTHESIS_LAYERS, MAX_SYNTHESIS_WIDTH = 8, 256
+MAX_KAN_GRID = 64  # version 6: an order-1 KAN synthesis's intervals per edge
 MAX_FILE_BYTES = 2 * MAX_PARAMETERS + (16 << 20)  # float16 weights of the largest network, plus headers
 
 
@@ -75,7 +79,8 @@ def decode_cost(spec: dict, height: int, width: int, channels: int) -> tuple[flo
     widths, pixels = spec["widths"], height * width
     pairs = list(zip(widths[:-1], widths[1:]))
     if spec["name"] == "latent":  # 16-tap bicubic per level, then the synthesis, whole image in float64
-        macs = pixels * (16 * widths[0] + sum(i * o for i, o in pairs))
+        per_edge = spec["grid"] + 2 if spec.get("synthesis") == "kan" else 1  # an order-1 KAN: w·x and every hat
+        macs = pixels * (16 * widths[0] + per_edge * sum(i * o for i, o in pairs))
         return float(macs), int(8 * pixels * (2 * widths[0] + 2 * max(widths)) + 2 * pixels * channels + 16 * parameter_count(spec))
     if spec["name"] == "kan":
         grids = spec["grids"]
@@ -169,9 +174,11 @@ def level_shapes(height: int, width: int, levels: int) -> list[tuple[int, int]]:
 def write_version(kimg: KimgFile) -> int:
     """The lowest version that holds ``kimg``: 2 for KAN and SIREN, 3 for latent grids coded
     as version 3 did, 4 for nested ones, 5 for nested ones whose models are all compact (what
-    the encoder writes)."""
+    the encoder writes), 6 for those with an order-1 KAN synthesis."""
     if kimg.spec["name"] != "latent":
         return min(VERSION, 2)  # VERSION: 1 in the test that writes version 1 files
+    if kimg.spec.get("synthesis", "mlp") != "mlp":
+        return 6
     nested = {level.buckets is not None for level in kimg.levels}
     if len(nested) > 1:
         raise ValueError("latent levels coded both as version 3 and as version 4")
@@ -198,6 +205,9 @@ def write(kimg: KimgFile) -> bytes:
             else:
                 out += b"\x01" + np.asarray(limits, dtype="<f4").tobytes()
     elif spec["name"] == "latent":
+        if version >= 6:
+            kind = spec.get("synthesis", "mlp")
+            out += struct.pack("<B", SYNTHESIS_IDS[kind]) + (_varint(spec["grid"]) if kind == "kan" else b"")
         for level in kimg.levels:
             out += _varint(level.limit)
             if level.buckets is None:
@@ -315,6 +325,12 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
     levels: list[LatentLevel] = []
     if name == "latent":
         _check(layers <= MAX_SYNTHESIS_LAYERS and max(widths) <= MAX_SYNTHESIS_WIDTH, f"synthesis widths {widths}")
+        if version >= 6:
+            kind = {v: k for k, v in SYNTHESIS_IDS.items()}.get(r.unpack("<B"))
+            _check(kind is not None, "latent synthesis kind")
+            if kind == "kan":
+                spec.update(synthesis="kan", grid=r.varint(MAX_KAN_GRID, "KAN synthesis grid"))
+                _check(spec["grid"] >= 1, "KAN synthesis grid 0")
         for shape in level_shapes(height, width, widths[0]):
             limit = r.varint(MAX_LATENT, "latent range")
             _check(limit >= 1, "latent range 0")  # the encoder's smallest alphabet is ±1

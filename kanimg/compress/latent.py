@@ -6,8 +6,8 @@ The file stores the grids as integers (entropy-coded: most are 0) and the synthe
 training sees them through quantisation noise first, then rounding (straight-through), with a
 differentiable rate: zero-mean Laplaces whose scale follows the coder's nested
 contexts (:meth:`LatentImage.level_bits`, :func:`code_grid`), the integral of each density over its integer's
-unit interval. The synthesis is a ReLU MLP, which the decoder
-evaluates in float64 on the CPU (:func:`synthesise`).
+unit interval. The synthesis is a ReLU MLP or an order-1 KAN (:class:`HatKANLayer`), which
+the decoder evaluates in float64 on the CPU (:func:`synthesise`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..errors import KanimgError
 from ..nn.mlp import relu_mlp
 from .entropy import StreamDecoder, StreamModel, cost_bits, fit_model
-from .kimg import MAX_BUCKETS, MAX_DEPTH, MAX_LEVELS, ImageInfo, LatentLevel, level_shapes
+from .kimg import MAX_BUCKETS, MAX_DEPTH, MAX_KAN_GRID, MAX_LEVELS, ImageInfo, LatentLevel, level_shapes
 from .quantize import QuantConfig
 from .tensors import quantized_params
 
@@ -59,13 +59,56 @@ def laplace_bits(values: Tensor, log_scale: Tensor) -> Tensor:
     return -torch.log2(probability).sum()
 
 
+# An order-1 KAN synthesis's knots span ±KAN_REACH[0] in its first layer (the upsampled latents
+# reach −10 … 12 after training) and ±KAN_REACH[1] in every later one; fixed by the format.
+KAN_REACH = (12.0, 4.0)
+
+
+def kan_reach(layer: int) -> float:
+    return KAN_REACH[min(layer, 1)]
+
+
+def hat_basis(x: Tensor, grid: int, reach: float) -> Tensor:
+    """(I, N) inputs → (I, grid + 1, N): each input's order-1 B-splines ("hats") on ``grid``
+    equal intervals of [−reach, reach], the input clamped to it (constant beyond)."""
+    step = 2 * reach / grid
+    knots = torch.tensor([-reach + g * step for g in range(grid + 1)], dtype=x.dtype, device=x.device)
+    return torch.relu(1 - (x.clamp(-reach, reach)[:, None, :] - knots[:, None]).abs() / step)
+
+
+class HatKANLayer(nn.Module):
+    """A KAN layer of order-1 splines, channels first: each edge w·x plus a piecewise-linear
+    function on ``grid`` equal intervals of [−reach, reach], constant beyond them (so only w·x
+    extrapolates). Two hats are nonzero per edge, so it costs 3 multiply-adds per edge where a
+    cubic KAN layer costs 5: it spends parameters (values at the knots), not arithmetic."""
+
+    def __init__(self, fan_in: int, fan_out: int, grid: int, reach: float) -> None:
+        super().__init__()
+        self.grid, self.reach = grid, reach
+        self.weight = nn.Parameter(torch.randn(fan_out, fan_in) / fan_in ** 0.5)
+        self.values = nn.Parameter(torch.randn(fan_out, fan_in, grid + 1) * (0.5 / fan_in ** 0.5))  # each edge's value at each knot
+        self.bias = nn.Parameter(torch.zeros(fan_out))
+
+    def forward(self, x: Tensor, weight: Tensor | None = None, values: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """(fan_in, N) → (fan_out, N); ``weight``, ``values``, ``bias`` replace the layer's own."""
+        weight, values, bias = (own if given is None else given for own, given in
+                                ((self.weight, weight), (self.values, values), (self.bias, bias)))
+        hats = hat_basis(x, self.grid, self.reach).reshape(-1, x.shape[1])
+        return torch.addmm(bias[:, None], values.reshape(len(values), -1), hats) + weight @ x
+
+
+def kan_synthesis(widths: Sequence[int], grid: int) -> nn.Sequential:
+    return nn.Sequential(*(HatKANLayer(a, b, grid, kan_reach(k)) for k, (a, b) in enumerate(zip(widths[:-1], widths[1:]))))
+
+
 class LatentImage(nn.Module):
     """Latent grids and a synthesis network for one image of ``height`` × ``width``.
 
-    ``widths`` are the synthesis's layer widths, from ``levels`` inputs to the channels.
+    ``widths`` are the synthesis's layer widths, from ``levels`` inputs to the channels;
+    ``synthesis`` "mlp" (ReLU) or "kan" (order-1 KAN layers on ``grid`` intervals).
     """
 
-    def __init__(self, height: int, width: int, widths: Sequence[int]) -> None:
+    def __init__(self, height: int, width: int, widths: Sequence[int], synthesis: str = "mlp", grid: int | None = None) -> None:
         super().__init__()
         levels = widths[0]
         if not 1 <= levels <= MAX_LEVELS:
@@ -76,7 +119,11 @@ class LatentImage(nn.Module):
         # each of a stage's two sets its log-scale at zero context and how it grows with the
         # context (:meth:`level_bits`)
         self.rate_parameters = nn.Parameter(torch.zeros(levels, 5))
-        self.synthesis = relu_mlp(widths)  # ReLU: exact to evaluate everywhere (no exp or erf)
+        if synthesis not in ("mlp", "kan") or (synthesis == "kan") != (grid is not None and 1 <= grid <= MAX_KAN_GRID):
+            raise KanimgError(f"latent synthesis {synthesis!r} (grid {grid}): choose mlp, or kan with a grid size")
+        self.kan_grid = grid
+        # ReLU and hats: exact to evaluate everywhere (no exp or erf)
+        self.synthesis = relu_mlp(widths) if synthesis == "mlp" else kan_synthesis(widths, grid)
         self.dense = [max(rows, cols) <= DENSE_LIMIT and (rows, cols) != (height, width)
                       for rows, cols in level_shapes(height, width, levels)]
         self._training_constants: dict = {}  # built on the first forward pass: the decoder never needs them
@@ -93,7 +140,8 @@ class LatentImage(nn.Module):
 
     @property
     def spec(self) -> dict:
-        return {"name": "latent", "widths": list(self.widths)}
+        kan = {"synthesis": "kan", "grid": self.kan_grid} if self.kan_grid is not None else {}
+        return {"name": "latent", "widths": list(self.widths), **kan}
 
     def synthesis_parameters(self) -> list[nn.Parameter]:
         return list(self.synthesis.parameters())
@@ -139,6 +187,8 @@ class LatentImage(nn.Module):
             if isinstance(layer, nn.Linear):
                 weight, bias = (weights.get(f"synthesis.{index}.{name}", getattr(layer, name)) for name in ("weight", "bias"))
                 x = torch.addmm(bias[:, None], weight, x)
+            elif isinstance(layer, HatKANLayer):
+                x = layer(x, **{name: weights.get(f"synthesis.{index}.{name}") for name in ("weight", "values", "bias")})
             else:
                 x = layer(x)
         return x
@@ -180,22 +230,33 @@ class LatentImage(nn.Module):
 
 
 @torch.no_grad()
-def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
+def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], height: int, width: int,
+               kan_grid: int | None = None) -> np.ndarray:
     """The decoder: (H, W, C) values in [-1, 1] (unclipped), float64, from integer
-    latents and dequantised synthesis weights (weight, bias per layer). Each output is a sum
-    accumulated in a fixed order, so it is the same number for any thread count."""
+    latents and dequantised synthesis weights (per layer: weight, bias for the MLP; weight,
+    knot values, bias for the order-1 KAN of ``kan_grid`` intervals). Each output is a sum
+    accumulated in a fixed order (the bias, then input by input its linear term and, for the
+    KAN, its hats in knot order), so it is the same number for any thread count."""
     features = []
     for grid in latents:
         full = upsample(torch.from_numpy(np.asarray(grid, dtype=np.float64))[None, None], height, width)
         features.append(full[0, 0])
     x = torch.stack(features, -1)
-    count = len(weights) // 2
+    per_layer = 2 if kan_grid is None else 3
+    count = len(weights) // per_layer
     for index in range(count):
-        weight, bias = torch.from_numpy(np.asarray(weights[2 * index])), torch.from_numpy(np.asarray(weights[2 * index + 1]))
-        out = bias.to(torch.float64).expand(*x.shape[:-1], bias.shape[0]).clone()
+        tensors = [torch.from_numpy(np.asarray(w)).to(torch.float64) for w in weights[per_layer * index : per_layer * (index + 1)]]
+        weight, bias = tensors[0], tensors[-1]
+        out = bias.expand(*x.shape[:-1], bias.shape[0]).clone()
         for k in range(weight.shape[1]):
-            out += x[..., k : k + 1] * weight[:, k].to(torch.float64)
-        x = torch.relu(out) if index < count - 1 else out
+            inputs = x[..., k : k + 1]
+            out += inputs * weight[:, k]
+            if kan_grid is not None:
+                reach = kan_reach(index)
+                step, clamped = 2 * reach / kan_grid, inputs.clamp(-reach, reach)
+                for g in range(kan_grid + 1):
+                    out += torch.relu(1 - (clamped - (-reach + g * step)).abs() / step) * tensors[1][:, k, g]
+        x = torch.relu(out) if kan_grid is None and index < count - 1 else out
     return x.numpy()
 
 

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 # Measured on the tuning crop "coffee" at 0.25 bpp, 2,000 steps (PSNR − WebP at the same bpp):
 # one hidden layer of 48 +0.02 dB, of 32 −0.17, of 64 −0.31, two of 16 −0.85, two of 24 −0.55.
 LEVELS, HIDDEN = 7, (48,)  # grids at H/2^0 … H/2^6; synthesis widths
+# `latent-kan`'s order-1 KAN synthesis: 7 → 16 → C on 4 intervals per edge, 384 multiply-adds
+# per pixel for grey as the MLP's (3 per edge), 785 weights against 433; the best KAN synthesis
+# measured (`benchmarks/latent_synthesis.py`, docs/compression.md), and still behind the MLP
+KAN_HIDDEN, KAN_GRID = (16,), 4
 STEPS = 4000  # whole-image steps, whatever the size (a 256×256 crop: 2–3 min on 2 threads of an AMD EPYC)
 # Adam with cosine decay (1e-2 learned too slowly in 2,000 steps, 1e-1 lost 2.7 dB to WebP),
 # uniform noise for the first 80 % of steps, rounding with straight-through gradients after.
@@ -183,13 +187,15 @@ def best_synthesis_bits(model: LatentImage, image: ImageData, info: ImageInfo, l
 
 
 def compress_latent(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
-    """The latent-grid codec's :func:`kanimg.compress.neural.compress_image`."""
+    """The latent-grid codecs' :func:`kanimg.compress.neural.compress_image` ("latent",
+    "latent-kan")."""
     info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
-    widths = [LEVELS, *HIDDEN, image.channels]
+    kan = config.model == "latent-kan"
+    widths = [LEVELS, *(KAN_HIDDEN if kan else HIDDEN), image.channels]
     started = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        model = LatentImage(image.height, image.width, widths)
+        model = LatentImage(image.height, image.width, widths, "kan" if kan else "mlp", KAN_GRID if kan else None)
     steps = config.steps or STEPS
     training = train_latent(model, image, bpp, steps, config.seed, config.progress)
     if config.bits is not None:

@@ -42,7 +42,8 @@ TRAINING = {
     "kan": {"lr": 2e-2, "batch_size": 4096},
     "siren": {"lr": 1e-3, "batch_size": 4096},
 }
-MODELS = (*TRAINING, "latent")  # latent grids: kanimg.compress.latent_codec
+LATENT = ("latent", "latent-kan")  # latent grids with a ReLU or an order-1 KAN synthesis: kanimg.compress.latent_codec
+MODELS = (*TRAINING, *LATENT)
 # The model a bare `compress` uses: latent grids, ahead of the KAN codec wherever both were
 # measured with room for the latent codec's ~530-weight synthesis (docs/compression.md); below
 # LATENT_MIN_BITS of budget that synthesis is most of the file (a 256×256 image at 0.1 bpp,
@@ -67,8 +68,9 @@ class CompressConfig:
     """How a network codec compresses an image.
 
     Attributes:
-        model: "kan", "siren" (COIN-style), "latent" (latent grids: kanimg.compress.latent_codec,
-            which uses steps, bits and seed, and neither qat_steps, granularity, lr nor batch_size)
+        model: "kan", "siren" (COIN-style), "latent" or "latent-kan" (latent grids with a ReLU or an
+            order-1 KAN synthesis: kanimg.compress.latent_codec, which uses steps, bits and seed,
+            and neither qat_steps, granularity, lr nor batch_size)
             or "auto": :func:`default_model` for the image and budget.
         steps: training steps; None = :func:`default_steps` of the image's pixel count (latent:
             latent_codec.STEPS).
@@ -102,8 +104,8 @@ class CompressConfig:
         check_seed(self.seed)
         if self.bits is not None:
             QuantConfig(self.bits, self.granularity)  # validates
-            if self.model == "latent" and self.bits == FLOAT16:
-                raise KanimgError("the latent model stores integer weights: --bits 4 … 12")
+            if self.model in LATENT and self.bits == FLOAT16:
+                raise KanimgError(f"the {self.model} model stores integer weights: --bits 4 … 12")
 
 
 @dataclass
@@ -151,7 +153,7 @@ def _compress(image: ImageData, bpp: float, config: CompressConfig) -> CompressR
         raise KanimgError(f"--bpp must be a positive number of bits per pixel, got {bpp}")
     if config.model == "auto":
         config = replace(config, model=default_model(image.height * image.width, bpp, config.bits))
-    if config.model == "latent":
+    if config.model in LATENT:
         from .latent_codec import compress_latent
 
         return compress_latent(image, bpp, config)

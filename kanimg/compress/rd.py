@@ -39,7 +39,7 @@ class RDConfig:
     """What an RD experiment runs.
 
     Attributes:
-        models: network codecs (latent, kan, siren), one fit per target bpp; the default is
+        models: network codecs (latent, latent-kan, kan, siren), one fit per target bpp; the default is
             compress's own codec (latent grids) with the KAN and COIN-style SIREN codecs.
         codecs: classic codecs (jpeg, webp, avif), a quality sweep each.
         bpps: target bit rates.

@@ -5,8 +5,9 @@ scale folded in, c' = w_s ⊙ c (O, I, G+3): the scale is redundant with c, so f
 drops O·I numbers and nothing of the function. c' is smooth along its last (grid) axis,
 the structure ``bitstream`` exploits by coding differences along it.
 SIREN: every linear layer's weight and bias.
-Latent grids (``latent``): the synthesis's weight and bias per layer (the grids themselves
-are coded apart, by ``latent_codec``).
+Latent grids (``latent``): the synthesis's weight and bias per layer, and for an order-1 KAN
+synthesis each edge's values at its knots between them, smooth along the knots (the grids
+themselves are coded apart, by ``latent_codec``).
 
 Slots are derived from the spec alone, so a decoder knows every tensor's shape before it
 has built (or allocated) anything.
@@ -58,6 +59,10 @@ def slots(spec: dict) -> list[Slot]:
             out += [Slot(f"hidden.{layer}.linear.weight", (o, i)), Slot(f"hidden.{layer}.linear.bias", (o,))]
         i, o = pairs[-1]
         return out + [Slot("out.weight", (o, i)), Slot("out.bias", (o,))]
+    if spec["name"] == "latent" and spec.get("synthesis") == "kan":  # nn.Sequential of latent.HatKANLayer
+        return [slot for layer, (i, o) in enumerate(pairs)
+                for slot in (Slot(f"synthesis.{layer}.weight", (o, i)), Slot(f"synthesis.{layer}.values", (o, i, spec["grid"] + 1), smooth=True),
+                             Slot(f"synthesis.{layer}.bias", (o,)))]
     if spec["name"] == "latent":  # nn.Sequential of Linear, ReLU, Linear, …
         return [slot for layer, (i, o) in enumerate(pairs)
                 for slot in (Slot(f"synthesis.{2 * layer}.weight", (o, i)), Slot(f"synthesis.{2 * layer}.bias", (o,)))]
