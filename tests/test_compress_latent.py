@@ -77,6 +77,18 @@ def test_round_trip_restores_grids_and_quantised_weights_and_re_encodes_to_the_s
     assert encode_model(decoded.model, info, QuantConfig(8)) == data
 
 
+def decoded_at_one_and_two_threads(data: bytes) -> list[np.ndarray]:
+    threads = torch.get_num_threads()
+    try:
+        images = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            images.append(decode_image(data).integers)
+    finally:
+        torch.set_num_threads(threads)
+    return images
+
+
 def test_decoder_equals_an_independent_numpy_evaluation_and_any_thread_count():
     model = latent_like()
     data = encode_model(model, ImageInfo(13, 21, 3), QuantConfig(9))
@@ -90,14 +102,7 @@ def test_decoder_equals_an_independent_numpy_evaluation_and_any_thread_count():
     ours = synthesise(grids, weights, 13, 21)
     assert np.allclose(ours, x, atol=1e-12)
     expected = np.round(np.clip((x + 1) / 2, 0, 1) * 255)
-    threads = torch.get_num_threads()
-    try:
-        images = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            images.append(decode_image(data).integers)
-    finally:
-        torch.set_num_threads(threads)
+    images = decoded_at_one_and_two_threads(data)
     assert np.array_equal(images[0], images[1])
     assert np.abs(images[0].astype(np.int64) - expected).max() == 0
 
@@ -595,14 +600,7 @@ def test_the_kan_synthesis_decoder_is_an_independent_piecewise_linear_evaluation
     assert np.allclose(ours.reshape(-1, 3), x, atol=1e-12)
     trained, _ = decoded.model("round")  # the training forward (float64 here) is the decoder
     assert np.allclose(trained.detach().numpy().T, x, atol=1e-12)
-    threads = torch.get_num_threads()
-    try:
-        images = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            images.append(decode_image(data).integers)
-    finally:
-        torch.set_num_threads(threads)
+    images = decoded_at_one_and_two_threads(data)
     assert np.array_equal(images[0], images[1])
     assert np.array_equal(images[0], np.round(np.clip((x.reshape(13, 21, 3) + 1) / 2, 0, 1) * 255))
 
