@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 # Measured on the tuning crop "coffee" at 0.25 bpp, 2,000 steps (PSNR − WebP at the same bpp):
 # one hidden layer of 48 +0.02 dB, of 32 −0.17, of 64 −0.31, two of 16 −0.85, two of 24 −0.55.
 LEVELS, HIDDEN = 7, (48,)  # grids at H/2^0 … H/2^6; synthesis widths
-# `latent-kan`'s order-1 KAN synthesis: 7 → 16 → C on 4 intervals per edge, 384 multiply-adds
-# per pixel for grey as the MLP's (3 per edge), 785 weights against 433; the best KAN synthesis
-# measured (`benchmarks/latent_synthesis.py`, docs/compression.md), and still behind the MLP
-KAN_HIDDEN, KAN_GRID = (16,), 4
+# `latent-kan`'s order-1 KAN synthesis: 7 → 13 → C on 2 intervals per edge (one kink, at 0),
+# the MLP's weight count (536 against 531 for RGB) at 390 multiply-adds per pixel against 480.
+# On the tuning crops at 0.3 bpp (files, 2026-12-06) it beat 7 → 16 → C on 4 intervals (979
+# weights, 480 multiply-adds) by 0.16 and 1.05 dB against AVIF; both are behind the MLP
+KAN_HIDDEN, KAN_GRID = (13,), 2
 STEPS = 4000  # whole-image steps, whatever the size (a 256×256 crop: 2–3 min on 2 threads of an AMD EPYC)
 # Adam with cosine decay (1e-2 learned too slowly in 2,000 steps, 1e-1 lost 2.7 dB to WebP),
 # uniform noise for the first 80 % of steps, rounding with straight-through gradients after.
