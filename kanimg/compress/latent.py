@@ -251,11 +251,10 @@ def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], hei
         for k in range(weight.shape[1]):
             inputs = x[..., k : k + 1]
             out += inputs * weight[:, k]
-            if kan_grid is not None:
-                reach = kan_reach(index)
-                step, clamped = 2 * reach / kan_grid, inputs.clamp(-reach, reach)
+            if kan_grid is not None:  # the training's own basis, added hat by hat in knot order
+                hats = hat_basis(inputs.reshape(1, -1), kan_grid, kan_reach(index))[0]
                 for g in range(kan_grid + 1):
-                    out += torch.relu(1 - (clamped - (-reach + g * step)).abs() / step) * tensors[1][:, k, g]
+                    out += hats[g].reshape(inputs.shape) * tensors[1][:, k, g]
         x = torch.relu(out) if kan_grid is None and index < count - 1 else out
     return x.numpy()
 
