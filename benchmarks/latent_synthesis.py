@@ -59,9 +59,11 @@ def under_test(synthesis: Callable[[int], nn.Module]) -> Callable[[int, int, int
     return lambda height, width, channels: SynthesisUnderTest(height, width, synthesis(channels))
 
 
-def codec(hidden: int, kan_grid: int | None = None) -> Callable[[int, int, int], LatentImage]:
-    """The codec's own model (a synthesis the file format stores: the ReLU MLP, or latent-kan's order-1 KAN)."""
-    return lambda height, width, channels: LatentImage(height, width, [LEVELS, hidden, channels], "mlp" if kan_grid is None else "kan", kan_grid)
+def codec(hidden: int, grids: tuple[int, int] | None = None, reaches: tuple[float, float] = (12.0, 4.0)) -> Callable[[int, int, int], LatentImage]:
+    """The codec's own model (a synthesis the file format stores: the ReLU MLP, or latent-kan's
+    order-1 KAN, a grid and a reach per layer; the reaches' default is the first version's)."""
+    return lambda height, width, channels: LatentImage(height, width, [LEVELS, hidden, channels], "mlp" if grids is None else "kan",
+                                                       grids, None if grids is None else reaches)
 
 
 # label: (builder of the model for an image's height, width and channels, its multiply-adds per pixel for C channels)
@@ -74,9 +76,9 @@ SYNTHESES: dict[str, tuple[Callable[[int, int, int], LatentImage], Callable[[int
     "linear 7 → 16, ReLU, KAN 16 → C, grid 5": (under_test(lambda c: nn.Sequential(nn.Linear(LEVELS, 16), nn.ReLU(), *kan([16, c], 5))),
                                                 lambda c: 16 * LEVELS + 5 * 16 * c),
     # order-1 KANs (kanimg.compress.latent.HatKANLayer, the codec's latent-kan): 3 multiply-adds per edge
-    "hat KAN 7 → 16 → C, grid 4, linear term": (codec(16, 4), lambda c: 3 * 16 * (LEVELS + c)),
+    "hat KAN 7 → 16 → C, grid 4, linear term": (codec(16, (4, 4)), lambda c: 3 * 16 * (LEVELS + c)),
     # no more weights than the MLP (430 against 433 for grey) and fewer multiply-adds: one kink per edge, at 0
-    "hat KAN 7 → 13 → C, grid 2, linear term": (codec(13, 2), lambda c: 3 * 13 * (LEVELS + c)),
+    "hat KAN 7 → 13 → C, grid 2, linear term": (codec(13, (2, 2)), lambda c: 3 * 13 * (LEVELS + c)),
 }
 
 

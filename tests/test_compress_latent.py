@@ -278,11 +278,12 @@ def test_nested_coding_pays_on_clustered_grids_and_keeps_an_empty_grid_one_strea
     assert flat.buckets == [] and len(flat.models) == 1  # all zeros: one stream is cheapest
 
 
-@pytest.mark.parametrize("version", [3, 4, 5, 6])
+@pytest.mark.parametrize("version", [3, 4, 5, 6, 7])
 def test_latent_files_decode_to_the_image_they_decoded_to_when_written(version):
     """A version 3 file (checkerboard contexts), a version 4 one (nested, several stages and
     buckets per grid), a version 5 one (the same grids and weights with one-byte models:
-    the same PNG) and a version 6 one (version 5's grids under an order-1 KAN synthesis), each
+    the same PNG), a version 6 one (version 5's grids under an order-1 KAN synthesis) and a
+    version 7 one (a KAN synthesis with a grid and a reach per layer), each
     written by kanimg's encoder of its time, decode to the PNG that kanimg
     decoded them to then, and read and write back to the same bytes: a change to the decoder
     that changes an old file's pixels, or to the writer of an old version, fails here."""
@@ -554,11 +555,11 @@ def test_an_interrupted_compress_continues_from_its_kept_state_to_the_same_bytes
 
 # ----------------------------------------------------------------------------- the order-1 KAN synthesis (latent-kan)
 def kan_latent_like(seed=0) -> LatentImage:
-    """latent_like's grids under an order-1 KAN synthesis 5 → 6 → 3 on 4 intervals, with
-    values at the knots far from linear and inputs reaching past the first layer's knots."""
+    """latent_like's grids under an order-1 KAN synthesis 5 → 6 → 3 on 4 then 3 intervals of
+    ±2.5 and ±1.5, values at the knots far from linear and inputs reaching past the knots."""
     grids = latent_like(seed=seed)
     torch.manual_seed(seed)
-    model = LatentImage(13, 21, [5, 6, 3], "kan", 4)
+    model = LatentImage(13, 21, [5, 6, 3], "kan", (4, 3), (2.5, 1.5))
     with torch.no_grad():
         for ours, theirs in zip(model.latents, grids.latents):
             ours.copy_(theirs * 3)
@@ -586,17 +587,16 @@ def test_the_kan_synthesis_decoder_is_an_independent_piecewise_linear_evaluation
     decoded = decode_model(data)
     grids, tensors = decoded.model.integer_latents(), stored_arrays(decoded.model)
     x = np.stack([keys_bicubic(g, 13, 21) for g in grids], -1).reshape(-1, 5)
-    assert np.abs(x).max() > latent.KAN_REACH[0]  # some inputs lie beyond the knots
-    for layer in range(2):
+    for layer, reach in enumerate((2.5, 1.5)):
+        assert np.abs(x).max() > reach  # some inputs lie beyond the knots
         weight, values, bias = tensors[3 * layer : 3 * layer + 3]
-        reach = latent.KAN_REACH[layer]
         knots = np.linspace(-reach, reach, values.shape[-1])
         out = x @ weight.T + bias
         for o in range(weight.shape[0]):
             for i in range(weight.shape[1]):
                 out[:, o] += np.interp(x[:, i], knots, values[o, i])
         x = out
-    ours = synthesise(grids, tensors, 13, 21, kan_grid=4)
+    ours = synthesise(grids, tensors, 13, 21, (4, 3), (2.5, 1.5))
     assert np.allclose(ours.reshape(-1, 3), x, atol=1e-12)
     trained, _ = decoded.model("round")  # the training forward (float64 here) is the decoder
     assert np.allclose(trained.detach().numpy().T, x, atol=1e-12)
@@ -605,25 +605,37 @@ def test_the_kan_synthesis_decoder_is_an_independent_piecewise_linear_evaluation
     assert np.array_equal(images[0], np.round(np.clip((x.reshape(13, 21, 3) + 1) / 2, 0, 1) * 255))
 
 
-def test_a_kan_synthesis_file_is_version_6_and_round_trips_to_the_same_bytes():
+def test_a_kan_synthesis_file_is_version_7_and_round_trips_to_the_same_bytes():
     model = kan_latent_like()
     data = encode_model(model, ImageInfo(13, 21, 3), QuantConfig(8))
-    assert data[4] == 6 and encode_model(latent_like(), ImageInfo(13, 21, 3), QuantConfig(8))[4] == 5
+    assert data[4] == 7 and encode_model(latent_like(), ImageInfo(13, 21, 3), QuantConfig(8))[4] == 5
     decoded = decode_model(data)
-    assert decoded.model.spec == model.spec == {"name": "latent", "widths": [5, 6, 3], "synthesis": "kan", "grid": 4}
+    assert decoded.model.spec == model.spec == {"name": "latent", "widths": [5, 6, 3], "synthesis": "kan", "grids": [4, 3], "reaches": [2.5, 1.5]}
     for original, restored in zip(stored_arrays(model), stored_arrays(decoded.model)):
         assert np.array_equal(restored, quantize_tensor(original, QuantConfig(8)).dequantize())
     assert encode_model(decoded.model, ImageInfo(13, 21, 3), QuantConfig(8)) == data
 
 
-@pytest.mark.parametrize("kind, grid, message", [(2, 4, "latent synthesis kind"), (1, 0, "KAN synthesis grid 0"),
-                                                 (1, kimg.MAX_KAN_GRID + 1, "KAN synthesis grid"), (0, None, "malformed")])
-def test_a_crafted_kan_synthesis_header_is_refused_with_one_line(kind, grid, message):
+def test_a_kan_synthesis_of_one_grid_and_the_first_reaches_is_still_written_as_version_6():
+    """The lowest version that holds a file: version 6's one grid and fixed reaches."""
+    model = LatentImage(13, 21, [5, 6, 3], "kan", (4, 4), kimg.V6_KAN_REACHES)
+    with torch.no_grad():
+        for ours, theirs in zip(model.latents, latent_like().latents):
+            ours.copy_(theirs)
+    data = encode_model(model, ImageInfo(13, 21, 3), QuantConfig(8))
+    assert data[4] == 6 and decode_model(data).model.spec == model.spec
+
+
+@pytest.mark.parametrize("header, message", [(bytes([2, 4, 10]), "latent synthesis kind"), (bytes([1, 0, 10]), "KAN synthesis grid 0"),
+                                             (bytes([1]) + kimg._varint(kimg.MAX_KAN_GRID + 1) + bytes([10]), "KAN synthesis grid"),
+                                             (bytes([1, 4, 0]), "KAN synthesis reach 0"), (bytes([0]), "malformed")],
+                         ids=["kind 2", "grid 0", "grid 65", "reach 0", "an MLP"])
+def test_a_crafted_kan_synthesis_header_is_refused_with_one_line(header, message):
     data = encode_model(kan_latent_like(), ImageInfo(13, 21, 3), QuantConfig(8))
     body = bytearray(data[:-4])
-    position = body.index(bytes([5, 6, 3]), 5) + 3  # after the widths: the synthesis kind, then its grid
-    assert body[position : position + 2] == bytes([1, 4])
-    body[position : position + 2] = bytes([kind]) + (kimg._varint(grid) if grid is not None else b"")  # 0: an MLP, then garbage
+    position = body.index(bytes([5, 6, 3]), 5) + 3  # after the widths: the synthesis kind, then each layer's grid and reach
+    assert body[position : position + 5] == bytes([1, 4, 10, 3, 6])
+    body[position : position + 3] = header  # 0: an MLP, then garbage
     with pytest.raises(KanimgError, match=message) as info:
         decode_image(with_checksum(bytes(body)))
     assert "\n" not in str(info.value)
@@ -639,7 +651,7 @@ def test_cli_compresses_with_the_kan_synthesis_and_rd_runs_it(tmp_path):
     out = tmp_path / "crop.kimg"
     assert main(["compress", str(source), "--model", "latent-kan", "--bpp", "2", "--steps", "60", "-o", str(out), "-q"]) == 0
     data = out.read_bytes()
-    assert data[4] == 6 and kimg.read(data).spec["widths"] == [latent_codec.LEVELS, *latent_codec.KAN_HIDDEN, 3]
+    assert data[4] == 7 and kimg.read(data).spec["widths"] == [latent_codec.LEVELS, *latent_codec.KAN_HIDDEN, 3]
     assert main(["decode", str(out), "-o", str(tmp_path / "back.png")]) == 0
     with Image.open(tmp_path / "back.png") as back:
         assert np.array_equal(np.asarray(back), decode_image(data).integers)

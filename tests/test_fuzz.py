@@ -33,7 +33,7 @@ def valid_files() -> list[bytes]:
     with torch.no_grad():
         for grid in latent.latents:
             grid.copy_(torch.randint(-3, 4, grid.shape).float())
-    kan_latent = LatentImage(6, 7, [3, 4, 3], "kan", 3)
+    kan_latent = LatentImage(6, 7, [3, 4, 3], "kan", (3, 5), (2.0, 1.25))
     with torch.no_grad():
         for ours, theirs in zip(kan_latent.latents, latent.latents):
             ours.copy_(theirs)

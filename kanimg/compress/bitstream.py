@@ -91,7 +91,7 @@ def encode_model(model: nn.Module, image: ImageInfo, quant: QuantConfig, bits: S
     ``coded_latents``: the model's grids already through :func:`code_latents` (the same grids
     written at several synthesis precisions are coded once).
     """
-    spec = {k: model.spec[k] for k in ("name", "widths", "grids", "omega0", "synthesis", "grid") if k in model.spec}
+    spec = {k: model.spec[k] for k in ("name", "widths", "grids", "omega0", "synthesis", "reaches") if k in model.spec}
     arrays = stored_arrays(model)
     ranges = grid_ranges(model) if spec["name"] == "kan" else []
     if quant.is_float16:
@@ -175,7 +175,8 @@ def decode_model(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> DecodedMo
     if not all(np.isfinite(a).all() for a in arrays):
         raise KanimgError("malformed .kimg file: weights that are not finite numbers")
     if spec["name"] == "latent":
-        model = LatentImage(parsed.image.height, parsed.image.width, spec["widths"], spec.get("synthesis", "mlp"), spec.get("grid")).to(torch.float64)
+        model = LatentImage(parsed.image.height, parsed.image.width, spec["widths"], spec.get("synthesis", "mlp"),
+                            spec.get("grids"), spec.get("reaches")).to(torch.float64)
         load_arrays(model, arrays)
         with torch.no_grad():
             for latent, grid in zip(model.latents, grids):
@@ -231,7 +232,7 @@ def render_integers(decoded: DecodedModel) -> np.ndarray:
     """
     img, model = decoded.image, decoded.model
     if model.spec["name"] == "latent":  # float64 throughout: cheap for a synthesis this small
-        values = synthesise(model.integer_latents(), stored_arrays(model), img.height, img.width, model.spec.get("grid"))
+        values = synthesise(model.integer_latents(), stored_arrays(model), img.height, img.width, model.spec.get("grids"), model.spec.get("reaches"))
         if not np.isfinite(values).all():
             raise KanimgError("malformed .kimg file: the network's output is not finite")
         return to_integers((np.clip(values, -1, 1) + 1) / 2, img.bit_depth)

@@ -10,8 +10,9 @@ Layout (docs/kimg-format.md has the full specification):
 
 A file carries the lowest version that holds it: 2 for KAN and SIREN, 5 for latent grids
 (family 3, new in version 3, whose grids version 4 codes nested and version 5 with one-byte
-entropy models) with a ReLU synthesis, 6 for latent grids with an order-1 KAN synthesis, so
-older readers still read every network file they can.
+entropy models) with a ReLU synthesis, 7 for latent grids with an order-1 KAN synthesis (a
+grid and a reach per layer; version 6 had one grid and fixed reaches), so older readers still
+read every network file they can.
 
 Integers are little-endian; "varint" is unsigned LEB128. Reading checks, in this order: the
 magic, the version, the checksum, then every field against hard limits, so a truncated,
@@ -37,8 +38,8 @@ from .tensors import Slot, parameter_count, slots
 SYNTHESIS_IDS = {"mlp": 0, "kan": 1}  # version 6: the latent family's synthesis
 
 MAGIC = b"KIMG"
-VERSION = 6  # the newest this module reads
-BITS_UNIT = {1: 1, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.5, 6: 0.5}  # per version: tensor bits are stored in whole (1) or half (2) bits
+VERSION = 7  # the newest this module reads
+BITS_UNIT = {1: 1, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.5, 6: 0.5, 7: 0.5}  # per version: tensor bits are stored in whole (1) or half (2) bits
 CHECKSUM_BYTES = 4
 MODEL_IDS = {"kan": 1, "siren": 2, "latent": 3}
 FIRST_VERSION = {"kan": 1, "siren": 1, "latent": 3}  # the version that introduced each family
@@ -51,6 +52,9 @@ MAX_LEVELS, MAX_CONTEXTS, MAX_LATENT = 10, 7, 1 << 15  # contexts (version 3): 1
 MAX_DEPTH, MAX_BUCKETS = 16, 6  # version 4: nested stages per grid (the encoder's most; a file's also ≤ its grid's halvings), buckets per set
 MAX_SYNTHESIS_LAYERS, MAX_SYNTHESIS_WIDTH = 8, 256
 MAX_KAN_GRID = 64  # version 6: an order-1 KAN synthesis's intervals per edge
+# Version 7 stores each KAN synthesis layer's reach (its knots span ±reach) in a byte of REACH_UNITs;
+# version 6 had one grid for every layer and these reaches, first layer, then every later one.
+REACH_UNIT, V6_KAN_REACHES = 0.25, (12.0, 4.0)
 MAX_FILE_BYTES = 2 * MAX_PARAMETERS + (16 << 20)  # float16 weights of the largest network, plus headers
 
 
@@ -79,8 +83,8 @@ def decode_cost(spec: dict, height: int, width: int, channels: int) -> tuple[flo
     widths, pixels = spec["widths"], height * width
     pairs = list(zip(widths[:-1], widths[1:]))
     if spec["name"] == "latent":  # 16-tap bicubic per level, then the synthesis, whole image in float64
-        per_edge = spec["grid"] + 2 if spec.get("synthesis") == "kan" else 1  # an order-1 KAN: w·x and every hat
-        macs = pixels * (16 * widths[0] + per_edge * sum(i * o for i, o in pairs))
+        per_edge = [g + 2 for g in spec["grids"]] if spec.get("synthesis") == "kan" else [1] * len(pairs)  # an order-1 KAN: w·x and every hat
+        macs = pixels * (16 * widths[0] + sum(e * i * o for e, (i, o) in zip(per_edge, pairs)))
         return float(macs), int(8 * pixels * (2 * widths[0] + 2 * max(widths)) + 2 * pixels * channels + 16 * parameter_count(spec))
     if spec["name"] == "kan":
         grids = spec["grids"]
@@ -171,14 +175,28 @@ def level_shapes(height: int, width: int, levels: int) -> list[tuple[int, int]]:
     return [(-(-height // 2**k), -(-width // 2**k)) for k in range(levels)]
 
 
+def v6_reaches(layers: int) -> list[float]:
+    return [V6_KAN_REACHES[min(k, 1)] for k in range(layers)]
+
+
+def reach_units(reach: float) -> int:
+    """A KAN synthesis layer's reach as version 7 stores it: whole REACH_UNITs, 1 … 255."""
+    units = reach / REACH_UNIT
+    if units != round(units) or not 1 <= units <= 255:
+        raise KanimgError(f"KAN synthesis reach {reach}: a multiple of {REACH_UNIT} up to {255 * REACH_UNIT}")
+    return round(units)
+
+
 def write_version(kimg: KimgFile) -> int:
     """The lowest version that holds ``kimg``: 2 for KAN and SIREN, 3 for latent grids coded
     as version 3 did, 4 for nested ones, 5 for nested ones whose models are all compact (what
-    the encoder writes), 6 for those with an order-1 KAN synthesis."""
-    if kimg.spec["name"] != "latent":
+    the encoder writes), 6 for those with an order-1 KAN synthesis of one grid and version 6's
+    reaches, 7 for any other KAN synthesis."""
+    spec = kimg.spec
+    if spec["name"] != "latent":
         return min(VERSION, 2)  # VERSION: 1 in the test that writes version 1 files
-    if kimg.spec.get("synthesis", "mlp") != "mlp":
-        return 6
+    if spec.get("synthesis", "mlp") != "mlp":
+        return 6 if len(set(spec["grids"])) == 1 and spec["reaches"] == v6_reaches(len(spec["grids"])) else 7
     nested = {level.buckets is not None for level in kimg.levels}
     if len(nested) > 1:
         raise ValueError("latent levels coded both as version 3 and as version 4")
@@ -207,7 +225,11 @@ def write(kimg: KimgFile) -> bytes:
     elif spec["name"] == "latent":
         if version >= 6:
             kind = spec.get("synthesis", "mlp")
-            out += struct.pack("<B", SYNTHESIS_IDS[kind]) + (_varint(spec["grid"]) if kind == "kan" else b"")
+            out += struct.pack("<B", SYNTHESIS_IDS[kind])
+            if kind == "kan" and version == 6:
+                out += _varint(spec["grids"][0])
+            elif kind == "kan":
+                out += b"".join(_varint(g) + struct.pack("<B", reach_units(r)) for g, r in zip(spec["grids"], spec["reaches"]))
         for level in kimg.levels:
             out += _varint(level.limit)
             if level.buckets is None:
@@ -328,9 +350,15 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
         if version >= 6:
             kind = {v: k for k, v in SYNTHESIS_IDS.items()}.get(r.unpack("<B"))
             _check(kind is not None, "latent synthesis kind")
+            if kind == "kan" and version == 6:  # one grid for every layer, fixed reaches
+                grid = r.varint(MAX_KAN_GRID, "KAN synthesis grid")
+                spec.update(synthesis="kan", grids=[grid] * layers, reaches=v6_reaches(layers))
+            elif kind == "kan":
+                pairs = [(r.varint(MAX_KAN_GRID, "KAN synthesis grid"), r.unpack("<B")) for _ in range(layers)]
+                spec.update(synthesis="kan", grids=[g for g, _ in pairs], reaches=[units * REACH_UNIT for _, units in pairs])
             if kind == "kan":
-                spec.update(synthesis="kan", grid=r.varint(MAX_KAN_GRID, "KAN synthesis grid"))
-                _check(spec["grid"] >= 1, "KAN synthesis grid 0")
+                _check(min(spec["grids"]) >= 1, "KAN synthesis grid 0")
+                _check(min(spec["reaches"]) > 0, "KAN synthesis reach 0")
         for shape in level_shapes(height, width, widths[0]):
             limit = r.varint(MAX_LATENT, "latent range")
             _check(limit >= 1, "latent range 0")  # the encoder's smallest alphabet is ±1

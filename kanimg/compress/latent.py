@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..errors import KanimgError
 from ..nn.mlp import relu_mlp
 from .entropy import StreamDecoder, StreamModel, cost_bits, fit_model
-from .kimg import MAX_BUCKETS, MAX_DEPTH, MAX_KAN_GRID, MAX_LEVELS, ImageInfo, LatentLevel, level_shapes
+from .kimg import MAX_BUCKETS, MAX_DEPTH, MAX_KAN_GRID, MAX_LEVELS, ImageInfo, LatentLevel, level_shapes, reach_units
 from .quantize import QuantConfig
 from .tensors import quantized_params
 
@@ -59,15 +59,6 @@ def laplace_bits(values: Tensor, log_scale: Tensor) -> Tensor:
     return -torch.log2(probability).sum()
 
 
-# An order-1 KAN synthesis's knots span ±KAN_REACH[0] in its first layer (the upsampled latents
-# reach −10 … 12 after training) and ±KAN_REACH[1] in every later one; fixed by the format.
-KAN_REACH = (12.0, 4.0)
-
-
-def kan_reach(layer: int) -> float:
-    return KAN_REACH[min(layer, 1)]
-
-
 def hat_basis(x: Tensor, grid: int, reach: float) -> Tensor:
     """(I, N) inputs → (I, grid + 1, N): each input's order-1 B-splines ("hats") on ``grid``
     equal intervals of [−reach, reach], the input clamped to it (constant beyond)."""
@@ -97,18 +88,21 @@ class HatKANLayer(nn.Module):
         return torch.addmm(bias[:, None], values.reshape(len(values), -1), hats) + weight @ x
 
 
-def kan_synthesis(widths: Sequence[int], grid: int) -> nn.Sequential:
-    return nn.Sequential(*(HatKANLayer(a, b, grid, kan_reach(k)) for k, (a, b) in enumerate(zip(widths[:-1], widths[1:]))))
+def kan_synthesis(widths: Sequence[int], grids: Sequence[int], reaches: Sequence[float]) -> nn.Sequential:
+    """Order-1 KAN layers, each on its own grid of intervals over its own ±reach."""
+    return nn.Sequential(*(HatKANLayer(a, b, g, r) for a, b, g, r in zip(widths[:-1], widths[1:], grids, reaches)))
 
 
 class LatentImage(nn.Module):
     """Latent grids and a synthesis network for one image of ``height`` × ``width``.
 
     ``widths`` are the synthesis's layer widths, from ``levels`` inputs to the channels;
-    ``synthesis`` "mlp" (ReLU) or "kan" (order-1 KAN layers on ``grid`` intervals).
+    ``synthesis`` "mlp" (ReLU) or "kan": order-1 KAN layers, layer k on ``grids[k]`` intervals
+    of ±``reaches[k]`` (multiples of kimg.REACH_UNIT, as the file stores them).
     """
 
-    def __init__(self, height: int, width: int, widths: Sequence[int], synthesis: str = "mlp", grid: int | None = None) -> None:
+    def __init__(self, height: int, width: int, widths: Sequence[int], synthesis: str = "mlp",
+                 grids: Sequence[int] | None = None, reaches: Sequence[float] | None = None) -> None:
         super().__init__()
         levels = widths[0]
         if not 1 <= levels <= MAX_LEVELS:
@@ -119,11 +113,15 @@ class LatentImage(nn.Module):
         # each of a stage's two sets its log-scale at zero context and how it grows with the
         # context (:meth:`level_bits`)
         self.rate_parameters = nn.Parameter(torch.zeros(levels, 5))
-        if synthesis not in ("mlp", "kan") or (synthesis == "kan") != (grid is not None and 1 <= grid <= MAX_KAN_GRID):
-            raise KanimgError(f"latent synthesis {synthesis!r} (grid {grid}): choose mlp, or kan with a grid size")
-        self.kan_grid = grid
+        kan = synthesis == "kan"
+        shaped = grids is not None and reaches is not None and len(grids) == len(reaches) == len(widths) - 1
+        if synthesis not in ("mlp", "kan") or kan != shaped or not all(1 <= g <= MAX_KAN_GRID for g in grids or ()):
+            raise KanimgError(f"latent synthesis {synthesis!r} (grids {grids}, reaches {reaches}): choose mlp, or kan with a grid and a reach per layer")
+        for reach in reaches or ():
+            reach_units(reach)  # refuses a reach the file cannot hold
+        self.kan = {"synthesis": "kan", "grids": list(grids), "reaches": [float(r) for r in reaches]} if kan else {}
         # ReLU and hats: exact to evaluate everywhere (no exp or erf)
-        self.synthesis = relu_mlp(widths) if synthesis == "mlp" else kan_synthesis(widths, grid)
+        self.synthesis = relu_mlp(widths) if synthesis == "mlp" else kan_synthesis(widths, grids, reaches)
         self.dense = [max(rows, cols) <= DENSE_LIMIT and (rows, cols) != (height, width)
                       for rows, cols in level_shapes(height, width, levels)]
         self._training_constants: dict = {}  # built on the first forward pass: the decoder never needs them
@@ -140,8 +138,7 @@ class LatentImage(nn.Module):
 
     @property
     def spec(self) -> dict:
-        kan = {"synthesis": "kan", "grid": self.kan_grid} if self.kan_grid is not None else {}
-        return {"name": "latent", "widths": list(self.widths), **kan}
+        return {"name": "latent", "widths": list(self.widths), **self.kan}
 
     def synthesis_parameters(self) -> list[nn.Parameter]:
         return list(self.synthesis.parameters())
@@ -231,10 +228,10 @@ class LatentImage(nn.Module):
 
 @torch.no_grad()
 def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], height: int, width: int,
-               kan_grid: int | None = None) -> np.ndarray:
+               grids: Sequence[int] | None = None, reaches: Sequence[float] | None = None) -> np.ndarray:
     """The decoder: (H, W, C) values in [-1, 1] (unclipped), float64, from integer
     latents and dequantised synthesis weights (per layer: weight, bias for the MLP; weight,
-    knot values, bias for the order-1 KAN of ``kan_grid`` intervals). Each output is a sum
+    knot values, bias for the order-1 KAN of ``grids``, ``reaches``). Each output is a sum
     accumulated in a fixed order (the bias, then input by input its linear term and, for the
     KAN, its hats in knot order), so it is the same number for any thread count."""
     features = []
@@ -242,7 +239,7 @@ def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], hei
         full = upsample(torch.from_numpy(np.asarray(grid, dtype=np.float64))[None, None], height, width)
         features.append(full[0, 0])
     x = torch.stack(features, -1)
-    per_layer = 2 if kan_grid is None else 3
+    per_layer = 2 if grids is None else 3
     count = len(weights) // per_layer
     for index in range(count):
         tensors = [torch.from_numpy(np.asarray(w)).to(torch.float64) for w in weights[per_layer * index : per_layer * (index + 1)]]
@@ -251,11 +248,11 @@ def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], hei
         for k in range(weight.shape[1]):
             inputs = x[..., k : k + 1]
             out += inputs * weight[:, k]
-            if kan_grid is not None:  # the training's own basis, added hat by hat in knot order
-                hats = hat_basis(inputs.reshape(1, -1), kan_grid, kan_reach(index))[0]
-                for g in range(kan_grid + 1):
+            if grids is not None:  # the training's own basis, added hat by hat in knot order
+                hats = hat_basis(inputs.reshape(1, -1), grids[index], reaches[index])[0]
+                for g in range(grids[index] + 1):
                     out += hats[g].reshape(inputs.shape) * tensors[1][:, k, g]
-        x = torch.relu(out) if kan_grid is None and index < count - 1 else out
+        x = torch.relu(out) if grids is None and index < count - 1 else out
     return x.numpy()
 
 

@@ -36,11 +36,12 @@ log = logging.getLogger(__name__)
 # Measured on the tuning crop "coffee" at 0.25 bpp, 2,000 steps (PSNR − WebP at the same bpp):
 # one hidden layer of 48 +0.02 dB, of 32 −0.17, of 64 −0.31, two of 16 −0.85, two of 24 −0.55.
 LEVELS, HIDDEN = 7, (48,)  # grids at H/2^0 … H/2^6; synthesis widths
-# `latent-kan`'s order-1 KAN synthesis: 7 → 13 → C on 2 intervals per edge (one kink, at 0),
-# the MLP's weight count (536 against 531 for RGB) at 390 multiply-adds per pixel against 480.
-# On the tuning crops at 0.3 bpp (files, 2026-12-06) it beat 7 → 16 → C on 4 intervals (979
-# weights, 480 multiply-adds) by 0.16 and 1.05 dB against AVIF; both are behind the MLP
-KAN_HIDDEN, KAN_GRID = (13,), 2
+# `latent-kan`'s order-1 KAN synthesis: 7 → 10 → C, the first layer on 2 intervals of ±3 (a
+# trained file's upsampled grids: std 0.5–3 each), the second on 6 intervals of ±2 (its inputs'
+# 1st–99th percentiles: about ±3): 533 weights for RGB (the MLP: 531) at 300 multiply-adds per pixel (480). Chosen on
+# the tuning crops at 0.3 bpp in files (docs/compression.md, 2026-12-06) over one grid and the
+# reaches ±12, ±4 of .kimg version 6 (7 → 13 → C on 2 intervals): +0.28 and +0.86 dB against AVIF.
+KAN_HIDDEN, KAN_GRIDS, KAN_REACHES = (10,), (2, 6), (3.0, 2.0)
 STEPS = 4000  # whole-image steps, whatever the size (a 256×256 crop: 2–3 min on 2 threads of an AMD EPYC)
 # Adam with cosine decay (1e-2 learned too slowly in 2,000 steps, 1e-1 lost 2.7 dB to WebP),
 # uniform noise for the first 80 % of steps, rounding with straight-through gradients after.
@@ -196,7 +197,8 @@ def compress_latent(image: ImageData, bpp: float, config: CompressConfig) -> Com
     started = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        model = LatentImage(image.height, image.width, widths, "kan" if kan else "mlp", KAN_GRID if kan else None)
+        model = (LatentImage(image.height, image.width, widths, "kan", KAN_GRIDS, KAN_REACHES) if kan else
+                 LatentImage(image.height, image.width, widths))
     steps = config.steps or STEPS
     training = train_latent(model, image, bpp, steps, config.seed, config.progress)
     if config.bits is not None:

@@ -60,8 +60,8 @@ def slots(spec: dict) -> list[Slot]:
         i, o = pairs[-1]
         return out + [Slot("out.weight", (o, i)), Slot("out.bias", (o,))]
     if spec["name"] == "latent" and spec.get("synthesis") == "kan":  # nn.Sequential of latent.HatKANLayer
-        return [slot for layer, (i, o) in enumerate(pairs)
-                for slot in (Slot(f"synthesis.{layer}.weight", (o, i)), Slot(f"synthesis.{layer}.values", (o, i, spec["grid"] + 1), smooth=True),
+        return [slot for layer, ((i, o), g) in enumerate(zip(pairs, spec["grids"]))
+                for slot in (Slot(f"synthesis.{layer}.weight", (o, i)), Slot(f"synthesis.{layer}.values", (o, i, g + 1), smooth=True),
                              Slot(f"synthesis.{layer}.bias", (o,)))]
     if spec["name"] == "latent":  # nn.Sequential of Linear, ReLU, Linear, …
         return [slot for layer, (i, o) in enumerate(pairs)
