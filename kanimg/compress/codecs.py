@@ -176,7 +176,7 @@ def get_codec(name: str, neural_options: dict[str, Any] | None = None) -> Codec:
             "kan": "KAN, uniform n-bit weights with quantisation-aware fine-tuning, range-coded (.kimg)",
             "siren": "COIN-style SIREN (ω0 = 30), float16 weights (.kimg)",
             "latent": "latent grids + ReLU synthesis (Cool-chic style), rate–distortion trained, range-coded (.kimg v5)",
-            "latent-kan": "latent grids + order-1 KAN synthesis, rate–distortion trained, range-coded (.kimg v6)",
+            "latent-kan": "latent grids + order-1 KAN synthesis, rate–distortion trained, range-coded (.kimg v7: a grid and a reach per layer)",
         }[name]
         return NeuralCodec(name, description, config)
     raise KanimgError(f"unknown codec {name!r}; choose from {', '.join(CLASSIC + NEURAL)}")
