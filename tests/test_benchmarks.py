@@ -464,3 +464,33 @@ def test_loss_spikes_counts_jumps_over_the_lowest_loss_in_real_runs(tmp_path, ca
         assert bench.main([str(tmp_path / "runs"), "--json", str(out)]) == 2
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and "metrics.json is not a kanimg run's metrics.json" in error
+
+
+def test_bd_between_compares_two_network_codecs_from_separate_rd_runs(tmp_path, capsys):
+    """A test curve 0.5 dB below the reference at every rate: BD-PSNR −0.5 dB and more bits for
+    the same PSNR, per image and on the mean curve; an image the reference lacks is refused."""
+    bench = load("bd_between")
+    rates = [0.1, 0.2, 0.3, 0.5]
+
+    def rd_folder(name, codec, images, shift):
+        folder = tmp_path / name
+        folder.mkdir()
+        records = [{"image": image, "codec": codec, "bpp": bpp * (1 + 0.1 * k), "psnr": 20 + k + 8 * np.log2(bpp) + shift}
+                   for image in images for k in ["abc".index(image)] for bpp in rates]
+        records.append({"image": images[0], "codec": "webp", "bpp": 0.3, "psnr": 99.0})  # another codec: ignored
+        (folder / "results.json").write_text(json.dumps({"records": records}))
+        return str(folder)
+
+    reference = rd_folder("ref", "latent", ["a", "b"], 0.0)
+    test_a, test_b = rd_folder("test-a", "latent-kan", ["a"], -0.5), rd_folder("test-b", "latent-kan", ["b"], -0.5)
+    out = tmp_path / "bd.json"
+    assert bench.main(["--reference", "latent", reference, "--test", "latent-kan", test_a, test_b, "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"a", "b", "mean curve"}
+    for row in results.values():
+        assert row["bd_psnr_db"] == pytest.approx(-0.5, abs=1e-6)
+        assert row["bd_rate_percent"] == pytest.approx(100 * (2 ** (0.5 / 8) - 1), abs=1e-3)  # 8 dB per doubling
+    assert "| mean curve | +4.4 % | -0.50 dB |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no points for c"):
+        bench.main(["--reference", "latent", reference, "--test", "latent-kan", rd_folder("test-c", "latent-kan", ["c"], 0.0),
+                    "--json", str(out)])
