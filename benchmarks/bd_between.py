@@ -2,8 +2,8 @@
 
 ``kanimg rd`` gives each network codec its BD against the classic codecs it ran beside. Two
 network codecs measured apart (another day, one half of the images per process, some rates
-later) are compared here on the images both have, per image and on the mean curve (the points
-averaged rate by rate, as rd's mean curve is), with the BD functions rd uses:
+later) are compared here on the images both have, per image and on the mean curve, with rd's
+own mean curve and BD functions:
 
     python benchmarks/bd_between.py --reference latent runs/rd-eval4-lr2 \\
         --test latent-kan runs/rd-eval4a-latent-kan-v7 runs/rd-eval4b-latent-kan-v7 \\
@@ -19,15 +19,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from kanimg.compress.bd import bd_psnr, bd_rate
+from kanimg.compress.codecs import Point
+from kanimg.compress.rd import bd_against, mean_curve
 from kanimg.files import write_json
 
+MEASURED = ("bpp", "psnr", "bytes", "setting", "encode_seconds", "decode_seconds")  # a results.json record's Point fields
 
-def curves(codec: str, folders: list[Path]) -> dict[str, list[tuple[float, float]]]:
-    """Each image's (bpp, PSNR) points of ``codec`` in the rd folders, by rate."""
-    out: dict[str, list[tuple[float, float]]] = {}
+
+def curves(codec: str, folders: list[Path]) -> dict[str, list[Point]]:
+    """Each image's points of ``codec`` in the rd folders, by rate."""
+    out: dict[str, list[Point]] = {}
     for folder in folders:
         try:
             records = json.loads((folder / "results.json").read_text())["records"]
@@ -35,21 +36,14 @@ def curves(codec: str, folders: list[Path]) -> dict[str, list[tuple[float, float
             raise SystemExit(f"{folder}: not the output folder of a kanimg rd run ({error})") from None
         for record in records:
             if record["codec"] == codec:
-                out.setdefault(record["image"], []).append((record["bpp"], record["psnr"]))
+                out.setdefault(record["image"], []).append(Point(*(record[key] for key in MEASURED)))
     if not out:
         raise SystemExit(f"no {codec} points in {', '.join(map(str, folders))}")
-    return {image: sorted(points) for image, points in out.items()}
+    return {image: sorted(points, key=lambda point: point.bpp) for image, points in out.items()}
 
 
-def mean_curve(per_image: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
-    """The points averaged rate by rate over the images (the first n of each, n the fewest)."""
-    count = min(len(points) for points in per_image)
-    return [(float(np.mean([p[i][0] for p in per_image])), float(np.mean([p[i][1] for p in per_image]))) for i in range(count)]
-
-
-def bd(reference: list[tuple[float, float]], test: list[tuple[float, float]]) -> dict[str, float | None]:
-    args = ([p[0] for p in reference], [p[1] for p in reference], [p[0] for p in test], [p[1] for p in test])
-    return {"bd_rate_percent": bd_rate(*args), "bd_psnr_db": bd_psnr(*args)}
+def as_results(points: list[Point]) -> dict[str, list[float]]:
+    return {"bpp": [p.bpp for p in points], "psnr": [p.psnr for p in points]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"the reference has no points for {', '.join(missing)}")
     images = sorted(test)
-    rows = {image: {"reference": reference[image], "test": test[image], **bd(reference[image], test[image])} for image in images}
-    mean_ref, mean_test = mean_curve([reference[i] for i in images]), mean_curve([test[i] for i in images])
-    rows["mean curve"] = {"reference": mean_ref, "test": mean_test, **bd(mean_ref, mean_test)}
+    pairs = {image: (as_results(reference[image]), as_results(test[image])) for image in images}
+    pairs["mean curve"] = tuple(dict(zip(("bpp", "psnr"), mean_curve([curve[i] for i in images]))) for curve in (reference, test))
+    rows = {name: {"reference": ref, "test": tested, **bd_against(ref, tested)} for name, (ref, tested) in pairs.items()}
     print(f"{args.test[0]} against {args.reference[0]}\n\n| image | BD-rate | BD-PSNR |\n|---|---:|---:|")
     for name, row in rows.items():
         rate, psnr = row["bd_rate_percent"], row["bd_psnr_db"]

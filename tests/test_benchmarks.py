@@ -475,9 +475,10 @@ def test_bd_between_compares_two_network_codecs_from_separate_rd_runs(tmp_path, 
     def rd_folder(name, codec, images, shift):
         folder = tmp_path / name
         folder.mkdir()
-        records = [{"image": image, "codec": codec, "bpp": bpp * (1 + 0.1 * k), "psnr": 20 + k + 8 * np.log2(bpp) + shift}
+        records = [{"image": image, "codec": codec, "bpp": bpp * (1 + 0.1 * k), "psnr": 20 + k + 8 * np.log2(bpp) + shift,
+                    "bytes": 0, "setting": f"target {bpp} bpp", "encode_seconds": 1.0, "decode_seconds": 0.1}
                    for image in images for k in ["abc".index(image)] for bpp in rates]
-        records.append({"image": images[0], "codec": "webp", "bpp": 0.3, "psnr": 99.0})  # another codec: ignored
+        records.append({"image": images[0], "codec": "webp", "bpp": 0.3, "psnr": 99.0})  # another codec: ignored (no Point fields)
         (folder / "results.json").write_text(json.dumps({"records": records}))
         return str(folder)
 
