@@ -599,6 +599,24 @@ def test_the_training_hats_are_the_decoders_hats_and_their_gradient_is_the_finit
         assert torch.allclose(ours, traced, atol=1e-12) and ours.abs().max() > 0
 
 
+def test_training_the_synthesis_slice_by_slice_gives_the_whole_images_output_and_gradients(monkeypatch):
+    """Slices of 50 pixels (273 in all, the last slice short), recomputed in the backward pass,
+    against plain autograd over the whole image, for both syntheses, with the straight-through
+    rounding and the fake-quantised weights of the rounding phase."""
+    for model in (latent_like(), kan_latent_like()):
+        weights = model.quantized_synthesis(8)
+        results = []
+        for pixels in (10**9, 50):
+            monkeypatch.setattr(latent, "SLICE_PIXELS", pixels)
+            model.zero_grad()
+            torch.manual_seed(1)
+            out, bits = model("ste", weights)
+            ((out - 0.3).square().mean() + bits / 1e4).backward(retain_graph=True)
+            results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
+        for whole, sliced in zip(*results):
+            assert whole.abs().max() > 0 and torch.allclose(whole, sliced, rtol=1e-5, atol=1e-6)
+
+
 def test_the_kan_synthesis_decoder_is_an_independent_piecewise_linear_evaluation_at_any_thread_count():
     """Each edge of an order-1 KAN layer is w·x plus the piecewise-linear function through its
     values at the knots, constant beyond them: numpy's interp written out per edge."""

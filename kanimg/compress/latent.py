@@ -119,6 +119,38 @@ class HatKANLayer(nn.Module):
         return torch.addmm(bias[:, None], values.reshape(len(values), -1), hats) + weight @ x
 
 
+SLICE_PIXELS = 16384  # pixels per slice of the synthesis in training (its activations stay in the CPU's cache)
+
+
+class _SlicedSynthesis(torch.autograd.Function):
+    """The synthesis ``run(x, tensors)`` on SLICE_PIXELS pixels at a time, forward and backward,
+    its activations recomputed slice by slice in the backward pass instead of kept: on a
+    CPU the whole image's hidden activations (48 values a pixel) go through memory several
+    times a step, a slice's stay in the cache (the same gradients to float rounding)."""
+
+    @staticmethod
+    def forward(ctx, run, x: Tensor, *tensors: Tensor) -> Tensor:
+        ctx.run = run
+        ctx.save_for_backward(x, *tensors)
+        return torch.cat([run(x[:, s : s + SLICE_PIXELS], tensors) for s in range(0, x.shape[1], SLICE_PIXELS)], 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:
+        x, *tensors = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        wanted = [t for t in leaves if t.requires_grad]
+        grad_x, totals = torch.empty_like(x), [torch.zeros_like(t) for t in wanted]
+        for s in range(0, x.shape[1], SLICE_PIXELS):
+            part = x[:, s : s + SLICE_PIXELS].detach().requires_grad_()
+            with torch.enable_grad():
+                found = torch.autograd.grad(ctx.run(part, leaves), [part, *wanted], grad[:, s : s + SLICE_PIXELS])
+            grad_x[:, s : s + SLICE_PIXELS] = found[0]
+            for total, g in zip(totals, found[1:]):
+                total += g
+        by_leaf = iter(totals)
+        return None, grad_x, *(next(by_leaf) if t.requires_grad else None for t in leaves)
+
+
 def kan_synthesis(widths: Sequence[int], grids: Sequence[int], reaches: Sequence[float]) -> nn.Sequential:
     """Order-1 KAN layers, each on its own grid of intervals over its own ±reach."""
     return nn.Sequential(*(HatKANLayer(a, b, g, r) for a, b, g, r in zip(widths[:-1], widths[1:], grids, reaches)))
@@ -185,7 +217,13 @@ class LatentImage(nn.Module):
         backward) or "round"; ``weights`` replace the synthesis's own by name (fake-quantised
         ones, for quantisation-aware training)."""
         features, bits = self.features(mode)
-        return self.synthesise_features(features, weights or {}), bits
+        weights = weights or {}
+        if not torch.is_grad_enabled() or features.shape[1] <= SLICE_PIXELS:
+            return self.synthesise_features(features, weights), bits
+        names = [f"synthesis.{name}" for name, _ in self.synthesis.named_parameters()]
+        tensors = [weights.get(name, own) for name, own in zip(names, self.synthesis.parameters())]
+        run = lambda x, values: self.synthesise_features(x, dict(zip(names, values)))  # noqa: E731
+        return _SlicedSynthesis.apply(run, features, *tensors), bits
 
     def features(self, mode: str) -> tuple[Tensor, Tensor]:
         """(the upsampled grids (levels, H·W), bits of the latents), latents quantised as
