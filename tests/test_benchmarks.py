@@ -495,3 +495,22 @@ def test_bd_between_compares_two_network_codecs_from_separate_rd_runs(tmp_path, 
     with pytest.raises(SystemExit, match="no points for c"):
         bench.main(["--reference", "latent", reference, "--test", "latent-kan", rd_folder("test-c", "latent-kan", ["c"], 0.0),
                     "--json", str(out)])
+
+
+def test_latent_train_speed_times_each_codecs_steps_per_image_and_refuses_bad_arguments(tmp_path, capsys):
+    from PIL import Image
+
+    bench = load("latent_train_speed")
+    photo = tmp_path / "small.png"
+    with Image.open(ROOT / "assets" / "astronaut.png") as im:
+        im.resize((24, 20), Image.LANCZOS).save(photo)
+    out = tmp_path / "speed.json"
+    assert bench.main([str(photo), "--steps", "3", "--repeats", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["size"], r["channels"], r["steps"], len(r["seconds"])) for r in rows] == \
+        [("latent", "24x20", 3, 3, 2), ("latent-kan", "24x20", 3, 3, 2)]
+    assert all(r["ms_per_step"] > 0 and r["encode_seconds_at_default_steps"] > 0 for r in rows)
+    assert "| small.png | 24x20 | latent-kan |" in capsys.readouterr().out
+    assert bench.main([str(photo), "--models", "latent,siren", "--json", str(out)]) == 2
+    assert bench.main([str(tmp_path / "missing.png"), "--steps", "1", "--repeats", "1", "--json", str(out)]) == 1
+    assert "latent_train_speed: " in capsys.readouterr().out
