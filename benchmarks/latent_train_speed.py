@@ -23,7 +23,6 @@ import torch
 
 import kanimg
 from kanimg.compress import latent_codec
-from kanimg.compress.latent import LatentImage
 from kanimg.errors import KanimgError
 from kanimg.files import write_json
 from kanimg.io import load_image
@@ -32,20 +31,12 @@ from kanimg.results import machine, versions
 MODELS = ("latent", "latent-kan")
 
 
-def model_for(name: str, height: int, width: int, channels: int) -> LatentImage:
-    """A fresh model of the codec ``name`` at its default shape."""
-    if name == "latent-kan":
-        widths = [latent_codec.LEVELS, *latent_codec.KAN_HIDDEN, channels]
-        return LatentImage(height, width, widths, "kan", latent_codec.KAN_GRIDS, latent_codec.KAN_REACHES)
-    return LatentImage(height, width, [latent_codec.LEVELS, *latent_codec.HIDDEN, channels])
-
-
 def time_steps(image_path: Path, name: str, steps: int, repeats: int) -> dict:
     image = load_image(image_path)
     seconds = []
     for repeat in range(repeats + 1):  # the first run warms up (allocations, the upsampling factors)
         torch.manual_seed(repeat)
-        model = model_for(name, image.height, image.width, image.channels)
+        model = latent_codec.new_model(name, image.height, image.width, image.channels)
         started = time.perf_counter()
         latent_codec.train_latent(model, image, 0.3, steps, seed=repeat, measure_files=False)
         if repeat:

@@ -188,17 +188,21 @@ def best_synthesis_bits(model: LatentImage, image: ImageData, info: ImageInfo, l
     return data, bits, decoded
 
 
+def new_model(codec: str, height: int, width: int, channels: int) -> LatentImage:
+    """An untrained model of ``codec`` ("latent" or "latent-kan") at its default shape."""
+    if codec == "latent-kan":
+        return LatentImage(height, width, [LEVELS, *KAN_HIDDEN, channels], "kan", KAN_GRIDS, KAN_REACHES)
+    return LatentImage(height, width, [LEVELS, *HIDDEN, channels])
+
+
 def compress_latent(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
     """The latent-grid codecs' :func:`kanimg.compress.neural.compress_image` ("latent",
     "latent-kan")."""
     info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
-    kan = config.model == "latent-kan"
-    widths = [LEVELS, *(KAN_HIDDEN if kan else HIDDEN), image.channels]
     started = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        model = (LatentImage(image.height, image.width, widths, "kan", KAN_GRIDS, KAN_REACHES) if kan else
-                 LatentImage(image.height, image.width, widths))
+        model = new_model(config.model, image.height, image.width, image.channels)
     steps = config.steps or STEPS
     training = train_latent(model, image, bpp, steps, config.seed, config.progress)
     if config.bits is not None:
