@@ -75,10 +75,11 @@ SYNTHESES: dict[str, tuple[Callable[[int, int, int], LatentImage], Callable[[int
                                           lambda c: 16 * LEVELS + 5 * 16 * c),
     "linear 7 → 16, ReLU, KAN 16 → C, grid 5": (under_test(lambda c: nn.Sequential(nn.Linear(LEVELS, 16), nn.ReLU(), *kan([16, c], 5))),
                                                 lambda c: 16 * LEVELS + 5 * 16 * c),
-    # order-1 KANs (kanimg.compress.latent.HatKANLayer, the codec's latent-kan): 3 multiply-adds per edge
-    "hat KAN 7 → 16 → C, grid 4, linear term": (codec(16, (4, 4)), lambda c: 3 * 16 * (LEVELS + c)),
+    # order-1 KANs (kanimg.compress.latent.HatKANLayer, the codec's latent-kan): 2 multiply-adds per edge
+    # (its piece's slope · x + intercept, and the sum: latent.kan_pieces) and 1 per input (its piece)
+    "hat KAN 7 → 16 → C, grid 4, linear term": (codec(16, (4, 4)), lambda c: 2 * 16 * (LEVELS + c) + LEVELS + 16),
     # no more weights than the MLP (430 against 433 for grey) and fewer multiply-adds: one kink per edge, at 0
-    "hat KAN 7 → 13 → C, grid 2, linear term": (codec(13, (2, 2)), lambda c: 3 * 13 * (LEVELS + c)),
+    "hat KAN 7 → 13 → C, grid 2, linear term": (codec(13, (2, 2)), lambda c: 2 * 13 * (LEVELS + c) + LEVELS + 13),
 }
 
 

@@ -599,6 +599,27 @@ def test_the_training_hats_are_the_decoders_hats_and_their_gradient_is_the_finit
         assert torch.allclose(ours, traced, atol=1e-12) and ours.abs().max() > 0
 
 
+def test_the_kan_edges_as_linear_pieces_are_numpys_interp_plus_the_linear_term():
+    """Each edge's piece (looked up once per input) as slope · x + intercept, against w·x plus
+    numpy's piecewise-linear interp through the knot values (constant beyond the reach), at
+    inputs between the knots, exactly on them, on the reach and beyond it, on two grids."""
+    torch.manual_seed(0)
+    for grid, reach in ((2, 3.0), (6, 2.0)):
+        weight = torch.randn(4, 3, dtype=torch.float64)
+        values = torch.randn(4, 3, grid + 1, dtype=torch.float64)
+        knots = np.linspace(-reach, reach, grid + 1)
+        x = torch.cat([torch.empty(3, 200, dtype=torch.float64).uniform_(-2 * reach, 2 * reach),
+                       torch.tensor(knots).expand(3, -1)], 1)
+        slopes, intercepts = latent.kan_pieces(weight, values, grid, reach)
+        piece = latent.kan_piece(x, grid, reach)
+        assert piece.min() == 0 and piece.max() == grid + 1  # both ends beyond the reach are used
+        for o in range(4):
+            for i in range(3):
+                ours = slopes[o, i][piece[i]] * x[i] + intercepts[o, i][piece[i]]
+                expected = weight[o, i].item() * x[i].numpy() + np.interp(x[i].numpy(), knots, values[o, i].numpy())
+                assert np.allclose(ours.numpy(), expected, atol=1e-12)
+
+
 def test_training_the_synthesis_slice_by_slice_gives_the_whole_images_output_and_gradients(monkeypatch):
     """Slices of 50 pixels (273 in all, the last slice short), recomputed in the backward pass,
     against plain autograd over the whole image, for both syntheses, with the straight-through

@@ -83,9 +83,10 @@ def decode_cost(spec: dict, height: int, width: int, channels: int) -> tuple[flo
     widths, pixels = spec["widths"], height * width
     pairs = list(zip(widths[:-1], widths[1:]))
     if spec["name"] == "latent":  # 16-tap bicubic per level, then the synthesis, whole image in float64
-        per_edge = [g + 2 for g in spec["grids"]] if spec.get("synthesis") == "kan" else [1] * len(pairs)  # an order-1 KAN: w·x and every hat
-        macs = pixels * (16 * widths[0] + sum(e * i * o for e, (i, o) in zip(per_edge, pairs)))
-        return float(macs), int(8 * pixels * (2 * widths[0] + 2 * max(widths)) + 2 * pixels * channels + 16 * parameter_count(spec))
+        kan = spec.get("synthesis") == "kan"  # an order-1 KAN edge: its piece's slope · x + intercept, and the sum
+        macs = pixels * (16 * widths[0] + (2 if kan else 1) * sum(i * o for i, o in pairs))
+        activations = (3 if kan else 2) * max(widths)  # the KAN's looked-up slopes and intercepts too
+        return float(macs), int(8 * pixels * (2 * widths[0] + activations) + 2 * pixels * channels + 16 * parameter_count(spec))
     if spec["name"] == "kan":
         grids = spec["grids"]
         first = (height + width) * (grids[0] + 4) * widths[1]

@@ -98,11 +98,32 @@ def training_hats(x: Tensor, grid: int, reach: float) -> Tensor:
     return _TrainingHats.apply(x, grid, reach)
 
 
+def kan_pieces(weight: Tensor, values: Tensor, grid: int, reach: float) -> tuple[Tensor, Tensor]:
+    """An order-1 KAN layer's edges as linear pieces, (slopes, intercepts) of shape
+    (fan_out, fan_in, grid + 2): piece 0 below −reach, 1 … grid the intervals, grid + 1 above
+    reach. Each edge is then slope · x + intercept after a lookup by :func:`kan_piece`: one
+    multiply and two adds with its sum, where the hats take three multiply-adds (the decode
+    cost docs/compression.md counts)."""
+    step = 2 * reach / grid
+    knots = torch.tensor([-reach + g * step for g in range(grid)], dtype=values.dtype)
+    rise = (values[..., 1:] - values[..., :-1]) / step
+    outer = weight[..., None]
+    slopes = torch.cat([outer, outer + rise, outer], -1)
+    intercepts = torch.cat([values[..., :1], values[..., :-1] - rise * knots, values[..., -1:]], -1)
+    return slopes, intercepts
+
+
+def kan_piece(x: Tensor, grid: int, reach: float) -> Tensor:
+    """The piece of :func:`kan_pieces` each input falls in (int64, the shape of ``x``)."""
+    return torch.floor((x + reach) * (grid / (2 * reach))).clamp(-1, grid).to(torch.int64) + 1
+
+
 class HatKANLayer(nn.Module):
     """A KAN layer of order-1 splines, channels first: each edge w·x plus a piecewise-linear
     function on ``grid`` equal intervals of [−reach, reach], constant beyond them (so only w·x
-    extrapolates). Two hats are nonzero per edge, so it costs 3 multiply-adds per edge where a
-    cubic KAN layer costs 5: it spends parameters (values at the knots), not arithmetic."""
+    extrapolates). Two hats are nonzero per edge; decoded as the linear piece its input falls in
+    (:func:`kan_pieces`) an edge costs a multiply-add and an add, where a cubic KAN layer's costs
+    5 multiply-adds: it spends parameters (values at the knots), not arithmetic."""
 
     def __init__(self, fan_in: int, fan_out: int, grid: int, reach: float) -> None:
         super().__init__()
@@ -301,8 +322,9 @@ def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], hei
     """The decoder: (H, W, C) values in [-1, 1] (unclipped), float64, from integer
     latents and dequantised synthesis weights (per layer: weight, bias for the MLP; weight,
     knot values, bias for the order-1 KAN of ``grids``, ``reaches``). Each output is a sum
-    accumulated in a fixed order (the bias, then input by input its linear term and, for the
-    KAN, its hats in knot order), so it is the same number for any thread count."""
+    accumulated in a fixed order (the bias, then input by input its linear term, for the KAN
+    the linear piece of :func:`kan_pieces` it falls in), so it is the same number for any
+    thread count."""
     features = []
     for grid in latents:
         full = upsample(torch.from_numpy(np.asarray(grid, dtype=np.float64))[None, None], height, width)
@@ -314,13 +336,15 @@ def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], hei
         tensors = [torch.from_numpy(np.asarray(w)).to(torch.float64) for w in weights[per_layer * index : per_layer * (index + 1)]]
         weight, bias = tensors[0], tensors[-1]
         out = bias.expand(*x.shape[:-1], bias.shape[0]).clone()
+        if grids is not None:
+            slopes, intercepts = kan_pieces(weight, tensors[1], grids[index], reaches[index])
         for k in range(weight.shape[1]):
             inputs = x[..., k : k + 1]
-            out += inputs * weight[:, k]
-            if grids is not None:  # the training's own basis, added hat by hat in knot order
-                hats = hat_basis(inputs.reshape(1, -1), grids[index], reaches[index])[0]
-                for g in range(grids[index] + 1):
-                    out += hats[g].reshape(inputs.shape) * tensors[1][:, k, g]
+            if grids is None:
+                out += inputs * weight[:, k]
+            else:  # each edge's piece looked up, then slope · x + intercept
+                piece = kan_piece(inputs[..., 0], grids[index], reaches[index])
+                out += slopes[:, k].T[piece] * inputs + intercepts[:, k].T[piece]
         x = torch.relu(out) if grids is None and index < count - 1 else out
     return x.numpy()
 

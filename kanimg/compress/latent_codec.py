@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 LEVELS, HIDDEN = 7, (48,)  # grids at H/2^0 … H/2^6; synthesis widths
 # `latent-kan`'s order-1 KAN synthesis: 7 → 10 → C, the first layer on 2 intervals of ±3 (a
 # trained file's upsampled grids: std 0.5–3 each), the second on 6 intervals of ±2 (its inputs'
-# 1st–99th percentiles: about ±3): 533 weights for RGB (the MLP: 531) at 300 multiply-adds per pixel (480). Chosen on
+# 1st–99th percentiles: about ±3): 533 weights for RGB (the MLP: 531) at 217 multiply-adds per pixel (2 per edge, 1 per
+# input for its piece: latent.kan_pieces; the MLP: 480). Chosen on
 # the tuning crops at 0.3 bpp in files (docs/compression.md, 2026-12-06) over one grid and the
 # reaches ±12, ±4 of .kimg version 6 (7 → 13 → C on 2 intervals): +0.28 and +0.86 dB against AVIF.
 KAN_HIDDEN, KAN_GRIDS, KAN_REACHES = (10,), (2, 6), (3.0, 2.0)
