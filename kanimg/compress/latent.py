@@ -59,19 +59,13 @@ def laplace_bits(values: Tensor, log_scale: Tensor) -> Tensor:
     return -torch.log2(probability).sum()
 
 
-def hat_basis(x: Tensor, grid: int, reach: float) -> Tensor:
-    """(I, N) inputs → (I, grid + 1, N): each input's order-1 B-splines ("hats") on ``grid``
-    equal intervals of [−reach, reach], the input clamped to it (constant beyond)."""
-    step = 2 * reach / grid
-    knots = torch.tensor([-reach + g * step for g in range(grid + 1)], dtype=x.dtype, device=x.device)
-    return torch.relu(1 - (x.clamp(-reach, reach)[:, None, :] - knots[:, None]).abs() / step)
-
-
 class _TrainingHats(torch.autograd.Function):
-    """:func:`hat_basis` for training: each input's two nonzero hats written in place (1 - t at
-    its interval's left knot, t at the right one) and the gradient read back from those two
-    (the difference of their gradients over the knot spacing, 0 beyond the reach), not traced
-    through clamp, abs and relu over every knot (docs/compression.md, "Encoding time")."""
+    """(I, N) inputs → (I, grid + 1, N): each input's order-1 B-splines ("hats") on ``grid``
+    equal intervals of [−reach, reach], the input clamped to it (constant beyond). Each input's
+    two nonzero hats are written in place (1 - t at its interval's left knot, t at the right
+    one) and the gradient read back from those two (the difference of their gradients over the
+    knot spacing, 0 beyond the reach), not traced through clamp, abs and relu over every knot
+    (docs/compression.md, "Encoding time")."""
 
     @staticmethod
     def forward(ctx, x: Tensor, grid: int, reach: float) -> Tensor:
@@ -94,7 +88,7 @@ class _TrainingHats(torch.autograd.Function):
 
 
 def training_hats(x: Tensor, grid: int, reach: float) -> Tensor:
-    """:func:`hat_basis`'s values, with a cheaper gradient (:class:`_TrainingHats`)."""
+    """Order-1 B-splines of ``x`` for a :class:`HatKANLayer` in training (:class:`_TrainingHats`)."""
     return _TrainingHats.apply(x, grid, reach)
 
 
@@ -105,7 +99,7 @@ def kan_pieces(weight: Tensor, values: Tensor, grid: int, reach: float) -> tuple
     multiply and two adds with its sum, where the hats take three multiply-adds (the decode
     cost docs/compression.md counts)."""
     step = 2 * reach / grid
-    knots = torch.tensor([-reach + g * step for g in range(grid)], dtype=values.dtype)
+    knots = torch.tensor([-reach + g * step for g in range(grid)], dtype=values.dtype, device=values.device)
     rise = (values[..., 1:] - values[..., :-1]) / step
     outer = weight[..., None]
     slopes = torch.cat([outer, outer + rise, outer], -1)
@@ -344,7 +338,10 @@ def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], hei
                 out += inputs * weight[:, k]
             else:  # each edge's piece looked up, then slope · x + intercept
                 piece = kan_piece(inputs[..., 0], grids[index], reaches[index])
-                out += slopes[:, k].T[piece] * inputs + intercepts[:, k].T[piece]
+                term = slopes[:, k].T[piece]
+                term *= inputs
+                term += intercepts[:, k].T[piece]
+                out += term
         x = torch.relu(out) if grids is None and index < count - 1 else out
     return x.numpy()
 
