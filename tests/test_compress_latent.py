@@ -156,6 +156,36 @@ def test_rate_term_is_the_laplace_mass_of_each_unit_interval():
     assert float(log_scale.grad) == pytest.approx(numeric, rel=1e-5)
 
 
+def test_rate_term_in_closed_form_matches_the_two_cdfs_and_their_derivatives_per_value():
+    """The closed form of each value's mass (inside ½, in the tails, at 0, near ±½, far out
+    where the floor holds) against scipy's two CDFs, and its derivatives in each value and
+    each value's own log-scale against central finite differences."""
+    values = torch.tensor([0.0, 0.2, -0.49, 0.51, -0.7, 1.3, -2.0, 4.6, 0.05, -3.3], dtype=torch.float64)
+    log_scale = torch.tensor([0.3, -1.0, 0.8, -2.0, 0.0, 1.5, -0.4, 0.2, -3.0, 2.0], dtype=torch.float64)
+    scale = np.exp(log_scale.numpy())
+    mass = stats.laplace.cdf(values.numpy() + 0.5, scale=scale) - stats.laplace.cdf(values.numpy() - 0.5, scale=scale)
+    for v, m, ls in zip(values, mass, log_scale):
+        assert float(laplace_bits(v[None], ls[None])) == pytest.approx(-np.log2(m), rel=1e-12)
+    v, ls = values.clone().requires_grad_(), log_scale.clone().requires_grad_()
+    laplace_bits(v, ls).backward()
+    step = 1e-6
+    for i in range(len(values)):
+        for tensor, grad in ((values, v.grad), (log_scale, ls.grad)):
+            up, down = tensor.clone(), tensor.clone()
+            up[i] += step
+            down[i] -= step
+            args = (up, log_scale) if tensor is values else (values, up)
+            back = (down, log_scale) if tensor is values else (values, down)
+            numeric = (float(laplace_bits(*args)) - float(laplace_bits(*back))) / (2 * step)
+            assert float(grad[i]) == pytest.approx(numeric, rel=1e-5, abs=1e-7)
+    assert float(v.grad[0]) == 0  # the mass is flat in the value at 0
+    # far beyond its scale a value costs the floor, with no slope to pull it back
+    far, tiny = torch.tensor([40.0], requires_grad=True), torch.tensor([0.0], requires_grad=True)
+    bits = laplace_bits(far, tiny)
+    bits.backward()
+    assert bits.item() == pytest.approx(-np.log2(latent.BITS_FLOOR)) and float(far.grad) == 0 and float(tiny.grad) == 0
+
+
 def nested_contexts(grid: np.ndarray, depth: int) -> list[tuple[str, int, int, float]]:
     """Every value of ``grid`` as the nested coding sees it, written out position by position:
     (its set: "base", "odd" or "cross"; row; column; the sum of its context neighbours'
