@@ -50,30 +50,37 @@ def upsampling_matrix(size: int, target: int) -> Tensor:
 BITS_FLOOR = 1e-9  # the smallest probability the rate counts: at most 29.9 bits a value, no slope beyond
 
 
+def _laplace_bits_closed_form(values: Tensor, log_scale: Tensor, derivatives: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(bits summed, their derivative in each value and in each value's log-scale, or None):
+    with a = |v| and u = 1/scale, the mass of [v − ½, v + ½] is ½(e^(−|a − ½|u) − e^(−(a + ½)u))
+    for a ≥ ½ and 1 − ½(e^(−(½ − a)u) + e^(−(a + ½)u)) inside. One expression, so no difference
+    of two CDFs near 1 (no cancellation in float32), and the derivatives in the same pass."""
+    u = torch.exp(-log_scale).expand_as(values)
+    a = values.abs()
+    off = a - 0.5
+    side = torch.sign(off)  # +1 in the tails, −1 inside, 0 on the edge
+    near, far = torch.exp(-off.abs() * u), torch.exp(-(a + 0.5) * u)
+    mass = 0.5 * (1 - side) + 0.5 * (side * near - far)
+    counted = mass.clamp_min(BITS_FLOOR)
+    bits = -torch.log2(counted).sum()
+    if not derivatives:
+        return bits, None, None
+    slope = torch.ops.aten.threshold_backward(-1 / (counted * math.log(2)), mass, BITS_FLOOR)  # d bits / d mass; 0 below the floor
+    grad_values = slope * 0.5 * u * (far - near) * torch.sign(values)
+    grad_log_scale = slope * 0.5 * (side * -off.abs() * near + (a + 0.5) * far) * -u
+    return bits, grad_values, grad_log_scale
+
+
 class _LaplaceBits(torch.autograd.Function):
-    """:func:`laplace_bits` in closed form, its derivatives taken in the same pass: with
-    a = |v| and u = 1/scale, the mass of [v − ½, v + ½] is ½(e^(−|a − ½|u) − e^(−(a + ½)u)) for
-    a ≥ ½ and 1 − ½(e^(−(½ − a)u) + e^(−(a + ½)u)) inside. One expression, no difference of two
-    CDFs near 1 (so no cancellation in float32), and no autograd graph of a dozen elementwise
-    steps: the rate is a quarter of a training step on a CPU."""
+    """:func:`laplace_bits` with its derivatives taken in the forward pass: no autograd graph of
+    a dozen elementwise steps per CDF (the rate was a quarter of a training step on a CPU)."""
 
     @staticmethod
     def forward(ctx, values: Tensor, log_scale: Tensor) -> Tensor:
-        u = torch.exp(-log_scale).expand_as(values)
-        a = values.abs()
-        off = a - 0.5
-        side = torch.sign(off)  # +1 in the tails, −1 inside, 0 on the edge
-        near, far = torch.exp(-off.abs() * u), torch.exp(-(a + 0.5) * u)
-        mass = 0.5 * (1 - side) + 0.5 * (side * near - far)
-        counted = mass.clamp_min(BITS_FLOOR)
-        if any(ctx.needs_input_grad):
-            slope = -1 / (counted * math.log(2))  # d bits / d mass, 0 below the floor (as clamp's)
-            slope = torch.ops.aten.threshold_backward(slope, mass, BITS_FLOOR)
-            grad_values = slope * 0.5 * u * (far - near) * torch.sign(values)
-            grad_log_scale = slope * 0.5 * (side * -off.abs() * near + (a + 0.5) * far) * -u
-            ctx.save_for_backward(grad_values, grad_log_scale)
-            ctx.log_scale_shape = log_scale.shape
-        return -torch.log2(counted).sum()
+        bits, grad_values, grad_log_scale = _laplace_bits_closed_form(values, log_scale, derivatives=True)
+        ctx.save_for_backward(grad_values, grad_log_scale)
+        ctx.log_scale_shape = log_scale.shape
+        return bits
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,7 +92,9 @@ def laplace_bits(values: Tensor, log_scale: Tensor) -> Tensor:
     """Bits of (noisy or rounded) latents under a zero-mean Laplace of scale e^log_scale,
     integrated over each value's unit interval (the rate term of training), each at most
     −log₂ BITS_FLOOR."""
-    return _LaplaceBits.apply(values, log_scale)
+    if torch.is_grad_enabled() and (values.requires_grad or log_scale.requires_grad):
+        return _LaplaceBits.apply(values, log_scale)
+    return _laplace_bits_closed_form(values, log_scale, derivatives=False)[0]
 
 
 class _TrainingHats(torch.autograd.Function):
