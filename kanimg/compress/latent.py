@@ -208,7 +208,7 @@ class _SlicedMLP(torch.autograd.Function):
     """A ReLU MLP (weights and biases alternating, channels first) slice by slice as
     :class:`_SlicedSynthesis` runs any synthesis, its backward pass written out: per slice the
     activations recomputed, then the products of backpropagation and ReLU's mask by
-    threshold_backward, with no autograd graph built per slice (1.2–1.3× faster on a CPU)."""
+    threshold_backward, with no autograd graph built per slice (with the closed-form rate, a full-size step 1.1–1.5× faster on a CPU)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, *tensors: Tensor) -> Tensor:
