@@ -661,9 +661,13 @@ def test_the_kan_edges_as_linear_pieces_are_numpys_interp_plus_the_linear_term()
 def test_training_the_synthesis_slice_by_slice_gives_the_whole_images_output_and_gradients(monkeypatch):
     """Slices of 50 pixels (273 in all, the last slice short), recomputed in the backward pass,
     against plain autograd over the whole image, for both syntheses, with the straight-through
-    rounding and the fake-quantised weights of the rounding phase."""
-    for model in (latent_like(), kan_latent_like()):
-        weights = model.quantized_synthesis(8)
+    rounding and the fake-quantised weights of the rounding phase; an MLP of two hidden layers and a
+    synthesis of two Linear layers with no ReLU between them (not relu_mlp's, so not the
+    written-out ReLU backward)."""
+    linear = latent_like()
+    linear.synthesis = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Linear(8, 3))
+    for model in (latent_like(), latent_like(widths=(5, 6, 4, 3)), kan_latent_like(), linear):
+        weights = model.quantized_synthesis(8) if model is not linear else {}  # a synthesis no file stores
         results = []
         for pixels in (10**9, 50):
             monkeypatch.setattr(latent, "SLICE_PIXELS", pixels)
