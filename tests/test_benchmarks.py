@@ -514,3 +514,56 @@ def test_latent_train_speed_times_each_codecs_steps_per_image_and_refuses_bad_ar
     assert bench.main([str(photo), "--models", "latent,siren", "--json", str(out)]) == 2
     assert bench.main([str(tmp_path / "missing.png"), "--steps", "1", "--repeats", "1", "--json", str(out)]) == 1
     assert "latent_train_speed: " in capsys.readouterr().out
+
+
+def test_context_bound_codes_grids_as_the_file_does_and_fits_the_causal_model(tmp_path, capsys):
+    from PIL import Image
+    from scipy import stats
+
+    from kanimg.compress import latent
+    from kanimg.compress.entropy import cost_bits
+    from kanimg.compress.neural import CompressConfig, compress_image
+    from kanimg.io import load_image
+
+    bench = load("context_bound")
+    rng = np.random.default_rng(0)
+    sparse = np.round(rng.laplace(0, 0.6, (40, 52))).astype(np.int64)
+    # without prediction: the bits of the streams and headers the coder itself writes
+    level, streams, models = latent.code_grid(sparse)
+    written = sum(cost_bits(s, m, level.limit) for s, m in zip(streams, models))
+    written += latent.MODEL_BITS * len(models) + latent.STAGE_BITS * len(level.buckets)
+    assert bench.nested_bits(sparse, predict=False) == pytest.approx(written)
+
+    # the causal model on i.i.d. Laplace integers: their entropy (scipy's CDF), plus its parameters
+    scale = 3.0
+    noise = np.round(rng.laplace(0, scale, (64, 64))).astype(np.int64)
+    support = np.arange(-80, 81)
+    mass = stats.laplace.cdf(support + 0.5, scale=scale) - stats.laplace.cdf(support - 0.5, scale=scale)
+    entropy = -np.sum(mass * np.log2(mass))
+    parameters = bench.CAUSAL_PARAMETERS * bench.PARAMETER_BITS
+    assert bench.causal_bits(noise) - parameters == pytest.approx(noise.size * entropy, rel=0.02)
+
+    # a ramp is its two left neighbours' linear extrapolation: the causal model codes it almost free,
+    # and a smooth bump is cheaper predicted from its neighbours' mean than coded as it is
+    ramp = np.tile(np.arange(48, dtype=np.int64), (32, 1))
+    assert bench.causal_bits(ramp) < 0.25 * bench.nested_bits(ramp, predict=False)
+    rows, cols = np.mgrid[0:48, 0:48]
+    bump = np.round(40 * np.exp(-((rows - 24) ** 2 + (cols - 20) ** 2) / 200)).astype(np.int64)
+    assert bench.nested_bits(bump, predict=True) < 0.8 * bench.nested_bits(bump, predict=False)
+
+    # end to end: an rd folder's latent file and the same file named
+    photo = tmp_path / "photo.png"
+    with Image.open(ROOT / "assets" / "astronaut.png") as im:
+        im.convert("RGB").resize((32, 32), Image.LANCZOS).save(photo)
+    (tmp_path / "rd" / "kimg").mkdir(parents=True)
+    data = compress_image(load_image(photo), 2.0, CompressConfig(model="latent", steps=20)).data
+    file = tmp_path / "rd" / "kimg" / "photo-latent-2.0bpp.kimg"
+    file.write_bytes(data)
+    out = tmp_path / "bound.json"
+    assert bench.main([str(tmp_path / "rd"), str(file), "--json", str(out)]) == 0
+    first, second = json.loads(out.read_text())["records"]
+    assert first["bytes"] == second["bytes"] == len(data) and first["nested"] == second["nested"]
+    assert len(first["grids"]) == 7 and first["predicted"] <= first["nested"]
+    assert "| photo-latent-2.0bpp.kimg |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path / "missing.kimg")])
