@@ -11,8 +11,9 @@ Layout (docs/kimg-format.md has the full specification):
 A file carries the lowest version that holds it: 2 for KAN and SIREN, 5 for latent grids
 (family 3, new in version 3, whose grids version 4 codes nested and version 5 with one-byte
 entropy models) with a ReLU synthesis, 7 for latent grids with an order-1 KAN synthesis (a
-grid and a reach per layer; version 6 had one grid and fixed reaches), so older readers still
-read every network file they can.
+grid and a reach per layer; version 6 had one grid and fixed reaches), 8 for latent grids
+whose nested sets are coded as residuals of a prediction from their neighbours (either
+synthesis), so older readers still read every network file they can.
 
 Integers are little-endian; "varint" is unsigned LEB128. Reading checks, in this order: the
 magic, the version, the checksum, then every field against hard limits, so a truncated,
@@ -38,8 +39,8 @@ from .tensors import Slot, parameter_count, slots
 SYNTHESIS_IDS = {"mlp": 0, "kan": 1}  # version 6: the latent family's synthesis
 
 MAGIC = b"KIMG"
-VERSION = 7  # the newest this module reads
-BITS_UNIT = {1: 1, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.5, 6: 0.5, 7: 0.5}  # per version: tensor bits are stored in whole (1) or half (2) bits
+VERSION = 8  # the newest this module reads
+BITS_UNIT = {1: 1, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.5, 6: 0.5, 7: 0.5, 8: 0.5}  # per version: tensor bits are stored in whole (1) or half (2) bits
 CHECKSUM_BYTES = 4
 MODEL_IDS = {"kan": 1, "siren": 2, "latent": 3}
 FIRST_VERSION = {"kan": 1, "siren": 1, "latent": 3}  # the version that introduced each family
@@ -50,6 +51,7 @@ MAX_LAYERS, MAX_WIDTH, MAX_PARAMETERS = 64, 4096, 20_000_000
 # Latent grids: at most this many levels, (version 3) entropy models per level, values within ±MAX_LATENT.
 MAX_LEVELS, MAX_CONTEXTS, MAX_LATENT = 10, 7, 1 << 15  # contexts (version 3): 1 + len(latent.CONTEXT_EDGES)
 MAX_DEPTH, MAX_BUCKETS = 16, 6  # version 4: nested stages per grid (the encoder's most; a file's also ≤ its grid's halvings), buckets per set
+PREDICTION_CODES = 4  # version 8: a nested set's values predicted as code/4 × the mean of its context's four neighbours, code 0 … 4
 MAX_SYNTHESIS_LAYERS, MAX_SYNTHESIS_WIDTH = 8, 256
 MAX_KAN_GRID = 64  # version 6: an order-1 KAN synthesis's intervals per edge
 # Version 7 stores each KAN synthesis layer's reach (its knots span ±reach) in a byte of REACH_UNITs;
@@ -129,11 +131,17 @@ class TensorHeader:
 class LatentLevel:
     """One latent grid's coding (:mod:`latent`): its largest magnitude, its entropy models and,
     version 4, each nested stage's two bucket counts, coarsest first (None: version 3's
-    checkerboard, whose first model is the anchors', then one per context)."""
+    checkerboard, whose first model is the anchors', then one per context), and, version 8,
+    each stage's two prediction codes (0: none; None: none anywhere)."""
 
     limit: int
     models: list[StreamModel] = field(default_factory=list)
     buckets: list[tuple[int, int]] | None = None
+    predictions: list[tuple[int, int]] | None = None
+
+    @property
+    def predicted(self) -> bool:
+        return any(code for codes in self.predictions or () for code in codes)
 
 
 @dataclass
@@ -190,12 +198,17 @@ def reach_units(reach: float) -> int:
 
 def write_version(kimg: KimgFile) -> int:
     """The lowest version that holds ``kimg``: 2 for KAN and SIREN, 3 for latent grids coded
-    as version 3 did, 4 for nested ones, 5 for nested ones whose models are all compact (what
-    the encoder writes), 6 for those with an order-1 KAN synthesis of one grid and version 6's
-    reaches, 7 for any other KAN synthesis."""
+    as version 3 did, 4 for nested ones, 5 for nested ones whose models are all compact, 6
+    for those with an order-1 KAN synthesis of one grid and version 6's reaches, 7 for any
+    other KAN synthesis, 8 where a nested set's values are predicted (either synthesis)."""
     spec = kimg.spec
     if spec["name"] != "latent":
         return min(VERSION, 2)  # VERSION: 1 in the test that writes version 1 files
+    compact = all(m.compact for level in kimg.levels for m in level.models)
+    if any(level.predicted for level in kimg.levels):
+        if not compact or any(level.buckets is None for level in kimg.levels):
+            raise ValueError("predicted latent sets need nested grids with compact models")
+        return 8
     if spec.get("synthesis", "mlp") != "mlp":
         return 6 if len(set(spec["grids"])) == 1 and spec["reaches"] == v6_reaches(len(spec["grids"])) else 7
     nested = {level.buckets is not None for level in kimg.levels}
@@ -203,7 +216,7 @@ def write_version(kimg: KimgFile) -> int:
         raise ValueError("latent levels coded both as version 3 and as version 4")
     if nested != {True}:
         return 3
-    return 5 if all(m.compact for level in kimg.levels for m in level.models) else 4
+    return 5 if compact else 4
 
 
 def write(kimg: KimgFile) -> bytes:
@@ -238,7 +251,11 @@ def write(kimg: KimgFile) -> bytes:
             else:
                 if len(level.models) != 1 + sum(map(sum, level.buckets)):
                     raise ValueError(f"{len(level.models)} entropy models for bucket counts {level.buckets}")
-                out += struct.pack("<B", len(level.buckets)) + b"".join(struct.pack("<BB", *counts) for counts in level.buckets)
+                codes = level.predictions if version >= 8 else None
+                codes = codes or [(0, 0)] * len(level.buckets)
+                out += struct.pack("<B", len(level.buckets)) + b"".join(
+                    struct.pack("<BB", *(count | code << 4 for count, code in zip(counts, stage)))  # version 8: code in the high bits
+                    for counts, stage in zip(level.buckets, codes))
             out += bytes(m.compact_byte() for m in level.models) if version >= 5 else b"".join(_model_bytes(m) for m in level.models)
     else:
         out += struct.pack("<f", spec["omega0"])
@@ -372,10 +389,15 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
             side = max(shape)
             _check(depth <= min(MAX_DEPTH, (side - 1).bit_length()), f"{depth} nested stages for a latent grid of side {side}")
             buckets = [r.unpack("<BB") for _ in range(depth)]
+            predictions = None
+            if version >= 8:  # each byte: the prediction code above the bucket count
+                predictions = [tuple(b >> 4 for b in pair) for pair in buckets]
+                buckets = [tuple(b & 15 for b in pair) for pair in buckets]
+                _check(all(code <= PREDICTION_CODES for codes in predictions for code in codes), f"prediction codes {predictions}")
             _check(all(1 <= n <= MAX_BUCKETS for counts in buckets for n in counts), f"bucket counts {buckets}")
             count = 1 + sum(sum(counts) for counts in buckets)
             models = [StreamModel.from_compact_byte(b) for b in r.take(count)] if version >= 5 else [r.model() for _ in range(count)]
-            levels.append(LatentLevel(limit, models, buckets))
+            levels.append(LatentLevel(limit, models, buckets, predictions))
     elif name == "kan":
         spec["grids"] = [r.varint(MAX_GRID, "grid size") for _ in range(layers)]
         spec["directions"] = spec["levels"] = 0  # the format holds KANs on x and y
