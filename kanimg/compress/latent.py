@@ -451,9 +451,9 @@ def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], hei
 # Version 8: a set may be predicted. Its values are then coded as residuals v − p, p =
 # ⌊(code · S + 8) / 16⌋ with S the signed sum of the same four neighbours as its context, i.e.
 # code/4 × their mean rounded half up (code 1 … PREDICTION_CODES per set, 0: not predicted),
-# bucketed by the same context; the encoder predicts a set where that takes fewer bits and
-# every residual stays within the grid's largest magnitude (smooth grids: a full-size photo's
-# files 4–7 % smaller, benchmarks/context_bound.py).
+# bucketed by the same context; the encoder tries every code per set and keeps the fewest bits
+# among those whose residuals stay within the grid's largest magnitude (the same grids of
+# full-size photos: files 2.3–6.4 % smaller; docs/compression.md, "Predicted sets").
 # Version 3 (still read): a grid is one stream, or a checkerboard whose anchors (row + column
 # even) are one stream and whose other values are bucketed by their four direct neighbours.
 CONTEXT_EDGES = (0, 1, 2, 3, 5, 9)
@@ -502,12 +502,10 @@ def _predictions(grid: np.ndarray, mask: np.ndarray, diagonal: bool, code: int) 
 def _best_set(grid: np.ndarray, mask: np.ndarray, diagonal: bool, limit: int
               ) -> tuple[float, list[np.ndarray], list[StreamModel], int]:
     """(bits, parts, models, prediction code) of one set of a stage: as it is, or predicted with
-    the code nearest the least-squares one, whichever codes it in fewer bits."""
+    whichever code 1 … PREDICTION_CODES codes it in the fewest bits, if fewer."""
     values, sums = grid[mask], _stage_contexts(grid, mask, diagonal)
     best = (*_best_buckets(values, sums, limit), 0)
-    neighbours = _neighbour_sums(grid, diagonal)[mask].astype(np.float64)
-    energy = float(neighbours @ neighbours)
-    for code in range(1, PREDICTION_CODES + 1) if energy > 0 else ():
+    for code in range(1, PREDICTION_CODES + 1) if sums.any() else ():  # all neighbours 0: nothing to predict
         residuals = values - _predictions(grid, mask, diagonal, code)
         if np.abs(residuals).max(initial=0) <= limit:
             predicted = _best_buckets(residuals, sums, limit)
@@ -532,7 +530,7 @@ def _best_buckets(values: np.ndarray, sums: np.ndarray, limit: int) -> tuple[flo
 
 
 def code_grid(grid: np.ndarray) -> tuple[LatentLevel, list[np.ndarray], list[StreamModel]]:
-    """One grid as version 5 codes it (see above): (its header, its streams, their models), in
+    """One grid as versions 5 and 8 code it (see above): (its header, its streams, their models), in
     file order, with the depth that takes the fewest bits."""
     grid = np.asarray(grid, dtype=np.int64)
     limit = max(1, int(np.abs(grid).max(initial=0)))
