@@ -405,7 +405,7 @@ def test_compressing_a_photo_crop_lands_near_the_rate_and_beats_a_flat_image():
     image = as_image(photo_crop(48))
     result = compress_image(image, 1.5, CompressConfig(model="latent", steps=300))
     decoded = decode_image(result.data)
-    assert result.data[4] == 5 and result.bpp == 8 * len(result.data) / (48 * 48)
+    assert result.data[4] in (5, 8) and result.bpp == 8 * len(result.data) / (48 * 48)
     assert 0.5 * 1.5 < result.bpp < 1.5 * 1.5  # rate control steers λ towards the target
     flat = 10 * np.log10(1 / np.mean((image.pixels - image.pixels.mean((0, 1))) ** 2))
     assert result.psnr > flat + 3
@@ -816,7 +816,7 @@ def test_cli_compresses_with_the_kan_synthesis_and_rd_runs_it(tmp_path):
     out = tmp_path / "crop.kimg"
     assert main(["compress", str(source), "--model", "latent-kan", "--bpp", "2", "--steps", "60", "-o", str(out), "-q"]) == 0
     data = out.read_bytes()
-    assert data[4] == 7 and kimg.read(data).spec["widths"] == [latent_codec.LEVELS, *latent_codec.KAN_HIDDEN, 3]
+    assert data[4] in (7, 8) and kimg.read(data).spec["widths"] == [latent_codec.LEVELS, *latent_codec.KAN_HIDDEN, 3]
     assert main(["decode", str(out), "-o", str(tmp_path / "back.png")]) == 0
     with Image.open(tmp_path / "back.png") as back:
         assert np.array_equal(np.asarray(back), decode_image(data).integers)
