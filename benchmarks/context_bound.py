@@ -44,12 +44,7 @@ PROBABILITY_FLOOR = 1e-9  # as the training's rate (latent.BITS_FLOOR)
 
 def neighbour_means(grid: np.ndarray, mask: np.ndarray, diagonal: bool) -> np.ndarray:
     """The mean of each masked value's four diagonal (or direct) neighbours, 0 beyond the border."""
-    p = np.pad(grid.astype(np.float64), 1)
-    if diagonal:
-        total = p[:-2, :-2] + p[:-2, 2:] + p[2:, :-2] + p[2:, 2:]
-    else:
-        total = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:]
-    return (total / 4)[mask]
+    return latent._neighbour_sums(grid, diagonal)[mask] / 4
 
 
 def nested_bits(grid: np.ndarray, predict: bool) -> float:

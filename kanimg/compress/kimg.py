@@ -251,8 +251,7 @@ def write(kimg: KimgFile) -> bytes:
             else:
                 if len(level.models) != 1 + sum(map(sum, level.buckets)):
                     raise ValueError(f"{len(level.models)} entropy models for bucket counts {level.buckets}")
-                codes = level.predictions if version >= 8 else None
-                codes = codes or [(0, 0)] * len(level.buckets)
+                codes = level.predictions or [(0, 0)] * len(level.buckets)  # all 0 below version 8 (write_version)
                 out += struct.pack("<B", len(level.buckets)) + b"".join(
                     struct.pack("<BB", *(count | code << 4 for count, code in zip(counts, stage)))  # version 8: code in the high bits
                     for counts, stage in zip(level.buckets, codes))

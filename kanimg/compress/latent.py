@@ -494,9 +494,10 @@ def _stage_contexts(grid: np.ndarray, mask: np.ndarray, diagonal: bool) -> np.nd
     return _neighbour_sums(np.abs(grid), diagonal)[mask]
 
 
-def _predictions(grid: np.ndarray, mask: np.ndarray, diagonal: bool, code: int) -> np.ndarray:
-    """Version 8's prediction of a set's values from its context's four neighbours (see above)."""
-    return (code * _neighbour_sums(grid, diagonal)[mask] + 8) // 16
+def _predictions(neighbours: np.ndarray, code: int) -> np.ndarray:
+    """Version 8's prediction of a set's values from the signed sums of its context's four
+    neighbours (see above)."""
+    return (code * neighbours + 8) // 16
 
 
 def _best_set(grid: np.ndarray, mask: np.ndarray, diagonal: bool, limit: int
@@ -505,8 +506,9 @@ def _best_set(grid: np.ndarray, mask: np.ndarray, diagonal: bool, limit: int
     whichever code 1 … PREDICTION_CODES codes it in the fewest bits, if fewer."""
     values, sums = grid[mask], _stage_contexts(grid, mask, diagonal)
     best = (*_best_buckets(values, sums, limit), 0)
-    for code in range(1, PREDICTION_CODES + 1) if sums.any() else ():  # all neighbours 0: nothing to predict
-        residuals = values - _predictions(grid, mask, diagonal, code)
+    neighbours = _neighbour_sums(grid, diagonal)[mask] if sums.any() else None  # all neighbours 0: nothing to predict
+    for code in range(1, PREDICTION_CODES + 1) if neighbours is not None else ():
+        residuals = values - _predictions(neighbours, code)
         if np.abs(residuals).max(initial=0) <= limit:
             predicted = _best_buckets(residuals, sums, limit)
             if predicted[0] < best[0]:
@@ -585,7 +587,7 @@ def _decode_nested(decoder: StreamDecoder, shape: tuple[int, int], level: Latent
                 parts.append(decoder.decode(int((context == bucket).sum()), level.limit, next(models)))
                 values[context == bucket] = parts[-1]
             if code:
-                values += _predictions(finer, mask, diagonal, code)
+                values += _predictions(_neighbour_sums(finer, diagonal)[mask], code)
                 if np.abs(values).max(initial=0) > level.limit:  # never so from the encoder
                     raise KanimgError("malformed .kimg payload: a predicted latent beyond its grid's largest magnitude")
             finer[mask] = values
