@@ -567,3 +567,28 @@ def test_context_bound_codes_grids_as_the_file_does_and_fits_the_causal_model(tm
     assert "| photo-latent-2.0bpp.kimg |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main([str(tmp_path / "missing.kimg")])
+
+
+def test_grid_coding_speed_codes_each_files_grids_as_the_file_does(tmp_path, capsys):
+    from PIL import Image
+
+    from kanimg.compress.neural import CompressConfig, compress_image
+    from kanimg.io import load_image
+
+    bench = load("grid_coding_speed")
+    photo = tmp_path / "photo.png"
+    with Image.open(ROOT / "assets" / "astronaut.png") as im:
+        im.convert("RGB").resize((40, 32), Image.LANCZOS).save(photo)
+    (tmp_path / "rd" / "kimg").mkdir(parents=True)
+    data = compress_image(load_image(photo), 3.0, CompressConfig(model="latent", steps=30)).data
+    (tmp_path / "rd" / "kimg" / "photo-latent-3.0bpp.kimg").write_bytes(data)
+    out = tmp_path / "speed.json"
+    assert bench.main([str(tmp_path / "rd"), "--repeats", "2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["values"] == sum(-(-40 >> k) * -(-32 >> k) for k in range(7)) and len(row["seconds"]) == 2
+    assert 0 < row["bytes"] < len(data)  # the grids, without the file's header and synthesis
+    assert "| photo-latent-3.0bpp.kimg | 7 |" in capsys.readouterr().out
+    assert bench.main([str(photo), "--json", str(out)]) == 1  # not a .kimg file: one line
+    assert capsys.readouterr().err.startswith("grid_coding_speed: ")
+    with pytest.raises(SystemExit):
+        bench.main([str(photo), "--repeats", "0"])

@@ -17,6 +17,7 @@ zlib / bz2 / lzma on the raw integers are measured as the baseline to beat
 from __future__ import annotations
 
 import bz2
+import functools
 import lzma
 import math
 import zlib
@@ -94,7 +95,6 @@ def _compact_codes() -> np.ndarray:
 
 COMPACT_CODES = _compact_codes()
 _COMPACT_INDEX = {int(code): index for index, code in enumerate(COMPACT_CODES)}
-_COMPACT_LOG = _LOG_ONE_MINUS_THETA[COMPACT_CODES]  # decreasing
 
 
 def _decay(model: StreamModel, length: int) -> list[int]:
@@ -127,25 +127,41 @@ def probability_table(model: StreamModel, limit: int) -> np.ndarray:
     return decay[distance]
 
 
+def code_lengths(model: StreamModel, limit: int) -> np.ndarray:
+    """Bits of each symbol -limit … limit under ``model`` (ideal code length, the coder's floor)."""
+    table = probability_table(model, limit)
+    return -np.log2(np.maximum(table / table.sum(), MIN_PROBABILITY))
+
+
 def cost_bits(symbols: np.ndarray, model: StreamModel, limit: int) -> float:
     """Bits the range coder needs for ``symbols`` under ``model`` (ideal code length)."""
-    table = probability_table(model, limit)
-    p = np.maximum(table / table.sum(), MIN_PROBABILITY)
     counts = np.bincount(np.asarray(symbols).ravel() + limit, minlength=2 * limit + 1)
     used = counts > 0
-    return float(-(counts[used] * np.log2(p[used])).sum())
+    return float((counts[used] * code_lengths(model, limit)[used]).sum())
+
+
+@functools.lru_cache(maxsize=32)
+def _compact_lengths(limit: int) -> tuple[list[StreamModel], np.ndarray]:
+    """Every compact model (Laplaces first) and its code lengths, one row each: a grid's
+    streams share a handful of limits, so each table is built once."""
+    models = [StreamModel(family, 0, int(code)) for family in (LAPLACE, GAUSSIAN) for code in COMPACT_CODES]
+    return models, np.stack([code_lengths(model, limit) for model in models])
 
 
 def fit_model(symbols: np.ndarray, limit: int, compact: bool = False) -> StreamModel:
     """The Laplace or Gaussian (centre at the median, θ by maximum likelihood) coding
-    ``symbols`` in the fewest bits; ``compact``: among the models one byte holds (centre 0,
-    the two compact codes around the fitted θ)."""
+    ``symbols`` in the fewest bits; ``compact``: the model one byte holds (centre 0) that codes
+    them in the fewest bits, every one of the 256 tried (a product with a cached table: the
+    latent coder fits thousands of streams per file)."""
     symbols = np.asarray(symbols).ravel()
     if symbols.size == 0:
         return StreamModel(LAPLACE, 0, 0)
-    centre = 0 if compact else int(np.clip(np.round(np.median(symbols)), -limit, limit))
-    distance = np.abs(np.arange(-limit, limit + 1) - centre).astype(np.float64)
     counts = np.bincount(symbols + limit, minlength=2 * limit + 1).astype(np.float64)
+    if compact:
+        models, lengths = _compact_lengths(limit)
+        return models[int(np.argmin(lengths @ counts))]
+    centre = int(np.clip(np.round(np.median(symbols)), -limit, limit))
+    distance = np.abs(np.arange(-limit, limit + 1) - centre).astype(np.float64)
     from scipy.optimize import minimize_scalar  # here, not at the top: the encoder's alone, and 0.45 s of every decode's start
 
     best = None
@@ -159,16 +175,10 @@ def fit_model(symbols: np.ndarray, limit: int, compact: bool = False) -> StreamM
 
         found = minimize_scalar(nats, bounds=(-14.0, 3.0), method="bounded", options={"xatol": 1e-4})
         log_fitted = math.log(-math.expm1(-math.exp(found.x)))
-        if compact:  # the compact codes on either side of the fit (1 - θ falls as the index grows)
-            above = int(np.searchsorted(-_COMPACT_LOG, -log_fitted))
-            codes = [int(COMPACT_CODES[i]) for i in sorted({max(above - 1, 0), min(above, len(COMPACT_CODES) - 1)})]
-        else:
-            codes = [int(np.argmin(np.abs(_LOG_ONE_MINUS_THETA - log_fitted)))]
-        for code in codes:
-            model = StreamModel(family, centre, code)
-            bits = cost_bits(symbols, model, limit)
-            if best is None or bits < best[0]:
-                best = (bits, model)
+        model = StreamModel(family, centre, int(np.argmin(np.abs(_LOG_ONE_MINUS_THETA - log_fitted))))
+        bits = cost_bits(symbols, model, limit)
+        if best is None or bits < best[0]:
+            best = (bits, model)
     return best[1]
 
 
