@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     files = [f for p in args.paths for f in (sorted((p / "kimg").glob("*-latent-*.kimg")) if p.is_dir() else [p])]
+    if not files:
+        parser.error("no latent .kimg files found")
     rows = []
     print("| file | grids | values | bytes | seconds (median) |\n|---|---:|---:|---:|---:|")
     try:

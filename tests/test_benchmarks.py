@@ -592,3 +592,5 @@ def test_grid_coding_speed_codes_each_files_grids_as_the_file_does(tmp_path, cap
     assert capsys.readouterr().err.startswith("grid_coding_speed: ")
     with pytest.raises(SystemExit):
         bench.main([str(photo), "--repeats", "0"])
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path)])  # a folder without latent files
