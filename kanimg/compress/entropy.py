@@ -140,10 +140,10 @@ def cost_bits(symbols: np.ndarray, model: StreamModel, limit: int) -> float:
     return float((counts[used] * code_lengths(model, limit)[used]).sum())
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)
 def _compact_lengths(limit: int) -> tuple[list[StreamModel], np.ndarray]:
-    """Every compact model (Laplaces first) and its code lengths, one row each: a grid's
-    streams share a handful of limits, so each table is built once."""
+    """Every compact model (Laplaces first) and its code lengths, one row each: a file's grids
+    have one limit each (their largest magnitude, a few units), so each table is built once."""
     models = [StreamModel(family, 0, int(code)) for family in (LAPLACE, GAUSSIAN) for code in COMPACT_CODES]
     return models, np.stack([code_lengths(model, limit) for model in models])
 
