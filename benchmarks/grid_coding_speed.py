@@ -26,6 +26,9 @@ from kanimg.errors import KanimgError
 from kanimg.files import write_json
 from kanimg.results import machine, versions
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from context_bound import kimg_files  # noqa: E402
+
 
 def coded_bytes(grids: list) -> tuple[int, float]:
     """(bytes of the grids as the file codes them: payload, one byte per model, two per stage;
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    files = [f for p in args.paths for f in (sorted((p / "kimg").glob("*-latent-*.kimg")) if p.is_dir() else [p])]
+    files = kimg_files(args.paths)
     if not files:
         parser.error("no latent .kimg files found")
     rows = []

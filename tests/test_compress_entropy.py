@@ -88,6 +88,7 @@ def test_a_compact_fit_is_the_compact_model_that_codes_its_stream_in_the_fewest_
     fitted = fit_model(values, limit, compact=True)
     assert fitted.compact and cost_bits(values, fitted, limit) == pytest.approx(min(every), rel=1e-12)
 
+
 def test_malformed_models_and_payloads_are_refused():
     with pytest.raises(KanimgError, match="entropy model"):
         StreamModel(2, 0, 0)

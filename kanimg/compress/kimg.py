@@ -140,8 +140,13 @@ class LatentLevel:
     predictions: list[tuple[int, int]] | None = None
 
     @property
+    def stage_codes(self) -> list[tuple[int, int]]:
+        """Each nested stage's two prediction codes, 0 where none (every stage before version 8)."""
+        return self.predictions or [(0, 0)] * len(self.buckets or ())
+
+    @property
     def predicted(self) -> bool:
-        return any(code for codes in self.predictions or () for code in codes)
+        return any(code for codes in self.stage_codes for code in codes)
 
 
 @dataclass
@@ -251,10 +256,9 @@ def write(kimg: KimgFile) -> bytes:
             else:
                 if len(level.models) != 1 + sum(map(sum, level.buckets)):
                     raise ValueError(f"{len(level.models)} entropy models for bucket counts {level.buckets}")
-                codes = level.predictions or [(0, 0)] * len(level.buckets)  # all 0 below version 8 (write_version)
-                out += struct.pack("<B", len(level.buckets)) + b"".join(
+                out += struct.pack("<B", len(level.buckets)) + b"".join(  # codes all 0 below version 8 (write_version)
                     struct.pack("<BB", *(count | code << 4 for count, code in zip(counts, stage)))  # version 8: code in the high bits
-                    for counts, stage in zip(level.buckets, codes))
+                    for counts, stage in zip(level.buckets, level.stage_codes))
             out += bytes(m.compact_byte() for m in level.models) if version >= 5 else b"".join(_model_bytes(m) for m in level.models)
     else:
         out += struct.pack("<f", spec["omega0"])

@@ -576,8 +576,7 @@ def _decode_nested(decoder: StreamDecoder, shape: tuple[int, int], level: Latent
     models = iter(level.models)
     parts = [decoder.decode(shapes[-1][0] * shapes[-1][1], level.limit, next(models))]
     grid = parts[0].reshape(shapes[-1])
-    codes = level.predictions or [(0, 0)] * len(level.buckets)
-    for stage_shape, counts, stage_codes in zip(reversed(shapes[:-1]), level.buckets, codes):
+    for stage_shape, counts, stage_codes in zip(reversed(shapes[:-1]), level.buckets, level.stage_codes):
         finer = np.zeros(stage_shape, dtype=np.int64)
         finer[::2, ::2] = grid
         for mask, diagonal, count, code in zip(stage_sets(stage_shape), (True, False), counts, stage_codes):
