@@ -147,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         records.append(r)
         share = lambda way: f"{r[way]:,.0f} ({100 * (r[way] / r['nested'] - 1):+.1f} %)"  # noqa: E731
         print(f"| {path.name} | {r['bytes']:,} | {r['nested']:,.0f} | {share('predicted')} | {share('causal')} |", flush=True)
-    write_json(args.json, {"machine": machine(), "versions": versions(), "alphas": list(ALPHAS), "records": records})
+    try:
+        write_json(args.json, {"machine": machine(), "versions": versions(), "alphas": list(ALPHAS), "records": records})
+    except OSError as error:
+        print(f"context_bound: {error}", file=sys.stderr)
+        return 1
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

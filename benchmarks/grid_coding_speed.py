@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                    "seconds": [s for _, s in runs], "median_seconds": statistics.median(s for _, s in runs)}
             rows.append(row)
             print(f"| {path.name} | {len(grids)} | {row['values']:,} | {row['bytes']:,} | {row['median_seconds']:.3f} |", flush=True)
+        write_json(args.json, {"kanimg": kanimg.__file__, "repeats": args.repeats, "machine": machine(),
+                               "versions": versions(), "rows": rows})
     except (OSError, KanimgError) as error:
         print(f"grid_coding_speed: {error}", file=sys.stderr)
         return 1
-    write_json(args.json, {"kanimg": kanimg.__file__, "repeats": args.repeats, "machine": machine(),
-                           "versions": versions(), "rows": rows})
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

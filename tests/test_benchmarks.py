@@ -565,6 +565,8 @@ def test_context_bound_codes_grids_as_the_file_does_and_fits_the_causal_model(tm
     assert first["bytes"] == second["bytes"] == len(data) and first["nested"] == second["nested"]
     assert len(first["grids"]) == 7 and first["predicted"] <= first["nested"]
     assert "| photo-latent-2.0bpp.kimg |" in capsys.readouterr().out
+    assert bench.main([str(file), "--json", str(photo / "bound.json")]) == 1  # an unwritable output: one line
+    assert capsys.readouterr().err.startswith("context_bound: ")
     with pytest.raises(SystemExit):
         bench.main([str(tmp_path / "missing.kimg")])
 
@@ -589,6 +591,8 @@ def test_grid_coding_speed_codes_each_files_grids_as_the_file_does(tmp_path, cap
     assert 0 < row["bytes"] < len(data)  # the grids, without the file's header and synthesis
     assert "| photo-latent-3.0bpp.kimg | 7 |" in capsys.readouterr().out
     assert bench.main([str(photo), "--json", str(out)]) == 1  # not a .kimg file: one line
+    assert capsys.readouterr().err.startswith("grid_coding_speed: ")
+    assert bench.main([str(tmp_path / "rd"), "--repeats", "1", "--json", str(photo / "out.json")]) == 1  # unwritable
     assert capsys.readouterr().err.startswith("grid_coding_speed: ")
     with pytest.raises(SystemExit):
         bench.main([str(photo), "--repeats", "0"])
