@@ -89,7 +89,7 @@ def check_writable(folder: Path) -> None:
     read-only, or a full disk: a few real bytes are written and flushed)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise KanimgError(f"{folder}: no such folder")
+        raise KanimgError(f"{folder}: no such folder" if not folder.exists() else f"{folder} is not a folder")
     try:
         with tempfile.TemporaryFile(dir=folder, prefix=".kanimg-write-test-") as probe:
             probe.write(b"\0" * 4096)
@@ -97,6 +97,20 @@ def check_writable(folder: Path) -> None:
             os.fsync(probe.fileno())
     except OSError as exc:
         raise KanimgError(f"{folder}: cannot write there ({exc.strerror or exc})") from None
+
+
+def check_output_file(out: Path, force: bool, source: Path | None = None) -> None:
+    """Refuse an output that cannot be written, before any work (its folder is checked by
+    :func:`check_writable` first): a folder, anything but a regular file (--force replaces
+    files, never devices), the input itself, or an existing file without --force."""
+    if out.is_dir():
+        raise KanimgError(f"{out} is a folder, not a file")
+    if out.exists() and not out.is_file():
+        raise KanimgError(f"{out} is not a regular file; refusing to replace it (choose another -o)")
+    if source is not None and out.exists() and source.exists() and os.path.samefile(out, source):
+        raise KanimgError(f"{out} is the input; refusing to replace it (choose another -o)")
+    if out.exists() and not force:
+        raise KanimgError(f"{out} already exists; pass --force to overwrite it")
 
 
 def check_replaceable(path: Path) -> None:

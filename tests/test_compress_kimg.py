@@ -1,4 +1,6 @@
 """The .kimg format: bit-exact round trips, bpp = file size, and refusal of damaged files."""
+import os
+import stat
 import struct
 import zlib
 from unittest import mock
@@ -347,3 +349,51 @@ def test_unreadable_and_oversized_files_are_one_line_errors(tmp_path, capsys):
     assert main(["decode", str(huge), "-o", str(tmp_path / "y.png")]) == 2
     assert "too large" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def test_outputs_that_are_not_a_new_or_replaceable_file_are_refused_before_any_work(tmp_path, capsys):
+    src = tmp_path / "crop.png"
+    Image.fromarray(photo_crop(24)).save(src)
+    kept = src.read_bytes()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    cases = [
+        (["-o", str(fifo), "--force"], "not a regular file"),  # --force replaces files, never devices or pipes
+        (["-o", str(src), "--force"], "is the input"),
+        (["-o", str(tmp_path / "new") + "/"], "takes a file name"),  # Path would drop the slash and write a file "new"
+        (["-o", str(src / "x.kimg")], "is not a folder"),
+        (["-o", str(tmp_path / "a.kimg"), "--bpp", "25"], "more than the 24 bits per pixel"),
+        (["-o", str(tmp_path / "a.kimg"), "--model", "latent", "--bpp", "0.5"], "less than the smallest latent file"),
+        (["-o", str(tmp_path / "a.kimg"), "--model", "latent", "--bpp", "20", "--device", "cuda"], "trains on the CPU"),
+    ]
+    for extra, message in cases:
+        with mock.patch("kanimg.compress.neural._fit", side_effect=AssertionError("trained")), \
+                mock.patch("kanimg.compress.latent_codec.train_latent", side_effect=AssertionError("trained")):
+            assert main(["compress", str(src), "--bpp", "4", "-q", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and src.read_bytes() == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop.png", "pipe"]  # nothing written, no lock left
+    kimg_file = tmp_path / "crop.kimg"
+    kimg_file.write_bytes(good_file())
+    assert main(["decode", str(kimg_file), "-o", str(kimg_file), "--force"]) == 2  # nor does decode replace its input
+    assert "is the input" in capsys.readouterr().err and kimg_file.read_bytes() == good_file()
+
+
+def test_a_second_writer_of_the_same_output_is_refused_and_a_lost_state_file_fails_nothing(tmp_path, capsys):
+    from kanimg.files import OutputLock
+
+    src, out = tmp_path / "crop.png", tmp_path / "crop.kimg"
+    Image.fromarray(photo_crop(24)).save(src)
+    args = ["compress", str(src), "-o", str(out), "--model", "kan", "--bpp", "4", "--steps", "20", "--qat-steps", "2", "-q"]
+    with OutputLock(out):  # another kanimg writing it (a lock is per open file: the same process shows it)
+        assert main(args) == 2
+        assert "being written by another kanimg process" in capsys.readouterr().err
+        (tmp_path / "g.kimg").write_bytes(good_file())
+        assert main(["decode", str(tmp_path / "g.kimg"), "-o", str(out)]) == 2
+        assert "being written by another kanimg process" in capsys.readouterr().err
+    assert not out.exists()
+    (tmp_path / ".crop.kimg.partial.pt").mkdir()  # the training state cannot be kept there, nor removed
+    assert main(args) == 0  # the file is written: a warning, not a failure
+    assert decode_image(out.read_bytes()).image.width == 24
+    assert "could not be removed" in capsys.readouterr().err

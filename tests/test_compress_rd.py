@@ -229,3 +229,21 @@ def test_an_rd_plot_with_no_point_in_range_says_so_without_a_warning(tmp_path, r
     plot_rd(tmp_path / "empty.png", {"jpeg": {"bpp": [5.0, 6.0], "psnr": [40.0, 42.0]}}, "nothing in range", [0.1, 0.3])
     assert not [w for w in recwarn if "legend" in str(w.message).lower()]
     assert imread(tmp_path / "empty.png").shape[:2] == (550, 770)  # the 7 × 5 in figure at 110 dpi, written whole
+
+
+def test_every_target_of_every_network_is_checked_before_the_first_fit(crop, tmp_path, capsys):
+    from unittest import mock
+
+    out = tmp_path / "rd"
+    args = ["rd", str(crop), "--models", "kan,latent", "--codecs", "jpeg", "--bpp", "4,30", "--steps", "20", "-o", str(out), "-q"]
+    with mock.patch("kanimg.compress.neural._fit", side_effect=AssertionError("trained")):
+        assert main(args) == 2  # 30 bpp is more than the image holds: refused before the 4 bpp points are fitted
+        assert "more than the 24 bits per pixel" in capsys.readouterr().err
+        args[args.index("4,30")] = "4,0.5"  # 64 bytes: under the smallest KAN file of this crop
+        assert main(args) == 2
+        assert "less than the smallest kan" in capsys.readouterr().err
+        args[args.index("kan,latent")] = "latent"
+        args[args.index("4,0.5")] = "4,0.3"  # 38 bytes: under the latent codec's smallest file (78 bytes)
+        assert main(args) == 2
+        assert "less than the smallest latent file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop.png"]  # no output, no staging folder, no lock

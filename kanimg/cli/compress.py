@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..device import DEVICES
-from .types import comma_list
+from .types import comma_list, output_file
 
 DEFAULT_BPPS = "0.1,0.2,0.3,0.5,1.0"
 
@@ -38,7 +38,7 @@ def add(sub) -> None:
     """Register the compression verbs on the main parser's subparsers."""
     comp = sub.add_parser("compress", help="fit a network to an image, quantise and entropy-code it into a .kimg file")
     comp.add_argument("image", type=Path)
-    comp.add_argument("-o", "--out", type=Path, help="output .kimg file (default: <image name>.kimg here)")
+    comp.add_argument("-o", "--out", type=output_file, help="output .kimg file (default: <image name>.kimg here)")
     comp.add_argument("--bpp", type=float, default=0.3, help="bit budget in bits per pixel, header included (default 0.3)")
     comp.add_argument("--model", default="auto", choices=["auto", "latent", "latent-kan", "kan", "siren"],
                       help="latent (latent grids + a small ReLU synthesis network, Cool-chic style), latent-kan (the same "
@@ -51,7 +51,7 @@ def add(sub) -> None:
 
     dec = sub.add_parser("decode", help="decode a .kimg file to PNG (bit-exact, on any machine)")
     dec.add_argument("file", type=Path)
-    dec.add_argument("-o", "--out", type=Path, help="output PNG (default: <file name>-decoded.png beside it)")
+    dec.add_argument("-o", "--out", type=output_file, help="output PNG (default: <file name>-decoded.png beside it)")
     dec.add_argument("--force", action="store_true", help="replace an existing output file")
     dec.set_defaults(func=cmd_decode)
 

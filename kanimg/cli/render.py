@@ -5,15 +5,14 @@ import argparse
 from pathlib import Path
 
 from ..device import DEVICES
-from ..errors import KanimgError
-from .types import size
+from .types import output_file, size
 
 
 def add(sub) -> None:
     ren = sub.add_parser("render", help="evaluate a checkpoint at any resolution")
     ren.add_argument("checkpoint", type=Path)
     ren.add_argument("--size", type=size, help="WIDTHxHEIGHT (default: the fitted image's size)")
-    ren.add_argument("-o", "--out", type=Path, help="output PNG (default: render-WxH.png beside the checkpoint)")
+    ren.add_argument("-o", "--out", type=output_file, help="output PNG (default: render-WxH.png beside the checkpoint)")
     ren.add_argument("--force", action="store_true", help="replace an existing output file")
     ren.add_argument("--device", default="auto", choices=DEVICES)
     ren.set_defaults(func=cmd_render)
@@ -22,7 +21,7 @@ def add(sub) -> None:
 def cmd_render(args: argparse.Namespace) -> int:
     from ..checkpoints import best_model, load_checkpoint
     from ..device import resolve_device
-    from ..files import check_writable
+    from ..files import OutputLock, check_output_file, check_writable
     from ..render import check_render_size
     from ..mapped import MAX_STREAM_PIXELS
     from ..streamed import render_png
@@ -32,13 +31,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     width, height = args.size or (image["width"], image["height"])
     check_render_size(height, width, MAX_STREAM_PIXELS)
     out = args.out or args.checkpoint.parent / f"render-{width}x{height}.png"
-    if out.is_dir():
-        raise KanimgError(f"{out} is a folder; give a file name with -o")
-    if out.exists() and not args.force:
-        raise KanimgError(f"{out} already exists; pass --force to overwrite it")
     check_writable(out.parent)
-    device = resolve_device(args.device)
-    model = best_model(payload["trainer"], device)
-    channels = render_png(model, height, width, payload["config"]["coords"], device, out, image["bit_depth"])
+    with OutputLock(out):
+        check_output_file(out, args.force, source=args.checkpoint)
+        device = resolve_device(args.device)
+        model = best_model(payload["trainer"], device)
+        channels = render_png(model, height, width, payload["config"]["coords"], device, out, image["bit_depth"])
     print(f"{out}: {width}x{height}, {channels} channel(s), {image['bit_depth']}-bit")
     return 0

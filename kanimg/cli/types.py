@@ -2,7 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Callable
+
+
+def output_file(text: str) -> Path:
+    """argparse type for an output file's -o: a name ending in a separator names a folder, which
+    Path would silently drop (``-o new/`` writing a file called ``new``)."""
+    if not text or text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"-o takes a file name, got {text!r}")
+    return Path(text)
 
 
 def comma_list(kind: Callable, flag: str, example: str) -> Callable[[str], list]:

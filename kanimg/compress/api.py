@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import KanimgError
-from ..files import atomic_write_bytes, check_writable
+from ..files import OutputLock, atomic_write_bytes, check_output_file, check_writable
 from ..io import ImageLike, as_image, load_image, save_png
 from .bitstream import DecodedImage, decode_image
 from .kimg import MAX_FILE_BYTES
 from .neural import CompressConfig, CompressResult, compress_image
 from .resume import resumable
+
+log = logging.getLogger(__name__)
 
 
 def compress(image: ImageLike, bpp: float, **options: Any) -> bytes:
@@ -44,27 +47,24 @@ def decode(data: bytes | str | os.PathLike) -> np.ndarray:
     return decode_image(bytes(data)).pixels
 
 
-def _check_output(out: Path, force: bool) -> None:
-    """Refuse an output that cannot be written, before any work."""
-    if out.is_dir():
-        raise KanimgError(f"{out} is a folder, not a file")
-    if out.exists() and not force:
-        raise KanimgError(f"{out} already exists; pass --force to overwrite it")
-    check_writable(out.parent)
-
-
 def compress_file(image: Path, out: Path, bpp: float, config: CompressConfig, force: bool = False) -> CompressResult:
     """Fit ``image`` at about ``bpp`` and write the .kimg file ``out`` (checked before fitting).
 
     The training keeps its state beside ``out`` (``.NAME.partial.pt``) every 30 s, so the same
-    command after Ctrl-C or a kill continues where it stopped."""
-    out = Path(out)
-    _check_output(out, force)
-    state = out.with_name(f".{out.name}.partial.pt")
-    with resumable(state):
-        result = compress_image(load_image(image), bpp, config)
-    atomic_write_bytes(out, result.data)
-    state.unlink(missing_ok=True)
+    command after Ctrl-C or a kill continues where it stopped. ``out`` is locked from the check
+    to the write: a second kanimg writing it gets an error, not a silent race."""
+    out, image = Path(out), Path(image)
+    check_writable(out.parent)  # before the lock, whose file goes there
+    with OutputLock(out):
+        check_output_file(out, force, source=image)
+        state = out.with_name(f".{out.name}.partial.pt")
+        with resumable(state):
+            result = compress_image(load_image(image), bpp, config)
+        atomic_write_bytes(out, result.data)
+        try:
+            state.unlink(missing_ok=True)
+        except OSError as exc:  # the file is written: a state left behind is not worth failing for
+            log.warning("%s is written, but its training state %s could not be removed (%s)", out, state, exc.strerror or exc)
     return result
 
 
@@ -72,7 +72,8 @@ def read_kimg_bytes(path: Path) -> bytes:
     """The bytes of a .kimg file; never more than any .kimg file can hold."""
     path = Path(path)
     if not path.is_file():
-        raise KanimgError(f"{path}: no such file" if not path.exists() else f"{path}: is a folder, not a .kimg file")
+        raise KanimgError(f"{path}: no such file" if not path.exists() else
+                          f"{path}: is a folder, not a .kimg file" if path.is_dir() else f"{path}: not a regular file")
     try:
         with path.open("rb") as file:
             data = file.read(MAX_FILE_BYTES + 1)
@@ -86,7 +87,9 @@ def read_kimg_bytes(path: Path) -> bytes:
 def decode_file(path: Path, out: Path, force: bool = False) -> DecodedImage:
     """Decode the .kimg file ``path`` into the PNG ``out`` (same bytes on every decode)."""
     out = Path(out)
-    _check_output(out, force)
-    decoded = decode_image(read_kimg_bytes(path))
-    save_png(out, decoded.integers, decoded.image.bit_depth)  # no float copy of a large image
+    check_writable(out.parent)
+    with OutputLock(out):
+        check_output_file(out, force, source=Path(path))
+        decoded = decode_image(read_kimg_bytes(path))
+        save_png(out, decoded.integers, decoded.image.bit_depth)  # no float copy of a large image
     return decoded

@@ -51,8 +51,9 @@ class Codec(ABC):
     name: str
     description: str
 
-    def check(self, image: ImageData) -> None:
-        """Raise KanimgError when this codec cannot store ``image``."""
+    def check(self, image: ImageData, bpps: Sequence[float] = ()) -> None:
+        """Raise KanimgError when this codec cannot store ``image`` (at each of ``bpps``, for
+        the codecs that are fitted to a target)."""
 
     @abstractmethod
     def sweep(self, image: ImageData, bpps: Sequence[float]) -> Iterator[Encoded]:
@@ -97,7 +98,7 @@ class PillowCodec(Codec):
     def __init__(self, name: str, pil_format: str, modes: tuple[str, ...], description: str, **options: Any) -> None:
         self.name, self.pil_format, self.modes, self.description, self.options = name, pil_format, modes, description, options
 
-    def check(self, image: ImageData) -> None:
+    def check(self, image: ImageData, bpps: Sequence[float] = ()) -> None:
         from PIL import features
 
         if image.mode not in self.modes:
@@ -137,6 +138,12 @@ class NeuralCodec(Codec):
 
     def __init__(self, name: str, description: str, config) -> None:
         self.name, self.description, self.config = name, description, config
+
+    def check(self, image: ImageData, bpps: Sequence[float] = ()) -> None:
+        from .neural import check_budget
+
+        for bpp in bpps:
+            check_budget(image, bpp, self.config)
 
     def sweep(self, image: ImageData, bpps: Sequence[float]) -> Iterator[Encoded]:
         from .neural import compress_image

@@ -11,6 +11,7 @@ a coordinate network.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import KanimgError
 from ..io import ImageData
 from ..metrics import psnr
 from . import resume
@@ -194,6 +196,32 @@ def new_model(codec: str, height: int, width: int, channels: int) -> LatentImage
     if codec == "latent-kan":
         return LatentImage(height, width, [LEVELS, *KAN_HIDDEN, channels], "kan", KAN_GRIDS, KAN_REACHES)
     return LatentImage(height, width, [LEVELS, *HIDDEN, channels])
+
+
+def check_latent_budget(codec: str, info: ImageInfo, bpp: float, config: CompressConfig) -> None:
+    """Refuse a budget under ``codec``'s smallest file, and a GPU: the latent codecs train on
+    the CPU. (A budget above it but under what a trained synthesis takes gives a larger file,
+    with a warning.)"""
+    if config.device == "cuda":
+        raise KanimgError(f"--device cuda: {codec} trains on the CPU; leave --device out, or choose --model kan or "
+                          f"siren to train on a GPU")
+    smallest = smallest_file_bytes(codec, info.height, info.width, info.channels, info.bit_depth, config.bits or min(WEIGHT_BITS))
+    budget = bpp * info.pixels / 8
+    if smallest > budget:
+        raise KanimgError(f"{bpp:g} bpp is {budget:.0f} bytes for this {info.width}x{info.height} image, less than the "
+                          f"smallest {codec} file ({smallest} bytes); ask for at least {8 * smallest / info.pixels:.3f} bpp")
+
+
+@functools.lru_cache(maxsize=64)  # rd checks every target of every image before fitting
+def smallest_file_bytes(codec: str, height: int, width: int, channels: int, bit_depth: int, bits: float) -> int:
+    """The bytes of ``codec``'s file with every grid and every synthesis weight 0: no file of
+    the shape is smaller (a trained synthesis takes more: some 400–500 bytes for RGB at 6 bits)."""
+    with torch.random.fork_rng():  # the caller's random numbers stay as they were
+        model = new_model(codec, height, width, channels)
+    with torch.no_grad():
+        for parameter in model.synthesis_parameters():
+            parameter.zero_()
+    return len(encode_model(model, ImageInfo(height, width, channels, bit_depth), QuantConfig(bits)))
 
 
 def compress_latent(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:

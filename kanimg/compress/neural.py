@@ -148,9 +148,28 @@ def compress_image(image: ImageData, bpp: float, config: CompressConfig) -> Comp
         return _compress(image, bpp, config)
 
 
-def _compress(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
+def check_budget(image: ImageData, bpp: float, config: CompressConfig) -> None:
+    """Raise KanimgError, before any training, when ``config``'s model cannot make a file of
+    ``image`` within ``bpp`` or cannot train where ``config.device`` asks (rd checks every
+    target of every model this way before fitting the first)."""
     if not (bpp > 0 and math.isfinite(bpp)):
         raise KanimgError(f"--bpp must be a positive number of bits per pixel, got {bpp}")
+    raw = image.channels * image.bit_depth
+    if bpp > raw:
+        raise KanimgError(f"--bpp {bpp:g} is more than the {raw} bits per pixel of the image itself; ask for at most {raw}")
+    model = config.model if config.model != "auto" else default_model(image.height * image.width, bpp, config.bits)
+    info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
+    if model in LATENT:
+        from .latent_codec import check_latent_budget
+
+        check_latent_budget(model, info, bpp, config)
+    else:
+        resolve_device(config.device)
+        size_model(model, info, bpp, QuantConfig(config.bits or DEFAULT_BITS[model] or DESIGN_BITS, config.granularity))
+
+
+def _compress(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
+    check_budget(image, bpp, config)
     if config.model == "auto":
         config = replace(config, model=default_model(image.height * image.width, bpp, config.bits))
     if config.model in LATENT:

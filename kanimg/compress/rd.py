@@ -150,15 +150,16 @@ class PointCache:
         self._path(key, ".partial.pt").unlink(missing_ok=True)
 
 
-def _experiment(path: Path, config: RDConfig) -> tuple[list[Path], list[ImageData], dict[str, Any]]:
+def check_experiment(path: Path, config: RDConfig) -> tuple[list[Path], list[ImageData], dict[str, Any]]:
     """The images and codecs of an experiment, every image checked against every codec (before
     hours of fitting)."""
     files = list_images(path)
     images: list[ImageData] = [load_image(f) for f in files]
     codecs = {name: get_codec(name, {**config.neural, "progress": False} if name in NEURAL else None) for name in config.codec_names}
-    for image in images:
-        for codec in codecs.values():
-            codec.check(image)
+    for bpps in ((), config.bpps):  # what each codec can store first, then what each target can hold
+        for image in images:
+            for codec in codecs.values():
+                codec.check(image, bpps)
     return files, images, codecs
 
 
@@ -166,7 +167,7 @@ def fit_network_points(path: Path, config: RDConfig, cache: PointCache, place: d
     """This rank's share of the experiment's network points (image × network × target bpp),
     fitted into ``cache``; run_rd then finds them there. Returns when every rank is done;
     raises KeyboardInterrupt on rank 0 when any rank was interrupted."""
-    _, images, codecs = _experiment(path, config)
+    _, images, codecs = check_experiment(path, config)
     work = [(image, name, bpp) for image in images for name in config.models for bpp in sorted(config.bpps)]
     stopped = False
     try:
@@ -182,7 +183,7 @@ def fit_network_points(path: Path, config: RDConfig, cache: PointCache, place: d
 def run_rd(path: Path, config: RDConfig, progress: bool = True, cache: PointCache | None = None) -> RDResult:
     """Measure every codec of ``config`` on the image (or the folder of images) at ``path``;
     network points found in ``cache`` are reused and new ones are added to it."""
-    files, images, codecs = _experiment(path, config)
+    files, images, codecs = check_experiment(path, config)
     results = []
     bar = tqdm(total=len(images) * len(codecs), disable=not progress, unit="curve", desc="rate–distortion", leave=False)
     try:

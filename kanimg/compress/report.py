@@ -10,12 +10,12 @@ from typing import Any
 
 from .. import distributed
 from ..errors import KanimgError
-from ..files import RunFolder, atomic_write_bytes
+from ..files import RunFolder, atomic_write_bytes, check_writable
 from ..io import list_images, load_image, safe_name
 from ..plots import plot_rd
 from ..results import markdown_table, write_results
 from .codecs import CLASSIC, NEURAL
-from .rd import REFERENCE, PointCache, RDConfig, RDResult, fit_network_points, run_rd, summarise
+from .rd import REFERENCE, PointCache, RDConfig, RDResult, check_experiment, fit_network_points, run_rd, summarise
 
 CSV_KEYS = ["image", "codec", "setting", "bpp", "psnr", "bytes", "encode_seconds", "decode_seconds", "psnr_float",
             "psnr_quantized_no_qat", "quant", "params", "rank"]
@@ -34,10 +34,13 @@ def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, p
     into the staging folder's points); rank 0 then measures the classic codecs and writes
     everything, the same as one process would (other ranks return an empty dict).
     """
+    run = RunFolder(Path(out), "rd", replace=force)  # the output's own checks first (nothing written) …
+    if run.final.parent.is_dir():
+        check_writable(run.final.parent)
+    check_experiment(Path(path), config)  # … then every image and target, before the folder is claimed
     place = distributed.world()
     with contextlib.ExitStack() as stack:
         def claim_folder() -> Path:
-            run = RunFolder(Path(out), "rd", replace=force)
             staging = stack.enter_context(run)
             if run.leftover and not force:  # this experiment's end would delete another's points
                 images = [load_image(f) for f in list_images(Path(path))]
