@@ -99,10 +99,20 @@ def check_writable(folder: Path) -> None:
         raise KanimgError(f"{folder}: cannot write there ({exc.strerror or exc})") from None
 
 
-def check_output_file(out: Path, force: bool, source: Path | None = None) -> None:
-    """Refuse an output that cannot be written, before any work (its folder is checked by
-    :func:`check_writable` first): a folder, anything but a regular file (--force replaces
-    files, never devices), the input itself, or an existing file without --force."""
+@contextmanager
+def claimed_output_file(out: Path, force: bool, source: Path | None = None) -> Iterator[Path]:
+    """Hold the output file ``out`` while the work that writes it runs: its folder checked, then
+    locked against other kanimg processes (:class:`OutputLock`), then refused, before any work,
+    if it is a folder, anything but a regular file (--force replaces files, never devices), the
+    input ``source`` itself, or an existing file without --force."""
+    out = Path(out)
+    check_writable(out.parent)  # before the lock, whose file goes there
+    with OutputLock(out):
+        _check_output_file(out, force, source)
+        yield out
+
+
+def _check_output_file(out: Path, force: bool, source: Path | None) -> None:
     if out.is_dir():
         raise KanimgError(f"{out} is a folder, not a file")
     if out.exists() and not out.is_file():

@@ -21,7 +21,7 @@ def add(sub) -> None:
 def cmd_render(args: argparse.Namespace) -> int:
     from ..checkpoints import best_model, load_checkpoint
     from ..device import resolve_device
-    from ..files import OutputLock, check_output_file, check_writable
+    from ..files import claimed_output_file
     from ..render import check_render_size
     from ..mapped import MAX_STREAM_PIXELS
     from ..streamed import render_png
@@ -31,9 +31,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     width, height = args.size or (image["width"], image["height"])
     check_render_size(height, width, MAX_STREAM_PIXELS)
     out = args.out or args.checkpoint.parent / f"render-{width}x{height}.png"
-    check_writable(out.parent)
-    with OutputLock(out):
-        check_output_file(out, args.force, source=args.checkpoint)
+    with claimed_output_file(out, args.force, source=args.checkpoint):
         device = resolve_device(args.device)
         model = best_model(payload["trainer"], device)
         channels = render_png(model, height, width, payload["config"]["coords"], device, out, image["bit_depth"])

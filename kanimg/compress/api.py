@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import KanimgError
-from ..files import OutputLock, atomic_write_bytes, check_output_file, check_writable
+from ..files import atomic_write_bytes, claimed_output_file
 from ..io import ImageLike, as_image, load_image, save_png
 from .bitstream import DecodedImage, decode_image
 from .kimg import MAX_FILE_BYTES
@@ -54,9 +54,7 @@ def compress_file(image: Path, out: Path, bpp: float, config: CompressConfig, fo
     command after Ctrl-C or a kill continues where it stopped. ``out`` is locked from the check
     to the write: a second kanimg writing it gets an error, not a silent race."""
     out, image = Path(out), Path(image)
-    check_writable(out.parent)  # before the lock, whose file goes there
-    with OutputLock(out):
-        check_output_file(out, force, source=image)
+    with claimed_output_file(out, force, source=image):
         state = out.with_name(f".{out.name}.partial.pt")
         with resumable(state):
             result = compress_image(load_image(image), bpp, config)
@@ -87,9 +85,7 @@ def read_kimg_bytes(path: Path) -> bytes:
 def decode_file(path: Path, out: Path, force: bool = False) -> DecodedImage:
     """Decode the .kimg file ``path`` into the PNG ``out`` (same bytes on every decode)."""
     out = Path(out)
-    check_writable(out.parent)
-    with OutputLock(out):
-        check_output_file(out, force, source=Path(path))
+    with claimed_output_file(out, force, source=Path(path)):
         decoded = decode_image(read_kimg_bytes(path))
         save_png(out, decoded.integers, decoded.image.bit_depth)  # no float copy of a large image
     return decoded

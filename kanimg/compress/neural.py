@@ -30,7 +30,7 @@ from .bitstream import DecodedModel, decode_image, encode_model, render_integers
 from .kimg import ImageInfo
 from .qat import QATConfig, finetune_quantized
 from .quantize import FLOAT16, QuantConfig
-from .sizing import DESIGN_BITS, size_model
+from .sizing import DESIGN_BITS, Sizing, size_model
 from .tensors import fold_spline_scales, stored_parameters
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,12 @@ def check_budget(image: ImageData, bpp: float, config: CompressConfig) -> None:
         check_latent_budget(model, info, bpp, config)
     else:
         resolve_device(config.device)
-        size_model(model, info, bpp, QuantConfig(config.bits or DEFAULT_BITS[model] or DESIGN_BITS, config.granularity))
+        _sizing(model, info, bpp, config)
+
+
+def _sizing(model: str, info: ImageInfo, bpp: float, config: CompressConfig) -> Sizing:
+    """The KAN's or SIREN's size for the budget, at the precision it is designed for."""
+    return size_model(model, info, bpp, QuantConfig(config.bits or DEFAULT_BITS[model] or DESIGN_BITS, config.granularity))
 
 
 def _compress(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
@@ -178,7 +183,7 @@ def _compress(image: ImageData, bpp: float, config: CompressConfig) -> CompressR
         return compress_latent(image, bpp, config)
     info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
     bits = config.bits or DEFAULT_BITS[config.model]
-    sizing = size_model(config.model, info, bpp, QuantConfig(bits or DESIGN_BITS, config.granularity))
+    sizing = _sizing(config.model, info, bpp, config)
     log.info("%s at %.3g bpp: widths %s%s, %d numbers", config.model, bpp, sizing.spec["widths"],
              f", grids {sizing.spec['grids']}" if "grids" in sizing.spec else "", sizing.params)
     started = time.perf_counter()
