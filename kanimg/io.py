@@ -14,6 +14,7 @@ EXIF orientation is applied, so pixels are fitted the way viewers show them.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -35,6 +36,7 @@ from .files import atomic_path
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 CHANNELS = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,6 +125,9 @@ def load_image(path: str | os.PathLike, grey: bool = False, max_pixels: int = MA
                 if width * height > max_pixels:
                     raise KanimgError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the "
                                       f"limit of {max_pixels / 1e6:.0f} (possible decompression bomb)")
+                frames = getattr(im, "n_frames", 1)  # an animated GIF, WebP or PNG, a multi-page TIFF
+                if frames > 1:
+                    log.warning("%s has %d frames; kanimg reads the first only", path, frames)
                 array, mode, depth = _decode(path, im)
                 orientation = im.getexif().get(0x0112, 1)  # after decoding: Pillow applies a TIFF's itself and drops the tag
     except KanimgError:

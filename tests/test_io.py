@@ -42,6 +42,18 @@ def test_palette_with_transparency_keeps_alpha(tmp_path):
     assert load_image(tmp_path / "p.png").mode == "RGBA"
 
 
+def test_an_animated_image_is_read_from_its_first_frame_with_a_warning(tmp_path, caplog):
+    frames = [Image.fromarray(np.full((6, 9, 3), value, dtype=np.uint8)) for value in (10, 200, 90)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    data = load_image(tmp_path / "a.gif")
+    assert np.allclose(data.pixels, data.pixels.flat[0]) and round(float(data.pixels.flat[0]) * 255) == 10
+    assert "has 3 frames; kanimg reads the first only" in caplog.text
+    caplog.clear()
+    frames[0].save(tmp_path / "still.gif")
+    load_image(tmp_path / "still.gif")
+    assert "frames" not in caplog.text
+
+
 def test_sixteen_bit_grey_and_colour(tmp_path):
     grey = RNG.integers(0, 65536, (5, 7), dtype=np.uint16)
     Image.fromarray(grey).save(tmp_path / "g.png")

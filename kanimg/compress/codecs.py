@@ -103,7 +103,7 @@ class PillowCodec(Codec):
 
         if image.mode not in self.modes:
             raise KanimgError(f"{self.name} cannot store a {image.mode} image (it takes {', '.join(self.modes)}); "
-                              f"drop it from --codecs")
+                              f"leave it out of --codecs (rd runs jpeg,webp,avif unless told)")
         if self.pil_format == "AVIF" and not features.check("avif"):
             raise KanimgError("this Pillow has no AVIF support; upgrade Pillow (≥ 11.2) or drop avif from --codecs")
 
