@@ -563,8 +563,9 @@ def test_rate_control_counts_the_whole_file_header_included(monkeypatch):
 def test_lambda_moves_at_its_own_rate_in_the_rounding_phase(monkeypatch):
     """By the rounding phase the learning rate has decayed and the rate answers λ slowly, so λ
     moves ROUNDING_LAMBDA_RATE per step there: with LAMBDA_RATE at 0 it stays put through the
-    noise phase and climbs in the last fifth on a file far over its budget."""
+    noise phase and climbs in the rounding phase on a file far over its budget."""
     monkeypatch.setattr(latent_codec, "LAMBDA_RATE", 0.0)
+    monkeypatch.setattr(latent_codec, "ROUNDED_FRACTION", 0.2)
     image, finals, default = as_image(photo_crop(16)), {}, latent_codec.ROUNDING_LAMBDA_RATE
     for rate in (0.0, default):
         monkeypatch.setattr(latent_codec, "ROUNDING_LAMBDA_RATE", rate)
@@ -591,7 +592,8 @@ def test_the_rounding_phase_trains_through_the_precision_the_file_will_choose(mo
     monkeypatch.setattr(model, "quantized_synthesis", lambda bits: seen.append(bits) or real_quantized(bits))
     training = latent_codec.train_latent(model, as_image(photo_crop(16)), 2.0, steps=50)
     assert len(picked) == 1 and picked[0][1] == float("inf")  # chosen once, by λ alone
-    assert seen == [9] * 10 and training.synthesis_bits == 9  # the last 20 % of the steps
+    rounding_steps = sum(step >= (1 - latent_codec.ROUNDED_FRACTION) * 50 for step in range(50))
+    assert rounding_steps > 0 and seen == [9] * rounding_steps and training.synthesis_bits == 9  # the rounding phase
 
 
 @pytest.mark.parametrize("scale", [1.0, 3.0])
