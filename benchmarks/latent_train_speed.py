@@ -29,6 +29,7 @@ from kanimg.io import load_image
 from kanimg.results import machine, versions
 
 MODELS = ("latent", "latent-kan")
+BPP = 0.3  # the budget the steps train at (and that picks the synthesis's width)
 
 
 def time_steps(image_path: Path, name: str, steps: int, repeats: int) -> dict:
@@ -36,9 +37,9 @@ def time_steps(image_path: Path, name: str, steps: int, repeats: int) -> dict:
     seconds = []
     for repeat in range(repeats + 1):  # the first run warms up (allocations, the upsampling factors)
         torch.manual_seed(repeat)
-        model = latent_codec.new_model(name, image.height, image.width, image.channels)
+        model = latent_codec.new_model(name, image.height, image.width, image.channels, BPP * image.height * image.width / 8)
         started = time.perf_counter()
-        latent_codec.train_latent(model, image, 0.3, steps, seed=repeat, measure_files=False)
+        latent_codec.train_latent(model, image, BPP, steps, seed=repeat, measure_files=False)
         if repeat:
             seconds.append(time.perf_counter() - started)
     per_step = statistics.median(seconds) / steps

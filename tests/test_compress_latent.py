@@ -427,6 +427,14 @@ def test_a_bare_compress_uses_latent_grids_where_the_budget_holds_their_synthesi
     assert compress_image(as_image(photo_crop(16)), 8.0, config).spec["name"] == "kan"  # 2,048 bits
 
 
+def test_a_small_budget_gets_the_narrower_synthesis_and_its_file_says_so():
+    widths = lambda budget: latent_codec.new_model("latent", 32, 32, 3, budget).spec["widths"]
+    assert widths(latent_codec.NARROW_BELOW_BYTES - 1) == [7, 22, 3] and widths(latent_codec.NARROW_BELOW_BYTES) == [7, 48, 3]
+    assert latent_codec.new_model("latent-kan", 32, 32, 3, 10).spec["widths"] == [7, 10, 3]  # the KAN keeps its shape
+    result = compress_image(as_image(photo_crop(48)), 1.0, CompressConfig(model="latent", steps=30))  # 288 bytes
+    assert result.spec["widths"] == [7, 22, 3] and decode_model(result.data).model.spec == result.spec
+
+
 def test_a_higher_rate_buys_a_better_image():
     image = as_image(photo_crop(48))
     low = compress_image(image, 0.8, CompressConfig(model="latent", steps=300))

@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 # Measured on the tuning crop "coffee" at 0.25 bpp, 2,000 steps (PSNR − WebP at the same bpp):
 # one hidden layer of 48 +0.02 dB, of 32 −0.17, of 64 −0.31, two of 16 −0.85, two of 24 −0.55.
 LEVELS, HIDDEN = 7, (48,)  # grids at H/2^0 … H/2^6; synthesis widths
+# The synthesis's weights are a fixed cost (a fifth of a 256×256 file at 0.3 bpp): under 6,000 bytes
+# of budget the narrower 7 → 22 → C (245 weights for RGB, 531 above). On the tuning images against AVIF
+# (docs/compression.md, 2026-12-07): the 256×256 crops (0.8–4.1 kB) +0.7, +0.22 and +0.15 dB at
+# 0.1, 0.3 and 0.5 bpp; the whole coffee and rocket at 0.3 bpp (9.0 and 10.2 kB) −0.21 and +0.05.
+NARROW_HIDDEN, NARROW_BELOW_BYTES = (22,), 6000
 # `latent-kan`'s order-1 KAN synthesis: 7 → 10 → C, the first layer on 2 intervals of ±3 (a
 # trained file's upsampled grids: std 0.5–3 each), the second on 6 intervals of ±2 (its inputs'
 # 1st–99th percentiles: about ±3): 533 weights for RGB (the MLP: 531) at 217 multiply-adds per pixel (2 per edge, 1 per
@@ -194,11 +199,13 @@ def best_synthesis_bits(model: LatentImage, image: ImageData, info: ImageInfo, l
     return data, bits, decoded
 
 
-def new_model(codec: str, height: int, width: int, channels: int) -> LatentImage:
-    """An untrained model of ``codec`` ("latent" or "latent-kan") at its default shape."""
+def new_model(codec: str, height: int, width: int, channels: int, budget_bytes: float) -> LatentImage:
+    """An untrained model of ``codec`` ("latent" or "latent-kan") at its default shape for a
+    file of ``budget_bytes``."""
     if codec == "latent-kan":
         return LatentImage(height, width, [LEVELS, *KAN_HIDDEN, channels], "kan", KAN_GRIDS, KAN_REACHES)
-    return LatentImage(height, width, [LEVELS, *HIDDEN, channels])
+    hidden = NARROW_HIDDEN if budget_bytes < NARROW_BELOW_BYTES else HIDDEN
+    return LatentImage(height, width, [LEVELS, *hidden, channels])
 
 
 def check_latent_budget(codec: str, info: ImageInfo, bpp: float, config: CompressConfig) -> None:
@@ -218,9 +225,10 @@ def check_latent_budget(codec: str, info: ImageInfo, bpp: float, config: Compres
 @functools.lru_cache(maxsize=64)  # rd checks every target of every image before fitting
 def smallest_file_bytes(codec: str, height: int, width: int, channels: int, bit_depth: int, bits: float) -> int:
     """The bytes of ``codec``'s file with every grid and every synthesis weight 0: no file of
-    the shape is smaller (a trained synthesis takes more: some 400–500 bytes for RGB at 6 bits)."""
+    the shape is smaller, whatever its width (a trained synthesis takes more: some 200–500
+    bytes for RGB at 6 bits)."""
     with torch.random.fork_rng():  # the caller's random numbers stay as they were
-        model = new_model(codec, height, width, channels)
+        model = new_model(codec, height, width, channels, budget_bytes=0)
     with torch.no_grad():
         for parameter in model.synthesis_parameters():
             parameter.zero_()
@@ -234,7 +242,7 @@ def compress_latent(image: ImageData, bpp: float, config: CompressConfig) -> Com
     started = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        model = new_model(config.model, image.height, image.width, image.channels)
+        model = new_model(config.model, image.height, image.width, image.channels, bpp * info.pixels / 8)
     steps = config.steps or STEPS
     training = train_latent(model, image, bpp, steps, config.seed, config.progress)
     if config.bits is not None:
