@@ -419,7 +419,8 @@ def test_compressing_a_photo_crop_lands_near_the_rate_and_beats_a_flat_image():
 
 def test_a_bare_compress_uses_latent_grids_where_the_budget_holds_their_synthesis():
     assert neural.default_model(256 * 256, 0.3) == "latent"
-    assert neural.default_model(256 * 256, 0.1) == "kan"  # 6,554 bits: under LATENT_MIN_BITS
+    assert neural.default_model(256 * 256, 0.1) == "latent"  # 6,554 bits
+    assert neural.default_model(256 * 256, 0.05) == "kan"  # 3,277 bits: under LATENT_MIN_BITS
     assert neural.default_model(768 * 512, 0.3, bits=16) == "kan"  # float16 weights: not a latent file
     config = CompressConfig(steps=30, qat_steps=0)
     assert config.model == "auto"
