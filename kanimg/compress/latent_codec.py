@@ -239,10 +239,11 @@ def compress_latent(image: ImageData, bpp: float, config: CompressConfig) -> Com
     """The latent-grid codecs' :func:`kanimg.compress.neural.compress_image` ("latent",
     "latent-kan")."""
     info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
+    budget_bytes = bpp * info.pixels / 8
     started = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        model = new_model(config.model, image.height, image.width, image.channels, bpp * info.pixels / 8)
+        model = new_model(config.model, image.height, image.width, image.channels, budget_bytes)
     steps = config.steps or STEPS
     training = train_latent(model, image, bpp, steps, config.seed, config.progress)
     if config.bits is not None:
@@ -250,7 +251,7 @@ def compress_latent(image: ImageData, bpp: float, config: CompressConfig) -> Com
         data = encode_model(model, info, QuantConfig(bits))
         decoded = decode_image(data)
     else:
-        data, bits, decoded = best_synthesis_bits(model, image, info, training.lambda_final, bpp * info.pixels / 8)
+        data, bits, decoded = best_synthesis_bits(model, image, info, training.lambda_final, budget_bytes)
     seconds = time.perf_counter() - started
     decoded_psnr = psnr(image.pixels, decoded.pixels)
     latent_values = sum(latent.numel() for latent in model.latents)
