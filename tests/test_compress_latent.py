@@ -420,20 +420,46 @@ def test_compressing_a_photo_crop_lands_near_the_rate_and_beats_a_flat_image():
 def test_a_bare_compress_uses_latent_grids_where_the_budget_holds_their_synthesis():
     assert neural.default_model(256 * 256, 0.3) == "latent"
     assert neural.default_model(256 * 256, 0.1) == "latent"  # 6,554 bits
-    assert neural.default_model(256 * 256, 0.05) == "kan"  # 3,277 bits: under LATENT_MIN_BITS
+    assert neural.default_model(256 * 256, 0.04) == "latent"  # 2,621 bits
+    assert neural.default_model(256 * 256, 0.03) == "kan"  # 1,966 bits: under LATENT_MIN_BITS
     assert neural.default_model(768 * 512, 0.3, bits=16) == "kan"  # float16 weights: not a latent file
     config = CompressConfig(steps=30, qat_steps=0)
     assert config.model == "auto"
     assert compress_image(as_image(photo_crop(48)), 4.0, config).spec["name"] == "latent"  # 9,216 bits
-    assert compress_image(as_image(photo_crop(16)), 8.0, config).spec["name"] == "kan"  # 2,048 bits
+    assert compress_image(as_image(photo_crop(16)), 8.0, config).spec["name"] == "latent"  # 2,048 bits
+    assert compress_image(as_image(photo_crop(16)), 7.0, config).spec["name"] == "kan"  # 1,792 bits
 
 
 def test_a_small_budget_gets_the_narrower_synthesis_and_its_file_says_so():
     widths = lambda budget: latent_codec.new_model("latent", 32, 32, 3, budget).spec["widths"]
-    assert widths(latent_codec.NARROW_BELOW_BYTES - 1) == [7, 22, 3] and widths(latent_codec.NARROW_BELOW_BYTES) == [7, 48, 3]
+    (tiny, tiny_hidden), (small, small_hidden) = latent_codec.HIDDEN_BY_BUDGET
+    assert widths(0) == widths(tiny - 1) == [7, *tiny_hidden, 3] == [7, 12, 3]
+    assert widths(tiny) == widths(small - 1) == [7, *small_hidden, 3] == [7, 22, 3]
+    assert widths(small) == widths(1e9) == [7, *latent_codec.HIDDEN, 3] == [7, 48, 3]
     assert latent_codec.new_model("latent-kan", 32, 32, 3, 10).spec["widths"] == [7, 10, 3]  # the KAN keeps its shape
     result = compress_image(as_image(photo_crop(48)), 1.0, CompressConfig(model="latent", steps=30))  # 288 bytes
-    assert result.spec["widths"] == [7, 22, 3] and decode_model(result.data).model.spec == result.spec
+    assert result.spec["widths"] == [7, 12, 3] and decode_model(result.data).model.spec == result.spec
+
+
+def test_a_file_no_better_than_one_flat_colour_says_so(monkeypatch, caplog):
+    """At a budget the header and synthesis all but fill, training can lose every latent (docs/
+    compression.md, "The smallest budgets"): the file is one colour, and the user is told."""
+    trained = latent_codec.train_latent
+
+    def losing_the_grids(model, *args, **kwargs):
+        training = trained(model, *args, **kwargs)
+        with torch.no_grad():
+            for grid in model.latents:
+                grid.zero_()
+        return training
+
+    image = as_image(photo_crop(32))
+    compress_image(image, 2.0, CompressConfig(model="latent", steps=20))
+    assert "no better than one flat colour" not in caplog.text  # a file with grids: no warning
+    monkeypatch.setattr(latent_codec, "train_latent", losing_the_grids)
+    result = compress_image(image, 2.0, CompressConfig(model="latent", steps=20))
+    assert "no better than one flat colour" in caplog.text and "ask for more bpp" in caplog.text
+    assert np.ptp(decode_image(result.data).pixels.reshape(-1, 3), axis=0).max() == 0  # one colour indeed
 
 
 def test_a_higher_rate_buys_a_better_image():
@@ -582,6 +608,17 @@ def test_lambda_moves_at_its_own_rate_in_the_rounding_phase(monkeypatch):
         finals[rate] = latent_codec.train_latent(model, image, 0.01, steps=50, measure_files=False).lambda_final
     assert finals[0.0] == latent_codec.LAMBDA_START
     assert finals[default] > 5 * latent_codec.LAMBDA_START  # 10 steps of e^(0.05 · log(> 100))
+
+
+def test_lambda_stops_at_its_ceiling_on_a_budget_it_cannot_meet(monkeypatch):
+    """Where the header and the synthesis all but fill the budget, λ grew without bound and
+    training lost every latent (docs/compression.md, "The smallest budgets"): it stops at LAMBDA_MAX."""
+    image, finals = as_image(photo_crop(16)), {}
+    for ceiling in (0.05, float("inf")):
+        monkeypatch.setattr(latent_codec, "LAMBDA_MAX", ceiling)
+        model = LatentImage(16, 16, [5, 8, 3])  # 2 bpp of synthesis weights alone: far over 0.01 bpp
+        finals[ceiling] = latent_codec.train_latent(model, image, 0.01, steps=50, measure_files=False).lambda_final
+    assert finals[0.05] == 0.05 < finals[float("inf")]
 
 
 def test_the_rounding_phase_trains_through_the_precision_the_file_will_choose(monkeypatch):

@@ -43,7 +43,7 @@ def add(sub) -> None:
     comp.add_argument("--model", default="auto", choices=["auto", "latent", "latent-kan", "kan", "siren"],
                       help="latent (latent grids + a small ReLU synthesis network, Cool-chic style), latent-kan (the same "
                            "grids with an order-1 KAN synthesis), kan, siren (COIN-style); "
-                           "default auto: latent, or kan when the budget is under 512 bytes")
+                           "default auto: latent, or kan when the budget is under 256 bytes")
     _network_options(comp)
     comp.add_argument("--force", action="store_true", help="replace an existing output file")
     comp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

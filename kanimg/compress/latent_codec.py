@@ -38,11 +38,15 @@ log = logging.getLogger(__name__)
 # Measured on the tuning crop "coffee" at 0.25 bpp, 2,000 steps (PSNR − WebP at the same bpp):
 # one hidden layer of 48 +0.02 dB, of 32 −0.17, of 64 −0.31, two of 16 −0.85, two of 24 −0.55.
 LEVELS, HIDDEN = 7, (48,)  # grids at H/2^0 … H/2^6; synthesis widths
-# The synthesis's weights are a fixed cost (a fifth of a 256×256 file at 0.3 bpp): under 6,000 bytes
-# of budget the narrower 7 → 22 → C (245 weights for RGB, 531 above). On the tuning images against AVIF
-# (docs/compression.md, 2026-12-07): the 256×256 crops (0.8–4.1 kB) +0.7, +0.22 and +0.15 dB at
-# 0.1, 0.3 and 0.5 bpp; the whole coffee and rocket at 0.3 bpp (9.0 and 10.2 kB) −0.21 and +0.05.
-NARROW_HIDDEN, NARROW_BELOW_BYTES = (22,), 6000
+# The synthesis's weights are a fixed cost (a fifth of a 256×256 file at 0.3 bpp), so the smaller the
+# budget, the narrower the synthesis: (budget in bytes under which, hidden widths), smallest first;
+# HIDDEN above the last. On the tuning images against AVIF (docs/compression.md, 2026-12-07):
+# 7 → 22 → C against 7 → 48 → C on the 256×256 crops (0.8–4.1 kB) +0.7, +0.22 and +0.15 dB at 0.1, 0.3
+# and 0.5 bpp, on the whole coffee and rocket at 0.3 bpp (9.0 and 10.2 kB) −0.21 and +0.05;
+# 7 → 12 → C (135 weights for RGB) against 7 → 22 → C (245) on the crops at 384 bytes (3,072 bits)
+# +0.66 dB on the mean (held out +0.59 … +0.76, and one crop's grids lost by 7 → 22 → C), at 819
+# (0.1 bpp) +0.04 over two seeds, at 1.6 kB (0.2 bpp) −0.43.
+HIDDEN_BY_BUDGET = ((560, (12,)), (6000, (22,)))
 # `latent-kan`'s order-1 KAN synthesis: 7 → 10 → C, the first layer on 2 intervals of ±3 (a
 # trained file's upsampled grids: std 0.5–3 each), the second on 6 intervals of ±2 (its inputs'
 # 1st–99th percentiles: about ±3): 533 weights for RGB (the MLP: 531) at 217 multiply-adds per pixel (2 per edge, 1 per
@@ -76,6 +80,10 @@ LAMBDA_RATE = 0.01
 # slowly: at 0.005 there too the full camera's 0.5 bpp file stayed 2 % over its budget to the
 # end and fell back to 6-bit weights (31.53 dB); at this rate it landed at 96 % with 7 (31.66)
 ROUNDING_LAMBDA_RATE = 0.05
+# λ's ceiling: where the header and the synthesis all but fill the budget, λ grew without bound (past
+# 10⁵, once 5·10¹¹) while the rate rose instead of falling, and training then lost every latent
+# (docs/compression.md, "The smallest budgets"); no file that kept its grids had needed more than 14
+LAMBDA_MAX = 100.0
 CONTROL_EVERY = 10  # steps between measurements of the rounded grids' rate
 WEIGHT_BITS = (6, 6.5, 7, 8, 9, 10, 11, 12)  # synthesis precisions tried after training
 # λ aims this far below the budget: the controller lags (files landed up to 5 % above its
@@ -87,6 +95,10 @@ WEIGHT_BITS_ESTIMATE = 7  # bits per synthesis weight the rate target assumes un
 # (entropy models, tensor headers: 13–20 % of a 0.1 bpp file of a 256² crop) and the coder's
 # own overheads, so the controller adds the last measured difference
 CALIBRATE_EVERY = 200
+# a file within this of the image's mean colour is named by a warning: where the header and the
+# synthesis all but fill the budget, training can lose every latent (a 256×256 crop at 2,048 bits:
+# docs/compression.md, "The smallest budgets"), and the file is then that flat colour, or worse
+FLAT_MARGIN_DB = 1.0
 
 
 @torch.no_grad()
@@ -172,7 +184,7 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
             history.append({"step": step, "lambda": lam, "rate_model_bpp": round(rounded, 5), "file_bpp": round(size, 5),
                             "synthesis_bits": synthesis_bits, "nonzero_per_grid": nonzero_shares(model)})
         speed = ROUNDING_LAMBDA_RATE if rounding else LAMBDA_RATE
-        lam *= math.exp(speed * math.log(max(rounded + overhead, 1e-6) / (bpp * (1 - RATE_MARGIN))))
+        lam = min(LAMBDA_MAX, lam * math.exp(speed * math.log(max(rounded + overhead, 1e-6) / (bpp * (1 - RATE_MARGIN)))))
         if progress and step % 50 == 0:
             bar.set_postfix(psnr=f"{10 * math.log10(4 / max(mse.item(), 1e-12)):.2f}", bpp=f"{rounded + overhead:.3f}")
         keeper(step == steps - 1, lambda: dict(step=step + 1, model=model.state_dict(), optimiser=optimiser.state_dict(),
@@ -204,7 +216,7 @@ def new_model(codec: str, height: int, width: int, channels: int, budget_bytes: 
     file of ``budget_bytes``."""
     if codec == "latent-kan":
         return LatentImage(height, width, [LEVELS, *KAN_HIDDEN, channels], "kan", KAN_GRIDS, KAN_REACHES)
-    hidden = NARROW_HIDDEN if budget_bytes < NARROW_BELOW_BYTES else HIDDEN
+    hidden = next((widths for below, widths in HIDDEN_BY_BUDGET if budget_bytes < below), HIDDEN)
     return LatentImage(height, width, [LEVELS, *hidden, channels])
 
 
@@ -264,4 +276,8 @@ def compress_latent(image: ImageData, bpp: float, config: CompressConfig) -> Com
     )
     if result.bpp > bpp:
         log.warning("latent reached %.4f bpp, above the %.4g asked for", result.bpp, bpp)
+    flat = psnr(image.pixels, np.broadcast_to(image.pixels.reshape(-1, image.channels).mean(axis=0), image.pixels.shape))
+    if decoded_psnr < flat + FLAT_MARGIN_DB:
+        log.warning("the file is no better than one flat colour (%.2f dB; the image's mean colour makes %.2f): the "
+                    "budget left the grids next to nothing; ask for more bpp", decoded_psnr, flat)
     return result
