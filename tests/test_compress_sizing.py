@@ -117,7 +117,7 @@ def test_training_length_scales_with_the_pixel_count_within_bounds():
 def test_compress_trains_for_the_default_length_unless_told(monkeypatch):
     monkeypatch.setattr(neural, "default_steps", lambda pixels: 7 if pixels == 16 * 16 else 1)
     image = ImageData((photo_crop(16) / 255.0).astype("float32"), "RGB", 8, "crop")
-    config = neural.CompressConfig(qat_steps=0, bits=8, device="cpu")
+    config = neural.CompressConfig(model="kan", qat_steps=0, bits=8, device="cpu")
     assert neural.compress_image(image, 8.0, config).extra["training"]["steps"] == 7
-    config = neural.CompressConfig(steps=3, qat_steps=0, bits=8, device="cpu")
+    config = neural.CompressConfig(model="kan", steps=3, qat_steps=0, bits=8, device="cpu")
     assert neural.compress_image(image, 8.0, config).extra["training"]["steps"] == 3
