@@ -81,8 +81,9 @@ LAMBDA_RATE = 0.01
 # end and fell back to 6-bit weights (31.53 dB); at this rate it landed at 96 % with 7 (31.66)
 ROUNDING_LAMBDA_RATE = 0.05
 # λ's ceiling: where the header and the synthesis all but fill the budget, λ grew without bound (past
-# 10⁵, once 5·10¹¹) while the rate rose instead of falling, and training then lost every latent
-# (docs/compression.md, "The smallest budgets"); no file that kept its grids had needed more than 14
+# 10⁵ on 256×256 crops, 10¹⁸ on whole photos) while the rate rose instead of falling, and training then
+# lost every latent (docs/compression.md, "The smallest budgets"); no file that kept its grids had
+# needed more than 14
 LAMBDA_MAX = 100.0
 CONTROL_EVERY = 10  # steps between measurements of the rounded grids' rate
 WEIGHT_BITS = (6, 6.5, 7, 8, 9, 10, 11, 12)  # synthesis precisions tried after training
