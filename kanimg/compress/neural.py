@@ -44,12 +44,13 @@ TRAINING = {
 }
 LATENT = ("latent", "latent-kan")  # latent grids with a ReLU or an order-1 KAN synthesis: kanimg.compress.latent_codec
 MODELS = (*TRAINING, *LATENT)
-# The model a bare `compress` uses: latent grids, ahead of the KAN codec wherever both were
-# measured; below LATENT_MIN_BITS of budget the KAN codec, which sizes its network to the budget.
+# The model a bare `compress` uses: latent grids, ahead of the KAN codec on every 256×256 crop and
+# full-size photo where both were measured; below LATENT_MIN_BITS of budget the KAN codec, which sizes its network to the budget.
 # With the narrow syntheses of small budgets (latent_codec.HIDDEN_BY_BUDGET) and λ's ceiling the latent
 # codec is ahead at 4,096 and 3,072 bits on every held-out 256×256 crop, by 1.2–3.4 dB; at 2,048 bits
 # the KAN codec makes no 256×256 file, and on 32×32 images it is ahead on one of three
-# (docs/compression.md, "The smallest budgets", 2026-12-07). Below 2,048 bits not measured.
+# (docs/compression.md, "The smallest budgets", 2026-12-07); at 1,792 bits on 16×16 and 32×32 images the
+# two codecs split, three images each.
 LATENT_MIN_BITS = 2048
 DEFAULT_BITS = {"kan": None, "siren": FLOAT16}  # None: rate control picks n in 4 … 12 per tensor
 # Training length: 5,000 steps per 65,536 pixels (every pixel seen about 300 times in
