@@ -456,6 +456,8 @@ def test_a_file_no_better_than_one_flat_colour_says_so(monkeypatch, caplog):
     image = as_image(photo_crop(32))
     compress_image(image, 2.0, CompressConfig(model="latent", steps=20))
     assert "no better than one flat colour" not in caplog.text  # a file with grids: no warning
+    compress_image(as_image(np.full((16, 16, 3), 90, np.uint8)), 8.0, CompressConfig(model="latent", steps=20))
+    assert "no better than one flat colour" not in caplog.text  # an image of one colour: nothing to warn of
     monkeypatch.setattr(latent_codec, "train_latent", losing_the_grids)
     result = compress_image(image, 2.0, CompressConfig(model="latent", steps=20))
     assert "no better than one flat colour" in caplog.text and "ask for more bpp" in caplog.text

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import KanimgError
 from ..io import ImageData
-from ..metrics import psnr
+from ..metrics import psnr, psnr_from_mse
 from . import resume
 from .bitstream import DecodedImage, decode_image, encode_model
 from .kimg import ImageInfo
@@ -277,8 +277,9 @@ def compress_latent(image: ImageData, bpp: float, config: CompressConfig) -> Com
     )
     if result.bpp > bpp:
         log.warning("latent reached %.4f bpp, above the %.4g asked for", result.bpp, bpp)
-    flat = psnr(image.pixels, np.broadcast_to(image.pixels.reshape(-1, image.channels).mean(axis=0), image.pixels.shape))
-    if decoded_psnr < flat + FLAT_MARGIN_DB:
+    pixels = image.pixels.reshape(-1, image.channels)
+    flat = psnr_from_mse(float(pixels.var(axis=0, dtype=np.float64).mean()))  # the error of the image's mean colour
+    if np.ptp(pixels, axis=0).any() and decoded_psnr < flat + FLAT_MARGIN_DB:  # (a one-colour image: nothing lost)
         log.warning("the file is no better than one flat colour (%.2f dB; the image's mean colour makes %.2f): the "
                     "budget left the grids next to nothing; ask for more bpp", decoded_psnr, flat)
     return result
