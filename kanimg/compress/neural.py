@@ -45,7 +45,8 @@ TRAINING = {
 LATENT = ("latent", "latent-kan")  # latent grids with a ReLU or an order-1 KAN synthesis: kanimg.compress.latent_codec
 MODELS = (*TRAINING, *LATENT)
 # The model a bare `compress` uses: latent grids, ahead of the KAN codec on every 256×256 crop and
-# full-size photo where both were measured; below LATENT_MIN_BITS of budget the KAN codec, which sizes its network to the budget.
+# full-size photo where both were measured; below LATENT_MIN_BITS of budget the KAN codec, which
+# sizes its network to the budget.
 # With the narrow syntheses of small budgets (latent_codec.HIDDEN_BY_BUDGET) and λ's ceiling the latent
 # codec is ahead at 4,096 and 3,072 bits on every held-out 256×256 crop, by 1.2–3.4 dB; at 2,048 bits
 # the KAN codec makes no 256×256 file, and on 32×32 images it is ahead on one of three
