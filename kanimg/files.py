@@ -267,7 +267,7 @@ class RunFolder:
             old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
             if self.final.exists():
                 if self.keep_others and (read_marker(self.final) or {}).get("kind", self.kind) == self.kind:
-                    _carry_over(self.final, self.staging)
+                    carry_over(self.final, self.staging)
                 os.replace(self.final, old)
             os.replace(self.staging, self.final)
             shutil.rmtree(old, ignore_errors=True)
@@ -275,7 +275,7 @@ class RunFolder:
             self.lock.__exit__()
 
 
-def _carry_over(source: Path, target: Path, top: bool = True) -> None:
+def carry_over(source: Path, target: Path, top: bool = True) -> None:
     """Put into ``target`` what ``source`` holds and it does not, folders merged entry by
     entry, as hard links where the file system allows (else copies, each complete before it
     is named), so ``source`` stays whole until it is replaced and a kill midway loses nothing:
@@ -287,7 +287,7 @@ def _carry_over(source: Path, target: Path, top: bool = True) -> None:
         if entry.is_dir() and not entry.is_symlink():
             if not dest.is_symlink() and not (dest.exists() and not dest.is_dir()):
                 dest.mkdir(exist_ok=True)
-                _carry_over(entry, dest, top=False)
+                carry_over(entry, dest, top=False)
         elif not (dest.exists() or dest.is_symlink()):
             try:
                 os.link(entry, dest, follow_symlinks=False)

@@ -2,6 +2,7 @@
 through .kimg versions 5 and 6 (and version 3 and 4 files still decode), the decoder matches an independent numpy evaluation, the rate
 term matches scipy's Laplace, and damaged or crafted latent files are refused."""
 import struct
+from dataclasses import replace
 import subprocess
 from pathlib import Path
 import sys
@@ -418,16 +419,22 @@ def test_compressing_a_photo_crop_lands_near_the_rate_and_beats_a_flat_image():
 
 
 def test_a_bare_compress_uses_latent_grids_where_the_budget_holds_their_synthesis():
-    assert neural.default_model(256 * 256, 0.3) == "latent"
-    assert neural.default_model(256 * 256, 0.1) == "latent"  # 6,554 bits
-    assert neural.default_model(256 * 256, 0.04) == "latent"  # 2,621 bits
-    assert neural.default_model(256 * 256, 0.03) == "kan"  # 1,966 bits: under LATENT_MIN_BITS
-    assert neural.default_model(768 * 512, 0.3, bits=16) == "kan"  # float16 weights: not a latent file
+    rgb = lambda height, width: ImageInfo(height, width, 3, 8)
+    auto = CompressConfig()
+    assert neural.default_model(rgb(256, 256), 0.3, auto) == "latent"
+    assert neural.default_model(rgb(256, 256), 0.1, auto) == "latent"  # 6,554 bits
+    assert neural.default_model(rgb(256, 256), 0.04, auto) == "latent"  # 2,621 bits
+    assert neural.default_model(rgb(64, 64), 0.4, auto) == "kan"  # 1,638 bits: under LATENT_MIN_BITS
+    assert neural.default_model(rgb(768, 512), 0.3, replace(auto, bits=16)) == "kan"  # float16: not a latent file
+    assert neural.default_model(rgb(256, 256), 0.03, auto) == "latent"  # 246 bytes: under the smallest KAN file, 272
+    with pytest.raises(KanimgError, match="smallest latent file"):  # under both: the smaller minimum is named
+        neural.check_budget(as_image(photo_crop(256)), 0.005, auto)
     config = CompressConfig(steps=30, qat_steps=0)
     assert config.model == "auto"
     assert compress_image(as_image(photo_crop(48)), 4.0, config).spec["name"] == "latent"  # 9,216 bits
     assert compress_image(as_image(photo_crop(16)), 8.0, config).spec["name"] == "latent"  # 2,048 bits
     assert compress_image(as_image(photo_crop(16)), 7.0, config).spec["name"] == "kan"  # 1,792 bits
+    assert compress_image(as_image(photo_crop(48)), 0.5, config).spec["name"] == "latent"  # 144 bytes: no KAN fits
 
 
 def test_a_small_budget_gets_the_narrower_synthesis_and_its_file_says_so():

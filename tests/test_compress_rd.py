@@ -183,7 +183,21 @@ def test_an_interrupted_rd_keeps_its_network_points_and_continues(crop, tmp_path
     assert (out / "kimg" / "crop-kan-4.5bpp.kimg").read_bytes() == first
     results = json.loads((out / "results.json").read_text())
     assert results["codecs"]["kan"]["results"]["bpp"][0] == 8 * len(first) / (32 * 32)
-    assert not (tmp_path / ".rd.partial").exists() and not (out / "points").exists()
+    assert not (tmp_path / ".rd.partial").exists()
+    kept = sorted(p.name for p in (out / "points").iterdir())  # the finished folder keeps its points …
+    assert kept == ["crop-kan-4.5bpp.json", "crop-kan-4.5bpp.kimg", "crop-kan-6bpp.json", "crop-kan-6bpp.kimg"]
+    (out / "points" / "crop-kan-6bpp.partial.pt").write_bytes(b"a stopped training's state")
+    fitted.clear()
+    with mock.patch.object(neural, "compress_image", counting):  # … for the same rd with a target more
+        assert main(args[:7] + ["6,8", "--steps", "20", "--qat-steps", "0", "-o", str(out), "-q", "--force"]) == 0
+    assert fitted == [8.0]  # 6 bpp reused from the replaced folder, 4.5 not asked for
+    kept = sorted(p.name for p in (out / "points").iterdir())  # only this experiment's points stay
+    assert kept == ["crop-kan-6bpp.json", "crop-kan-6bpp.kimg", "crop-kan-8bpp.json", "crop-kan-8bpp.kimg"]
+    assert json.loads((out / "results.json").read_text())["bpp_targets"] == [6.0, 8.0]
+    fitted.clear()
+    with mock.patch.object(neural, "compress_image", counting):  # other options: nothing of the old folder is theirs
+        assert main(args[:7] + ["6,8", "--steps", "20", "--qat-steps", "0", "--seed", "3", "-o", str(out), "-q", "--force"]) == 0
+    assert fitted == [6.0, 8.0]
 
 
 def test_a_network_point_killed_mid_training_continues_from_its_kept_state(crop, tmp_path, monkeypatch, capsys):

@@ -43,7 +43,7 @@ def add(sub) -> None:
     comp.add_argument("--model", default="auto", choices=["auto", "latent", "latent-kan", "kan", "siren"],
                       help="latent (latent grids + a small ReLU synthesis network, Cool-chic style), latent-kan (the same "
                            "grids with an order-1 KAN synthesis), kan, siren (COIN-style); "
-                           "default auto: latent, or kan when the budget is under 256 bytes")
+                           "default auto: latent, or kan when the budget is under 256 bytes and a KAN fits it")
     _network_options(comp)
     comp.add_argument("--force", action="store_true", help="replace an existing output file")
     comp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -67,7 +67,8 @@ def add(sub) -> None:
     _network_options(rd)
     rd.add_argument("-o", "--out", type=Path, help="output folder (default: rd-<image or folder name>)")
     rd.add_argument("--force", action="store_true",
-                    help="replace an existing output folder, or discard the points of another experiment interrupted there")
+                    help="replace an existing output folder (its network points that this experiment asks for again are reused), "
+                         "or discard the points of another experiment interrupted there")
     rd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     rd.set_defaults(func=cmd_rd)
 

@@ -45,7 +45,7 @@ TRAINING = {
 LATENT = ("latent", "latent-kan")  # latent grids with a ReLU or an order-1 KAN synthesis: kanimg.compress.latent_codec
 MODELS = (*TRAINING, *LATENT)
 # The model a bare `compress` uses: latent grids, ahead of the KAN codec on every 256×256 crop and
-# full-size photo where both were measured; below LATENT_MIN_BITS of budget the KAN codec, which
+# full-size photo where both were measured; below LATENT_MIN_BITS of budget the KAN codec where one fits, which
 # sizes its network to the budget.
 # With the narrow syntheses of small budgets (latent_codec.HIDDEN_BY_BUDGET) and λ's ceiling the latent
 # codec is ahead at 4,096 and 3,072 bits on every held-out 256×256 crop, by 1.2–3.4 dB; at 2,048 bits
@@ -139,10 +139,20 @@ def _float_model_psnr(model: torch.nn.Module, image: ImageData, info: ImageInfo)
     return psnr(image.pixels, render_integers(DecodedModel(model64, info, QuantConfig(FLOAT16))) / top)
 
 
-def default_model(pixels: int, bpp: float, bits: float | None = None) -> str:
-    """The codec model for "auto": latent grids, unless the budget is under LATENT_MIN_BITS
-    or float16 weights are asked for (latent files store integer weights only); then the KAN."""
-    return "latent" if bpp * pixels >= LATENT_MIN_BITS and bits != FLOAT16 else "kan"
+def default_model(info: ImageInfo, bpp: float, config: CompressConfig) -> str:
+    """The codec model for "auto": latent grids, unless float16 weights are asked for (latent
+    files store integer weights only) or the budget is under LATENT_MIN_BITS; then the KAN,
+    unless no KAN fits the budget (a 256×256 image's smallest is 272 bytes, the latent codec's
+    88): then the latent codec, whose own check says if it cannot make the file either."""
+    if config.bits == FLOAT16:
+        return "kan"
+    if bpp * info.height * info.width >= LATENT_MIN_BITS:
+        return "latent"
+    try:
+        _sizing("kan", info, bpp, config)
+    except KanimgError:
+        return "latent"
+    return "kan"
 
 
 def compress_image(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
@@ -161,8 +171,8 @@ def check_budget(image: ImageData, bpp: float, config: CompressConfig) -> None:
     raw = image.channels * image.bit_depth
     if bpp > raw:
         raise KanimgError(f"--bpp {bpp:g} is more than the {raw} bits per pixel of the image itself; ask for at most {raw}")
-    model = config.model if config.model != "auto" else default_model(image.height * image.width, bpp, config.bits)
     info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
+    model = config.model if config.model != "auto" else default_model(info, bpp, config)
     if model in LATENT:
         from .latent_codec import check_latent_budget
 
@@ -179,13 +189,13 @@ def _sizing(model: str, info: ImageInfo, bpp: float, config: CompressConfig) -> 
 
 def _compress(image: ImageData, bpp: float, config: CompressConfig) -> CompressResult:
     check_budget(image, bpp, config)
+    info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
     if config.model == "auto":
-        config = replace(config, model=default_model(image.height * image.width, bpp, config.bits))
+        config = replace(config, model=default_model(info, bpp, config))
     if config.model in LATENT:
         from .latent_codec import compress_latent
 
         return compress_latent(image, bpp, config)
-    info = ImageInfo(image.height, image.width, image.channels, image.bit_depth)
     bits = config.bits or DEFAULT_BITS[config.model]
     sizing = _sizing(config.model, info, bpp, config)
     log.info("%s at %.3g bpp: widths %s%s, %d numbers", config.model, bpp, sizing.spec["widths"],

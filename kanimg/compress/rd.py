@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -135,6 +136,14 @@ class PointCache:
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
         return count
+
+    def keep_only(self, expected: list[dict[str, Any]]) -> None:
+        """Remove every file here but the ``expected`` points' (another experiment's points, handed
+        over from a replaced folder and not reused, or a stopped one's training state)."""
+        names = {self._path(key, suffix).name for key in expected for suffix in (".json", ".kimg")}
+        for entry in self.folder.iterdir():
+            if entry.name not in names:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     def state_path(self, key: dict[str, Any]) -> Path:
         """Where the point's training keeps its state while it runs (see :mod:`kanimg.compress.resume`)."""

@@ -4,19 +4,19 @@ folder and moved into place."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 from pathlib import Path
 from typing import Any
 
 from .. import distributed
 from ..errors import KanimgError
-from ..files import RunFolder, atomic_write_bytes, check_writable
-from ..io import list_images, load_image, safe_name
+from ..files import RunFolder, atomic_write_bytes, carry_over, check_writable, read_marker
+from ..io import safe_name
 from ..plots import plot_rd
 from ..results import markdown_table, write_results
 from .codecs import CLASSIC, NEURAL
 from .rd import REFERENCE, PointCache, RDConfig, RDResult, check_experiment, fit_network_points, run_rd, summarise
 
+POINTS = "points"  # the network points' folder, in the staging folder and in the finished one
 CSV_KEYS = ["image", "codec", "setting", "bpp", "psnr", "bytes", "encode_seconds", "decode_seconds", "psnr_float",
             "psnr_quantized_no_qat", "quant", "params", "rank"]
 
@@ -28,7 +28,10 @@ def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, p
     The folder is checked before any work (an existing one needs ``force``) and appears only
     when everything is written. Every finished network point is kept at once in the staging
     folder (``.NAME.partial/points``), so the same command after Ctrl-C or a kill continues
-    where it stopped. Returns the results.json payload.
+    where it stopped, and stays in the finished folder (``points``): an rd folder replaced with
+    ``force`` hands its points to the new experiment, which reuses those whose image, codec,
+    target, options and kanimg source are its own (a target or a codec added to an experiment
+    fits only what is new). Returns the results.json payload.
 
     Under torchrun the network points are shared out among the ranks (each fits its share
     into the staging folder's points); rank 0 then measures the classic codecs and writes
@@ -37,32 +40,37 @@ def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, p
     run = RunFolder(Path(out), "rd", replace=force)  # the output's own checks first (nothing written) …
     if run.final.parent.is_dir():
         check_writable(run.final.parent)
-    check_experiment(Path(path), config)  # … then every image and target, before the folder is claimed
+    _, images, _ = check_experiment(Path(path), config)  # … then every image and target, before the folder is claimed
+    expected = [PointCache.key(image, codec, bpp, config.neural) for image in images for codec in config.models for bpp in config.bpps]
     place = distributed.world()
     with contextlib.ExitStack() as stack:
         def claim_folder() -> Path:
             staging = stack.enter_context(run)
             if run.leftover and not force:  # this experiment's end would delete another's points
-                images = [load_image(f) for f in list_images(Path(path))]
-                others = PointCache(staging / "points").others(
-                    [PointCache.key(image, codec, bpp, config.neural) for image in images for codec in config.models for bpp in config.bpps])
+                others = PointCache(staging / POINTS).others(expected)
                 if others:
                     raise KanimgError(f"{out}: {others} network point(s) of another rd experiment (other options, or "
                                       f"kanimg's source since changed; finished or in training) wait in {staging}; run "
                                       f"that command again with that kanimg to finish it, or pass --force to discard them")
+            replaced = run.final / POINTS
+            if replaced.is_dir() and not replaced.is_symlink() and (read_marker(run.final) or {}).get("kind") == "rd":
+                (staging / POINTS).mkdir(exist_ok=True)
+                carry_over(replaced, staging / POINTS)  # hard links: the old folder stays whole until replaced
             return staging
 
         staging = distributed.main_first(place, claim_folder)
+        cache = PointCache(staging / POINTS)
         if place.size > 1:
-            fit_network_points(Path(path), config, PointCache(staging / "points"), place)  # every rank's points in the cache
+            fit_network_points(Path(path), config, cache, place)  # every rank's points in the cache
         if not place.is_main:
             return {}
-        result = run_rd(Path(path), config, progress=progress, cache=PointCache(staging / "points"))
+        result = run_rd(Path(path), config, progress=progress, cache=cache)
         summary = summarise(result)
         if command:
             summary["command"] = command
         write_report(result, summary, staging)
-        shutil.rmtree(staging / "points", ignore_errors=True)  # the finished folder has every point in results.json and kimg/
+        if cache.folder.is_dir():
+            cache.keep_only(expected)  # this experiment's points, for the next one into this folder
     return summary
 
 
