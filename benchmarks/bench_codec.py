@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import shutil
 import json
 import statistics
 import time
@@ -228,6 +229,7 @@ def main() -> None:
     for image in (default_image(), photo):
         out = args.work / f"rd-{image.stem}"
         if not args.decode_only:
+            shutil.rmtree(out / "points", ignore_errors=True)  # every point measured again, not reused from the last run
             summaries[image.stem] = rd_to_folder(image, out, config, force=True,
                                                  command=f"kanimg rd {image} --models kan,siren --codecs jpeg,webp,avif --bpp {args.bpp}"
                                                  + (f" --steps {args.steps}" if args.steps else "") + f" -o {out}")

@@ -380,6 +380,21 @@ def test_outputs_that_are_not_a_new_or_replaceable_file_are_refused_before_any_w
     assert "is the input" in capsys.readouterr().err and kimg_file.read_bytes() == good_file()
 
 
+def test_an_image_too_small_for_any_file_is_refused_without_an_impossible_bpp(tmp_path, capsys):
+    """A budget under the smallest file names the bpp to ask for, unless that is more than the
+    image's own bits per pixel: then it says so instead of asking for it."""
+    tiny, crop = tmp_path / "tiny.png", tmp_path / "crop.png"
+    Image.fromarray(photo_crop(24)[:2, :2]).save(tiny)
+    Image.fromarray(photo_crop(24)).save(crop)
+    for model in ("auto", "latent", "kan"):
+        assert main(["compress", str(tiny), "--bpp", "20", "--model", model, "-o", str(tmp_path / "t.kimg"), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "more than the image's own 24 bits per pixel" in err and "ask for" not in err and err.count("\n") == 1, err
+    assert main(["compress", str(crop), "--bpp", "0.5", "--model", "latent", "-o", str(tmp_path / "c.kimg"), "-q"]) == 2
+    assert "ask for at least 1." in capsys.readouterr().err  # 24×24: a latent file is possible at ~1.1 bpp and more
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop.png", "tiny.png"]
+
+
 def test_a_second_writer_of_the_same_output_is_refused_and_a_lost_state_file_fails_nothing(tmp_path, capsys):
     from kanimg.files import OutputLock
 

@@ -427,6 +427,7 @@ def test_a_bare_compress_uses_latent_grids_where_the_budget_holds_their_synthesi
     assert neural.default_model(rgb(64, 64), 0.4, auto) == "kan"  # 1,638 bits: under LATENT_MIN_BITS
     assert neural.default_model(rgb(768, 512), 0.3, replace(auto, bits=16)) == "kan"  # float16: not a latent file
     assert neural.default_model(rgb(256, 256), 0.03, auto) == "latent"  # 246 bytes: under the smallest KAN file, 272
+    assert neural.default_model(rgb(256, 256), 0.03, replace(auto, device="cuda")) == "kan"  # latent trains on the CPU
     with pytest.raises(KanimgError, match="smallest latent file"):  # under both: the smaller minimum is named
         neural.check_budget(as_image(photo_crop(256)), 0.005, auto)
     config = CompressConfig(steps=30, qat_steps=0)

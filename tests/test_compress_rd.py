@@ -200,6 +200,36 @@ def test_an_interrupted_rd_keeps_its_network_points_and_continues(crop, tmp_path
     assert fitted == [6.0, 8.0]
 
 
+def test_rd_points_never_reach_outside_their_folder(crop, tmp_path):
+    """A link where the points belong is removed, not followed (the end prunes the points
+    folder); a saved point is read only from plain files (a pipe would block); an experiment
+    without networks keeps no points folder."""
+    import os
+
+    from kanimg.compress.rd import PointCache
+    from kanimg.compress.report import rd_to_folder
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("the user's")
+    (tmp_path / ".rd.partial").mkdir()
+    (tmp_path / ".rd.partial" / "points").symlink_to(outside)
+    out = tmp_path / "rd"
+    assert main(["rd", str(crop), "--models", "kan", "--codecs", "jpeg", "--bpp", "6", "--steps", "20", "--qat-steps", "0",
+                 "-o", str(out), "-q"]) == 0
+    assert os.listdir(outside) == ["keep.txt"]
+    assert sorted(p.name for p in (out / "points").iterdir()) == ["crop-kan-6bpp.json", "crop-kan-6bpp.kimg"]
+    rd_to_folder(crop, out, RDConfig(models=[], codecs=["jpeg"], bpps=[6.0]), force=True, progress=False)
+    assert not (out / "points").exists() and (out / "results.json").is_file()
+
+    cache = PointCache(tmp_path / "cache")
+    cache.folder.mkdir()
+    key = PointCache.key(load_image(crop), "kan", 6.0, {})
+    os.mkfifo(cache._path(key, ".json"))
+    cache._path(key, ".kimg").write_bytes(b"KIMG")
+    assert cache.load(key) is None  # at once: the pipe is never opened
+
+
 def test_a_network_point_killed_mid_training_continues_from_its_kept_state(crop, tmp_path, monkeypatch, capsys):
     """The latent codec's training state is kept beside the point's files while it trains, so
     an rd stopped inside a point loses at most CHECKPOINT_SECONDS of it."""

@@ -31,6 +31,7 @@ from .kimg import ImageInfo
 from .latent import LatentImage, code_latents
 from .neural import CompressConfig, CompressResult
 from .quantize import QuantConfig
+from .sizing import budget_error
 from .tensors import parameter_count
 
 log = logging.getLogger(__name__)
@@ -229,10 +230,8 @@ def check_latent_budget(codec: str, info: ImageInfo, bpp: float, config: Compres
         raise KanimgError(f"--device cuda: {codec} trains on the CPU; leave --device out, or choose --model kan or "
                           f"siren to train on a GPU")
     smallest = smallest_file_bytes(codec, info.height, info.width, info.channels, info.bit_depth, config.bits or min(WEIGHT_BITS))
-    budget = bpp * info.pixels / 8
-    if smallest > budget:
-        raise KanimgError(f"{bpp:g} bpp is {budget:.0f} bytes for this {info.width}x{info.height} image, less than the "
-                          f"smallest {codec} file ({smallest} bytes); ask for at least {8 * smallest / info.pixels:.3f} bpp")
+    if smallest > bpp * info.pixels / 8:
+        raise budget_error(codec, info, bpp, smallest)
 
 
 @functools.lru_cache(maxsize=64)  # rd checks every target of every image before fitting

@@ -143,11 +143,14 @@ def default_model(info: ImageInfo, bpp: float, config: CompressConfig) -> str:
     """The codec model for "auto": latent grids, unless float16 weights are asked for (latent
     files store integer weights only) or the budget is under LATENT_MIN_BITS; then the KAN,
     unless no KAN fits the budget (a 256×256 image's smallest is 272 bytes, the latent codec's
-    88): then the latent codec, whose own check says if it cannot make the file either."""
+    88) and the training is on the CPU: then the latent codec, whose own check says if it
+    cannot make the file either."""
     if config.bits == FLOAT16:
         return "kan"
     if bpp * info.height * info.width >= LATENT_MIN_BITS:
         return "latent"
+    if config.device == "cuda":  # the latent codecs train on the CPU: no fallback for a GPU run
+        return "kan"
     try:
         _sizing("kan", info, bpp, config)
     except KanimgError:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,9 +113,14 @@ class PointCache:
         return self.folder / f"{name}{suffix}"
 
     def load(self, key: dict[str, Any]) -> tuple[Point, bytes] | None:
+        """The point saved for ``key``, or None; only plain files count (not a link, nor a pipe
+        that would block the read)."""
         try:
-            saved = json.loads(self._path(key, ".json").read_text())
-            data = self._path(key, ".kimg").read_bytes()
+            files = [self._path(key, ".json"), self._path(key, ".kimg")]
+            if not all(stat.S_ISREG(file.lstat().st_mode) for file in files):
+                return None
+            saved = json.loads(files[0].read_text())
+            data = files[1].read_bytes()
             if saved["key"] != json.loads(json.dumps(key)) or saved["point"]["bytes"] != len(data):
                 return None
             return Point(**saved["point"]), data
@@ -140,10 +146,14 @@ class PointCache:
     def keep_only(self, expected: list[dict[str, Any]]) -> None:
         """Remove every file here but the ``expected`` points' (another experiment's points, handed
         over from a replaced folder and not reused, or a stopped one's training state)."""
+        if not self.folder.is_dir() or self.folder.is_symlink():
+            return
         names = {self._path(key, suffix).name for key in expected for suffix in (".json", ".kimg")}
         for entry in self.folder.iterdir():
             if entry.name not in names:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if not names:
+            self.folder.rmdir()
 
     def state_path(self, key: dict[str, Any]) -> Path:
         """Where the point's training keeps its state while it runs (see :mod:`kanimg.compress.resume`)."""

@@ -52,10 +52,13 @@ def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, p
                     raise KanimgError(f"{out}: {others} network point(s) of another rd experiment (other options, or "
                                       f"kanimg's source since changed; finished or in training) wait in {staging}; run "
                                       f"that command again with that kanimg to finish it, or pass --force to discard them")
-            replaced = run.final / POINTS
-            if replaced.is_dir() and not replaced.is_symlink() and (read_marker(run.final) or {}).get("kind") == "rd":
-                (staging / POINTS).mkdir(exist_ok=True)
-                carry_over(replaced, staging / POINTS)  # hard links: the old folder stays whole until replaced
+            points, replaced = staging / POINTS, run.final / POINTS
+            if points.is_symlink():  # not one kanimg made: its points would be written (and pruned) elsewhere
+                points.unlink()
+            if (expected and replaced.is_dir() and not replaced.is_symlink()
+                    and (read_marker(run.final) or {}).get("kind") == "rd"):
+                points.mkdir(exist_ok=True)
+                carry_over(replaced, points)  # hard links: the old folder stays whole until replaced
             return staging
 
         staging = distributed.main_first(place, claim_folder)
@@ -69,8 +72,7 @@ def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, p
         if command:
             summary["command"] = command
         write_report(result, summary, staging)
-        if cache.folder.is_dir():
-            cache.keep_only(expected)  # this experiment's points, for the next one into this folder
+        cache.keep_only(expected)  # this experiment's points, for the next one into this folder
     return summary
 
 

@@ -77,6 +77,17 @@ def siren_spec(width: int, image: ImageInfo, depth: int) -> dict:
     return {"name": "siren", "widths": [2] + [width] * depth + [image.channels], "omega0": 30.0}
 
 
+def budget_error(codec: str, image: ImageInfo, bpp: float, smallest: float) -> KanimgError:
+    """The one-line refusal of a budget under ``codec``'s smallest file of ``image`` (``smallest``
+    bytes), with the bpp to ask for, or, where that is more than the image's own bits per pixel
+    (a few pixels), that no file of it pays."""
+    least, raw = math.ceil(8000 * smallest / image.pixels - 1e-9) / 1000, image.channels * image.bit_depth  # rounded up: enough
+    advice = (f"ask for at least {least:.3f} bpp" if least <= raw else
+              f"that is more than the image's own {raw} bits per pixel: too few pixels for a {codec} file")
+    return KanimgError(f"{bpp:g} bpp is {bpp * image.pixels / 8:.0f} bytes for this {image.width}x{image.height} image, "
+                       f"less than the smallest {codec} file ({smallest:.0f} bytes); {advice}")
+
+
 def size_model(family: str, image: ImageInfo, bpp: float, quant: QuantConfig) -> Sizing:
     """The largest model of ``family`` whose estimated file fits ``bpp``.
 
@@ -99,9 +110,7 @@ def size_model(family: str, image: ImageInfo, bpp: float, quant: QuantConfig) ->
     if family not in ("kan", "siren"):
         raise KanimgError(f"no sizing rule for model {family!r}; choose kan or siren")
     if estimate(build(1)) > budget:
-        smallest = estimate(build(1))
-        raise KanimgError(f"{bpp:g} bpp is {budget:.0f} bytes for this {image.width}x{image.height} image, less than the "
-                          f"smallest {family} ({smallest:.0f} bytes); ask for at least {8 * smallest / image.pixels:.3f} bpp")
+        raise budget_error(family, image, bpp, estimate(build(1)))
     lo, hi = 1, MAX_WIDTH  # largest width that fits: binary search (estimate grows with width)
     while lo < hi:
         mid = (lo + hi + 1) // 2
