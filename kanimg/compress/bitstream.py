@@ -24,7 +24,7 @@ from ..render import GridEvaluator
 from ..sampling import chunks
 from . import kimg
 from .entropy import StreamDecoder, cost_bits, encode_streams, fit_model
-from .latent import LatentImage, code_latents, decode_latents, synthesise
+from .latent import LatentImage, code_latents, decode_latents, synthesis_tiles
 from .kimg import DECODE_LIMITS, MAX_TRANSFORM, TILE_VALUES, DecodeLimits, ImageInfo, KimgFile, TensorHeader
 from .quantize import QuantConfig, QuantizedTensor, quantize_tensor, round_float16
 from .tensors import grid_ranges, load_arrays, slots, stored_arrays
@@ -232,10 +232,13 @@ def render_integers(decoded: DecodedModel) -> np.ndarray:
     """
     img, model = decoded.image, decoded.model
     if model.spec["name"] == "latent":  # float64 throughout: cheap for a synthesis this small
-        values = synthesise(model.integer_latents(), stored_arrays(model), img.height, img.width, model.spec.get("grids"), model.spec.get("reaches"))
-        if not np.isfinite(values).all():
-            raise KanimgError("malformed .kimg file: the network's output is not finite")
-        return to_integers((np.clip(values, -1, 1) + 1) / 2, img.bit_depth)
+        out = np.empty((img.height, img.width, img.channels), dtype=np.uint8 if img.bit_depth <= 8 else np.uint16)
+        for rows, values in synthesis_tiles(model.integer_latents(), stored_arrays(model), img.height, img.width,
+                                            model.spec.get("grids"), model.spec.get("reaches")):
+            if not np.isfinite(values).all():
+                raise KanimgError("malformed .kimg file: the network's output is not finite")
+            out[rows] = to_integers((np.clip(values, -1, 1) + 1) / 2, img.bit_depth)
+        return out
     fast, exact = evaluators(decoded)
     top = float(2**img.bit_depth - 1)
     out = np.empty((img.pixels, img.channels), dtype=np.uint8 if img.bit_depth <= 8 else np.uint16)

@@ -75,6 +75,8 @@ class DecodeLimits:
 
 DECODE_LIMITS = DecodeLimits()
 TILE_VALUES = 1 << 24  # activations or spline features a decoder holds per tile (bitstream.tile_pixels)
+LATENT_TILE_PIXELS = 1 << 16  # pixels a latent file's synthesis evaluates at once (latent.synthesise)
+LATENT_GRID_BYTES = 64  # per pixel, a latent file's decoded grids (4/3 values a pixel) in their copies at once (measured)
 
 
 def decode_cost(spec: dict, height: int, width: int, channels: int) -> tuple[float, int]:
@@ -84,11 +86,13 @@ def decode_cost(spec: dict, height: int, width: int, channels: int) -> tuple[flo
     tile of activations and the integer image."""
     widths, pixels = spec["widths"], height * width
     pairs = list(zip(widths[:-1], widths[1:]))
-    if spec["name"] == "latent":  # 16-tap bicubic per level, then the synthesis, whole image in float64
+    if spec["name"] == "latent":  # 16-tap bicubic per level, then the synthesis tile by tile, float64
         kan = spec.get("synthesis") == "kan"  # an order-1 KAN edge: its piece's slope · x + intercept, and the sum
         macs = pixels * (16 * widths[0] + (2 if kan else 1) * sum(i * o for i, o in pairs))
         activations = (3 if kan else 2) * max(widths)  # the KAN's looked-up slopes and intercepts too
-        return float(macs), int(8 * pixels * (2 * widths[0] + activations) + 2 * pixels * channels + 16 * parameter_count(spec))
+        per_pixel = LATENT_GRID_BYTES + 8 * (widths[0] + 1) + 2 * channels  # the grids, the features and one level's upsampling, the integers
+        tile = 8 * LATENT_TILE_PIXELS * (activations + 3 * channels)  # a band's activations, values and their conversion
+        return float(macs), int(per_pixel * pixels + tile + 16 * parameter_count(spec))
     if spec["name"] == "kan":
         grids = spec["grids"]
         first = (height + width) * (grids[0] + 4) * widths[1]

@@ -12,7 +12,7 @@ the decoder evaluates in float64 on the CPU (:func:`synthesise`).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from ..errors import KanimgError
 from ..nn.mlp import relu_mlp
 from .entropy import StreamDecoder, StreamModel, cost_bits, fit_model
-from .kimg import (MAX_BUCKETS, MAX_DEPTH, MAX_KAN_GRID, MAX_LEVELS, PREDICTION_CODES, ImageInfo, LatentLevel, level_shapes,
-                   reach_units)
+from .kimg import (LATENT_TILE_PIXELS, MAX_BUCKETS, MAX_DEPTH, MAX_KAN_GRID, MAX_LEVELS, PREDICTION_CODES, ImageInfo, LatentLevel,
+                   level_shapes, reach_units)
 from .quantize import QuantConfig
 from .tensors import quantized_params
 
@@ -406,35 +406,54 @@ def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], hei
                grids: Sequence[int] | None = None, reaches: Sequence[float] | None = None) -> np.ndarray:
     """The decoder: (H, W, C) values in [-1, 1] (unclipped), float64, from integer
     latents and dequantised synthesis weights (per layer: weight, bias for the MLP; weight,
-    knot values, bias for the order-1 KAN of ``grids``, ``reaches``). Each output is a sum
-    accumulated in a fixed order (the bias, then input by input its linear term, for the KAN
-    the linear piece of :func:`kan_pieces` it falls in), so it is the same number for any
-    thread count."""
-    features = []
-    for grid in latents:
-        full = upsample(torch.from_numpy(np.asarray(grid, dtype=np.float64))[None, None], height, width)
-        features.append(full[0, 0])
-    x = torch.stack(features, -1)
+    knot values, bias for the order-1 KAN of ``grids``, ``reaches``), put together from
+    :func:`synthesis_tiles`."""
+    out = None
+    for rows, values in synthesis_tiles(latents, weights, height, width, grids, reaches):
+        out = np.empty((height, width, values.shape[-1])) if out is None else out
+        out[rows] = values
+    return out
+
+
+def synthesis_tiles(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], height: int, width: int,
+                    grids: Sequence[int] | None = None, reaches: Sequence[float] | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+    """:func:`synthesise`'s values a band of rows at a time, (rows, values): the decoder then
+    holds the upsampled grids and one band's activations, not the whole image's. Each output
+    is a sum accumulated in a fixed order (the bias, then input by input its linear term, for
+    the KAN the linear piece of :func:`kan_pieces` it falls in), pixel by pixel, so it is the
+    same number for any thread count and any band."""
+    features = torch.empty(height, width, len(latents), dtype=torch.float64)
+    for k, grid in enumerate(latents):
+        features[..., k] = upsample(torch.from_numpy(np.asarray(grid, dtype=np.float64))[None, None], height, width)[0, 0]
     per_layer = 2 if grids is None else 3
-    count = len(weights) // per_layer
-    for index in range(count):
+    layers = []
+    for index in range(len(weights) // per_layer):
         tensors = [torch.from_numpy(np.asarray(w)).to(torch.float64) for w in weights[per_layer * index : per_layer * (index + 1)]]
-        weight, bias = tensors[0], tensors[-1]
+        pieces = kan_pieces(tensors[0], tensors[1], grids[index], reaches[index]) if grids is not None else None
+        layers.append((tensors[0], tensors[-1], pieces))
+    rows = max(1, LATENT_TILE_PIXELS // width)
+    for top in range(0, height, rows):
+        band = slice(top, min(top + rows, height))
+        yield band, _synthesis(features[band], layers, grids, reaches).numpy()
+
+
+def _synthesis(x: Tensor, layers: Sequence[tuple], grids: Sequence[int] | None, reaches: Sequence[float] | None) -> Tensor:
+    """:func:`synthesise`'s network on the upsampled features ``x`` of some pixels."""
+    for index, (weight, bias, pieces) in enumerate(layers):
         out = bias.expand(*x.shape[:-1], bias.shape[0]).clone()
-        if grids is not None:
-            slopes, intercepts = kan_pieces(weight, tensors[1], grids[index], reaches[index])
         for k in range(weight.shape[1]):
             inputs = x[..., k : k + 1]
-            if grids is None:
+            if pieces is None:
                 out += inputs * weight[:, k]
             else:  # each edge's piece looked up, then slope · x + intercept
+                slopes, intercepts = pieces
                 piece = kan_piece(inputs[..., 0], grids[index], reaches[index])
                 term = slopes[:, k].T[piece]
                 term *= inputs
                 term += intercepts[:, k].T[piece]
                 out += term
-        x = torch.relu(out) if grids is None and index < count - 1 else out
-    return x.numpy()
+        x = torch.relu(out) if pieces is None and index < len(layers) - 1 else out
+    return x
 
 
 # ----------------------------------------------------------------------------- grid coding

@@ -27,7 +27,7 @@ from ..io import ImageData
 from ..metrics import psnr, psnr_from_mse
 from . import resume
 from .bitstream import DecodedImage, decode_image, encode_model
-from .kimg import ImageInfo
+from .kimg import DECODE_LIMITS, ImageInfo, decode_cost
 from .latent import LatentImage, code_latents
 from .neural import CompressConfig, CompressResult
 from .quantize import QuantConfig
@@ -213,13 +213,20 @@ def best_synthesis_bits(model: LatentImage, image: ImageData, info: ImageInfo, l
     return data, bits, decoded
 
 
-def new_model(codec: str, height: int, width: int, channels: int, budget_bytes: float) -> LatentImage:
-    """An untrained model of ``codec`` ("latent" or "latent-kan") at its default shape for a
-    file of ``budget_bytes``."""
+def default_spec(codec: str, channels: int, budget_bytes: float) -> dict:
+    """The spec of ``codec``'s file ("latent" or "latent-kan") at its default shape for a file
+    of ``budget_bytes``."""
     if codec == "latent-kan":
-        return LatentImage(height, width, [LEVELS, *KAN_HIDDEN, channels], "kan", KAN_GRIDS, KAN_REACHES)
+        return {"name": "latent", "widths": [LEVELS, *KAN_HIDDEN, channels], "synthesis": "kan", "grids": list(KAN_GRIDS),
+                "reaches": [float(r) for r in KAN_REACHES]}
     hidden = next((widths for below, widths in HIDDEN_BY_BUDGET if budget_bytes < below), HIDDEN)
-    return LatentImage(height, width, [LEVELS, *hidden, channels])
+    return {"name": "latent", "widths": [LEVELS, *hidden, channels]}
+
+
+def new_model(codec: str, height: int, width: int, channels: int, budget_bytes: float) -> LatentImage:
+    """An untrained model of ``codec`` at its :func:`default_spec`."""
+    spec = default_spec(codec, channels, budget_bytes)
+    return LatentImage(height, width, spec["widths"], spec.get("synthesis", "mlp"), spec.get("grids"), spec.get("reaches"))
 
 
 def check_latent_budget(codec: str, info: ImageInfo, bpp: float, config: CompressConfig) -> None:
@@ -229,9 +236,21 @@ def check_latent_budget(codec: str, info: ImageInfo, bpp: float, config: Compres
     if config.device == "cuda":
         raise KanimgError(f"--device cuda: {codec} trains on the CPU; leave --device out, or choose --model kan or "
                           f"siren to train on a GPU")
+    if too_large(codec, info, bpp):  # refused now, not by the decoder after hours of training
+        raise KanimgError(too_large(codec, info, bpp))
     smallest = smallest_file_bytes(codec, info.height, info.width, info.channels, info.bit_depth, config.bits or min(WEIGHT_BITS))
     if smallest > bpp * info.pixels / 8:
         raise budget_error(codec, info, bpp, smallest)
+
+
+def too_large(codec: str, info: ImageInfo, bpp: float) -> str:
+    """Why no ``codec`` file of an image this large can be decoded (the decoder's memory limit,
+    kimg.DECODE_LIMITS: some 15.6 megapixels of RGB), or "" where one can."""
+    _, memory = decode_cost(default_spec(codec, info.channels, bpp * info.pixels / 8), info.height, info.width, info.channels)
+    if memory <= DECODE_LIMITS.bytes:
+        return ""
+    return (f"{info.width}x{info.height} is too large for a {codec} file: decoding it would take {memory / 2**30:.1f} GiB, "
+            f"over the decoder's limit of {DECODE_LIMITS.bytes / 2**30:.0f} GiB; crop or downscale the image, or choose --model kan")
 
 
 @functools.lru_cache(maxsize=64)  # rd checks every target of every image before fitting

@@ -141,11 +141,13 @@ def _float_model_psnr(model: torch.nn.Module, image: ImageData, info: ImageInfo)
 
 def default_model(info: ImageInfo, bpp: float, config: CompressConfig) -> str:
     """The codec model for "auto": latent grids, unless float16 weights are asked for (latent
-    files store integer weights only) or the budget is under LATENT_MIN_BITS; then the KAN,
-    unless no KAN fits the budget (a 256×256 image's smallest is 272 bytes, the latent codec's
-    88) and the training is on the CPU: then the latent codec, whose own check says if it
-    cannot make the file either."""
-    if config.bits == FLOAT16:
+    files store integer weights only), the image is too large for their decoder, or the budget
+    is under LATENT_MIN_BITS; then the KAN, unless no KAN fits the budget (a 256×256 image's
+    smallest is 272 bytes, the latent codec's 88) and the training is on the CPU: then the
+    latent codec, whose own check says if it cannot make the file either."""
+    from .latent_codec import too_large
+
+    if config.bits == FLOAT16 or too_large("latent", info, bpp):
         return "kan"
     if bpp * info.height * info.width >= LATENT_MIN_BITS:
         return "latent"

@@ -89,7 +89,9 @@ def budget_error(codec: str, image: ImageInfo, bpp: float, smallest: float) -> K
 
 
 def size_model(family: str, image: ImageInfo, bpp: float, quant: QuantConfig) -> Sizing:
-    """The largest model of ``family`` whose estimated file fits ``bpp``.
+    """The largest model of ``family`` whose estimated file fits ``bpp`` and whose decode
+    stays within kimg.DECODE_LIMITS (on a large image a budget can buy a network no decoder
+    would run: its file would be refused after the training).
 
     Raises:
         KanimgError: even the smallest model of the family does not fit.
@@ -109,11 +111,18 @@ def size_model(family: str, image: ImageInfo, bpp: float, quant: QuantConfig) ->
 
     if family not in ("kan", "siren"):
         raise KanimgError(f"no sizing rule for model {family!r}; choose kan or siren")
+    def decodable(spec: dict) -> bool:
+        macs, memory = kimg.decode_cost(spec, image.height, image.width, image.channels)
+        return macs <= kimg.DECODE_LIMITS.macs and memory <= kimg.DECODE_LIMITS.bytes
+
     if estimate(build(1)) > budget:
         raise budget_error(family, image, bpp, estimate(build(1)))
-    lo, hi = 1, MAX_WIDTH  # largest width that fits: binary search (estimate grows with width)
+    if not decodable(build(1)):
+        raise KanimgError(f"{image.width}x{image.height} is too large for a {family} file: even its smallest network "
+                          f"would cost more to decode than the decoder's limits; crop or downscale the image")
+    lo, hi = 1, MAX_WIDTH  # largest width that fits: binary search (estimate and decode cost grow with width)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if estimate(build(mid)) <= budget else (lo, mid - 1)
+        lo, hi = (mid, hi) if estimate(build(mid)) <= budget and decodable(build(mid)) else (lo, mid - 1)
     spec = build(lo)
     return Sizing(spec, parameter_count(spec), budget, header_bytes(spec, image, quant), estimate(spec))
