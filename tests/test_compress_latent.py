@@ -831,10 +831,12 @@ def test_an_image_too_large_for_the_latent_decoder_is_refused_before_training_an
     assert neural.default_model(phone, 0.3, CompressConfig()) == "latent"
     for family, bits in (("kan", 8), ("siren", 16.0)):
         for bpp in (0.3, 4.0):
-            spec = sizing.size_model(family, huge, bpp, QuantConfig(bits)).spec
-            macs, memory = kimg.decode_cost(spec, 4000, 6000, 3)
+            sized = sizing.size_model(family, huge, bpp, QuantConfig(bits))
+            macs, memory = kimg.decode_cost(sized.spec, 4000, 6000, 3)
             assert macs <= kimg.DECODE_LIMITS.macs and memory <= kimg.DECODE_LIMITS.bytes
             assert macs > 0.9 * kimg.DECODE_LIMITS.macs  # the largest network the decoder takes, not a smaller one
+            assert sized.capped and sized.estimated_bytes < 0.5 * sized.budget_bytes  # said with a warning
+        assert not sizing.size_model(family, ImageInfo(512, 768, 3, 8), 4.0, QuantConfig(bits)).capped
 
 
 def test_the_kan_synthesis_decoder_is_an_independent_piecewise_linear_evaluation_at_any_thread_count():

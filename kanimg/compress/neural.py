@@ -205,6 +205,9 @@ def _compress(image: ImageData, bpp: float, config: CompressConfig) -> CompressR
     sizing = _sizing(config.model, info, bpp, config)
     log.info("%s at %.3g bpp: widths %s%s, %d numbers", config.model, bpp, sizing.spec["widths"],
              f", grids {sizing.spec['grids']}" if "grids" in sizing.spec else "", sizing.params)
+    if sizing.capped:
+        log.warning("%s: a %dx%d image holds at most a network of %s numbers that the decoder will run (kimg.DECODE_LIMITS); "
+                    "the file will be well under %g bpp", config.model, info.width, info.height, f"{sizing.params:,}", bpp)
     started = time.perf_counter()
     model, target, train_config = _fit(image, sizing.spec, config)
     psnr_float = _float_model_psnr(model, image, info)

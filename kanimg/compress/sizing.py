@@ -43,6 +43,7 @@ class Sizing:
     budget_bytes: float
     header_bytes: int
     estimated_bytes: float
+    capped: bool = False  # the decoder's limits, not the budget, set the size: the file lands well under it
 
 
 def header_bytes(spec: dict, image: ImageInfo, quant: QuantConfig) -> int:
@@ -125,4 +126,5 @@ def size_model(family: str, image: ImageInfo, bpp: float, quant: QuantConfig) ->
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if estimate(build(mid)) <= budget and decodable(build(mid)) else (lo, mid - 1)
     spec = build(lo)
-    return Sizing(spec, parameter_count(spec), budget, header_bytes(spec, image, quant), estimate(spec))
+    capped = lo < MAX_WIDTH and estimate(build(lo + 1)) <= budget
+    return Sizing(spec, parameter_count(spec), budget, header_bytes(spec, image, quant), estimate(spec), capped)
