@@ -803,28 +803,28 @@ def test_training_the_synthesis_slice_by_slice_gives_the_whole_images_output_and
 
 
 @pytest.mark.parametrize("like", ["latent_like", "kan_latent_like"])
-def test_the_decoder_synthesises_a_band_of_rows_at_a_time_to_the_same_integers(like, monkeypatch):
-    """The decoder holds one band's activations, not the whole image's (a 6-megapixel file
-    decoded in 1.3 GB instead of 5.9): each pixel is computed on its own, so every band size
-    gives the same image."""
+def test_the_decoder_synthesises_a_tile_of_pixels_at_a_time_to_the_same_integers(like, monkeypatch):
+    """The decoder holds one tile's activations, not the whole image's (a 6-megapixel file
+    decoded in 1.3 GB instead of 5.9), however wide the image: each pixel is computed on its
+    own, so every tile size gives the same image."""
     data = encode_model(globals()[like](), ImageInfo(13, 21, 3), QuantConfig(9))
     whole, model = decode_image(data).integers, decode_model(data).model
-    for tile in (21, 50, 1):  # one row, two rows, and a row at a time however wide
+    for tile in (21, 50, 7, 1):  # a row, two rows and a part, a third of a row, a pixel
         monkeypatch.setattr(latent, "LATENT_TILE_PIXELS", tile)
-        bands = [rows for rows, _ in latent.synthesis_tiles(model.integer_latents(), stored_arrays(model), 13, 21,
-                                                            model.spec.get("grids"), model.spec.get("reaches"))]
-        assert len(bands) == -(-13 // max(1, tile // 21)) and bands[-1].stop == 13
+        tiles = [pixels for pixels, _ in latent.synthesis_tiles(model.integer_latents(), stored_arrays(model), 13, 21,
+                                                                model.spec.get("grids"), model.spec.get("reaches"))]
+        assert len(tiles) == -(-13 * 21 // tile) and max(t.stop - t.start for t in tiles) == tile and tiles[-1].stop == 13 * 21
         assert np.array_equal(decode_image(data).integers, whole)
 
 
 def test_an_image_too_large_for_the_latent_decoder_is_refused_before_training_and_auto_takes_the_kan():
-    """A latent file of a 24-megapixel photo would need 3 GiB to decode: refused before any
+    """A latent file of a 24-megapixel photo would need 3.1 GiB to decode: refused before any
     training (the decoder would refuse the file at the end), and a bare compress takes the
     KAN codec, whose network is sized to what its decoder may run."""
     from kanimg.compress import kimg, sizing
 
     huge, phone = ImageInfo(4000, 6000, 3, 8), ImageInfo(3024, 4032, 3, 8)
-    with pytest.raises(KanimgError, match="too large for a latent file: decoding it would take 3.0 GiB"):
+    with pytest.raises(KanimgError, match="too large for a latent file: decoding it would take 3.1 GiB"):
         latent_codec.check_latent_budget("latent", huge, 0.3, CompressConfig(model="latent"))
     assert latent_codec.too_large("latent", phone, 0.3) == ""  # a 12-megapixel phone photo is not
     assert neural.default_model(huge, 0.3, CompressConfig()) == "kan"

@@ -232,13 +232,13 @@ def render_integers(decoded: DecodedModel) -> np.ndarray:
     """
     img, model = decoded.image, decoded.model
     if model.spec["name"] == "latent":  # float64 throughout: cheap for a synthesis this small
-        out = np.empty((img.height, img.width, img.channels), dtype=np.uint8 if img.bit_depth <= 8 else np.uint16)
-        for rows, values in synthesis_tiles(model.integer_latents(), stored_arrays(model), img.height, img.width,
-                                            model.spec.get("grids"), model.spec.get("reaches")):
+        out = np.empty((img.pixels, img.channels), dtype=np.uint8 if img.bit_depth <= 8 else np.uint16)
+        for pixels, values in synthesis_tiles(model.integer_latents(), stored_arrays(model), img.height, img.width,
+                                              model.spec.get("grids"), model.spec.get("reaches")):
             if not np.isfinite(values).all():
                 raise KanimgError("malformed .kimg file: the network's output is not finite")
-            out[rows] = to_integers((np.clip(values, -1, 1) + 1) / 2, img.bit_depth)
-        return out
+            out[pixels] = to_integers((np.clip(values, -1, 1) + 1) / 2, img.bit_depth)
+        return out.reshape(img.height, img.width, img.channels)
     fast, exact = evaluators(decoded)
     top = float(2**img.bit_depth - 1)
     out = np.empty((img.pixels, img.channels), dtype=np.uint8 if img.bit_depth <= 8 else np.uint16)

@@ -75,7 +75,7 @@ class DecodeLimits:
 
 DECODE_LIMITS = DecodeLimits()
 TILE_VALUES = 1 << 24  # activations or spline features a decoder holds per tile (bitstream.tile_pixels)
-LATENT_TILE_PIXELS = 1 << 16  # pixels a latent file's synthesis evaluates at once (latent.synthesise)
+LATENT_TILE_PIXELS = 1 << 16  # pixels a latent file's synthesis evaluates at once (latent.synthesis_tiles)
 LATENT_GRID_BYTES = 64  # per pixel, a latent file's decoded grids (4/3 values a pixel) in their copies at once (measured)
 
 
@@ -91,7 +91,7 @@ def decode_cost(spec: dict, height: int, width: int, channels: int) -> tuple[flo
         macs = pixels * (16 * widths[0] + (2 if kan else 1) * sum(i * o for i, o in pairs))
         activations = (3 if kan else 2) * max(widths)  # the KAN's looked-up slopes and intercepts too
         per_pixel = LATENT_GRID_BYTES + 8 * (widths[0] + 1) + 2 * channels  # the grids, the features and one level's upsampling, the integers
-        tile = 8 * LATENT_TILE_PIXELS * (activations + 3 * channels)  # a band's activations, values and their conversion
+        tile = 8 * LATENT_TILE_PIXELS * (3 * activations + 6 * channels)  # a tile's activations and temporaries, values, conversion
         return float(macs), int(per_pixel * pixels + tile + 16 * parameter_count(spec))
     if spec["name"] == "kan":
         grids = spec["grids"]

@@ -409,19 +409,20 @@ def synthesise(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], hei
     knot values, bias for the order-1 KAN of ``grids``, ``reaches``), put together from
     :func:`synthesis_tiles`."""
     out = None
-    for rows, values in synthesis_tiles(latents, weights, height, width, grids, reaches):
-        out = np.empty((height, width, values.shape[-1])) if out is None else out
-        out[rows] = values
-    return out
+    for pixels, values in synthesis_tiles(latents, weights, height, width, grids, reaches):
+        out = np.empty((height * width, values.shape[-1])) if out is None else out
+        out[pixels] = values
+    return out.reshape(height, width, -1)
 
 
 def synthesis_tiles(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray], height: int, width: int,
                     grids: Sequence[int] | None = None, reaches: Sequence[float] | None = None) -> Iterator[tuple[slice, np.ndarray]]:
-    """:func:`synthesise`'s values a band of rows at a time, (rows, values): the decoder then
-    holds the upsampled grids and one band's activations, not the whole image's. Each output
-    is a sum accumulated in a fixed order (the bias, then input by input its linear term, for
-    the KAN the linear piece of :func:`kan_pieces` it falls in), pixel by pixel, so it is the
-    same number for any thread count and any band."""
+    """:func:`synthesise`'s values a tile of at most kimg.LATENT_TILE_PIXELS pixels at a time,
+    (pixels in raster order, (n, C) values): the decoder then holds the upsampled grids and one
+    tile's activations, not the whole image's. Each output is a sum accumulated in a fixed
+    order (the bias, then input by input its linear term, for the KAN the linear piece of
+    :func:`kan_pieces` it falls in), pixel by pixel, so it is the same number for any thread
+    count and any tile."""
     features = torch.empty(height, width, len(latents), dtype=torch.float64)
     for k, grid in enumerate(latents):
         features[..., k] = upsample(torch.from_numpy(np.asarray(grid, dtype=np.float64))[None, None], height, width)[0, 0]
@@ -431,10 +432,10 @@ def synthesis_tiles(latents: Sequence[np.ndarray], weights: Sequence[np.ndarray]
         tensors = [torch.from_numpy(np.asarray(w)).to(torch.float64) for w in weights[per_layer * index : per_layer * (index + 1)]]
         pieces = kan_pieces(tensors[0], tensors[1], grids[index], reaches[index]) if grids is not None else None
         layers.append((tensors[0], tensors[-1], pieces))
-    rows = max(1, LATENT_TILE_PIXELS // width)
-    for top in range(0, height, rows):
-        band = slice(top, min(top + rows, height))
-        yield band, _synthesis(features[band], layers, grids, reaches).numpy()
+    flat = features.view(height * width, len(latents))
+    for start in range(0, height * width, LATENT_TILE_PIXELS):
+        pixels = slice(start, min(start + LATENT_TILE_PIXELS, height * width))
+        yield pixels, _synthesis(flat[pixels], layers, grids, reaches).numpy()
 
 
 def _synthesis(x: Tensor, layers: Sequence[tuple], grids: Sequence[int] | None, reaches: Sequence[float] | None) -> Tensor:

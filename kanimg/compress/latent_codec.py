@@ -245,7 +245,7 @@ def check_latent_budget(codec: str, info: ImageInfo, bpp: float, config: Compres
 
 def too_large(codec: str, info: ImageInfo, bpp: float) -> str:
     """Why no ``codec`` file of an image this large can be decoded (the decoder's memory limit,
-    kimg.DECODE_LIMITS: some 15.6 megapixels of RGB), or "" where one can."""
+    kimg.DECODE_LIMITS: some 14.8 megapixels of RGB), or "" where one can."""
     _, memory = decode_cost(default_spec(codec, info.channels, bpp * info.pixels / 8), info.height, info.width, info.channels)
     if memory <= DECODE_LIMITS.bytes:
         return ""
