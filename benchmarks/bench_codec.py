@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import shutil
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path

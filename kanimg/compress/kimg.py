@@ -72,6 +72,10 @@ class DecodeLimits:
     macs: float = 1e13
     bytes: int = 2 << 30
 
+    def admits(self, macs: float, memory: float) -> bool:
+        """Whether a decode of this cost (:func:`decode_cost`) is within the limits."""
+        return macs <= self.macs and memory <= self.bytes
+
 
 DECODE_LIMITS = DecodeLimits()
 TILE_VALUES = 1 << 24  # activations or spline features a decoder holds per tile (bitstream.tile_pixels)
@@ -423,7 +427,7 @@ def read(data: bytes, limits: DecodeLimits = DECODE_LIMITS) -> KimgFile:
         _check(np.isfinite(spec["omega0"]) and spec["omega0"] > 0, f"omega0 {spec['omega0']}")
     _check(parameter_count(spec) <= MAX_PARAMETERS, f"{parameter_count(spec)} parameters")
     macs, memory = decode_cost(spec, height, width, channels)
-    if macs > limits.macs or memory > limits.bytes:
+    if not limits.admits(macs, memory):
         raise KanimgError(f".kimg file too costly to decode: {width}x{height} pixels through {parameter_count(spec):,} "
                           f"parameters need {macs:.2g} multiply-adds and {memory / 2**30:.1f} GiB (limits {limits.macs:.2g} "
                           f"and {limits.bytes / 2**30:.1f} GiB)")

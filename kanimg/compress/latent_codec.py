@@ -236,8 +236,9 @@ def check_latent_budget(codec: str, info: ImageInfo, bpp: float, config: Compres
     if config.device == "cuda":
         raise KanimgError(f"--device cuda: {codec} trains on the CPU; leave --device out, or choose --model kan or "
                           f"siren to train on a GPU")
-    if too_large(codec, info, bpp):  # refused now, not by the decoder after hours of training
-        raise KanimgError(too_large(codec, info, bpp))
+    reason = too_large(codec, info, bpp)
+    if reason:  # refused now, not by the decoder after hours of training
+        raise KanimgError(reason)
     smallest = smallest_file_bytes(codec, info.height, info.width, info.channels, info.bit_depth, config.bits or min(WEIGHT_BITS))
     if smallest > bpp * info.pixels / 8:
         raise budget_error(codec, info, bpp, smallest)
@@ -246,8 +247,8 @@ def check_latent_budget(codec: str, info: ImageInfo, bpp: float, config: Compres
 def too_large(codec: str, info: ImageInfo, bpp: float) -> str:
     """Why no ``codec`` file of an image this large can be decoded (the decoder's memory limit,
     kimg.DECODE_LIMITS: some 14.8 megapixels of RGB), or "" where one can."""
-    _, memory = decode_cost(default_spec(codec, info.channels, bpp * info.pixels / 8), info.height, info.width, info.channels)
-    if memory <= DECODE_LIMITS.bytes:
+    macs, memory = decode_cost(default_spec(codec, info.channels, bpp * info.pixels / 8), info.height, info.width, info.channels)
+    if DECODE_LIMITS.admits(macs, memory):
         return ""
     return (f"{info.width}x{info.height} is too large for a {codec} file: decoding it would take {memory / 2**30:.1f} GiB, "
             f"over the decoder's limit of {DECODE_LIMITS.bytes / 2**30:.0f} GiB; crop or downscale the image, or choose --model kan")

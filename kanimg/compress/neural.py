@@ -149,7 +149,7 @@ def default_model(info: ImageInfo, bpp: float, config: CompressConfig) -> str:
 
     if config.bits == FLOAT16 or too_large("latent", info, bpp):
         return "kan"
-    if bpp * info.height * info.width >= LATENT_MIN_BITS:
+    if bpp * info.pixels >= LATENT_MIN_BITS:
         return "latent"
     if config.device == "cuda":  # the latent codecs train on the CPU: no fallback for a GPU run
         return "kan"

@@ -113,8 +113,7 @@ def size_model(family: str, image: ImageInfo, bpp: float, quant: QuantConfig) ->
     if family not in ("kan", "siren"):
         raise KanimgError(f"no sizing rule for model {family!r}; choose kan or siren")
     def decodable(spec: dict) -> bool:
-        macs, memory = kimg.decode_cost(spec, image.height, image.width, image.channels)
-        return macs <= kimg.DECODE_LIMITS.macs and memory <= kimg.DECODE_LIMITS.bytes
+        return kimg.DECODE_LIMITS.admits(*kimg.decode_cost(spec, image.height, image.width, image.channels))
 
     if estimate(build(1)) > budget:
         raise budget_error(family, image, bpp, estimate(build(1)))
@@ -124,7 +123,8 @@ def size_model(family: str, image: ImageInfo, bpp: float, quant: QuantConfig) ->
     lo, hi = 1, MAX_WIDTH  # largest width that fits: binary search (estimate and decode cost grow with width)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if estimate(build(mid)) <= budget and decodable(build(mid)) else (lo, mid - 1)
+        spec = build(mid)
+        lo, hi = (mid, hi) if estimate(spec) <= budget and decodable(spec) else (lo, mid - 1)
     spec = build(lo)
     capped = lo < MAX_WIDTH and estimate(build(lo + 1)) <= budget
     return Sizing(spec, parameter_count(spec), budget, header_bytes(spec, image, quant), estimate(spec), capped)
