@@ -695,7 +695,7 @@ def test_an_interrupted_compress_continues_from_its_kept_state_to_the_same_bytes
     kept.clear()
     monkeypatch.setattr(resume, "keep_state", lambda *a, **k: kept.append(1) or real_keep(*a, **k))
     assert main(args[:-1] + ["-o", str(tmp_path / "cut.kimg")]) == 0
-    assert len(kept) == 40  # steps 61 … 100: the first 60 were not trained again
+    assert len(kept) == 40 + (model == "kan")  # steps 61 … 100 (the first 60 were not trained again); the KAN's bit allocation
     assert "stopped at step 60 of 100" in capsys.readouterr().err
     assert (tmp_path / "cut.kimg").read_bytes() == (tmp_path / "whole.kimg").read_bytes()
     assert not state.exists()
@@ -917,3 +917,46 @@ def test_cli_compresses_with_the_kan_synthesis_and_rd_runs_it(tmp_path):
         assert np.array_equal(np.asarray(back), decode_image(data).integers)
     assert main(["rd", str(source), "--models", "latent-kan", "--codecs", "jpeg", "--bpp", "2", "--steps", "30",
                  "-o", str(tmp_path / "rd"), "-q"]) == 0
+
+
+def test_the_kan_codecs_allocation_and_fine_tuning_continue_after_an_interruption(tmp_path, monkeypatch, capsys):
+    """The KAN codec's phases after training (the bit allocation, the fine-tuning) took minutes
+    on a 768×512 photo and started over after a kill: now a kill in the fine-tuning brings the
+    same command back to its kept step, without allocating again, to the uninterrupted file's bytes."""
+    from kanimg.compress import neural
+
+    source = tmp_path / "crop.png"
+    Image.fromarray(photo_crop(24)).save(source)
+    args = ["compress", str(source), "--model", "kan", "--bpp", "8", "--steps", "30", "--qat-steps", "20", "-q"]
+    assert main(args + ["-o", str(tmp_path / "whole.kimg")]) == 0
+    state = tmp_path / ".cut.kimg.partial.pt"
+
+    monkeypatch.setattr(resume, "CHECKPOINT_SECONDS", 0.0)  # kept after every step
+    real_keep, real_allocate, allocations = resume.keep_state, neural.allocate, []
+    monkeypatch.setattr(neural, "allocate", lambda *a, **k: allocations.append(1) or real_allocate(*a, **k))
+
+    def keep_then_stop_in_fine_tuning(*a, **k):
+        assert real_keep(*a, **k)
+        if "qat" in k and k["qat"]["trainer"]["step"] == 12:
+            raise KeyboardInterrupt
+        return True
+
+    monkeypatch.setattr(resume, "keep_state", keep_then_stop_in_fine_tuning)
+    assert main(args + ["-o", str(tmp_path / "cut.kimg")]) == 130
+    assert not (tmp_path / "cut.kimg").exists() and state.is_file() and allocations == [1]
+
+    steps = []
+    monkeypatch.setattr(resume, "keep_state", lambda *a, **k: steps.append(k.get("qat", {}).get("trainer", {}).get("step")) or real_keep(*a, **k))
+    assert main(args + ["-o", str(tmp_path / "cut.kimg")]) == 0
+    assert allocations == [1]  # the kept allocation was taken back
+    assert steps == [None] + list(range(13, 21))  # the allocation kept again, then fine-tuning from step 12 of 20
+    assert (tmp_path / "cut.kimg").read_bytes() == (tmp_path / "whole.kimg").read_bytes()
+    assert not state.exists()
+
+    # Other fine-tuning settings (more steps) do not take the kept fine-tuning's state.
+    monkeypatch.setattr(resume, "keep_state", keep_then_stop_in_fine_tuning)
+    assert main(args + ["-o", str(tmp_path / "cut.kimg"), "--force"]) == 130
+    steps.clear()
+    monkeypatch.setattr(resume, "keep_state", lambda *a, **k: steps.append(k.get("qat", {}).get("trainer", {}).get("step")) or real_keep(*a, **k))
+    assert main(args[:-2] + ["25", "-q", "-o", str(tmp_path / "cut.kimg"), "--force"]) == 0
+    assert steps == [None] + list(range(1, 26))

@@ -288,7 +288,23 @@ def test_kernel_builds_are_kept_apart_per_cpu(monkeypatch):
         keys.setdefault(flags, set()).add(kernel._cpu_key())
     assert len(keys["fpu sse2 avx2"]) == 1 and keys["fpu sse2 avx2"] != keys["fpu sse2 avx2 avx512f"]
     monkeypatch.undo()
-    assert kernel._NAME == f"kanimg_kan_cpu_{kernel._cpu_key()}"
+    assert kernel._NAME == f"kanimg_kan_cpu_{kernel._cpu_key()}_{kernel._torch_key()}"
+
+
+def test_kernel_builds_are_kept_apart_per_torch_install(monkeypatch, tmp_path):
+    """Two venvs on one machine share the build cache: each keeps its own build, or every switch
+    between them rebuilds (half a minute) over a library the other may have loaded."""
+    import torch
+
+    from kanimg.nn import kernel
+
+    ours = kernel._torch_key()
+    assert kernel._torch_key() == ours
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    assert kernel._torch_key() != ours
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert kernel._torch_key() != ours
 
 
 def test_the_knot_kind_is_recorded_by_what_set_the_knots_not_guessed():

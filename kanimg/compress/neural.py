@@ -25,7 +25,7 @@ from ..models import build_model
 from ..sampling import ImageTarget
 from ..train import Trainer, TrainConfig, check_seed
 from . import resume
-from .allocate import allocate
+from .allocate import Allocation, allocate
 from .bitstream import DecodedModel, decode_image, encode_model, render_integers
 from .kimg import ImageInfo
 from .qat import QATConfig, finetune_quantized
@@ -209,9 +209,9 @@ def _compress(image: ImageData, bpp: float, config: CompressConfig) -> CompressR
         log.warning("%s: a %dx%d image holds at most a network of %s numbers that the decoder will run (kimg.DECODE_LIMITS); "
                     "the file will be well under %g bpp", config.model, info.width, info.height, f"{sizing.params:,}", bpp)
     started = time.perf_counter()
-    model, target, train_config = _fit(image, sizing.spec, config)
+    model, target, train_config, keeper = _fit(image, sizing.spec, config)
     psnr_float = _float_model_psnr(model, image, info)
-    data, per_tensor, psnr_no_qat = quantise_and_code(model, image, info, target, sizing.budget_bytes, bits, config)
+    data, per_tensor, psnr_no_qat = quantise_and_code(model, image, info, target, sizing.budget_bytes, bits, config, keeper)
     seconds = time.perf_counter() - started
     decoded = decode_image(data)
     result = CompressResult(
@@ -226,8 +226,9 @@ def _compress(image: ImageData, bpp: float, config: CompressConfig) -> CompressR
     return result
 
 
-def _fit(image: ImageData, spec: dict, config: CompressConfig) -> tuple[torch.nn.Module, ImageTarget, TrainConfig]:
-    """Train the network of ``spec`` on ``image``; returns the best weights (scales folded)."""
+def _fit(image: ImageData, spec: dict, config: CompressConfig) -> tuple[torch.nn.Module, ImageTarget, TrainConfig, resume.StateKeeper]:
+    """Train the network of ``spec`` on ``image``; returns the best weights (scales folded) and
+    the keeper of the encode's state, which the later phases go on with."""
     device = resolve_device(config.device)
     training = {**TRAINING[config.model], **{k: v for k, v in (("lr", config.lr), ("batch_size", config.batch_size)) if v is not None}}
     steps = config.steps or default_steps(image.height * image.width)
@@ -243,30 +244,44 @@ def _fit(image: ImageData, spec: dict, config: CompressConfig) -> tuple[torch.nn
     if saved is not None:
         trainer.load_state_dict(checkpoint_to_device(saved["trainer"], device))
         log.info("continuing the %s training that stopped at step %d of %d (%s)", config.model, trainer.step, steps, state_file)
-    keeper = resume.StateKeeper(state_file, key)
+    keeper = resume.StateKeeper(state_file, key, saved)
     trainer.train(lambda trainer: keeper(trainer.step == steps, lambda: {"trainer": trainer.state_dict()}))
+    if state_file is not None:
+        keeper.hold(trainer=copy.deepcopy(trainer.state_dict()))  # the later phases' states start from it
     model.load_state_dict(trainer.best_state)
     fold_spline_scales(model)
-    return model, target, train_config
+    return model, target, train_config, keeper
 
 
 def quantise_and_code(model: torch.nn.Module, image: ImageData, info: ImageInfo, target: ImageTarget, budget: float,
-                      bits: float | None, config: CompressConfig) -> tuple[bytes, list[float], float]:
+                      bits: float | None, config: CompressConfig,
+                      keeper: resume.StateKeeper | None = None) -> tuple[bytes, list[float], float]:
     """Quantise, fine-tune and code ``model``: every tensor at ``bits``, or (None) bits per
-    tensor allocated to fit ``budget`` bytes. Returns (file, bits per tensor, PSNR before fine-tuning)."""
+    tensor allocated to fit ``budget`` bytes. Returns (file, bits per tensor, PSNR before fine-tuning).
+    With the encode's ``keeper``, the allocation and the fine-tuning's state are kept, and a
+    resumed encode takes them back instead of starting these phases over."""
+    keeper = keeper or resume.StateKeeper(None, {})
     count = len(stored_parameters(model))
     allocation = None
     if bits is not None:
         quant, per_tensor = QuantConfig(bits, config.granularity), [bits] * count
     else:
-        allocation = allocate(model, info, target.coords, target.values, budget, config.granularity, config.seed)
+        settings = {"budget": float(budget), "granularity": config.granularity, "seed": config.seed}
+        kept = keeper.resumed.get("allocation")
+        if kept is not None and kept["settings"] == settings:
+            allocation = Allocation(list(kept["bits"]), float(kept["estimated_bytes"]), kept["rates"].numpy(), kept["distortions"].numpy())
+        else:
+            allocation = allocate(model, info, target.coords, target.values, budget, config.granularity, config.seed)
+        keeper.keep(allocation={"settings": settings, "bits": allocation.bits, "estimated_bytes": float(allocation.estimated_bytes),
+                                "rates": torch.from_numpy(allocation.rates), "distortions": torch.from_numpy(allocation.distortions)})
         quant, per_tensor = QuantConfig(max(allocation.bits), config.granularity), allocation.bits
     if quant.is_float16:
         data = encode_model(model, info, quant)
         return data, [], psnr(image.pixels, decode_image(data).pixels)
     psnr_no_qat = psnr(image.pixels, decode_image(encode_model(model, info, quant, per_tensor)).pixels)
     quants = [QuantConfig(n, config.granularity) for n in per_tensor]
-    finetune_quantized(model, target, quants, QATConfig(steps=config.qat_steps, seed=config.seed), progress=config.progress)
+    finetune_quantized(model, target, quants, QATConfig(steps=config.qat_steps, seed=config.seed), progress=config.progress,
+                       keeper=keeper)
     data = encode_model(model, info, quant, per_tensor)
     while allocation is not None and len(data) > budget:  # fine-tuning moved a step size: shave bits
         fewer = allocation.cheaper(per_tensor)

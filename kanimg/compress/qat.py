@@ -3,7 +3,7 @@ quantised weights and the gradient passes straight through the rounding to the f
 weights (straight-through estimator), so the network settles where rounding costs least."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -14,6 +14,7 @@ from ..metrics import psnr_from_mse
 from ..sampling import ImageTarget
 from ..train import Trainer, TrainConfig
 from .quantize import QuantConfig
+from .resume import StateKeeper
 from .tensors import fold_spline_scales, per_tensor, quantized_params, stored_parameters
 
 
@@ -42,9 +43,10 @@ def quantized_psnr(model: nn.Module, target: ImageTarget, quant: QuantConfig | S
 
 
 def finetune_quantized(model: nn.Module, target: ImageTarget, quant: QuantConfig | Sequence[QuantConfig], config: QATConfig,
-                       progress: bool = False) -> float:
+                       progress: bool = False, keeper: StateKeeper | None = None) -> float:
     """Fine-tune ``model`` in place for ``quant`` (one config, or one per stored tensor);
-    returns the best quantised PSNR reached (the model keeps those weights).
+    returns the best quantised PSNR reached (the model keeps those weights). With an encode's
+    ``keeper`` its state is kept as it goes (``qat``), and continued where a resumed encode left it.
 
     KAN spline scales are folded into the coefficients first (the stored form) and stay
     frozen. The training loop is kanimg's Trainer, running the model on its fake-quantised
@@ -62,8 +64,15 @@ def finetune_quantized(model: nn.Module, target: ImageTarget, quant: QuantConfig
         p.requires_grad_(False)
     try:
         trainer = Trainer(model, target, train, progress=progress, weights=lambda m: quantized_params(m, quants))
-        trainer.evaluate()  # the quantised model before fine-tuning is a candidate too
-        trainer.train()
+        settings = {"config": asdict(config), "quant": [asdict(q) for q in quants]}
+        saved = keeper.resumed.get("qat") if keeper is not None else None
+        if saved is not None and saved.get("settings") == settings:
+            trainer.load_state_dict(saved["trainer"])
+        else:
+            trainer.evaluate()  # the quantised model before fine-tuning is a candidate too
+        on_step = None if keeper is None else \
+            lambda t: keeper(t.step == config.steps, lambda: {"qat": {"settings": settings, "trainer": t.state_dict()}})
+        trainer.train(on_step)
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -95,13 +95,32 @@ def keep_state(path: Path, key: dict[str, Any], **state: Any) -> bool:
 
 class StateKeeper:
     """Keeps a training's state (``state()``, built only when due) in ``path`` every
-    CHECKPOINT_SECONDS and at its last step; after a write that fails it keeps no more."""
+    CHECKPOINT_SECONDS and at its last step; after a write that fails it keeps no more.
 
-    def __init__(self, path: Path | None, key: dict[str, Any]) -> None:
+    An encode's later phases (the KAN codec's bit allocation and fine-tuning) go on in the same
+    file: :meth:`hold` carries a finished phase's state into every later write, :meth:`keep`
+    writes a phase's result at once, and ``resumed`` is what the file held when the encode
+    started (the phases read their own entries back from it)."""
+
+    def __init__(self, path: Path | None, key: dict[str, Any], resumed: dict[str, Any] | None = None) -> None:
         self.path, self.key, self.last = path, key, time.monotonic()
+        self.resumed, self.held = resumed or {}, {}
 
     def __call__(self, final: bool, state: Callable[[], dict[str, Any]]) -> None:
         if self.path is not None and (final or time.monotonic() - self.last >= CHECKPOINT_SECONDS):
-            if not keep_state(self.path, self.key, **state()):
-                self.path = None
-            self.last = time.monotonic()
+            self._write({**self.held, **state()})
+
+    def hold(self, **entries: Any) -> None:
+        """Write ``entries`` with every later state (not now)."""
+        self.held.update(entries)
+
+    def keep(self, **entries: Any) -> None:
+        """Hold ``entries`` and write them now."""
+        self.hold(**entries)
+        if self.path is not None:
+            self._write(self.held)
+
+    def _write(self, state: dict[str, Any]) -> None:
+        if not keep_state(self.path, self.key, **state):
+            self.path = None
+        self.last = time.monotonic()

@@ -4,7 +4,7 @@ torch.utils.cpp_extension caches the build (under ~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR), so only the first use pays the ~1 minute compile. The build is tuned
 for the CPU it runs on (-march=native), so the cache is keyed on that CPU: a home folder or
 cache shared between machines never runs one machine's build on another (a SIGILL there
-would kill the process before any fallback could run). Without a working
+would kill the process before any fallback could run), and on the torch install it links against. Without a working
 compiler, or with KANIMG_NO_KERNEL=1, the KAN layer and the hash encoding fall back to the
 pure-PyTorch functions in bspline.py and hashgrid.py, which compute the same thing more slowly.
 """
@@ -36,7 +36,16 @@ def _cpu_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-_NAME = f"kanimg_kan_cpu_{_cpu_key()}"
+def _torch_key() -> str:
+    """A short digest of the torch install the kernel builds against: two environments on one
+    machine (a project's venv and a CI venv) share the build cache, and with one name each would
+    rebuild the other's build on every switch, or rewrite the library another process has loaded."""
+    import torch
+
+    return hashlib.sha256(f"{torch.__version__} {Path(torch.__file__).resolve().parent}".encode()).hexdigest()[:8]
+
+
+_NAME = f"kanimg_kan_cpu_{_cpu_key()}_{_torch_key()}"
 
 
 @functools.cache
