@@ -145,7 +145,7 @@ def load_image(path: str | os.PathLike, grey: bool = False, max_pixels: int = MA
 
 
 # What kanimg.as_image accepts: a file path, a PIL image, an array or a tensor.
-ImageLike = Union[str, os.PathLike, np.ndarray, torch.Tensor, Image.Image]
+ImageLike = Union[str, os.PathLike, np.ndarray, torch.Tensor, Image.Image, "ImageData"]
 _MODES = {count: mode for mode, count in CHANNELS.items()}
 DEFAULT_IMAGE_NAME = "astronaut.png"
 
@@ -163,8 +163,13 @@ def as_image(image: ImageLike, grey: bool = False, name: str = "array") -> Image
     """Any image a user holds, as kanimg's ImageData (float32 pixels in [0, 1]).
 
     Accepts an image file path, a PIL image, or an (H, W) / (H, W, C) array or tensor with C
-    from 1 to 4: uint8 (8-bit), uint16 (16-bit), or floats in [0, 1] (kept at 16 bits).
+    from 1 to 4: uint8 (8-bit), uint16 (16-bit), or floats in [0, 1] (kept at 16 bits); an
+    ImageData (what this returns) as it is.
     """
+    if isinstance(image, ImageData):
+        if grey and image.mode != "L":
+            return ImageData(to_grey(image.pixels, image.mode), "L", image.bit_depth, image.name)
+        return image
     if isinstance(image, (str, os.PathLike)):
         return load_image(image, grey=grey)
     if hasattr(image, "getbands") and hasattr(image, "mode"):  # a PIL image
@@ -172,7 +177,7 @@ def as_image(image: ImageLike, grey: bool = False, name: str = "array") -> Image
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
-        raise KanimgError(f"cannot read an image from a {type(image).__name__}; give a path, a PIL image, an array or a tensor")
+        raise KanimgError(f"cannot read an image from a {type(image).__name__}; give a path, a PIL image, an array, a tensor or kanimg.as_image's result")
     array = image[..., None] if image.ndim == 2 else image
     if array.ndim != 3 or array.shape[2] not in _MODES:
         raise KanimgError(f"an image array must be (H, W) or (H, W, C) with 1 to 4 channels, got shape {tuple(image.shape)}")

@@ -38,6 +38,8 @@ def test_every_kind_of_image_becomes_the_same_pixels(tmp_path):
     assert grey.mode == "L" and grey.pixels.shape == (16, 16, 1)
     assert kanimg.as_image(rgb, grey=True).pixels.shape == (16, 16, 1)
     assert kanimg.as_image(np.dstack([rgb, rgb[..., :1]])).mode == "RGBA"
+    assert kanimg.as_image(from_file) is from_file  # its own result, as it is (kanimg.compress(kanimg.as_image(x)) had failed)
+    assert np.array_equal(kanimg.as_image(from_file, grey=True).pixels, kanimg.as_image(tmp_path / "a.png", grey=True).pixels)
 
 
 @pytest.mark.parametrize("bad, message", [
