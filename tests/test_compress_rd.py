@@ -103,6 +103,34 @@ def test_rd_on_a_small_crop_writes_every_output(crop, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_rd_on_a_folder_holds_one_image_at_a_time(tmp_path, monkeypatch):
+    """A folder of large photos must not be in memory at once (it held every image twice over:
+    a list for the checks, another for the measurements)."""
+    import gc
+    import weakref
+
+    from kanimg.compress import rd
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for k, box in enumerate([(0, 0), (150, 120), (60, 200)]):
+        Image.fromarray(photo_crop(24, box=box)).save(folder / f"{k}.png")
+    loaded = []
+
+    def load_alone(path, *a, **k):
+        gc.collect()
+        assert all(ref() is None for ref in loaded), "an earlier image is still held"
+        image = load_image(path, *a, **k)
+        loaded.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(rd, "load_image", load_alone)
+    assert main(["rd", str(folder), "--models", "kan", "--codecs", "jpeg", "--bpp", "6", "--steps", "2",
+                 "--qat-steps", "0", "-o", str(tmp_path / "rd"), "-q"]) == 0
+    assert len(loaded) >= 6  # each image checked, then measured
+    assert [i["name"] for i in json.loads((tmp_path / "rd" / "results.json").read_text())["images"]] == ["0", "1", "2"]
+
+
 def test_rd_on_a_folder_gives_per_image_and_mean_curves(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

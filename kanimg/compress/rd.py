@@ -169,30 +169,37 @@ class PointCache:
         self._path(key, ".partial.pt").unlink(missing_ok=True)
 
 
-def check_experiment(path: Path, config: RDConfig) -> tuple[list[Path], list[ImageData], dict[str, Any]]:
-    """The images and codecs of an experiment, every image checked against every codec (before
-    hours of fitting)."""
+def check_experiment(path: Path, config: RDConfig) -> tuple[list[Path], dict[str, Any], list[dict[str, Any]]]:
+    """The image files and codecs of an experiment, every image checked against every codec
+    (before hours of fitting), and the keys of its network points. One image is held at a
+    time: a folder of large photos would not fit in memory at once."""
     files = list_images(path)
-    images: list[ImageData] = [load_image(f) for f in files]
     codecs = {name: get_codec(name, {**config.neural, "progress": False} if name in NEURAL else None) for name in config.codec_names}
-    for bpps in ((), config.bpps):  # what each codec can store first, then what each target can hold
-        for image in images:
+    keys = []
+    for file in files:
+        image = load_image(file)
+        for bpps in ((), config.bpps):  # what each codec can store first, then what each target can hold
             for codec in codecs.values():
                 codec.check(image, bpps)
-    return files, images, codecs
+        keys += [PointCache.key(image, name, bpp, config.neural) for name in config.models for bpp in config.bpps]
+        del image  # before the next one is read
+    return files, codecs, keys
 
 
 def fit_network_points(path: Path, config: RDConfig, cache: PointCache, place: distributed.World) -> None:
     """This rank's share of the experiment's network points (image × network × target bpp),
     fitted into ``cache``; run_rd then finds them there. Returns when every rank is done;
     raises KeyboardInterrupt on rank 0 when any rank was interrupted."""
-    _, images, codecs = check_experiment(path, config)
-    work = [(image, name, bpp) for image in images for name in config.models for bpp in sorted(config.bpps)]
-    stopped = False
+    files, codecs, _ = check_experiment(path, config)
+    work = [(file, name, bpp) for file in files for name in config.models for bpp in sorted(config.bpps)]
+    stopped, loaded = False, (None, None)
     try:
-        for _, (image, name, bpp) in place.share(work):
+        for _, (file, name, bpp) in place.share(work):
+            if loaded[0] != file:
+                loaded = (None, None)  # the previous image goes before the next one is read
+                loaded = (file, load_image(file))
             with distributed.alone():  # each point is this rank's own fit
-                _run_neural(codecs[name], image, [bpp], [], cache, config.neural, rank=place.rank)
+                _run_neural(codecs[name], loaded[1], [bpp], [], cache, config.neural, rank=place.rank)
     except KeyboardInterrupt:  # finished points are in the cache; the ranks still meet
         stopped = True
     if any(distributed.gather(place, stopped)) or (stopped and not place.is_main):
@@ -202,11 +209,12 @@ def fit_network_points(path: Path, config: RDConfig, cache: PointCache, place: d
 def run_rd(path: Path, config: RDConfig, progress: bool = True, cache: PointCache | None = None) -> RDResult:
     """Measure every codec of ``config`` on the image (or the folder of images) at ``path``;
     network points found in ``cache`` are reused and new ones are added to it."""
-    files, images, codecs = check_experiment(path, config)
+    files, codecs, _ = check_experiment(path, config)
     results = []
-    bar = tqdm(total=len(images) * len(codecs), disable=not progress, unit="curve", desc="rate–distortion", leave=False)
+    bar = tqdm(total=len(files) * len(codecs), disable=not progress, unit="curve", desc="rate–distortion", leave=False)
     try:
-        for file, image in zip(files, images):
+        for file in files:
+            image = load_image(file)
             points: dict[str, list[Point]] = {}
             streams: dict[str, list[bytes]] = {}
             for name, codec in codecs.items():
@@ -220,6 +228,7 @@ def run_rd(path: Path, config: RDConfig, progress: bool = True, cache: PointCach
                 log.info("%s %s: %s", image.name, name, ", ".join(f"{p.bpp:.3f} bpp {p.psnr:.2f} dB" for p in points[name]))
                 bar.update(1)
             results.append(ImageResult(image.name, str(file), image.width, image.height, image.channels, points, streams))
+            del image  # before the next one is read
     finally:
         bar.close()
     return RDResult(config, results, {name: codec.description for name, codec in codecs.items()})

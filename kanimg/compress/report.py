@@ -40,8 +40,7 @@ def rd_to_folder(path: Path, out: Path, config: RDConfig, force: bool = False, p
     run = RunFolder(Path(out), "rd", replace=force)  # the output's own checks first (nothing written) …
     if run.final.parent.is_dir():
         check_writable(run.final.parent)
-    _, images, _ = check_experiment(Path(path), config)  # … then every image and target, before the folder is claimed
-    expected = [PointCache.key(image, codec, bpp, config.neural) for image in images for codec in config.models for bpp in config.bpps]
+    _, _, expected = check_experiment(Path(path), config)  # … then every image and target, before the folder is claimed
     place = distributed.world()
     with contextlib.ExitStack() as stack:
         def claim_folder() -> Path:
