@@ -197,6 +197,7 @@ def _compare(images, prepared, models, out, chosen, protocol, steps, budget_seco
     try:
         for _, (k, name) in place.share(jobs):
             if k not in loaded:
+                loaded.clear()  # one image at a time: a folder of photos need not fit in memory at once
                 loaded[k] = load_image(prepared[k], grey=chosen.grey if chosen else False)
             request = _request(name, loaded[k], protocol, chosen, steps, budget_seconds, match_params, seed, execution)
             with distributed.alone():  # each run is this rank's own
@@ -221,7 +222,10 @@ def _compare(images, prepared, models, out, chosen, protocol, steps, budget_seco
     for k, image in enumerate(images):
         records = [r for r in result.records if r["image"] == image.stem]
         recons = [load_image(out / r["run"] / "reconstruction.png").pixels for r in records]
-        original = loaded[k].pixels if k in loaded else load_image(prepared[k], grey=chosen.grey if chosen else False).pixels
+        if k not in loaded:
+            loaded.clear()
+            loaded[k] = load_image(prepared[k], grey=chosen.grey if chosen else False)
+        original = loaded[k].pixels
         sections.append(_image_outputs(out, image.stem, original, records, recons, crop, protocol))
     means = mean_records(result.records)
     write_results(out, results_payload("compare", protocol, result.records, means), markdown=_markdown(result.records, means, protocol),

@@ -51,6 +51,28 @@ def test_compare_folder_writes_every_output_and_skips_finished_runs(photos, tmp_
     assert [r["psnr"] for r in again.records] == [r["psnr"] for r in result.records]
 
 
+def test_a_comparison_holds_one_photo_at_a_time(photos, tmp_path, monkeypatch):
+    """A folder of large photos must not be in memory at once (every photo loaded was kept to the end)."""
+    import gc
+    import weakref
+
+    from kanimg import comparison
+
+    real_load, originals = comparison.load_image, []
+
+    def load_alone(path, *a, **k):
+        image = real_load(path, *a, **k)
+        if Path(path).name != "reconstruction.png":
+            gc.collect()
+            assert all(ref() is None for ref in originals), "an earlier photo is still held"
+            originals.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(comparison, "load_image", load_alone)
+    result = compare(photos, TINY, tmp_path / "cmp", steps=3, progress=False)
+    assert not result.interrupted and len(result.records) == 4 and len(originals) >= 2
+
+
 def test_interrupted_comparison_resumes_where_it_stopped(photos, tmp_path):
     image = photos / "face.png"
     out = tmp_path / "cmp"
