@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +37,7 @@ from .io import list_images, load_image
 from .models import get_entry, param_count
 from .plots import error_map, gallery_png, psnr_time_svg
 from .reruns import fit_run
+from .train import check_seed
 from .results import COMPARE_COLUMNS, describe_protocol, mean_records, record_table, results_payload, write_results
 
 log = logging.getLogger(__name__)
@@ -145,8 +147,9 @@ def compare(
         get_entry(name)  # unknown names fail before any work
     if match_params is not None and match_params < 1:
         raise KanimgError(f"--match-params must be positive, got {match_params}")
-    if budget_seconds is not None and not budget_seconds > 0:
-        raise KanimgError(f"--budget-seconds must be positive, got {budget_seconds}")
+    if budget_seconds is not None and not 0 < budget_seconds < math.inf:
+        raise KanimgError(f"--budget-seconds must be positive and finite, got {budget_seconds}")
+    _check_inputs(images, models, chosen, steps, match_params, seed, crop)
     protocol = _protocol(preset, steps, budget_seconds, match_params)
     execution = {**({"precision": precision} if precision else {}), **({"compile": True} if compile else {})}
     out = Path(out)
@@ -161,6 +164,28 @@ def compare(
         prepared = distributed.main_first(place, claim_folder)  # rank 0 holds the folder's lock until the end
         return _compare(images, prepared, models, out, chosen, protocol, steps, budget_seconds, match_params, seed, execution,
                         device, crop, progress, place)
+
+
+def _check_inputs(images: list[Path], models: list[str], chosen: Preset | None, steps: int | None, match_params: int | None,
+                  seed: int, crop: tuple[int, int, int, int] | None) -> None:
+    """Everything a comparison can be refused for, checked before its folder is claimed and the
+    first model trains: a refusal leaves nothing behind, and no image fails after hours of fitting.
+    One image is read at a time."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise KanimgError(f"--steps must be at least 1, got {steps}")
+    check_seed(seed)
+    if crop is not None and (len(crop) != 4 or min(crop) < 0 or min(crop[2:]) < 1):
+        raise KanimgError("--crop takes X,Y,WIDTH,HEIGHT with a positive size, e.g. 96,64,48,48")
+    for image in images:
+        data = load_image(image, grey=chosen.grey if chosen else False)
+        if match_params is not None:
+            for name in models:
+                widths_for_params(name, data.channels, match_params, (data.height, data.width))
+        width, height = (chosen.size, chosen.size) if chosen is not None and chosen.size else (data.width, data.height)
+        if crop is not None and (crop[0] + crop[2] > width or crop[1] + crop[3] > height):
+            raise KanimgError(f"--crop {','.join(map(str, crop))} is outside {image.name} ({width}x{height}"
+                              f"{', as the preset resizes it' if chosen is not None and chosen.size else ''})")
+        del data
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """Comparisons: protocols, resumable runs, and the gallery outputs (checked in headless Chromium)."""
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -226,6 +227,25 @@ def test_compare_bad_input(photos, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     assert main(["compare", str(tmp_path / "missing.png"), "-o", str(tmp_path / "o2")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--crop", "10,10,20,20"], "--crop 10,10,20,20 is outside face.png \\(16x16\\)"),
+    (["--models", "kan,siren", "--match-params", "20000"], "kan has no hidden layer"),
+    (["--budget-seconds", "inf"], "positive and finite"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--seed", "-1"], "seed must be a whole number"),
+    ([], "notes.png: not an image file"),
+])
+def test_a_refused_comparison_leaves_nothing_and_trains_nothing(photos, tmp_path, capsys, args, message):
+    """Every refusal comes before the folder is claimed and before the first model trains: a
+    crop outside an image had failed in the gallery after all the training, and a refused
+    request had left a folder that then refused the corrected command."""
+    (photos / "notes.txt").rename(photos / "notes.png")  # in the folder, after the good photos
+    out = tmp_path / "cmp"
+    with mock.patch("kanimg.reruns.fit", side_effect=AssertionError("trained before the checks")):
+        assert main(["compare", str(photos), "--steps", "2", *args, "-o", str(out), "-q"]) == 2
+    assert re.search(message, capsys.readouterr().err) and not out.exists()
 
 
 def chromium() -> str | None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from .. import distributed
 from ..device import DEVICES
-from ..errors import KanimgError
 from .types import execution_flags, int_list
 
 
@@ -23,7 +22,7 @@ def add(sub) -> None:
     protocol.add_argument("--budget-seconds", type=float, help="equal wall-clock: this many seconds of training per model")
     protocol.add_argument("--match-params", type=int, help="equal parameter count: hidden widths solved per family")
     cmp.add_argument("--steps", type=int, help="training steps per model (default 2000; with --preset, overrides its length)")
-    cmp.add_argument("--crop", type=int_list("--crop"), metavar="X,Y,W,H", help="add a zoomed crop of this region to the gallery")
+    cmp.add_argument("--crop", type=int_list("--crop", "96,64,48,48"), metavar="X,Y,W,H", help="add a zoomed crop of this region to the gallery")
     cmp.add_argument("--seed", type=int, default=0, help="seed of every model's initialisation and pixel sampling (default 0)")
     cmp.add_argument("--device", default="auto", choices=DEVICES)
     execution_flags(cmp)
@@ -39,8 +38,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..comparison import compare
     from ..results import record_table
 
-    if args.crop is not None and (len(args.crop) != 4 or min(args.crop) < 0 or min(args.crop[2:]) < 1):
-        raise KanimgError("--crop takes X,Y,WIDTH,HEIGHT with a positive size, e.g. 96,64,48,48")
     result = compare(args.path, args.models, args.out, steps=args.steps, budget_seconds=args.budget_seconds,
                      match_params=args.match_params, preset=args.preset, device=args.device, force=args.force, seed=args.seed,
                      precision=args.precision, compile=bool(args.compile),

@@ -30,9 +30,9 @@ def comma_list(kind: Callable, flag: str, example: str) -> Callable[[str], list]
     return parse
 
 
-def int_list(flag: str) -> Callable[[str], list[int]]:
+def int_list(flag: str, example: str = "2,64,64,1") -> Callable[[str], list[int]]:
     """argparse type for comma-separated integers, e.g. --widths 2,64,64,1."""
-    return comma_list(int, flag, "2,64,64,1")
+    return comma_list(int, flag, example)
 
 
 def grid_schedule(text: str) -> list:
