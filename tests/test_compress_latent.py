@@ -705,6 +705,45 @@ def test_an_interrupted_compress_continues_from_its_kept_state_to_the_same_bytes
     assert (tmp_path / "cut.kimg").read_bytes() == (tmp_path / "whole.kimg").read_bytes()
 
 
+@pytest.mark.parametrize("model, bpp", [("latent", "2"), ("kan", "8")])
+def test_ctrl_c_keeps_the_step_it_came_in_and_the_same_command_goes_on_from_there(model, bpp, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the first 30 s of an encode had kept nothing (the state is kept every 30 s):
+    now it stops at the end of the step it came in, once that step's state is kept."""
+    import os
+    import signal
+
+    from kanimg.train import Trainer
+
+    source = tmp_path / "crop.png"
+    Image.fromarray(photo_crop(24)).save(source)
+    args = ["compress", str(source), "--model", model, "--bpp", bpp, "--steps", "100", "--qat-steps", "0", "-q"]
+    assert main(args + ["-o", str(tmp_path / "whole.kimg")]) == 0
+    calls = []
+
+    def ctrl_c_on_the_third(real):
+        def wrapped(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # arrives inside a step
+            return real(*a, **k)
+        return wrapped
+
+    if model == "latent":  # called every 10 steps: the third at step 20 (of 0 … 99)
+        monkeypatch.setattr(latent_codec, "rounded_rate", ctrl_c_on_the_third(latent_codec.rounded_rate))
+        stopped_at = 21
+    else:  # called before every step: the third before step 3 (of 1 … 100)
+        monkeypatch.setattr(Trainer, "_before_step", ctrl_c_on_the_third(Trainer._before_step))
+        stopped_at = 3
+    assert main(args + ["-o", str(tmp_path / "cut.kimg")]) == 130
+    assert not (tmp_path / "cut.kimg").exists() and (tmp_path / ".cut.kimg.partial.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's own again
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(args[:-1] + ["-o", str(tmp_path / "cut.kimg")]) == 0
+    assert f"stopped at step {stopped_at} of 100" in capsys.readouterr().err
+    assert (tmp_path / "cut.kimg").read_bytes() == (tmp_path / "whole.kimg").read_bytes()
+
+
 # ----------------------------------------------------------------------------- the order-1 KAN synthesis (latent-kan)
 def kan_latent_like(seed=0) -> LatentImage:
     """latent_like's grids under an order-1 KAN synthesis 5 → 6 → 3 on 4 then 3 intervals of

@@ -164,34 +164,35 @@ def train_latent(model: LatentImage, image: ImageData, bpp: float, steps: int, s
 
     keeper = resume.StateKeeper(state_file, key)
     bar = tqdm(range(start, steps), desc="latent fit", unit="step", disable=not progress, leave=False, initial=start, total=steps)
-    for step in bar:
-        for group in optimiser.param_groups:
-            group["lr"] = group["base"] * 0.5 * (1 + math.cos(math.pi * step / steps))
-        rounding = step >= (1 - ROUNDED_FRACTION) * steps
-        calibrate = measure_files and step % CALIBRATE_EVERY == 0 and step > 0  # not at 0: the rate model has not seen the grids yet
-        if measure_files and step == choose_at:
-            synthesis_bits, calibrate = best_synthesis_bits(model, image, info, lam, math.inf)[1], True
-        weights = model.quantized_synthesis(synthesis_bits) if rounding else None
-        out, bits = model("ste" if rounding else "noise", weights)
-        mse = F.mse_loss(out, target)
-        loss = mse + lam * bits / pixels
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        if step % CONTROL_EVERY == 0 or calibrate:  # steer by the rate of the rounded grids, what the file will hold
-            rounded = rounded_rate(model, pixels) + synthesis_bits * weights_per_pixel
-        if calibrate:
-            size = file_bpp(model, info, synthesis_bits)
-            overhead = size - rounded
-            history.append({"step": step, "lambda": lam, "rate_model_bpp": round(rounded, 5), "file_bpp": round(size, 5),
-                            "synthesis_bits": synthesis_bits, "nonzero_per_grid": nonzero_shares(model)})
-        speed = ROUNDING_LAMBDA_RATE if rounding else LAMBDA_RATE
-        lam = min(LAMBDA_MAX, lam * math.exp(speed * math.log(max(rounded + overhead, 1e-6) / (bpp * (1 - RATE_MARGIN)))))
-        if progress and step % 50 == 0:
-            bar.set_postfix(psnr=f"{10 * math.log10(4 / max(mse.item(), 1e-12)):.2f}", bpp=f"{rounded + overhead:.3f}")
-        keeper(step == steps - 1, lambda: dict(step=step + 1, model=model.state_dict(), optimiser=optimiser.state_dict(),
-                                                rng=torch.get_rng_state(), lam=lam, overhead=overhead, rounded=rounded,
-                                                synthesis_bits=synthesis_bits, history=history))
+    with keeper.holding_interrupts():
+        for step in bar:
+            for group in optimiser.param_groups:
+                group["lr"] = group["base"] * 0.5 * (1 + math.cos(math.pi * step / steps))
+            rounding = step >= (1 - ROUNDED_FRACTION) * steps
+            calibrate = measure_files and step % CALIBRATE_EVERY == 0 and step > 0  # not at 0: the rate model has not seen the grids yet
+            if measure_files and step == choose_at:
+                synthesis_bits, calibrate = best_synthesis_bits(model, image, info, lam, math.inf)[1], True
+            weights = model.quantized_synthesis(synthesis_bits) if rounding else None
+            out, bits = model("ste" if rounding else "noise", weights)
+            mse = F.mse_loss(out, target)
+            loss = mse + lam * bits / pixels
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if step % CONTROL_EVERY == 0 or calibrate:  # steer by the rate of the rounded grids, what the file will hold
+                rounded = rounded_rate(model, pixels) + synthesis_bits * weights_per_pixel
+            if calibrate:
+                size = file_bpp(model, info, synthesis_bits)
+                overhead = size - rounded
+                history.append({"step": step, "lambda": lam, "rate_model_bpp": round(rounded, 5), "file_bpp": round(size, 5),
+                                "synthesis_bits": synthesis_bits, "nonzero_per_grid": nonzero_shares(model)})
+            speed = ROUNDING_LAMBDA_RATE if rounding else LAMBDA_RATE
+            lam = min(LAMBDA_MAX, lam * math.exp(speed * math.log(max(rounded + overhead, 1e-6) / (bpp * (1 - RATE_MARGIN)))))
+            if progress and step % 50 == 0:
+                bar.set_postfix(psnr=f"{10 * math.log10(4 / max(mse.item(), 1e-12)):.2f}", bpp=f"{rounded + overhead:.3f}")
+            keeper(step == steps - 1, lambda: dict(step=step + 1, model=model.state_dict(), optimiser=optimiser.state_dict(),
+                                                    rng=torch.get_rng_state(), lam=lam, overhead=overhead, rounded=rounded,
+                                                    synthesis_bits=synthesis_bits, history=history))
     with torch.no_grad():
         out, _ = model("round")
         mse = float(F.mse_loss(out.clamp(-1, 1), target))

@@ -245,7 +245,8 @@ def _fit(image: ImageData, spec: dict, config: CompressConfig) -> tuple[torch.nn
         trainer.load_state_dict(checkpoint_to_device(saved["trainer"], device))
         log.info("continuing the %s training that stopped at step %d of %d (%s)", config.model, trainer.step, steps, state_file)
     keeper = resume.StateKeeper(state_file, key, saved)
-    trainer.train(lambda trainer: keeper(trainer.step == steps, lambda: {"trainer": trainer.state_dict()}))
+    with keeper.holding_interrupts():
+        trainer.train(lambda trainer: keeper(trainer.step == steps, lambda: {"trainer": trainer.state_dict()}))
     if state_file is not None:
         keeper.hold(trainer=copy.deepcopy(trainer.state_dict()))  # the later phases' states start from it
     model.load_state_dict(trainer.best_state)

@@ -70,9 +70,11 @@ def finetune_quantized(model: nn.Module, target: ImageTarget, quant: QuantConfig
             trainer.load_state_dict(saved["trainer"])
         else:
             trainer.evaluate()  # the quantised model before fine-tuning is a candidate too
-        on_step = None if keeper is None else \
-            lambda t: keeper(t.step == config.steps, lambda: {"qat": {"settings": settings, "trainer": t.state_dict()}})
-        trainer.train(on_step)
+        if keeper is None:
+            trainer.train()
+        else:
+            with keeper.holding_interrupts():
+                trainer.train(lambda t: keeper(t.step == config.steps, lambda: {"qat": {"settings": settings, "trainer": t.state_dict()}}))
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -104,11 +105,34 @@ class StateKeeper:
 
     def __init__(self, path: Path | None, key: dict[str, Any], resumed: dict[str, Any] | None = None) -> None:
         self.path, self.key, self.last = path, key, time.monotonic()
-        self.resumed, self.held = resumed or {}, {}
+        self.resumed, self.held, self.interrupted = resumed or {}, {}, False
 
     def __call__(self, final: bool, state: Callable[[], dict[str, Any]]) -> None:
-        if self.path is not None and (final or time.monotonic() - self.last >= CHECKPOINT_SECONDS):
+        """At the end of each step: keep the state when due, or when Ctrl-C came (then stop)."""
+        if self.path is not None and (final or self.interrupted or time.monotonic() - self.last >= CHECKPOINT_SECONDS):
             self._write({**self.held, **state()})
+        if self.interrupted:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def holding_interrupts(self) -> Iterator[None]:
+        """Within it (a training loop that calls the keeper at each step's end), Ctrl-C stops the
+        training at the end of its step, once that step's state is kept: the same command then
+        loses nothing (a kill still loses up to CHECKPOINT_SECONDS). A second Ctrl-C stops at once."""
+        def hold(signum, frame) -> None:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+
+        try:
+            previous = signal.signal(signal.SIGINT, hold)
+        except ValueError:  # not the main thread: Ctrl-C stays as it is
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def hold(self, **entries: Any) -> None:
         """Write ``entries`` with every later state (not now)."""
