@@ -412,3 +412,12 @@ def test_a_second_writer_of_the_same_output_is_refused_and_a_lost_state_file_fai
     assert main(args) == 0  # the file is written: a warning, not a failure
     assert decode_image(out.read_bytes()).image.width == 24
     assert "could not be removed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [("--steps", "0", "--steps must be at least 1, got 0"),
+                                                  ("--qat-steps", "-1", "--qat-steps must not be negative, got -1")])
+def test_a_bad_step_count_names_its_flag(tmp_path, capsys, flag, value, message):
+    src = tmp_path / "crop.png"
+    Image.fromarray(photo_crop(16)).save(src)
+    assert main(["compress", str(src), "-o", str(tmp_path / "x.kimg"), flag, value, "-q"]) == 2
+    assert capsys.readouterr().err.strip() == f"kanimg: error: {message}" and not (tmp_path / "x.kimg").exists()

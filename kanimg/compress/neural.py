@@ -103,8 +103,10 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if self.model not in (*MODELS, "auto"):
             raise KanimgError(f"unknown compression model {self.model!r}; choose from auto, {', '.join(MODELS)}")
-        if (self.steps is not None and self.steps < 1) or self.qat_steps < 0:
-            raise KanimgError("steps must be at least 1 and qat_steps not negative")
+        if self.steps is not None and self.steps < 1:
+            raise KanimgError(f"--steps must be at least 1, got {self.steps}")
+        if self.qat_steps < 0:
+            raise KanimgError(f"--qat-steps must not be negative, got {self.qat_steps}")
         check_seed(self.seed)
         if self.bits is not None:
             QuantConfig(self.bits, self.granularity)  # validates

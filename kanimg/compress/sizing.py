@@ -83,10 +83,11 @@ def budget_error(codec: str, image: ImageInfo, bpp: float, smallest: float) -> K
     bytes), with the bpp to ask for, or, where that is more than the image's own bits per pixel
     (a few pixels), that no file of it pays."""
     least, raw = math.ceil(8000 * smallest / image.pixels - 1e-9) / 1000, image.channels * image.bit_depth  # rounded up: enough
-    advice = (f"ask for at least {least:.3f} bpp" if least <= raw else
-              f"that is more than the image's own {raw} bits per pixel: too few pixels for a {codec} file")
-    return KanimgError(f"{bpp:g} bpp is {bpp * image.pixels / 8:.0f} bytes for this {image.width}x{image.height} image, "
-                       f"less than the smallest {codec} file ({smallest:.0f} bytes); {advice}")
+    if least <= raw:
+        return KanimgError(f"{bpp:g} bpp is {bpp * image.pixels / 8:.0f} bytes for this {image.width}x{image.height} image, "
+                           f"less than the smallest {codec} file ({smallest:.0f} bytes); ask for at least {least:.3f} bpp")
+    return KanimgError(f"the smallest {codec} file of this {image.width}x{image.height} image ({smallest:.0f} bytes) is {least:g} bpp, "
+                       f"more than the image's own {raw} bits per pixel: too few pixels for a {codec} file")
 
 
 def size_model(family: str, image: ImageInfo, bpp: float, quant: QuantConfig) -> Sizing:
