@@ -51,6 +51,8 @@ def test_only_folders_kanimg_wrote_are_ever_replaced(tmp_path, monkeypatch):
     (mine / "thesis.tex").write_text("years of work")
     with pytest.raises(KanimgError, match="not a folder kanimg wrote"):
         RunFolder(mine, "fit", replace=True)
+    with pytest.raises(KanimgError, match="not a folder kanimg wrote"):  # not "pass --force", which would not replace it either
+        RunFolder(mine, "fit")
     (tmp_path / "empty").mkdir()
     RunFolder(tmp_path / "empty", "fit", replace=True)  # nothing to lose
     legacy = tmp_path / "legacy"  # a run folder from before the marker
