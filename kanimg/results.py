@@ -120,14 +120,17 @@ def record_table(records: Sequence[dict], columns: Sequence[tuple[str, str, str]
 def mean_records(records: list[dict], group: str = "model",
                  keys: Sequence[str] = ("psnr", "psnr_png", "ssim", "lpips", "params", "seconds", "steps", "steps_per_second")
                  ) -> list[dict]:
-    """Per-``group`` means over images of ``keys`` (params rounded; None where no record has the key)."""
+    """Per-``group`` means over images of ``keys`` (params rounded). None where any record lacks
+    the key's value: a mean over some of the images would read as one over all of them (an exact
+    reconstruction's PSNR is infinite, which JSON stores as null; SSIM is undefined on a thin image)."""
     out = []
     for name in dict.fromkeys(r[group] for r in records):
         rows = [r for r in records if r[group] == name]
         mean = {group: name, "images": len({r["image"] for r in rows}), "device": rows[0].get("device")}
         for key in keys:
-            values = [r[key] for r in rows if r.get(key) is not None]
-            average = sum(values) / len(values) if values else None
+            values = [r.get(key) for r in rows]
+            finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+            average = sum(values) / len(values) if finite else None
             mean[key] = round(average) if key == "params" and average is not None else average
         out.append(mean)
     return out

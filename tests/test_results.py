@@ -7,14 +7,17 @@ import pytest
 from kanimg.results import describe_protocol, markdown_table, mean_records, record_table, results_payload, write_results
 
 
-def test_means_are_per_model_over_images_and_skip_missing_values():
+def test_means_are_per_model_over_all_images_or_none():
+    """A value missing on one image (an exact reconstruction's infinite PSNR, stored as null; an
+    undefined SSIM) makes the mean None: a mean of the other images had read as one over all."""
     records = [{"image": "a", "model": "kan", "psnr": 30.0, "lpips": None, "params": 10},
                {"image": "b", "model": "kan", "psnr": 34.0, "lpips": 0.2, "params": 11},
-               {"image": "a", "model": "mlp", "psnr": 20.0, "lpips": None, "params": 7}]
+               {"image": "a", "model": "mlp", "psnr": 20.0, "lpips": None, "params": 7},
+               {"image": "b", "model": "mlp", "psnr": float("inf"), "lpips": 0.3, "params": 7}]
     means = mean_records(records, keys=("psnr", "lpips", "params"))
-    assert [m["model"] for m in means] == ["kan", "mlp"] and [m["images"] for m in means] == [2, 1]
-    assert means[0]["psnr"] == pytest.approx(32.0) and means[0]["lpips"] == pytest.approx(0.2) and means[0]["params"] == 10
-    assert means[1]["lpips"] is None
+    assert [m["model"] for m in means] == ["kan", "mlp"] and [m["images"] for m in means] == [2, 2]
+    assert means[0]["psnr"] == pytest.approx(32.0) and means[0]["lpips"] is None and means[0]["params"] == 10
+    assert means[1]["psnr"] is None and means[1]["lpips"] is None and means[1]["params"] == 7
 
 
 def test_every_experiment_writes_the_same_three_files(tmp_path):
