@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,8 +46,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         KanimgError: missing, unreadable, not a kanimg checkpoint, or missing what one holds.
     """
     path = Path(path)
+    if path.is_dir():  # a run folder: its newest checkpoint
+        found = latest_checkpoint(path)
+        if found is None:
+            raise KanimgError(f"{path}: a folder with no checkpoint.pt (give a run folder kanimg fit wrote, or its checkpoint)")
+        path = found
     if not path.is_file():
         raise KanimgError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; torch.load's own message on anything else is about pickles
+        raise KanimgError(f"{path}: not a kanimg checkpoint (not a file torch.save wrote)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

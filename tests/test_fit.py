@@ -1,5 +1,6 @@
 """Fitting end to end: every model on a real crop, the CLI's outputs, resume, and bad input."""
 import json
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -197,8 +198,11 @@ def test_broken_checkpoints_are_one_line_errors(photo32, tmp_path, capsys):
     torch.save({**payload, "trainer": {k: v for k, v in payload["trainer"].items() if k != "spec"}}, tmp_path / "no-spec.pt")
     wrong = {**payload, "trainer": {**payload["trainer"], "best_model": {"layers.0.weight": torch.zeros(3, 3)}}}
     torch.save(wrong, tmp_path / "wrong-weights.pt")
-    for name, message in (("empty.pt", "not a readable"), ("no-config.pt", "no config"), ("no-spec.pt", "no trainer.spec"),
-                          ("wrong-weights.pt", "do not fit")):
+    shutil.copy(photo32, tmp_path / "photo.pt")
+    (tmp_path / "folder").mkdir()
+    for name, message in (("empty.pt", "not a file torch.save wrote"), ("photo.pt", "not a file torch.save wrote"),
+                          ("folder", "checkpoint.pt"), ("no-config.pt", "no config"),
+                          ("no-spec.pt", "no trainer.spec"), ("wrong-weights.pt", "do not fit")):
         for argv in (["render", tmp_path / name, "-o", tmp_path / "x.png"], ["fit", "--resume", tmp_path / name, "-o", tmp_path / "y", "-q"]):
             assert run_cli(*argv) == 2, (name, argv[0])
             err = capsys.readouterr().err.strip()
@@ -212,6 +216,8 @@ def test_broken_checkpoints_are_one_line_errors(photo32, tmp_path, capsys):
     with mock.patch("kanimg.checkpoints.build_model", side_effect=AssertionError("built before checking its size")):
         assert run_cli("render", tmp_path / "huge.pt", "-o", tmp_path / "x.png") == 2
     assert "parameters" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+    assert run_cli("render", good.parent, "--size", "8x6") == 0  # a run folder: its checkpoint, the render beside it
+    assert (good.parent / "render-8x6.png").is_file()
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(photo32, tmp_path, capsys):
