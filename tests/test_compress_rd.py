@@ -37,6 +37,20 @@ def test_pillow_codecs_are_measured_from_their_real_bytes(crop, name):
     assert encoded.data[:4] != b"KIMG"
 
 
+def test_settings_that_repeat_a_point_are_one_point():
+    """JPEG's lowest qualities of a smooth image make files of one size and PSNR: listed once,
+    not as several points at one rate (they had shown up as duplicate rows in rd's tables)."""
+    from kanimg.io import as_image
+
+    ramp = np.linspace(20, 60, 64)[:, None, None] * np.ones((1, 64, 3))
+    image = as_image(ramp.astype(np.uint8))
+    codec = get_codec("jpeg")
+    every = [measure(codec, image, encoded) for encoded in codec.sweep(image, [0.3, 1.0])]
+    points = run_sweep(codec, image, [0.3, 1.0])
+    assert len({(p.bytes, p.psnr) for p in every}) < len(every)  # the sweep does repeat itself here
+    assert [(p.bytes, p.psnr) for p in points] == list(dict.fromkeys((p.bytes, p.psnr) for p in every))
+
+
 def test_interpolation_stays_inside_the_measured_range():
     pts = [Point(b, p, 0, "", 0, 0) for b, p in [(0.2, 20.0), (0.4, 24.0), (0.8, 27.0)]]
     assert psnr_at(pts, 0.4) == pytest.approx(24.0)

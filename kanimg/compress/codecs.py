@@ -77,9 +77,10 @@ def measure(codec: Codec, image: ImageData, encoded: Encoded, encode_seconds: fl
 
 
 def run_sweep(codec: Codec, image: ImageData, bpps: Sequence[float]) -> list[Point]:
-    """Every point of ``codec``'s sweep over ``image``, in sweep order."""
+    """Every point of ``codec``'s sweep over ``image``, in sweep order; settings that give an
+    earlier one's size and PSNR (JPEG's lowest qualities of a small image) are that one point."""
     codec.check(image)
-    points = []
+    points, seen = [], set()
     sweep = codec.sweep(image, bpps)
     while True:
         started = time.perf_counter()
@@ -87,7 +88,10 @@ def run_sweep(codec: Codec, image: ImageData, bpps: Sequence[float]) -> list[Poi
             encoded = next(sweep)
         except StopIteration:
             break
-        points.append(measure(codec, image, encoded, time.perf_counter() - started))
+        point = measure(codec, image, encoded, time.perf_counter() - started)
+        if (point.bytes, point.psnr) not in seen:
+            seen.add((point.bytes, point.psnr))
+            points.append(point)
     return points
 
 
