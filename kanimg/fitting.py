@@ -373,6 +373,10 @@ def _resumed_settings(state: dict, checkpoint: Path, data: ImageData, model: str
     _refuse_changes({**{k: (resolved[k], spec_of_run.get(k)) for k in model_options},
                      **{k: (wanted[k], saved_train[k]) for k in train_options if k not in CHANGEABLE_ON_RESUME}}, checkpoint)
     changed = {k: v for k, v in train_options.items() if k in CHANGEABLE_ON_RESUME}
+    done = int(state["trainer"]["step"])
+    if "steps" in changed and not saved_train.get("budget_seconds") and changed["steps"] < done:
+        raise KanimgError(f"--steps {changed['steps']} is fewer than the {done} steps the run in {checkpoint} has trained; "
+                          f"ask for more to train on (a resumed run only extends)")
     return spec_of_run, TrainConfig.from_dict({**saved_train, **changed})
 
 

@@ -275,6 +275,10 @@ def test_resume_refuses_settings_it_cannot_change(photo32, tmp_path, capsys):
                    "--eval-every", "5", "--precision", "fp32", "--compile", "-q") == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps_done"] == 25 and metrics["config"]["train"]["eval_every"] == 5 and metrics["config"]["train"]["compile"]
+    # fewer steps than it has trained: said, not a silent run that trains nothing
+    assert run_cli("fit", photo32, "-o", run, "--resume", "--steps", "10", "-q") == 2
+    assert "--steps 10 is fewer than the 25 steps" in capsys.readouterr().err
+    assert json.loads((run / "metrics.json").read_text()) == metrics
 
 
 def test_a_second_process_on_the_same_output_is_refused(photo32, tmp_path, capsys):
