@@ -125,9 +125,12 @@ def check_render_size(height: int, width: int, max_pixels: int = MAX_PIXELS) -> 
     """Refuse a grid outside 1x1 … ``max_pixels`` (sides up to MAX_STREAM_SIDE) in one line."""
     if width < 1 or height < 1:
         raise KanimgError(f"cannot render {width}x{height}: an image needs at least 1x1 pixels")
-    if width * height > max_pixels or max(width, height) > MAX_STREAM_SIDE:
+    if max(width, height) > MAX_STREAM_SIDE:
+        raise KanimgError(f"cannot render {width}x{height}: a side of {max(width, height):,} pixels, over the limit of "
+                          f"{MAX_STREAM_SIDE:,}")
+    if width * height > max_pixels:
         raise KanimgError(f"cannot render {width}x{height}: {width * height / 1e6:,.0f} megapixels, over the limit of "
-                          f"{max_pixels / 1e6:,.0f} (sides up to {MAX_STREAM_SIDE:,})")
+                          f"{max_pixels / 1e6:,.0f}")
 
 
 def _evaluator(model: nn.Module, height: int, width: int, convention: str, device: torch.device | str,

@@ -210,7 +210,9 @@ def test_broken_checkpoints_are_one_line_errors(photo32, tmp_path, capsys):
             assert message in err, err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y").exists()
     assert run_cli("render", good, "--size", "100000x100000") == 2
-    assert "over the limit" in capsys.readouterr().err
+    assert "10,000 megapixels, over the limit" in capsys.readouterr().err
+    assert run_cli("render", good, "--size", "1048577x1") == 2  # one megapixel, but a side over the limit: says the side
+    assert "a side of 1,048,577 pixels, over the limit of 1,048,576" in capsys.readouterr().err
     huge = {**payload["trainer"], "best_spec": {**payload["trainer"]["spec"], "widths": [2, 60_000, 60_000, 3]}}
     torch.save({**payload, "trainer": huge}, tmp_path / "huge.pt")
     with mock.patch("kanimg.checkpoints.build_model", side_effect=AssertionError("built before checking its size")):
