@@ -53,7 +53,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         path = found
     if not path.is_file():
         raise KanimgError(f"{path}: no such checkpoint file")
-    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; torch.load's own message on anything else is about pickles
+    try:
+        with open(path, "rb") as file:
+            archive = zipfile.is_zipfile(file)
+    except OSError as exc:
+        raise KanimgError(f"{path}: cannot read the checkpoint ({exc.strerror or exc})") from None
+    if not archive:  # torch.save writes zip archives; torch.load's own message on anything else is about pickles
         raise KanimgError(f"{path}: not a kanimg checkpoint (not a file torch.save wrote)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

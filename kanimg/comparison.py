@@ -178,7 +178,7 @@ def _check_inputs(images: list[Path], models: list[str], chosen: Preset | None, 
         raise KanimgError("--crop takes X,Y,WIDTH,HEIGHT with a positive size, e.g. 96,64,48,48")
     for image in images:
         data = load_image(image, grey=chosen.grey if chosen else False)
-        if match_params is not None:
+        if match_params is not None and chosen is None:  # a preset keeps its own widths (as _request does)
             for name in models:
                 widths_for_params(name, data.channels, match_params, (data.height, data.width))
         width, height = (chosen.size, chosen.size) if chosen is not None and chosen.size else (data.width, data.height)

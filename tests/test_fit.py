@@ -220,6 +220,10 @@ def test_broken_checkpoints_are_one_line_errors(photo32, tmp_path, capsys):
     assert "parameters" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
     assert run_cli("render", good.parent, "--size", "8x6") == 0  # a run folder: its checkpoint, the render beside it
     assert (good.parent / "render-8x6.png").is_file()
+    staging = tmp_path / ".killed.partial"  # a first run killed: no run folder yet, only its staging folder
+    staging.mkdir()
+    shutil.copy(good, staging / "checkpoint.pt")
+    assert run_cli("render", staging / "checkpoint.pt", "--size", "8x6") == 0 and (staging / "render-8x6.png").is_file()
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(photo32, tmp_path, capsys):

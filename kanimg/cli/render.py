@@ -31,6 +31,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     width, height = args.size or (image["width"], image["height"])
     check_render_size(height, width, MAX_STREAM_PIXELS)
     folder = args.checkpoint if args.checkpoint.is_dir() else run_folder_of(args.checkpoint)
+    if not folder.is_dir():  # a killed first run: only its staging folder holds anything yet
+        folder = args.checkpoint.parent
     out = args.out or folder / f"render-{width}x{height}.png"
     with claimed_output_file(out, args.force, source=args.checkpoint):
         device = resolve_device(args.device)

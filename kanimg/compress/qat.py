@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..checkpoints import checkpoint_to_device
 from ..metrics import psnr_from_mse
 from ..sampling import ImageTarget
 from ..train import Trainer, TrainConfig
@@ -67,7 +68,7 @@ def finetune_quantized(model: nn.Module, target: ImageTarget, quant: QuantConfig
         settings = {"config": asdict(config), "quant": [asdict(q) for q in quants]}
         saved = keeper.resumed.get("qat") if keeper is not None else None
         if saved is not None and saved.get("settings") == settings:
-            trainer.load_state_dict(saved["trainer"])
+            trainer.load_state_dict(checkpoint_to_device(saved["trainer"], next(model.parameters()).device))
         else:
             trainer.evaluate()  # the quantised model before fine-tuning is a candidate too
         if keeper is None:

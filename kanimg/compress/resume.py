@@ -124,6 +124,9 @@ class StateKeeper:
                 raise KeyboardInterrupt
             self.interrupted = True
 
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a process told to ignore Ctrl-C goes on ignoring it
+            yield
+            return
         try:
             previous = signal.signal(signal.SIGINT, hold)
         except ValueError:  # not the main thread: Ctrl-C stays as it is
@@ -133,6 +136,8 @@ class StateKeeper:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+        if self.interrupted:  # it came after the last step's keeping (a resumed training with no step left)
+            raise KeyboardInterrupt
 
     def hold(self, **entries: Any) -> None:
         """Write ``entries`` with every later state (not now)."""
