@@ -767,6 +767,28 @@ def test_a_ctrl_c_after_the_last_step_still_stops_and_an_ignored_one_stays_ignor
         signal.signal(signal.SIGINT, previous)
 
 
+def test_sigterm_is_held_to_the_step_end_where_the_command_line_handles_it(tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM (before its SIGKILL) keeps the step it came in, as Ctrl-C does."""
+    import os
+    import signal
+
+    source = tmp_path / "crop.png"
+    Image.fromarray(photo_crop(24)).save(source)
+    args = ["compress", str(source), "--bpp", "2", "--steps", "100", "-q", "-o", str(tmp_path / "cut.kimg")]
+    real, calls = latent_codec.rounded_rate, []
+
+    def terminate_on_the_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(latent_codec, "rounded_rate", terminate_on_the_third)
+    assert main(args) == 130
+    state = torch.load(tmp_path / ".cut.kimg.partial.pt", weights_only=True)
+    assert state["step"] == 21 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 # ----------------------------------------------------------------------------- the order-1 KAN synthesis (latent-kan)
 def kan_latent_like(seed=0) -> LatentImage:
     """latent_like's grids under an order-1 KAN synthesis 5 → 6 → 3 on 4 then 3 intervals of

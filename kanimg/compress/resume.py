@@ -118,24 +118,27 @@ class StateKeeper:
     def holding_interrupts(self) -> Iterator[None]:
         """Within it (a training loop that calls the keeper at each step's end), Ctrl-C stops the
         training at the end of its step, once that step's state is kept: the same command then
-        loses nothing (a kill still loses up to CHECKPOINT_SECONDS). A second Ctrl-C stops at once."""
+        loses nothing (a kill -9 still loses up to CHECKPOINT_SECONDS). A second Ctrl-C stops at
+        once. SIGTERM is held the same way where Python handles it (the command line turns it into
+        Ctrl-C: a scheduler's SIGTERM before its SIGKILL); a signal ignored or left to the system
+        stays so."""
         def hold(signum, frame) -> None:
             if self.interrupted:
                 raise KeyboardInterrupt
             self.interrupted = True
 
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a process told to ignore Ctrl-C goes on ignoring it
-            yield
-            return
+        previous = {}
         try:
-            previous = signal.signal(signal.SIGINT, hold)
-        except ValueError:  # not the main thread: Ctrl-C stays as it is
-            yield
-            return
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if callable(signal.getsignal(sig)):  # not SIG_IGN (a background job), SIG_DFL or a foreign handler
+                    previous[sig] = signal.signal(sig, hold)
+        except ValueError:  # not the main thread: signals stay as they are
+            pass
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if self.interrupted:  # it came after the last step's keeping (a resumed training with no step left)
             raise KeyboardInterrupt
 
