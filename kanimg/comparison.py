@@ -145,11 +145,7 @@ def compare(
     models = list(models or (chosen.models if chosen else DEFAULT_MODELS))
     for name in models:
         get_entry(name)  # unknown names fail before any work
-    if match_params is not None and match_params < 1:
-        raise KanimgError(f"--match-params must be positive, got {match_params}")
-    if budget_seconds is not None and not 0 < budget_seconds < math.inf:
-        raise KanimgError(f"--budget-seconds must be positive and finite, got {budget_seconds}")
-    _check_inputs(images, models, chosen, steps, match_params, seed, crop)
+    _check_inputs(images, models, chosen, steps, budget_seconds, match_params, seed, crop)
     protocol = _protocol(preset, steps, budget_seconds, match_params)
     execution = {**({"precision": precision} if precision else {}), **({"compile": True} if compile else {})}
     out = Path(out)
@@ -166,13 +162,17 @@ def compare(
                         device, crop, progress, place)
 
 
-def _check_inputs(images: list[Path], models: list[str], chosen: Preset | None, steps: int | None, match_params: int | None,
-                  seed: int, crop: tuple[int, int, int, int] | None) -> None:
+def _check_inputs(images: list[Path], models: list[str], chosen: Preset | None, steps: int | None, budget_seconds: float | None,
+                  match_params: int | None, seed: int, crop: tuple[int, int, int, int] | None) -> None:
     """Everything a comparison can be refused for, checked before its folder is claimed and the
     first model trains: a refusal leaves nothing behind, and no image fails after hours of fitting.
     One image is read at a time."""
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise KanimgError(f"--steps must be at least 1, got {steps}")
+    if match_params is not None and match_params < 1:
+        raise KanimgError(f"--match-params must be positive, got {match_params}")
+    if budget_seconds is not None and not 0 < budget_seconds < math.inf:
+        raise KanimgError(f"--budget-seconds must be positive and finite, got {budget_seconds}")
     check_seed(seed)
     if crop is not None and (len(crop) != 4 or min(crop) < 0 or min(crop[2:]) < 1):
         raise KanimgError("--crop takes X,Y,WIDTH,HEIGHT with a positive size, e.g. 96,64,48,48")
@@ -217,14 +217,20 @@ def _compare(images, prepared, models, out, chosen, protocol, steps, budget_seco
     read every run's record and write the tables, galleries and page."""
     jobs = [(k, name) for k in range(len(images)) for name in models]
     loaded: dict[int, Any] = {}
+
+    def photo(k: int) -> Any:
+        """Image ``k``, read once while its jobs run; one image at a time, so that a folder of
+        photos need not fit in memory at once."""
+        if k not in loaded:
+            loaded.clear()
+            loaded[k] = load_image(prepared[k], grey=chosen.grey if chosen else False)
+        return loaded[k]
+
     ran: dict[tuple[int, str], int] = {}
     interrupted = False
     try:
         for _, (k, name) in place.share(jobs):
-            if k not in loaded:
-                loaded.clear()  # one image at a time: a folder of photos need not fit in memory at once
-                loaded[k] = load_image(prepared[k], grey=chosen.grey if chosen else False)
-            request = _request(name, loaded[k], protocol, chosen, steps, budget_seconds, match_params, seed, execution)
+            request = _request(name, photo(k), protocol, chosen, steps, budget_seconds, match_params, seed, execution)
             with distributed.alone():  # each run is this rank's own
                 stopped = _run(prepared[k], images[k].stem, name, request, out, device, progress)
             if stopped:
@@ -247,11 +253,7 @@ def _compare(images, prepared, models, out, chosen, protocol, steps, budget_seco
     for k, image in enumerate(images):
         records = [r for r in result.records if r["image"] == image.stem]
         recons = [load_image(out / r["run"] / "reconstruction.png").pixels for r in records]
-        if k not in loaded:
-            loaded.clear()
-            loaded[k] = load_image(prepared[k], grey=chosen.grey if chosen else False)
-        original = loaded[k].pixels
-        sections.append(_image_outputs(out, image.stem, original, records, recons, crop, protocol))
+        sections.append(_image_outputs(out, image.stem, photo(k).pixels, records, recons, crop, protocol))
     means = mean_records(result.records)
     write_results(out, results_payload("compare", protocol, result.records, means), markdown=_markdown(result.records, means, protocol),
                   csv_keys=["image", *[k for k, _, _ in COMPARE_COLUMNS], "family", "rank", "protocol"])

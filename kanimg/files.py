@@ -226,10 +226,9 @@ class RunFolder:
         self.final, self.kind, self.keep_others = Path(final), kind, keep_others
         if self.final.exists() and not self.final.is_dir():
             raise KanimgError(f"{self.final} exists and is not a folder")
+        check_replaceable(self.final)  # first: where --force would not replace it either, say so, not "pass --force"
         if self.final.exists() and not replace:
-            check_replaceable(self.final)  # --force would not replace it either: say so, not "pass --force"
             raise KanimgError(f"{self.final} already exists; pass --force to overwrite it (or -o to choose another folder)")
-        check_replaceable(self.final)
         self.staging = staging_folder(self.final)
         self.lock = OutputLock(self.final)
         self.leftover = False

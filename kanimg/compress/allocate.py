@@ -54,6 +54,15 @@ class Allocation:
             return None
         return [n - BIT_STEP * (t == choice) for t, n in enumerate(bits)]
 
+    def state(self) -> dict:
+        """Its numbers as an encode's kept state holds them (tensors and plain types)."""
+        return {"bits": list(self.bits), "estimated_bytes": float(self.estimated_bytes),
+                "rates": torch.from_numpy(self.rates), "distortions": torch.from_numpy(self.distortions)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Allocation":
+        return cls(list(state["bits"]), float(state["estimated_bytes"]), state["rates"].numpy(), state["distortions"].numpy())
+
 
 def fixed_bytes(model: nn.Module, image: ImageInfo, granularity: str) -> int:
     """The file's size without any tensor header or payload (magic … granularity, checksum)."""

@@ -272,12 +272,11 @@ def quantise_and_code(model: torch.nn.Module, image: ImageData, info: ImageInfo,
         settings = {"budget": float(budget), "granularity": config.granularity, "seed": config.seed}
         kept = keeper.resumed.get("allocation")
         if kept is not None and kept["settings"] == settings:  # already in the file, with the fine-tuning's state: kept as it is
-            allocation = Allocation(list(kept["bits"]), float(kept["estimated_bytes"]), kept["rates"].numpy(), kept["distortions"].numpy())
+            allocation = Allocation.from_state(kept)
             keeper.hold(allocation=kept)
         else:
             allocation = allocate(model, info, target.coords, target.values, budget, config.granularity, config.seed)
-            keeper.keep(allocation={"settings": settings, "bits": allocation.bits, "estimated_bytes": float(allocation.estimated_bytes),
-                                    "rates": torch.from_numpy(allocation.rates), "distortions": torch.from_numpy(allocation.distortions)})
+            keeper.keep(allocation={"settings": settings, **allocation.state()})
         quant, per_tensor = QuantConfig(max(allocation.bits), config.granularity), allocation.bits
     if quant.is_float16:
         data = encode_model(model, info, quant)

@@ -65,17 +65,15 @@ def finetune_quantized(model: nn.Module, target: ImageTarget, quant: QuantConfig
         p.requires_grad_(False)
     try:
         trainer = Trainer(model, target, train, progress=progress, weights=lambda m: quantized_params(m, quants))
+        keeper = keeper or StateKeeper(None, {})
         settings = {"config": asdict(config), "quant": [asdict(q) for q in quants]}
-        saved = keeper.resumed.get("qat") if keeper is not None else None
+        saved = keeper.resumed.get("qat")
         if saved is not None and saved.get("settings") == settings:
             trainer.load_state_dict(checkpoint_to_device(saved["trainer"], next(model.parameters()).device))
         else:
             trainer.evaluate()  # the quantised model before fine-tuning is a candidate too
-        if keeper is None:
-            trainer.train()
-        else:
-            with keeper.holding_interrupts():
-                trainer.train(lambda t: keeper(t.step == config.steps, lambda: {"qat": {"settings": settings, "trainer": t.state_dict()}}))
+        with keeper.holding_interrupts():
+            trainer.train(lambda t: keeper(t.step == config.steps, lambda: {"qat": {"settings": settings, "trainer": t.state_dict()}}))
     finally:
         for p in frozen:
             p.requires_grad_(True)
